@@ -1,0 +1,227 @@
+//! Turning command outcomes into reply frames (header and payload segments).
+//!
+//! Pure: no sockets. Payload bytes are referenced, never copied; runs of
+//! zeroes that must be sent as data come from one static zero page.
+
+use bytes::{Bytes, BytesMut};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::backend::ReadChunk;
+use crate::dispatch::Outcome;
+use crate::proto::{ReplyEncoder, ReplyMode, ReplyTo};
+
+/// Static zeroes for holes sent as data (simple replies, DF reads). Lives in
+/// .bss, so it costs no memory until read, and reads map the zero page.
+static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
+
+/// One reply, ready to write: segments in wire order.
+#[derive(Debug, Default)]
+pub(crate) struct Frame {
+    pub segments: Vec<Bytes>,
+    /// In-flight budget held until the frame is on the wire.
+    pub permit: Option<OwnedSemaphorePermit>,
+}
+
+impl Frame {
+    /// Total bytes.
+    #[cfg(test)]
+    pub fn len(&self) -> usize {
+        self.segments.iter().map(Bytes::len).sum()
+    }
+}
+
+fn push_zeroes(segments: &mut Vec<Bytes>, mut n: u64) {
+    while n > 0 {
+        let take = n.min(ZEROES.len() as u64) as usize;
+        segments.push(Bytes::from_static(&ZEROES[..take]));
+        n -= take as u64;
+    }
+}
+
+/// Build the frame answering a request at `to` with `outcome`. `df` is the
+/// READ don't-fragment flag.
+pub(crate) fn encode(enc: &ReplyEncoder, to: ReplyTo, df: bool, outcome: Outcome) -> Frame {
+    let mut head = BytesMut::with_capacity(64);
+    let mut segments = Vec::new();
+    match outcome {
+        Outcome::Done => enc.ok(&mut head, to),
+        Outcome::Failed { errno, message } => enc.error(&mut head, to, errno, &message),
+        Outcome::Status(lists) => {
+            let n = lists.len();
+            for (i, (ctx, descs)) in lists.iter().enumerate() {
+                enc.block_status(&mut head, to, ctx.id(), descs, i + 1 == n);
+            }
+        }
+        Outcome::Read(chunks) => return encode_read(enc, to, df, chunks),
+    }
+    segments.push(head.freeze());
+    Frame {
+        segments,
+        permit: None,
+    }
+}
+
+fn encode_read(enc: &ReplyEncoder, to: ReplyTo, df: bool, chunks: Vec<ReadChunk>) -> Frame {
+    let total: u64 = chunks.iter().map(ReadChunk::len).sum();
+    let mut segments = Vec::with_capacity(chunks.len() * 2 + 1);
+    let mut head = BytesMut::with_capacity(32);
+    let all_zero = chunks.iter().all(|c| matches!(c, ReadChunk::Zero(_)));
+    let single_data = chunks.len() == 1 && matches!(chunks[0], ReadChunk::Data(_));
+    // total ≤ the 32 MiB maximum payload (validated), so it fits u32.
+    let total32 = total as u32;
+
+    if enc.mode() == ReplyMode::Simple || (df && !all_zero && !single_data) {
+        // One contiguous data payload, holes expanded to zero bytes.
+        enc.read_data(&mut head, to, to.offset, total32, true);
+        segments.push(head.split().freeze());
+        for c in chunks {
+            match c {
+                ReadChunk::Data(d) => segments.push(d),
+                ReadChunk::Zero(n) => push_zeroes(&mut segments, u64::from(n)),
+            }
+        }
+    } else if total == 0 {
+        enc.done(&mut head, to);
+        segments.push(head.freeze());
+    } else if all_zero {
+        // One hole chunk for the whole request (also satisfies DF).
+        enc.read_hole(&mut head, to, to.offset, total32, true);
+        segments.push(head.freeze());
+    } else {
+        let n = chunks.len();
+        let mut pos = to.offset;
+        for (i, c) in chunks.into_iter().enumerate() {
+            let last = i + 1 == n;
+            match c {
+                ReadChunk::Data(d) => {
+                    enc.read_data(&mut head, to, pos, d.len() as u32, last);
+                    pos += d.len() as u64;
+                    segments.push(head.split().freeze());
+                    segments.push(d);
+                }
+                ReadChunk::Zero(z) => {
+                    enc.read_hole(&mut head, to, pos, z, last);
+                    pos += u64::from(z);
+                    segments.push(head.split().freeze());
+                }
+            }
+        }
+    }
+    Frame {
+        segments,
+        permit: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::NbdErrno;
+
+    const TO: ReplyTo = ReplyTo {
+        cookie: 1,
+        offset: 4096,
+    };
+
+    fn flat(f: &Frame) -> Vec<u8> {
+        f.segments.iter().flat_map(|s| s.iter().copied()).collect()
+    }
+
+    fn mixed() -> Vec<ReadChunk> {
+        vec![
+            ReadChunk::Data(Bytes::from_static(&[1; 512])),
+            ReadChunk::Zero(1024),
+        ]
+    }
+
+    #[test]
+    fn simple_read_expands_holes() {
+        let f = encode(
+            &ReplyEncoder::new(ReplyMode::Simple),
+            TO,
+            false,
+            Outcome::Read(mixed()),
+        );
+        let b = flat(&f);
+        assert_eq!(b.len(), 16 + 1536);
+        assert!(b[16..528].iter().all(|x| *x == 1));
+        assert!(b[528..].iter().all(|x| *x == 0));
+    }
+
+    #[test]
+    fn structured_read_sends_data_then_hole_with_done_last() {
+        let f = encode(
+            &ReplyEncoder::new(ReplyMode::Structured),
+            TO,
+            false,
+            Outcome::Read(mixed()),
+        );
+        let b = flat(&f);
+        // data chunk: 20 header + 8 offset + 512 data; hole chunk: 20 + 12
+        assert_eq!(b.len(), 28 + 512 + 32);
+        assert_eq!(&b[4..6], &[0, 0], "first chunk not DONE");
+        let hole = &b[540..];
+        assert_eq!(&hole[4..8], &[0, 1, 0, 2], "hole chunk is last and DONE");
+        assert_eq!(&hole[20..28], &(4096u64 + 512).to_be_bytes());
+    }
+
+    #[test]
+    fn df_read_with_holes_is_one_data_chunk() {
+        let f = encode(
+            &ReplyEncoder::new(ReplyMode::Structured),
+            TO,
+            true,
+            Outcome::Read(mixed()),
+        );
+        let b = flat(&f);
+        assert_eq!(b.len(), 28 + 1536);
+        assert_eq!(&b[4..8], &[0, 1, 0, 1]);
+    }
+
+    #[test]
+    fn all_hole_read_is_one_hole_chunk() {
+        let chunks = vec![ReadChunk::Zero(4096), ReadChunk::Zero(4096)];
+        let f = encode(
+            &ReplyEncoder::new(ReplyMode::Extended),
+            TO,
+            true,
+            Outcome::Read(chunks),
+        );
+        let b = flat(&f);
+        assert_eq!(b.len(), 32 + 12);
+        assert_eq!(&b[32..], &[0, 0, 0, 0, 0, 0, 0x10, 0, 0, 0, 0x20, 0]);
+    }
+
+    #[test]
+    fn empty_read_is_a_done_chunk() {
+        let f = encode(
+            &ReplyEncoder::new(ReplyMode::Structured),
+            TO,
+            false,
+            Outcome::Read(vec![]),
+        );
+        assert_eq!(f.len(), 20);
+    }
+
+    #[test]
+    fn read_error_in_structured_mode_is_an_error_chunk() {
+        let out = Outcome::Failed {
+            errno: NbdErrno::EIO,
+            message: "x".into(),
+        };
+        let f = encode(&ReplyEncoder::new(ReplyMode::Structured), TO, false, out);
+        assert_eq!(&flat(&f)[..8], &[0x66, 0x8e, 0x33, 0xef, 0, 1, 0x80, 1]);
+    }
+
+    #[test]
+    fn huge_hole_in_simple_mode_uses_several_zero_segments() {
+        let f = encode(
+            &ReplyEncoder::new(ReplyMode::Simple),
+            TO,
+            false,
+            Outcome::Read(vec![ReadChunk::Zero(3 << 20)]),
+        );
+        assert_eq!(f.len(), 16 + (3 << 20));
+        assert_eq!(f.segments.len(), 4);
+    }
+}

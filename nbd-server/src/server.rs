@@ -1,0 +1,207 @@
+//! The embeddable server: exports, listeners and shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::error::ServerError;
+use crate::export::{Catalog, Export, ExportRegistry, ExportStatsSnapshot};
+use crate::net::listener::{accept_loop, ConnContext};
+use crate::net::transmission::TransmissionLimits;
+
+/// Server-wide settings.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// A client must finish negotiating within this time (qemu-nbd's
+    /// `--handshake-limit`, default 10 s).
+    pub handshake_timeout: Duration,
+    /// Most simultaneous connections over all listeners; further clients
+    /// wait in the listen backlog.
+    pub max_connections: usize,
+    /// Most read/write payload bytes in flight per connection.
+    pub max_inflight_bytes_per_connection: u64,
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig {
+            handshake_timeout: Duration::from_secs(10),
+            max_connections: 4096,
+            max_inflight_bytes_per_connection: 64 << 20,
+        }
+    }
+}
+
+/// An NBD server: a set of exports served on any number of listeners.
+///
+/// Cloning gives another handle to the same server.
+#[derive(Debug, Clone)]
+pub struct Server {
+    inner: Arc<Inner>,
+}
+
+#[derive(Debug)]
+struct Inner {
+    registry: Arc<ExportRegistry>,
+    ctx: ConnContext,
+}
+
+/// A running listener.
+#[derive(Debug)]
+pub struct ListenerHandle {
+    addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+impl ListenerHandle {
+    /// The bound address (useful after binding port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stop accepting; connections already accepted carry on.
+    pub fn stop(&self) {
+        self.stop.cancel();
+    }
+}
+
+impl Server {
+    /// A server with no exports and no listeners.
+    pub fn new(config: ServerConfig) -> Self {
+        let ctx = ConnContext {
+            shutdown: CancellationToken::new(),
+            tasks: TaskTracker::new(),
+            conn_limit: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            handshake_timeout: config.handshake_timeout,
+            limits: TransmissionLimits {
+                max_inflight_bytes: config.max_inflight_bytes_per_connection,
+            },
+        };
+        Server {
+            inner: Arc::new(Inner {
+                registry: Arc::new(ExportRegistry::default()),
+                ctx,
+            }),
+        }
+    }
+
+    /// Register an export. It becomes reachable by name on every shared
+    /// listener ([`Server::serve`]) at once.
+    pub fn add_export(&self, export: Export) -> Result<Arc<Export>, ServerError> {
+        if self.inner.ctx.shutdown.is_cancelled() {
+            return Err(ServerError::ShuttingDown);
+        }
+        Export::validate_name(export.name()).map_err(ServerError::InvalidExportName)?;
+        let export = Arc::new(export);
+        if !self.inner.registry.insert(Arc::clone(&export)) {
+            return Err(ServerError::DuplicateExport(export.name().to_owned()));
+        }
+        tracing::debug!(
+            export = export.name(),
+            size = export.backend().size(),
+            "export added"
+        );
+        Ok(export)
+    }
+
+    /// Look up an export.
+    pub fn export(&self, name: &str) -> Option<Arc<Export>> {
+        self.inner.registry.get(name)
+    }
+
+    /// All exports.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.inner.registry.all()
+    }
+
+    /// Unregister an export and close it: its dedicated listener stops (the
+    /// port is free when this returns), in-flight requests finish, clients
+    /// are disconnected and the backend is flushed. Returns final counters.
+    pub async fn remove_export(&self, name: &str) -> Result<ExportStatsSnapshot, ServerError> {
+        let export = self
+            .inner
+            .registry
+            .remove(name)
+            .ok_or_else(|| ServerError::UnknownExport(name.to_owned()))?;
+        let stats = export.close().await.map_err(|source| ServerError::Close {
+            name: name.to_owned(),
+            source,
+        })?;
+        tracing::debug!(export = name, "export removed");
+        Ok(stats)
+    }
+
+    /// Serve every registered export, by name, on `listener`.
+    pub fn serve(&self, listener: TcpListener) -> Result<ListenerHandle, ServerError> {
+        let addr = listener.local_addr()?;
+        let stop = self.inner.ctx.shutdown.child_token();
+        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
+        self.inner.ctx.tasks.spawn(accept_loop(
+            listener,
+            catalog,
+            self.inner.ctx.clone(),
+            stop.clone(),
+        ));
+        Ok(ListenerHandle { addr, stop })
+    }
+
+    /// Serve one export alone on `listener` (any name, including the default
+    /// "", reaches it). The listener closes with the export.
+    pub fn serve_export(
+        &self,
+        listener: TcpListener,
+        export: &Arc<Export>,
+    ) -> Result<ListenerHandle, ServerError> {
+        if export.is_closing() {
+            return Err(ServerError::UnknownExport(export.name().to_owned()));
+        }
+        let addr = listener.local_addr()?;
+        let stop = self.inner.ctx.shutdown.child_token();
+        let catalog = Catalog::Single(Arc::clone(export));
+        let ctx = self.inner.ctx.clone();
+        let closing = export.closing_token().clone();
+        let stop2 = stop.clone();
+        // Tracked by the export too, so Export::close waits until the socket
+        // is dropped and the port can be reused.
+        let fut = export.tasks().track_future(async move {
+            tokio::select! {
+                _ = accept_loop(listener, catalog, ctx, stop2) => {}
+                _ = closing.cancelled() => {}
+            }
+        });
+        self.inner.ctx.tasks.spawn(fut);
+        Ok(ListenerHandle { addr, stop })
+    }
+
+    /// Whether [`Server::shutdown`] was called.
+    pub fn is_shutting_down(&self) -> bool {
+        self.inner.ctx.shutdown.is_cancelled()
+    }
+
+    /// Graceful shutdown: stop accepting, let in-flight requests finish and
+    /// their replies go out, disconnect clients, then close (flush) every
+    /// export. Returns the first close error, after closing them all.
+    pub async fn shutdown(&self) -> Result<(), ServerError> {
+        self.inner.ctx.shutdown.cancel();
+        self.inner.ctx.tasks.close();
+        self.inner.ctx.tasks.wait().await;
+        let mut first_err = None;
+        for export in self.inner.registry.all() {
+            if let Some(e) = self.inner.registry.remove(export.name()) {
+                if let Err(source) = e.close().await {
+                    tracing::error!(export = e.name(), error = %source, "flush on shutdown failed");
+                    first_err.get_or_insert(ServerError::Close {
+                        name: e.name().to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
