@@ -178,6 +178,19 @@ impl Server {
         Ok(ListenerHandle { addr, stop })
     }
 
+    /// Serve one client already connected over any byte stream (a Unix
+    /// socket, a socketpair, an in-memory pipe), with every registered
+    /// export reachable by name. Resolves when the client is done.
+    pub async fn serve_connection<S>(&self, stream: S)
+    where
+        S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    {
+        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
+        let ctx = self.inner.ctx.clone();
+        let fut = crate::net::listener::serve_stream(stream, "stream", catalog, ctx);
+        self.inner.ctx.tasks.track_future(fut).await;
+    }
+
     /// Whether [`Server::shutdown`] was called.
     pub fn is_shutting_down(&self) -> bool {
         self.inner.ctx.shutdown.is_cancelled()

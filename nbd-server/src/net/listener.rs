@@ -4,6 +4,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
@@ -72,7 +73,7 @@ pub(crate) async fn accept_loop(
 }
 
 async fn handle(
-    mut stream: TcpStream,
+    stream: TcpStream,
     peer: SocketAddr,
     catalog: Catalog,
     ctx: ConnContext,
@@ -80,6 +81,15 @@ async fn handle(
 ) {
     // Replies are small and latency-bound; Nagle would delay them.
     let _ = stream.set_nodelay(true);
+    serve_stream(stream, &peer.to_string(), catalog, ctx).await;
+}
+
+/// Serve one already-connected client on any byte stream (TCP, Unix
+/// socket, an in-memory pipe in tests and fuzzing).
+pub(crate) async fn serve_stream<S>(mut stream: S, peer: &str, catalog: Catalog, ctx: ConnContext)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let negotiated = tokio::select! {
         biased;
         _ = ctx.shutdown.cancelled() => return,
@@ -91,7 +101,7 @@ async fn handle(
         Ok(Some(n)) => n,
         Ok(None) => return,
         Err(e) => {
-            tracing::debug!(%peer, error = %e, "handshake failed");
+            tracing::debug!(peer, error = %e, "handshake failed");
             return;
         }
     };
@@ -103,9 +113,14 @@ async fn handle(
     if export.is_closing() {
         return;
     }
-    tracing::debug!(%peer, export = export.name(), structured = negotiated.structured,
-        extended = negotiated.extended, "client entered transmission");
-    let (rd, wr) = stream.into_split();
+    tracing::debug!(
+        peer,
+        export = export.name(),
+        structured = negotiated.structured,
+        extended = negotiated.extended,
+        "client entered transmission"
+    );
+    let (rd, wr) = tokio::io::split(stream);
     transmission::run(
         rd,
         wr,
@@ -115,5 +130,5 @@ async fn handle(
         ctx.shutdown.clone(),
     )
     .await;
-    tracing::debug!(%peer, export = export.name(), "client disconnected");
+    tracing::debug!(peer, export = export.name(), "client disconnected");
 }

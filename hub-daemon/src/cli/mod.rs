@@ -1,0 +1,32 @@
+//! Command-line front end: thin wrappers that parse arguments and call the
+//! library.
+
+pub mod export;
+pub mod size;
+
+use clap::{Parser, Subcommand};
+
+/// The NBD backup hub.
+#[derive(Debug, Parser)]
+#[command(name = "hub-daemon", version, about)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve image files over NBD in the foreground (qemu-nbd replacement).
+    Export(export::ExportArgs),
+}
+
+/// Resolve on SIGINT or SIGTERM.
+pub async fn wait_for_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r,
+        _ = term.recv() => Ok(()),
+    }
+}

@@ -1,0 +1,23 @@
+//! `hub-daemon` binary: parse the command line, set up logging, run.
+
+use clap::Parser;
+use hub_daemon::cli::{Cli, Command};
+use tracing_subscriber::EnvFilter;
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        match cli.command {
+            Command::Export(args) => hub_daemon::cli::export::run(args).await,
+        }
+    })
+}
