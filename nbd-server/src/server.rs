@@ -187,7 +187,8 @@ impl Server {
     {
         let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
         let ctx = self.inner.ctx.clone();
-        let fut = crate::net::listener::serve_stream(stream, "stream", catalog, ctx);
+        let fut =
+            crate::net::listener::serve_stream(stream, "stream", catalog, ctx, tokio::io::split);
         self.inner.ctx.tasks.track_future(fut).await;
     }
 

@@ -81,14 +81,30 @@ async fn handle(
 ) {
     // Replies are small and latency-bound; Nagle would delay them.
     let _ = stream.set_nodelay(true);
-    serve_stream(stream, &peer.to_string(), catalog, ctx).await;
+    // TCP splits into owned halves without the lock tokio::io::split needs.
+    serve_stream(
+        stream,
+        &peer.to_string(),
+        catalog,
+        ctx,
+        TcpStream::into_split,
+    )
+    .await;
 }
 
 /// Serve one already-connected client on any byte stream (TCP, Unix
-/// socket, an in-memory pipe in tests and fuzzing).
-pub(crate) async fn serve_stream<S>(mut stream: S, peer: &str, catalog: Catalog, ctx: ConnContext)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+/// socket, an in-memory pipe in tests and fuzzing). `split` turns the
+/// stream into read and write halves once the handshake is done.
+pub(crate) async fn serve_stream<S, R, W>(
+    mut stream: S,
+    peer: &str,
+    catalog: Catalog,
+    ctx: ConnContext,
+    split: impl FnOnce(S) -> (R, W),
+) where
+    S: AsyncRead + AsyncWrite + Unpin,
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin + Send + 'static,
 {
     let negotiated = tokio::select! {
         biased;
@@ -120,7 +136,7 @@ where
         extended = negotiated.extended,
         "client entered transmission"
     );
-    let (rd, wr) = tokio::io::split(stream);
+    let (rd, wr) = split(stream);
     transmission::run(
         rd,
         wr,
