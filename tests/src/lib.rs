@@ -1,1 +1,5 @@
-//! placeholder
+//! Helpers for the integration tests: starting servers on port 0, running
+//! real NBD clients, making images.
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+pub mod support;
