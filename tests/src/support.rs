@@ -30,6 +30,7 @@ pub fn require(tool: &str) -> bool {
 }
 
 /// A server with some exports, listening on 127.0.0.1 port 0.
+#[derive(Debug)]
 pub struct TestServer {
     pub server: Server,
     pub addr: SocketAddr,
