@@ -77,8 +77,12 @@ fn path_with_usr_bin() -> String {
 /// Run a command to completion (off the async threads) and return its output.
 pub async fn run(cmd: &str, args: &[&str]) -> Output {
     let mut c = tokio::process::Command::new(cmd);
-    c.args(args).env("PATH", path_with_usr_bin()).kill_on_drop(true);
-    c.output().await.unwrap_or_else(|e| panic!("spawning {cmd}: {e}"))
+    c.args(args)
+        .env("PATH", path_with_usr_bin())
+        .kill_on_drop(true);
+    c.output()
+        .await
+        .unwrap_or_else(|e| panic!("spawning {cmd}: {e}"))
 }
 
 /// Run a command that must succeed; returns stdout.
@@ -142,10 +146,19 @@ pub async fn assert_identical(fmt_a: &str, a: &str, fmt_b: &str, b: &str) {
 /// `qemu-img check` must report no errors (leaked clusters are tolerated
 /// only when `allow_leaks`).
 pub async fn assert_check_clean(image: &Path, allow_leaks: bool) {
-    let out = run("qemu-img", &["check", "--output=json", image.to_str().unwrap()]).await;
+    let out = run(
+        "qemu-img",
+        &["check", "--output=json", image.to_str().unwrap()],
+    )
+    .await;
     let text = String::from_utf8_lossy(&out.stdout);
     let code = out.status.code().unwrap_or(-1);
     // 0 clean, 3 leaks only; anything else is corruption or failure.
     let ok = code == 0 || (allow_leaks && code == 3);
-    assert!(ok, "qemu-img check {} exited {code}:\n{text}\n{}", image.display(), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        ok,
+        "qemu-img check {} exited {code}:\n{text}\n{}",
+        image.display(),
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
