@@ -193,8 +193,12 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let mut lines = Vec::new();
     if args.port_per_export {
         for (i, export) in exports.iter().enumerate() {
-            let port =
-                u16::try_from(usize::from(base.port()) + i).context("port range overflows")?;
+            // Port 0 means "any free port" for each export.
+            let port = if base.port() == 0 {
+                0
+            } else {
+                u16::try_from(usize::from(base.port()) + i).context("port range overflows")?
+            };
             let addr = SocketAddr::new(base.ip(), port);
             let l = tokio::net::TcpListener::bind(addr)
                 .await
