@@ -2,4 +2,5 @@
 //! real NBD clients, making images.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+pub mod client;
 pub mod support;

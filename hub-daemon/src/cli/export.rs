@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
-use nbd_server::{Export, Server, ServerConfig};
+use nbd_server::{BlockBackend, Export, Server, ServerConfig};
 use qcow_backend::{
     open_image, BackingPolicy, CreateOptions, ImageFormat, OpenOptions, QcowBackend,
 };
@@ -156,6 +156,10 @@ async fn prepare(
         let q = QcowBackend::create(&spec.path, &create, &opts)
             .await
             .with_context(|| format!("creating {}", spec.path.display()))?;
+        // close() releases the image (and its lock) before it is reopened below.
+        q.close()
+            .await
+            .with_context(|| format!("closing {}", spec.path.display()))?;
         drop(q);
     }
     let (backend, format) = open_image(&spec.path, &opts)

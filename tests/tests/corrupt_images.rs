@@ -1,0 +1,285 @@
+//! Hostile and broken images: each must give a typed error, none may crash
+//! the process, and an export already being served keeps working meanwhile.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use integration_tests::support::{export, require, run_ok, TestServer};
+use nbd_server::{BlockBackend, MemoryBackend};
+use qcow_backend::header::HeaderError;
+use qcow_backend::{open_image, BackingPolicy, ImageError, ImageErrorKind, OpenOptions};
+
+const MIB: u64 = 1 << 20;
+
+async fn qemu_image(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
+    let p = dir.join(name);
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    args.extend_from_slice(extra);
+    args.push(p.to_str().unwrap());
+    args.push("4M");
+    run_ok("qemu-img", &args).await;
+    p
+}
+
+fn patch(path: &Path, offset: u64, bytes: &[u8]) {
+    let f = std::fs::OpenOptions::new().write(true).open(path).unwrap();
+    f.write_all_at(bytes, offset).unwrap();
+}
+
+async fn open_err(path: &Path) -> ImageError {
+    match open_image(path, &OpenOptions::new()).await {
+        Ok(_) => panic!("{} opened", path.display()),
+        Err(e) => e,
+    }
+}
+
+fn header_err(e: &ImageError) -> &HeaderError {
+    match e {
+        ImageError::Header { source, .. } => source,
+        other => panic!("expected a header error, got {other}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_images_are_refused_while_serving_continues() {
+    if !require("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // A healthy export served all along.
+    let mem = Arc::new(MemoryBackend::new(MIB));
+    let srv = TestServer::start(vec![export("ok", mem)]).await;
+
+    // Truncated to less than a header: not qcow2 magic... it is, so header check.
+    let p = qemu_image(d, "trunc.qcow2", &[]).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(100)
+        .unwrap();
+    let e = open_err(&p).await;
+    assert!(
+        matches!(
+            header_err(&e),
+            HeaderError::Invalid(_) | HeaderError::Truncated(_)
+        ),
+        "{e}"
+    );
+
+    // Truncated inside the metadata tables.
+    let p = qemu_image(d, "trunc2.qcow2", &[]).await;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&p)
+        .unwrap()
+        .set_len(70_000)
+        .unwrap();
+    let e = open_err(&p).await;
+    assert_eq!(e.kind(), ImageErrorKind::BadImage, "{e}");
+
+    // Bad header fields.
+    let p = qemu_image(d, "version.qcow2", &[]).await;
+    patch(&p, 4, &9u32.to_be_bytes());
+    assert_eq!(header_err(&open_err(&p).await), &HeaderError::Version(9));
+    let p = qemu_image(d, "cbits.qcow2", &[]).await;
+    patch(&p, 20, &30u32.to_be_bytes());
+    assert_eq!(
+        header_err(&open_err(&p).await),
+        &HeaderError::ClusterBits(30)
+    );
+    let p = qemu_image(d, "size.qcow2", &[]).await;
+    patch(&p, 24, &u64::MAX.to_be_bytes());
+    assert!(matches!(
+        header_err(&open_err(&p).await),
+        HeaderError::Invalid(_)
+    ));
+
+    // L1 and refcount tables outside the file.
+    let p = qemu_image(d, "l1.qcow2", &[]).await;
+    patch(&p, 40, &(1u64 << 40).to_be_bytes());
+    assert!(matches!(header_err(&open_err(&p).await), HeaderError::Invalid(m) if m.contains("L1")));
+    let p = qemu_image(d, "rt.qcow2", &[]).await;
+    patch(&p, 48, &(1u64 << 40).to_be_bytes());
+    assert!(
+        matches!(header_err(&open_err(&p).await), HeaderError::Invalid(m) if m.contains("refcount"))
+    );
+    let p = qemu_image(d, "rtzero.qcow2", &[]).await;
+    patch(&p, 56, &0u32.to_be_bytes());
+    assert!(matches!(
+        header_err(&open_err(&p).await),
+        HeaderError::Invalid(_)
+    ));
+
+    // Dirty and corrupt bits.
+    let p = qemu_image(d, "dirty.qcow2", &[]).await;
+    patch(&p, 72, &1u64.to_be_bytes());
+    assert_eq!(header_err(&open_err(&p).await), &HeaderError::Dirty);
+
+    // Encrypted (LUKS) image, made by qemu-img itself.
+    let p = d.join("luks.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "--object",
+            "secret,id=sec0,data=123456",
+            "-o",
+            "encrypt.format=luks,encrypt.key-secret=sec0",
+            p.to_str().unwrap(),
+            "4M",
+        ],
+    )
+    .await;
+    assert!(matches!(
+        header_err(&open_err(&p).await),
+        HeaderError::Encrypted(_)
+    ));
+
+    // Internal snapshot.
+    let p = qemu_image(d, "snap.qcow2", &[]).await;
+    run_ok("qemu-img", &["snapshot", "-c", "s1", p.to_str().unwrap()]).await;
+    assert!(matches!(
+        header_err(&open_err(&p).await),
+        HeaderError::Unsupported(_)
+    ));
+
+    // A backing file that names itself: make top -> base.qcow2, then move top
+    // onto that name.
+    let base = qemu_image(d, "self.qcow2", &[]).await;
+    let top = d.join("self-top.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "self.qcow2",
+            "-F",
+            "qcow2",
+            top.to_str().unwrap(),
+        ],
+    )
+    .await;
+    std::fs::rename(&top, &base).unwrap();
+    let e = open_err(&base).await;
+    assert!(matches!(e, ImageError::BackingLoop { .. }), "{e}");
+
+    // A backing file outside the allowed directories.
+    let p = d.join("passwd.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "/etc/passwd",
+            "-F",
+            "raw",
+            p.to_str().unwrap(),
+            "1M",
+        ],
+    )
+    .await;
+    let e = open_err(&p).await;
+    assert!(matches!(e, ImageError::BackingNotAllowed { .. }), "{e}");
+    // ...also through a relative name climbing out.
+    let sub = d.join("sub");
+    std::fs::create_dir(&sub).unwrap();
+    let _outside = qemu_image(d, "outside.qcow2", &[]).await;
+    let p = sub.join("climb.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "../outside.qcow2",
+            "-F",
+            "qcow2",
+            p.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let e = open_image(&p, &OpenOptions::new()).await.err().unwrap();
+    assert!(matches!(e, ImageError::BackingNotAllowed { .. }), "{e}");
+    // Allowed once the parent directory is whitelisted.
+    let policy = BackingPolicy::within([d.canonicalize().unwrap()]);
+    assert!(open_image(&p, &OpenOptions::new().policy(policy))
+        .await
+        .is_ok());
+
+    // Backing file missing, or with no recorded format (never probed).
+    let p = d.join("missing.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-u",
+            "-b",
+            "gone.qcow2",
+            "-F",
+            "qcow2",
+            p.to_str().unwrap(),
+            "1M",
+        ],
+    )
+    .await;
+    assert!(matches!(
+        open_err(&p).await,
+        ImageError::BackingMissing { .. }
+    ));
+    let base = qemu_image(d, "nofmt-base.qcow2", &[]).await;
+    let p = d.join("nofmt.qcow2");
+    run_ok(
+        "qemu-img",
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            base.file_name().unwrap().to_str().unwrap(),
+            "-F",
+            "qcow2",
+            p.to_str().unwrap(),
+        ],
+    )
+    .await;
+    // Turn the backing-format extension into the end-of-extensions marker.
+    let head = std::fs::read(&p).unwrap();
+    let at = head
+        .windows(4)
+        .position(|w| w == [0xe2, 0x79, 0x2a, 0xca])
+        .unwrap();
+    patch(&p, at as u64, &[0, 0, 0, 0]);
+    assert!(matches!(
+        open_err(&p).await,
+        ImageError::BackingFormatMissing { .. }
+    ));
+
+    // Not an image at all is served as raw (content detection), not an error.
+    let junk = d.join("junk.bin");
+    std::fs::write(&junk, vec![0x41u8; 8192]).unwrap();
+    let (b, fmt) = open_image(&junk, &OpenOptions::new()).await.unwrap();
+    assert_eq!(fmt, qcow_backend::ImageFormat::Raw);
+    assert_eq!(b.size(), 8192);
+
+    // Through all of that, the served export kept working.
+    run_ok("nbdinfo", &["--size", &srv.uri("ok")]).await;
+}
