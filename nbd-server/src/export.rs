@@ -142,9 +142,7 @@ impl Export {
         let min_block = caps.min_block.clamp(1, 65536).next_power_of_two();
         let preferred_block = caps
             .preferred_block
-            .max(min_block)
-            .max(512)
-            .min(MAX_PAYLOAD)
+            .clamp(min_block.max(512), MAX_PAYLOAD)
             .next_power_of_two();
         ExportInfo {
             name: self.name.clone(),

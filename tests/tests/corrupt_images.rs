@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use integration_tests::support::{export, require, run_ok, TestServer};
-use nbd_server::{BlockBackend, MemoryBackend};
+use nbd_server::MemoryBackend;
 use qcow_backend::header::HeaderError;
 use qcow_backend::{open_image, BackingPolicy, ImageError, ImageErrorKind, OpenOptions};
 

@@ -390,3 +390,96 @@ async fn chain_depth_limit_is_enforced() {
         .unwrap();
     assert_eq!(ok.chain_depth(), 5);
 }
+
+/// qemu-io commands for one round of non-overlapping random I/O; `aio_*`
+/// keeps many requests in flight over NBD.
+fn qemu_io_round(rng: &mut SplitMix, size: u64, n: usize) -> Vec<String> {
+    let ops = batch(rng, size, n);
+    let mut cmds = Vec::new();
+    for op in ops {
+        cmds.push(match op {
+            Op::Write { off, len, seed } => format!("aio_write -P {} {off} {len}", seed % 250 + 1),
+            Op::Zero { off, len, .. } => format!("aio_write -z {off} {len}"),
+            Op::Trim { off, len } => format!("discard {off} {len}"),
+        });
+    }
+    cmds.push("aio_flush".into());
+    cmds
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nbd_end_to_end_nbdcopy_then_concurrent_qemu_io_into_overlay() {
+    if !require("qemu-io") || !require("nbdcopy") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 32 * MIB;
+    let src = support::disk_like(17, size as usize);
+    let src_path = support::write_file(dir.path(), "src.raw", &src);
+    let base = dir.path().join("full.qcow2");
+    let b = QcowBackend::create(&base, &CreateOptions::fresh(size), &OpenOptions::new())
+        .await
+        .unwrap();
+    let srv = support::TestServer::start(vec![support::export("full", Arc::new(b))]).await;
+    run_ok(
+        "nbdcopy",
+        &[
+            "--flush",
+            "-C",
+            "4",
+            src_path.to_str().unwrap(),
+            &srv.uri("full"),
+        ],
+    )
+    .await;
+    srv.server.shutdown().await.unwrap();
+    assert_check_clean(&base, false).await;
+    assert_identical(
+        "qcow2",
+        base.to_str().unwrap(),
+        "raw",
+        src_path.to_str().unwrap(),
+    )
+    .await;
+
+    let top = dir.path().join("inc.qcow2");
+    let t = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
+        .await
+        .unwrap();
+    let srv = support::TestServer::start(vec![support::export("inc", Arc::new(t))]).await;
+    let mirror = support::write_file(dir.path(), "mirror.raw", &src);
+    let mut rng = SplitMix(99);
+    let uri = srv.uri("inc");
+    for _ in 0..6 {
+        let cmds = qemu_io_round(&mut rng, size, 24);
+        let mut args: Vec<&str> = vec!["-f", "raw"];
+        for c in &cmds {
+            args.extend(["-c", c.as_str()]);
+        }
+        let mut nbd_args = args.clone();
+        nbd_args.push(&uri);
+        let out = run_ok("qemu-io", &nbd_args).await;
+        assert!(!out.contains("failed"), "{out}");
+        // Same commands on the mirror; our TRIM reads back as zeroes.
+        let mirror_cmds: Vec<String> = cmds
+            .iter()
+            .map(|c| c.replace("discard", "write -z"))
+            .collect();
+        let mut m_args: Vec<&str> = vec!["-f", "raw"];
+        for c in &mirror_cmds {
+            m_args.extend(["-c", c.as_str()]);
+        }
+        let m = mirror.to_str().unwrap().to_owned();
+        m_args.push(&m);
+        run_ok("qemu-io", &m_args).await;
+    }
+    srv.server.shutdown().await.unwrap();
+    assert_check_clean(&top, false).await;
+    assert_identical(
+        "qcow2",
+        top.to_str().unwrap(),
+        "raw",
+        mirror.to_str().unwrap(),
+    )
+    .await;
+}

@@ -212,7 +212,7 @@ impl ReplyEncoder {
 
 /// Largest extent length expressible in a 32-bit descriptor, kept a
 /// multiple of 512 as the spec recommends.
-pub const MAX_COMPACT_EXTENT: u32 = u32::MAX & !511;
+pub const MAX_COMPACT_EXTENT: u32 = !511;
 
 fn clamp_extent_len(len: u64) -> u32 {
     u32::try_from(len).map_or(MAX_COMPACT_EXTENT, |l| l.min(MAX_COMPACT_EXTENT))
