@@ -1,7 +1,26 @@
-//! The NBD backup hub daemon.
+//! The NBD backup hub daemon: a VM-level backup API in front of one NBD
+//! server that writes every disk of a VM into qcow2 images.
 //!
 //! # Layout
-//! * [`cli`]: argument parsing and the foreground commands.
+//! * [`api`]: axum handlers (thin) and the router; one error shape.
+//! * [`backup`]: orchestration — start/complete/abort state machine, restore
+//!   exports, idle watchdog, startup reconciliation, repository layout.
+//! * [`catalog`]: SQLite store of VMs, repositories and backups.
+//! * [`nbd`]: the NBD server, per-export ports and the shared port.
+//! * [`ports`]: NBD port allocation with RAII leases.
+//! * [`config`], [`model`], [`names`], [`error`], [`time`]: plumbing.
+//! * [`app`]: assembling and running it all; [`cli`]: the binary's commands.
 #![deny(missing_docs)]
 
+pub mod api;
+pub mod app;
+pub mod backup;
+pub mod catalog;
 pub mod cli;
+pub mod config;
+pub mod error;
+pub mod model;
+pub mod names;
+pub mod nbd;
+pub mod ports;
+pub mod time;

@@ -17,6 +17,7 @@ fn main() -> anyhow::Result<()> {
         .build()?;
     rt.block_on(async move {
         match cli.command {
+            Command::Serve(args) => hub_daemon::cli::serve::run(args).await,
             Command::Export(args) => hub_daemon::cli::export::run(args).await,
         }
     })

@@ -2,6 +2,7 @@
 //! library.
 
 pub mod export;
+pub mod serve;
 pub mod size;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,8 @@ pub struct Cli {
 /// Subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the backup hub: the VM-level API and every NBD export.
+    Serve(serve::ServeArgs),
     /// Serve image files over NBD in the foreground (qemu-nbd replacement).
     Export(export::ExportArgs),
 }

@@ -1,0 +1,123 @@
+//! `/api/v1/backups`: start, inspect, complete, abort, delete, restore.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::Json;
+use serde::Deserialize;
+
+use super::error::ApiError;
+use super::json::{AppJson, AppQuery, OptionalJson};
+use super::AppState;
+use crate::model::{
+    AbortRequest, BackupRecord, BackupRequest, BackupStarted, CompleteRequest, RestoreStarted,
+};
+use crate::names;
+
+fn check_id(id: &str) -> Result<(), ApiError> {
+    names::validate_id(id).map_err(ApiError::bad_request)
+}
+
+/// `POST /api/v1/backups`: back up every disk of a VM.
+pub async fn start(
+    State(st): State<AppState>,
+    AppJson(req): AppJson<BackupRequest>,
+) -> Result<(StatusCode, Json<BackupStarted>), ApiError> {
+    let started = st.backups().start(req).await?;
+    Ok((StatusCode::CREATED, Json(started)))
+}
+
+/// Filters of `GET /api/v1/backups`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListQuery {
+    vm_name: Option<String>,
+    status: Option<String>,
+}
+
+/// `GET /api/v1/backups?vm_name=&status=`.
+pub async fn list(
+    State(st): State<AppState>,
+    AppQuery(q): AppQuery<ListQuery>,
+) -> Result<Json<Vec<BackupRecord>>, ApiError> {
+    if let Some(vm) = &q.vm_name {
+        names::validate("vm_name", vm).map_err(ApiError::bad_request)?;
+    }
+    if let Some(s) = &q.status {
+        if !matches!(s.as_str(), "running" | "completed" | "failed") {
+            return Err(ApiError::bad_request(
+                "status must be running, completed or failed",
+            ));
+        }
+    }
+    let mut list = st.catalog().backups(q.vm_name, q.status).await?;
+    for b in &mut list {
+        st.backups().add_live_stats(b);
+    }
+    Ok(Json(list))
+}
+
+/// `GET /api/v1/backups/{id}`.
+pub async fn get(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BackupRecord>, ApiError> {
+    check_id(&id)?;
+    Ok(Json(st.backups().record(&id).await?))
+}
+
+/// `DELETE /api/v1/backups/{id}`.
+pub async fn delete(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    check_id(&id)?;
+    st.backups().delete(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+/// `POST /api/v1/backups/{id}/complete`.
+pub async fn complete(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<CompleteRequest>,
+) -> Result<Json<BackupRecord>, ApiError> {
+    check_id(&id)?;
+    if req.disks.iter().any(|d| d.change_id.len() > 1024) {
+        return Err(ApiError::bad_request("change_id too long"));
+    }
+    Ok(Json(st.backups().complete(&id, req).await?))
+}
+
+/// `POST /api/v1/backups/{id}/abort`.
+pub async fn abort(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+    OptionalJson(req): OptionalJson<AbortRequest>,
+) -> Result<Json<BackupRecord>, ApiError> {
+    check_id(&id)?;
+    let reason = req.reason.unwrap_or_else(|| "aborted by request".into());
+    let reason: String = reason.chars().take(1024).collect();
+    Ok(Json(st.backups().abort(&id, &reason).await?))
+}
+
+/// `POST /api/v1/backups/{id}/restore`.
+pub async fn restore(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<RestoreStarted>), ApiError> {
+    check_id(&id)?;
+    Ok((
+        StatusCode::CREATED,
+        Json(st.backups().start_restore(&id).await?),
+    ))
+}
+
+/// `DELETE /api/v1/backups/{id}/restore`.
+pub async fn stop_restore(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    check_id(&id)?;
+    st.backups().stop_restore(&id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

@@ -1,0 +1,95 @@
+//! Assembling and running the daemon: catalog, default repository,
+//! reconciliation, NBD hub, HTTP API; and the orderly shutdown.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{router, AppState};
+use crate::backup::{Backups, ReconcileReport};
+use crate::catalog::Catalog;
+use crate::config::Config;
+use crate::model::Repository;
+use crate::nbd::NbdHub;
+
+/// A running daemon.
+#[derive(Debug)]
+pub struct Daemon {
+    /// Where the API listens.
+    pub api_addr: SocketAddr,
+    /// The shared NBD port, if any.
+    pub nbd_shared_addr: Option<SocketAddr>,
+    /// What startup reconciliation did.
+    pub reconciled: ReconcileReport,
+    backups: Arc<Backups>,
+    stop: CancellationToken,
+    http: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+impl Daemon {
+    /// Start everything; the API serves once this returns.
+    pub async fn start(config: Config) -> anyhow::Result<Daemon> {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+        let catalog = Catalog::open(&config.catalog_path())
+            .with_context(|| format!("opening catalog {}", config.catalog_path().display()))?;
+        let repo_dir = config.default_repository();
+        std::fs::create_dir_all(&repo_dir)
+            .with_context(|| format!("creating {}", repo_dir.display()))?;
+        let repo_dir = repo_dir.canonicalize()?;
+        catalog
+            .ensure_repository(Repository {
+                id: "default".into(),
+                path: repo_dir.display().to_string(),
+            })
+            .await?;
+        let nbd = NbdHub::start(&config).await?;
+        let nbd_shared_addr = nbd.shared_addr();
+        let backups = Backups::new(catalog, nbd, config.clone());
+        let reconciled = backups.reconcile().await?;
+        if reconciled != ReconcileReport::default() {
+            tracing::warn!(
+                ?reconciled,
+                "reconciled catalog and repository after an unclean stop"
+            );
+        }
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding API address {}", config.listen))?;
+        let api_addr = listener.local_addr()?;
+        let stop = CancellationToken::new();
+        let app = router(AppState::new(Arc::clone(&backups)));
+        let stop2 = stop.clone();
+        let http = tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop2.cancelled().await })
+                .await
+        });
+        tracing::info!(%api_addr, nbd_shared = ?nbd_shared_addr, data_dir = %config.data_dir.display(), "hub daemon serving");
+        Ok(Daemon {
+            api_addr,
+            nbd_shared_addr,
+            reconciled,
+            backups,
+            stop,
+            http,
+        })
+    }
+
+    /// The backup service (for embedding).
+    pub fn backups(&self) -> &Arc<Backups> {
+        &self.backups
+    }
+
+    /// Stop: no new API requests, running backups aborted (their partial
+    /// images removed), restore exports closed, every image flushed.
+    pub async fn shutdown(self) -> anyhow::Result<()> {
+        self.stop.cancel();
+        self.backups.shutdown().await;
+        self.http.await.context("API task")?.context("API server")?;
+        Ok(())
+    }
+}

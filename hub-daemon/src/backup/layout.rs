@@ -1,0 +1,59 @@
+//! Where images live in a repository: `<repo>/<vm>/disk<id>/<backup_id>.qcow2`,
+//! written as `<backup_id>.qcow2.partial` until committed. An overlay names
+//! its parent by bare file name (same directory), so a repository can move.
+
+use std::path::{Path, PathBuf};
+
+/// Paths inside one repository.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    root: PathBuf,
+}
+
+impl Layout {
+    /// A repository rooted at `root`.
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Layout { root: root.into() }
+    }
+
+    /// The repository root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// Image path relative to the root. All components were validated
+    /// (`names::validate`), so this stays inside the repository.
+    pub fn relative(vm: &str, disk_id: u32, backup_id: &str) -> String {
+        format!("{vm}/disk{disk_id}/{backup_id}.qcow2")
+    }
+
+    /// Absolute path of a relative image path.
+    pub fn path_of(&self, relative: &str) -> PathBuf {
+        self.root.join(relative)
+    }
+
+    /// The in-progress name of an image.
+    pub fn partial(path: &Path) -> PathBuf {
+        let mut s = path.as_os_str().to_owned();
+        s.push(".partial");
+        PathBuf::from(s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths() {
+        let l = Layout::new("/repo");
+        let rel = Layout::relative("vm1", 2, "backup-vm1-1");
+        assert_eq!(rel, "vm1/disk2/backup-vm1-1.qcow2");
+        let p = l.path_of(&rel);
+        assert_eq!(p, PathBuf::from("/repo/vm1/disk2/backup-vm1-1.qcow2"));
+        assert_eq!(
+            Layout::partial(&p),
+            PathBuf::from("/repo/vm1/disk2/backup-vm1-1.qcow2.partial")
+        );
+    }
+}

@@ -1,0 +1,129 @@
+//! Restore exports: a completed restore point (its whole chain) served
+//! read-only over NBD, one port per disk.
+
+use std::sync::Arc;
+
+use nbd_server::Export;
+use qcow_backend::{BackingPolicy, OpenOptions, QcowBackend};
+
+use super::{Backups, Layout};
+use crate::error::{DaemonError, Result};
+use crate::model::{DiskResult, RestoreStarted};
+use crate::nbd::Published;
+
+/// Running restore exports of one backup.
+#[derive(Debug)]
+pub struct Restore {
+    published: Vec<Published>,
+}
+
+impl Backups {
+    /// Serve backup `id` read-only.
+    pub async fn start_restore(&self, id: &str) -> Result<RestoreStarted> {
+        let b = self.record(id).await?;
+        if b.status != "completed" {
+            return Err(DaemonError::Conflict(format!(
+                "backup {id:?} is {}, not completed",
+                b.status
+            )));
+        }
+        if b.files_missing {
+            return Err(DaemonError::BadImage(format!(
+                "images of backup {id:?} are missing"
+            )));
+        }
+        let repo = self
+            .catalog
+            .repository(&b.repository_id)
+            .await?
+            .ok_or_else(|| DaemonError::NotFound {
+                what: "repository",
+                id: b.repository_id.clone(),
+            })?;
+        let mut restores = self.restores.lock().await;
+        if restores.contains_key(id) {
+            return Err(DaemonError::Conflict(format!(
+                "backup {id:?} is already being restored"
+            )));
+        }
+        let layout = Layout::new(&repo.path);
+        let root = layout
+            .root()
+            .canonicalize()
+            .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
+        let opts = OpenOptions::new()
+            .read_only(true)
+            .policy(BackingPolicy::within([root]));
+        let leases = self.nbd.pool().allocate(b.disks.len())?;
+        let mut published: Vec<Published> = Vec::with_capacity(b.disks.len());
+        let mut results = Vec::with_capacity(b.disks.len());
+        let opened: Result<()> = async {
+            for (d, (lease, listener)) in b.disks.iter().zip(leases) {
+                let path = layout.path_of(&d.file);
+                let backend = QcowBackend::open(&path, &opts).await?;
+                let name = format!("restore-{id}-disk{}", d.disk_id);
+                let export = Export::new(name.clone(), Arc::new(backend))
+                    .read_only(true)
+                    .with_description(format!("restore of {id} disk {}", d.disk_id));
+                let p = self.nbd.publish(export, lease, listener)?;
+                results.push(DiskResult {
+                    disk_id: d.disk_id,
+                    disk_key: d.disk_key,
+                    nbd_port: p.port,
+                    nbd_uri: self.nbd.uri(p.port, &name),
+                    nbd_export_name: name,
+                    qcow2_path: path.display().to_string(),
+                    status: "serving".into(),
+                    backup_mode: d.backup_mode.clone(),
+                    parent_backup_id: d.parent_backup_id.clone(),
+                });
+                published.push(p);
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = opened {
+            for p in published {
+                let _ = self.nbd.unpublish(p).await;
+            }
+            return Err(e);
+        }
+        let targets = results
+            .iter()
+            .map(|r| format!("{}:{}", r.disk_key, r.nbd_uri))
+            .collect::<Vec<_>>()
+            .join(",");
+        restores.insert(id.to_owned(), Restore { published });
+        tracing::info!(backup = id, targets = %targets, "restore exports started");
+        Ok(RestoreStarted {
+            backup_id: id.to_owned(),
+            disk_results: results,
+            nbd_targets_string: targets,
+        })
+    }
+
+    /// Stop the restore exports of `id`.
+    pub async fn stop_restore(&self, id: &str) -> Result<()> {
+        let r = self
+            .restores
+            .lock()
+            .await
+            .remove(id)
+            .ok_or_else(|| DaemonError::NotFound {
+                what: "restore",
+                id: id.to_owned(),
+            })?;
+        for p in r.published {
+            if let Err(e) = self.nbd.unpublish(p).await {
+                tracing::warn!(backup = id, error = %e, "closing restore export failed");
+            }
+        }
+        tracing::info!(backup = id, "restore exports stopped");
+        Ok(())
+    }
+
+    /// Number of backups being restored.
+    pub async fn restoring(&self) -> usize {
+        self.restores.lock().await.len()
+    }
+}

@@ -1,0 +1,331 @@
+//! Starting a VM backup: plan every disk, record the backup, then bring up
+//! one image and one export per disk — all of it, or none of it.
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use nbd_server::Export;
+use qcow_backend::{BackingPolicy, CreateOptions, OpenOptions, QcowBackend};
+use tokio_util::sync::CancellationToken;
+
+use super::{watchdog, Backups, DiskJob, Job, Layout};
+use crate::catalog::{NewBackup, NewBackupDisk};
+use crate::error::{DaemonError, Result};
+use crate::model::{BackupRequest, BackupStarted, BackupType, DiskResult};
+use crate::names;
+use crate::time::{now_ms, rfc3339};
+
+/// Most tags on a backup, and the longest tag key or value.
+const MAX_TAGS: usize = 64;
+const MAX_TAG_LEN: usize = 256;
+
+/// One disk, planned.
+#[derive(Debug, Clone)]
+struct Planned {
+    disk_id: u32,
+    disk_key: u32,
+    size: u64,
+    label: String,
+    /// Parent image (absolute path) and its backup id, for an incremental.
+    parent: Option<(PathBuf, String)>,
+    relative: String,
+    export_name: String,
+}
+
+fn validate(req: &BackupRequest) -> Result<()> {
+    names::validate("vm_name", &req.vm_name).map_err(DaemonError::BadRequest)?;
+    names::validate("repository_id", &req.repository_id).map_err(DaemonError::BadRequest)?;
+    if let Some(p) = &req.policy_id {
+        names::validate("policy_id", p).map_err(DaemonError::BadRequest)?;
+    }
+    if req.tags.len() > MAX_TAGS {
+        return Err(DaemonError::BadRequest(format!(
+            "more than {MAX_TAGS} tags"
+        )));
+    }
+    if req
+        .tags
+        .iter()
+        .any(|(k, v)| k.is_empty() || k.len() > MAX_TAG_LEN || v.len() > MAX_TAG_LEN)
+    {
+        return Err(DaemonError::BadRequest(format!(
+            "tag keys must be 1..={MAX_TAG_LEN} bytes, values ≤ {MAX_TAG_LEN}"
+        )));
+    }
+    Ok(())
+}
+
+/// Create `dir` and its parents, syncing each new directory's parent so the
+/// entries survive a crash.
+fn ensure_dir(dir: &Path) -> std::io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        ensure_dir(parent)?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    if let Some(parent) = dir.parent() {
+        std::fs::File::open(parent)?.sync_all()?;
+    }
+    Ok(())
+}
+
+impl Backups {
+    /// Start a backup of every disk of `req.vm_name`.
+    pub async fn start(self: &Arc<Self>, req: BackupRequest) -> Result<BackupStarted> {
+        if self.shutting_down.load(Ordering::SeqCst) {
+            return Err(DaemonError::Unavailable("daemon is shutting down".into()));
+        }
+        validate(&req)?;
+        let vm = self
+            .catalog
+            .vm(&req.vm_name)
+            .await?
+            .ok_or_else(|| DaemonError::NotFound {
+                what: "VM",
+                id: req.vm_name.clone(),
+            })?;
+        let repo = self
+            .catalog
+            .repository(&req.repository_id)
+            .await?
+            .ok_or_else(|| DaemonError::NotFound {
+                what: "repository",
+                id: req.repository_id.clone(),
+            })?;
+        if vm.disks.is_empty() {
+            return Err(DaemonError::BadRequest(format!(
+                "VM {:?} has no disks",
+                vm.vm_name
+            )));
+        }
+        let layout = Layout::new(&repo.path);
+        let created_ms = now_ms();
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed) % 10_000;
+        let id = format!("backup-{}-{created_ms}-{seq:04}", vm.vm_name);
+
+        let mut plan = Vec::with_capacity(vm.disks.len());
+        for d in &vm.disks {
+            let parent = match req.backup_type {
+                BackupType::Full => None,
+                BackupType::Incremental => self
+                    .catalog
+                    .latest_image(&vm.vm_name, &repo.id, d.disk_id)
+                    .await?
+                    // A resized disk, or a parent whose file is gone, gets a full.
+                    .filter(|p| p.size_bytes == d.size_bytes)
+                    .map(|p| (layout.path_of(&p.file), p.backup_id))
+                    .filter(|(path, _)| path.is_file()),
+            };
+            plan.push(Planned {
+                disk_id: d.disk_id,
+                disk_key: d.disk_key.unwrap_or(2000 + d.unit_number),
+                size: d.size_bytes,
+                label: d.label.clone(),
+                parent,
+                relative: Layout::relative(&vm.vm_name, d.disk_id, &id),
+                export_name: format!("{id}-disk{}", d.disk_id),
+            });
+        }
+
+        // Recording first makes the catalog the arbiter of "one running
+        // backup per VM" (409 here, before any file or port exists).
+        self.catalog
+            .insert_running(NewBackup {
+                id: id.clone(),
+                vm_name: vm.vm_name.clone(),
+                repository_id: repo.id.clone(),
+                backup_type: req.backup_type.as_str().into(),
+                policy_id: req.policy_id.clone(),
+                tags: req.tags.clone(),
+                created_ms,
+                disks: plan
+                    .iter()
+                    .map(|p| NewBackupDisk {
+                        disk_id: p.disk_id,
+                        disk_key: p.disk_key,
+                        size_bytes: p.size,
+                        backup_mode: if p.parent.is_some() {
+                            "incremental"
+                        } else {
+                            "full"
+                        }
+                        .into(),
+                        parent_backup_id: p.parent.as_ref().map(|x| x.1.clone()),
+                        file: p.relative.clone(),
+                        export_name: p.export_name.clone(),
+                        nbd_port: None,
+                    })
+                    .collect(),
+            })
+            .await?;
+
+        let disks = match self.bring_up(&vm.vm_name, &layout, &plan).await {
+            Ok(d) => d,
+            Err(e) => {
+                if let Err(ce) = self.catalog.delete_backup(&id).await {
+                    tracing::error!(backup = %id, error = %ce, "cannot remove the row of a backup that failed to start");
+                }
+                tracing::warn!(backup = %id, error = %e, "backup failed to start; everything released");
+                return Err(e);
+            }
+        };
+        let ports: Vec<(u32, u16)> = disks
+            .iter()
+            .filter_map(|d| d.published.as_ref().map(|p| (d.disk_id, p.port)))
+            .collect();
+        self.catalog.set_ports(&id, ports).await?;
+
+        let results: Vec<DiskResult> = plan
+            .iter()
+            .zip(&disks)
+            .map(|(p, d)| {
+                let port = d.published.as_ref().map_or(0, |x| x.port);
+                DiskResult {
+                    disk_id: p.disk_id,
+                    disk_key: p.disk_key,
+                    nbd_port: port,
+                    nbd_export_name: p.export_name.clone(),
+                    nbd_uri: self.nbd.uri(port, &p.export_name),
+                    qcow2_path: d.final_path.display().to_string(),
+                    status: "exporting".into(),
+                    backup_mode: if p.parent.is_some() {
+                        "incremental"
+                    } else {
+                        "full"
+                    }
+                    .into(),
+                    parent_backup_id: p.parent.as_ref().map(|x| x.1.clone()),
+                }
+            })
+            .collect();
+        let targets = results
+            .iter()
+            .map(|r| format!("{}:{}", r.disk_key, r.nbd_uri))
+            .collect::<Vec<_>>()
+            .join(",");
+
+        let stop = CancellationToken::new();
+        self.jobs().insert(
+            id.clone(),
+            Job {
+                id: id.clone(),
+                disks,
+                watchdog: stop.clone(),
+            },
+        );
+        watchdog::spawn(
+            Arc::downgrade(self),
+            id.clone(),
+            created_ms,
+            self.config.idle_timeout,
+            stop,
+        );
+        tracing::info!(backup = %id, vm = %vm.vm_name, disks = results.len(), targets = %targets, "backup started");
+        Ok(BackupStarted {
+            backup_id: id,
+            vm_name: vm.vm_name,
+            disk_results: results,
+            nbd_targets_string: targets,
+            backup_type: req.backup_type,
+            status: "started".into(),
+            created_at: rfc3339(created_ms),
+            nbd_shared_port: self.nbd.shared_addr().map(|a| a.port()),
+        })
+    }
+
+    /// Ports, images and exports for every disk; on any failure, undo all.
+    async fn bring_up(&self, vm: &str, layout: &Layout, plan: &[Planned]) -> Result<Vec<DiskJob>> {
+        let leases = self.nbd.pool().allocate(plan.len())?;
+        let root = layout
+            .root()
+            .canonicalize()
+            .map_err(|e| DaemonError::io(format!("repository {}", layout.root().display()), e))?;
+        let policy = BackingPolicy::within([root]);
+        let mut disks: Vec<DiskJob> = Vec::with_capacity(plan.len());
+        let mut made: Vec<PathBuf> = Vec::new();
+        let result: Result<()> = async {
+            for (p, (lease, listener)) in plan.iter().zip(leases) {
+                let final_path = layout.path_of(&p.relative);
+                let partial = Layout::partial(&final_path);
+                if let Some(dir) = final_path.parent() {
+                    ensure_dir(dir)
+                        .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
+                }
+                let create = CreateOptions {
+                    size: Some(p.size),
+                    cluster_size: qcow_backend::DEFAULT_CLUSTER_SIZE,
+                    backing: p.parent.as_ref().map(|x| x.0.clone()),
+                };
+                let opts = OpenOptions::new().policy(policy.clone());
+                let backend = QcowBackend::create(&partial, &create, &opts).await?;
+                made.push(partial.clone());
+                let export = Export::new(p.export_name.clone(), Arc::new(backend))
+                    .with_description(
+                        format!("{vm} disk {} {}", p.disk_id, p.label)
+                            .trim_end()
+                            .to_owned(),
+                    );
+                let published = self.nbd.publish(export, lease, listener)?;
+                disks.push(DiskJob {
+                    disk_id: p.disk_id,
+                    partial,
+                    final_path,
+                    published: Some(published),
+                });
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = result {
+            for d in &mut disks {
+                if let Some(p) = d.published.take() {
+                    let _ = self.nbd.unpublish(p).await;
+                }
+            }
+            for f in made {
+                let _ = std::fs::remove_file(&f);
+            }
+            return Err(e);
+        }
+        Ok(disks)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> BackupRequest {
+        BackupRequest {
+            vm_name: "vm1".into(),
+            backup_type: BackupType::Full,
+            repository_id: "default".into(),
+            policy_id: None,
+            tags: Default::default(),
+        }
+    }
+
+    #[test]
+    fn request_validation() {
+        assert!(validate(&req()).is_ok());
+        let mut r = req();
+        r.vm_name = "../etc".into();
+        assert!(validate(&r).is_err());
+        let mut r = req();
+        r.repository_id = "a/b".into();
+        assert!(validate(&r).is_err());
+        let mut r = req();
+        r.policy_id = Some("".into());
+        assert!(validate(&r).is_err());
+        let mut r = req();
+        r.tags.insert("k".into(), "v".repeat(300));
+        assert!(validate(&r).is_err());
+    }
+}

@@ -1,0 +1,600 @@
+//! The catalog: VMs, repositories and backups, in SQLite.
+//!
+//! # Data model
+//! * `repositories(id, path)`.
+//! * `vms(name, vm_context_id)` and `vm_disks(vm_name, disk_id, size_bytes,
+//!   unit_number, disk_key, label)`: what a backup of the VM covers.
+//! * `backups(id, vm_name, repository_id, backup_type, status, ...)` with
+//!   `backup_disks(backup_id, disk_id, backup_mode, parent_backup_id, file,
+//!   ...)`. A backup is `running`, `completed` or `failed`; a partial
+//!   unique index allows one `running` backup per VM, so the database itself
+//!   refuses a second concurrent backup.
+//!
+//! # Consistency with the files
+//! An image file is valid only if its backup row says `completed`. Images
+//! are written under a `.partial` name, renamed, synced, and only then is
+//! the row committed (one transaction for all disks); startup
+//! reconciliation deletes the files of any backup still `running`.
+//!
+//! # Concurrency
+//! One connection behind a mutex, used from tokio's blocking pool; WAL and
+//! `synchronous=FULL` so a committed backup survives power loss.
+
+mod schema;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension};
+
+use crate::error::{DaemonError, Result};
+use crate::model::{BackupDisk, BackupRecord, DiskSpec, Repository, Vm};
+use crate::time::{now_ms, rfc3339};
+
+/// Handle to the catalog. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct Catalog {
+    conn: Arc<Mutex<Connection>>,
+}
+
+/// A backup about to start.
+#[derive(Debug, Clone)]
+pub struct NewBackup {
+    /// Id.
+    pub id: String,
+    /// VM.
+    pub vm_name: String,
+    /// Repository.
+    pub repository_id: String,
+    /// "full" / "incremental".
+    pub backup_type: String,
+    /// Policy.
+    pub policy_id: Option<String>,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// Creation time (unix ms).
+    pub created_ms: i64,
+    /// Disks.
+    pub disks: Vec<NewBackupDisk>,
+}
+
+/// One disk of a [`NewBackup`].
+#[derive(Debug, Clone)]
+pub struct NewBackupDisk {
+    /// Disk index.
+    pub disk_id: u32,
+    /// Device key.
+    pub disk_key: u32,
+    /// Virtual size.
+    pub size_bytes: u64,
+    /// "full" / "incremental".
+    pub backup_mode: String,
+    /// Parent backup.
+    pub parent_backup_id: Option<String>,
+    /// Image path relative to the repository (final name).
+    pub file: String,
+    /// Export name.
+    pub export_name: String,
+    /// Port.
+    pub nbd_port: Option<u16>,
+}
+
+/// What completing one disk records.
+#[derive(Debug, Clone)]
+pub struct DiskCompletion {
+    /// Disk index.
+    pub disk_id: u32,
+    /// Payload bytes received.
+    pub bytes_written: u64,
+    /// Image file size.
+    pub image_bytes: u64,
+    /// CBT change id from the SNA.
+    pub change_id: Option<String>,
+}
+
+/// The latest completed image of one disk.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ParentImage {
+    /// Backup id.
+    pub backup_id: String,
+    /// File relative to the repository.
+    pub file: String,
+    /// Virtual size.
+    pub size_bytes: u64,
+}
+
+fn is_unique_violation(e: &rusqlite::Error) -> bool {
+    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+}
+
+impl Catalog {
+    /// Open (creating if needed) the catalog at `path`.
+    pub fn open(path: &Path) -> Result<Catalog> {
+        let conn = Connection::open(path)?;
+        schema::init(&conn)?;
+        Ok(Catalog {
+            conn: Arc::new(Mutex::new(conn)),
+        })
+    }
+
+    /// Run `f` on the connection, off the async threads.
+    async fn with<T, F>(&self, f: F) -> Result<T>
+    where
+        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        T: Send + 'static,
+    {
+        let conn = Arc::clone(&self.conn);
+        tokio::task::spawn_blocking(move || {
+            // A poisoned mutex means a panic mid-call; SQLite rolled the
+            // transaction back, so the connection is still usable.
+            let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut c)
+        })
+        .await
+        .map_err(|e| DaemonError::Internal(format!("catalog task failed: {e}")))?
+    }
+
+    // ---------------------------------------------------------------- repositories
+
+    /// Add a repository; `Conflict` if the id exists.
+    pub async fn create_repository(&self, repo: Repository) -> Result<()> {
+        self.with(move |c| {
+            match c.execute(
+                "INSERT INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)",
+                params![repo.id, repo.path, now_ms()],
+            ) {
+                Ok(_) => Ok(()),
+                Err(e) if is_unique_violation(&e) => Err(DaemonError::Conflict(format!(
+                    "repository {:?} exists",
+                    repo.id
+                ))),
+                Err(e) => Err(e.into()),
+            }
+        })
+        .await
+    }
+
+    /// Add a repository unless one with this id exists.
+    pub async fn ensure_repository(&self, repo: Repository) -> Result<()> {
+        self.with(move |c| {
+            c.execute(
+                "INSERT OR IGNORE INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)",
+                params![repo.id, repo.path, now_ms()],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// All repositories.
+    pub async fn repositories(&self) -> Result<Vec<Repository>> {
+        self.with(|c| {
+            let mut st = c.prepare("SELECT id, path FROM repositories ORDER BY id")?;
+            let rows = st.query_map([], |r| {
+                Ok(Repository {
+                    id: r.get(0)?,
+                    path: r.get(1)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// One repository.
+    pub async fn repository(&self, id: &str) -> Result<Option<Repository>> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT id, path FROM repositories WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok(Repository {
+                        id: r.get(0)?,
+                        path: r.get(1)?,
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------- VMs
+
+    /// Register or replace a VM and its disks. `Conflict` while a backup of
+    /// it runs.
+    pub async fn put_vm(
+        &self,
+        name: &str,
+        vm_context_id: &str,
+        disks: Vec<DiskSpec>,
+    ) -> Result<Vm> {
+        let (name, ctx) = (name.to_owned(), vm_context_id.to_owned());
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let running: i64 = tx.query_row(
+                "SELECT count(*) FROM backups WHERE vm_name = ?1 AND status = 'running'",
+                [&name],
+                |r| r.get(0),
+            )?;
+            if running > 0 {
+                return Err(DaemonError::Conflict(format!("a backup of VM {name:?} is running")));
+            }
+            let now = now_ms();
+            tx.execute(
+                "INSERT INTO vms (name, vm_context_id, updated_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(name) DO UPDATE SET vm_context_id = excluded.vm_context_id, updated_ms = excluded.updated_ms",
+                params![name, ctx, now],
+            )?;
+            tx.execute("DELETE FROM vm_disks WHERE vm_name = ?1", [&name])?;
+            for d in &disks {
+                tx.execute(
+                    "INSERT INTO vm_disks (vm_name, disk_id, size_bytes, unit_number, disk_key, label) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+                    params![name, d.disk_id, d.size_bytes as i64, d.unit_number, d.disk_key, d.label],
+                )?;
+            }
+            tx.commit()?;
+            Ok(Vm {
+                vm_name: name,
+                vm_context_id: ctx,
+                disks,
+                updated_at: rfc3339(now),
+            })
+        })
+        .await
+    }
+
+    fn read_vm(c: &Connection, name: &str) -> Result<Option<Vm>> {
+        let row: Option<(String, i64)> = c
+            .query_row(
+                "SELECT vm_context_id, updated_ms FROM vms WHERE name = ?1",
+                [name],
+                |r| Ok((r.get(0)?, r.get(1)?)),
+            )
+            .optional()?;
+        let Some((ctx, updated)) = row else {
+            return Ok(None);
+        };
+        let mut st = c.prepare(
+            "SELECT disk_id, size_bytes, unit_number, disk_key, label FROM vm_disks WHERE vm_name = ?1 ORDER BY disk_id",
+        )?;
+        let disks = st
+            .query_map([name], |r| {
+                Ok(DiskSpec {
+                    disk_id: r.get(0)?,
+                    size_bytes: r.get::<_, i64>(1)? as u64,
+                    unit_number: r.get(2)?,
+                    disk_key: Some(r.get(3)?),
+                    label: r.get(4)?,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Some(Vm {
+            vm_name: name.to_owned(),
+            vm_context_id: ctx,
+            disks,
+            updated_at: rfc3339(updated),
+        }))
+    }
+
+    /// One VM.
+    pub async fn vm(&self, name: &str) -> Result<Option<Vm>> {
+        let name = name.to_owned();
+        self.with(move |c| Self::read_vm(c, &name)).await
+    }
+
+    /// All VMs.
+    pub async fn vms(&self) -> Result<Vec<Vm>> {
+        self.with(|c| {
+            let names: Vec<String> = c
+                .prepare("SELECT name FROM vms ORDER BY name")?
+                .query_map([], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(names.len());
+            for n in names {
+                if let Some(vm) = Self::read_vm(c, &n)? {
+                    out.push(vm);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Forget a VM (its backups stay). `Conflict` while a backup runs.
+    pub async fn delete_vm(&self, name: &str) -> Result<bool> {
+        let name = name.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let running: i64 = tx.query_row(
+                "SELECT count(*) FROM backups WHERE vm_name = ?1 AND status = 'running'",
+                [&name],
+                |r| r.get(0),
+            )?;
+            if running > 0 {
+                return Err(DaemonError::Conflict(format!(
+                    "a backup of VM {name:?} is running"
+                )));
+            }
+            tx.execute("DELETE FROM vm_disks WHERE vm_name = ?1", [&name])?;
+            let n = tx.execute("DELETE FROM vms WHERE name = ?1", [&name])?;
+            tx.commit()?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    // ---------------------------------------------------------------- backups
+
+    /// Record a backup as running, with its disks, atomically. `Conflict`
+    /// if another backup of the VM is running.
+    pub async fn insert_running(&self, b: NewBackup) -> Result<()> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let tags = serde_json::to_string(&b.tags).map_err(|e| DaemonError::Internal(e.to_string()))?;
+            match tx.execute(
+                "INSERT INTO backups (id, vm_name, repository_id, backup_type, policy_id, tags, status, created_ms)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
+                params![b.id, b.vm_name, b.repository_id, b.backup_type, b.policy_id, tags, b.created_ms],
+            ) {
+                Ok(_) => {}
+                Err(e) if is_unique_violation(&e) => {
+                    return Err(DaemonError::Conflict(format!("a backup of VM {:?} is already running", b.vm_name)))
+                }
+                Err(e) => return Err(e.into()),
+            }
+            for d in &b.disks {
+                tx.execute(
+                    "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
+                    params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Set the ports of a running backup's disks once they are bound.
+    pub async fn set_ports(&self, id: &str, ports: Vec<(u32, u16)>) -> Result<()> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for (disk, port) in ports {
+                tx.execute(
+                    "UPDATE backup_disks SET nbd_port = ?3 WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![id, disk, port],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Mark completed with per-disk figures, in one transaction.
+    pub async fn complete(&self, id: &str, disks: Vec<DiskCompletion>) -> Result<()> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for d in &disks {
+                tx.execute(
+                    "UPDATE backup_disks SET bytes_written = ?3, image_bytes = ?4, change_id = ?5, nbd_port = NULL
+                     WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![id, d.disk_id, d.bytes_written as i64, d.image_bytes as i64, d.change_id],
+                )?;
+            }
+            let n = tx.execute(
+                "UPDATE backups SET status = 'completed', completed_ms = ?2 WHERE id = ?1 AND status = 'running'",
+                params![id, now_ms()],
+            )?;
+            if n != 1 {
+                return Err(DaemonError::Conflict(format!("backup {id:?} is not running")));
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Mark failed with a reason (and the bytes seen so far).
+    pub async fn fail(&self, id: &str, reason: &str, written: Vec<(u32, u64)>) -> Result<()> {
+        let (id, reason) = (id.to_owned(), reason.to_owned());
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for (disk, bytes) in written {
+                tx.execute(
+                    "UPDATE backup_disks SET bytes_written = ?3, nbd_port = NULL WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![id, disk, bytes as i64],
+                )?;
+            }
+            tx.execute(
+                "UPDATE backups SET status = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
+                params![id, reason, now_ms()],
+            )?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Delete a backup's rows.
+    pub async fn delete_backup(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", [&id])?;
+            tx.execute("DELETE FROM backups WHERE id = ?1", [&id])?;
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Backups (running or completed) whose disks have `id` as parent.
+    pub async fn dependents(&self, id: &str) -> Result<Vec<String>> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let mut st = c.prepare(
+                "SELECT DISTINCT b.id FROM backup_disks d JOIN backups b ON b.id = d.backup_id
+                 WHERE d.parent_backup_id = ?1 AND b.status IN ('running', 'completed') ORDER BY b.id",
+            )?;
+            let rows = st.query_map([id], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// The latest completed image of `disk_id` of `vm` in `repo`.
+    pub async fn latest_image(
+        &self,
+        vm: &str,
+        repo: &str,
+        disk_id: u32,
+    ) -> Result<Option<ParentImage>> {
+        let (vm, repo) = (vm.to_owned(), repo.to_owned());
+        self.with(move |c| {
+            Ok(c.query_row(
+                "SELECT b.id, d.file, d.size_bytes FROM backups b JOIN backup_disks d ON d.backup_id = b.id
+                 WHERE b.vm_name = ?1 AND b.repository_id = ?2 AND b.status = 'completed' AND b.files_missing = 0
+                   AND d.disk_id = ?3
+                 ORDER BY b.completed_ms DESC, b.created_ms DESC LIMIT 1",
+                params![vm, repo, disk_id],
+                |r| {
+                    Ok(ParentImage {
+                        backup_id: r.get(0)?,
+                        file: r.get(1)?,
+                        size_bytes: r.get::<_, i64>(2)? as u64,
+                    })
+                },
+            )
+            .optional()?)
+        })
+        .await
+    }
+
+    fn read_backup(c: &Connection, id: &str) -> Result<Option<BackupRecord>> {
+        type Row = (
+            String,
+            String,
+            String,
+            Option<String>,
+            String,
+            String,
+            Option<String>,
+            i64,
+            Option<i64>,
+            bool,
+        );
+        let row: Option<Row> = c
+            .query_row(
+                "SELECT vm_name, repository_id, backup_type, policy_id, tags, status, error, created_ms, completed_ms, files_missing
+                 FROM backups WHERE id = ?1",
+                [id],
+                |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+                },
+            )
+            .optional()?;
+        let Some((vm, repo, btype, policy, tags, status, error, created, completed, missing)) = row
+        else {
+            return Ok(None);
+        };
+        let mut st = c.prepare(
+            "SELECT disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port,
+                    bytes_written, image_bytes, change_id
+             FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
+        )?;
+        let disks = st
+            .query_map([id], |r| {
+                Ok(BackupDisk {
+                    disk_id: r.get(0)?,
+                    disk_key: r.get(1)?,
+                    size_bytes: r.get::<_, i64>(2)? as u64,
+                    backup_mode: r.get(3)?,
+                    parent_backup_id: r.get(4)?,
+                    file: r.get(5)?,
+                    nbd_export_name: r.get(6)?,
+                    nbd_port: r.get(7)?,
+                    bytes_written: r.get::<_, i64>(8)? as u64,
+                    image_bytes: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+                    change_id: r.get(10)?,
+                    connections: None,
+                    last_activity: None,
+                })
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        Ok(Some(BackupRecord {
+            backup_id: id.to_owned(),
+            vm_name: vm,
+            repository_id: repo,
+            backup_type: btype,
+            policy_id: policy,
+            tags: serde_json::from_str(&tags).unwrap_or_default(),
+            status,
+            error,
+            created_at: rfc3339(created),
+            completed_at: completed.map(rfc3339),
+            files_missing: missing,
+            disks,
+        }))
+    }
+
+    /// One backup.
+    pub async fn backup(&self, id: &str) -> Result<Option<BackupRecord>> {
+        let id = id.to_owned();
+        self.with(move |c| Self::read_backup(c, &id)).await
+    }
+
+    /// Backups, optionally filtered, newest first.
+    pub async fn backups(
+        &self,
+        vm: Option<String>,
+        status: Option<String>,
+    ) -> Result<Vec<BackupRecord>> {
+        self.with(move |c| {
+            let ids: Vec<String> = c
+                .prepare(
+                    "SELECT id FROM backups WHERE (?1 IS NULL OR vm_name = ?1) AND (?2 IS NULL OR status = ?2)
+                     ORDER BY created_ms DESC, id DESC",
+                )?
+                .query_map(params![vm, status], |r| r.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut out = Vec::with_capacity(ids.len());
+            for id in ids {
+                if let Some(b) = Self::read_backup(c, &id)? {
+                    out.push(b);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Flag a completed backup whose files are gone (or back).
+    pub async fn set_files_missing(&self, id: &str, missing: bool) -> Result<()> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "UPDATE backups SET files_missing = ?2 WHERE id = ?1",
+                params![id, missing],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Number of backups per status.
+    pub async fn count_by_status(&self) -> Result<Vec<(String, u64)>> {
+        self.with(|c| {
+            let mut st =
+                c.prepare("SELECT status, count(*) FROM backups GROUP BY status ORDER BY status")?;
+            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+}

@@ -1,0 +1,68 @@
+//! Catalog schema and connection settings.
+
+use rusqlite::Connection;
+
+/// Create tables if missing and set the connection up.
+pub fn init(conn: &Connection) -> rusqlite::Result<()> {
+    // WAL: readers don't block the writer; FULL: a commit is on disk when
+    // COMMIT returns (a completed backup must survive power loss).
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", "FULL")?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    conn.execute_batch(
+        "
+        CREATE TABLE IF NOT EXISTS repositories (
+            id          TEXT PRIMARY KEY,
+            path        TEXT NOT NULL,
+            created_ms  INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS vms (
+            name           TEXT PRIMARY KEY,
+            vm_context_id  TEXT NOT NULL,
+            updated_ms     INTEGER NOT NULL
+        );
+        CREATE TABLE IF NOT EXISTS vm_disks (
+            vm_name      TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+            disk_id      INTEGER NOT NULL,
+            size_bytes   INTEGER NOT NULL,
+            unit_number  INTEGER NOT NULL,
+            disk_key     INTEGER NOT NULL,
+            label        TEXT NOT NULL,
+            PRIMARY KEY (vm_name, disk_id)
+        );
+        CREATE TABLE IF NOT EXISTS backups (
+            id             TEXT PRIMARY KEY,
+            vm_name        TEXT NOT NULL,
+            repository_id  TEXT NOT NULL REFERENCES repositories(id),
+            backup_type    TEXT NOT NULL,
+            policy_id      TEXT,
+            tags           TEXT NOT NULL,
+            status         TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
+            error          TEXT,
+            created_ms     INTEGER NOT NULL,
+            completed_ms   INTEGER,
+            files_missing  INTEGER NOT NULL DEFAULT 0
+        );
+        -- The database itself allows only one running backup per VM.
+        CREATE UNIQUE INDEX IF NOT EXISTS one_running_backup_per_vm ON backups(vm_name) WHERE status = 'running';
+        CREATE INDEX IF NOT EXISTS backups_by_vm ON backups(vm_name, status, completed_ms);
+        CREATE TABLE IF NOT EXISTS backup_disks (
+            backup_id         TEXT NOT NULL REFERENCES backups(id) ON DELETE CASCADE,
+            disk_id           INTEGER NOT NULL,
+            disk_key          INTEGER NOT NULL,
+            size_bytes        INTEGER NOT NULL,
+            backup_mode       TEXT NOT NULL,
+            parent_backup_id  TEXT,
+            file              TEXT NOT NULL,
+            export_name       TEXT NOT NULL,
+            nbd_port          INTEGER,
+            bytes_written     INTEGER NOT NULL DEFAULT 0,
+            image_bytes       INTEGER,
+            change_id         TEXT,
+            PRIMARY KEY (backup_id, disk_id)
+        );
+        CREATE INDEX IF NOT EXISTS backup_disks_by_parent ON backup_disks(parent_backup_id);
+        ",
+    )
+}

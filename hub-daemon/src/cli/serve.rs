@@ -1,0 +1,91 @@
+//! `hub-daemon serve`: the backup hub with its API.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Args;
+
+use crate::app::Daemon;
+use crate::config::{Config, FileConfig, PortRange};
+
+/// Run the hub: VM-level backup API plus every NBD export, in one process.
+/// Precedence: flags, then environment, then the config file, then defaults.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file.
+    #[arg(long, env = "HUB_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// API address [default: 127.0.0.1:8082].
+    #[arg(long, env = "HUB_LISTEN", value_name = "ADDR:PORT")]
+    listen: Option<SocketAddr>,
+    /// Data directory: catalog and default repository [default: ./data].
+    #[arg(long, env = "HUB_DATA_DIR", value_name = "DIR")]
+    data_dir: Option<PathBuf>,
+    /// NBD port range for per-disk exports, FIRST-LAST; 0 for any free
+    /// ports [default: 10100-10200].
+    #[arg(long, env = "HUB_NBD_PORTS", value_name = "FIRST-LAST", value_parser = PortRange::parse)]
+    nbd_ports: Option<PortRange>,
+    /// Port serving every export by name; 0 turns it off [default: 10809].
+    #[arg(long, env = "HUB_NBD_SHARED_PORT", value_name = "PORT")]
+    nbd_shared_port: Option<u16>,
+    /// Address NBD listeners bind to [default: 127.0.0.1].
+    #[arg(long, env = "HUB_NBD_BIND", value_name = "ADDR")]
+    nbd_bind: Option<IpAddr>,
+    /// Host written into nbd_targets_string [default: 127.0.0.1].
+    #[arg(long, env = "HUB_ADVERTISE_HOST", value_name = "HOST")]
+    advertise_host: Option<String>,
+    /// Fail a backup whose exports see no client for this many seconds
+    /// [default: 3600].
+    #[arg(long, env = "HUB_IDLE_TIMEOUT", value_name = "SECS")]
+    idle_timeout: Option<u64>,
+}
+
+impl ServeArgs {
+    /// Resolve the configuration.
+    pub fn config(&self) -> anyhow::Result<Config> {
+        let mut c = Config::default();
+        if let Some(path) = &self.config {
+            FileConfig::load(path)
+                .and_then(|f| f.apply(&mut c))
+                .map_err(anyhow::Error::msg)?;
+        }
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = &self.data_dir {
+            c.data_dir = v.clone();
+        }
+        if let Some(v) = self.nbd_ports {
+            c.nbd_ports = v;
+        }
+        if let Some(v) = self.nbd_shared_port {
+            c.nbd_shared_port = v;
+        }
+        if let Some(v) = self.nbd_bind {
+            c.nbd_bind = v;
+        }
+        if let Some(v) = &self.advertise_host {
+            c.advertise_host = v.clone();
+        }
+        if let Some(v) = self.idle_timeout {
+            c.idle_timeout = Duration::from_secs(v);
+        }
+        Ok(c)
+    }
+}
+
+/// Run until SIGINT/SIGTERM, then drain.
+pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
+    let config = args.config()?;
+    let daemon = Daemon::start(config).await.context("starting the hub")?;
+    println!("api http://{}", daemon.api_addr);
+    if let Some(a) = daemon.nbd_shared_addr {
+        println!("nbd-shared {a}");
+    }
+    println!("ready");
+    super::wait_for_signal().await?;
+    tracing::info!("signal received; draining");
+    daemon.shutdown().await
+}

@@ -1,0 +1,203 @@
+//! Daemon configuration: defaults, a TOML file, environment variables and
+//! flags, in increasing precedence.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Which NBD ports backups may use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PortRange {
+    /// Ports `first..=last`.
+    Range {
+        /// First port.
+        first: u16,
+        /// Last port (inclusive).
+        last: u16,
+    },
+    /// Any free port the OS gives (port 0), at most `capacity` at a time.
+    /// For tests and for hosts where a fixed range is not needed.
+    Ephemeral {
+        /// Most ports held at once.
+        capacity: usize,
+    },
+}
+
+impl PortRange {
+    /// Parse `FIRST-LAST`, or `0` / `0:CAPACITY` for ephemeral ports.
+    pub fn parse(s: &str) -> Result<PortRange, String> {
+        let s = s.trim();
+        if s == "0" {
+            return Ok(PortRange::Ephemeral { capacity: 100 });
+        }
+        if let Some(cap) = s.strip_prefix("0:") {
+            let capacity = cap
+                .parse()
+                .map_err(|_| format!("bad port capacity {cap:?}"))?;
+            return Ok(PortRange::Ephemeral { capacity });
+        }
+        let (a, b) = s
+            .split_once('-')
+            .ok_or_else(|| format!("port range {s:?} is not FIRST-LAST"))?;
+        let first: u16 = a.trim().parse().map_err(|_| format!("bad port {a:?}"))?;
+        let last: u16 = b.trim().parse().map_err(|_| format!("bad port {b:?}"))?;
+        if first == 0 || last < first {
+            return Err(format!("port range {s:?} is empty or starts at 0"));
+        }
+        Ok(PortRange::Range { first, last })
+    }
+
+    /// How many ports the range holds.
+    pub fn capacity(&self) -> usize {
+        match *self {
+            PortRange::Range { first, last } => usize::from(last - first) + 1,
+            PortRange::Ephemeral { capacity } => capacity,
+        }
+    }
+}
+
+/// Everything the daemon needs to run.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// HTTP API address.
+    pub listen: SocketAddr,
+    /// Data directory: catalog and default repository.
+    pub data_dir: PathBuf,
+    /// NBD ports for per-disk exports.
+    pub nbd_ports: PortRange,
+    /// Port serving every export by name (0 = off).
+    pub nbd_shared_port: u16,
+    /// Address NBD listeners bind to.
+    pub nbd_bind: IpAddr,
+    /// Host put into `nbd_targets_string`.
+    pub advertise_host: String,
+    /// A backup whose exports see no client for this long fails.
+    pub idle_timeout: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8082),
+            data_dir: PathBuf::from("./data"),
+            nbd_ports: PortRange::Range {
+                first: 10100,
+                last: 10200,
+            },
+            nbd_shared_port: 10809,
+            nbd_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
+            advertise_host: "127.0.0.1".into(),
+            idle_timeout: Duration::from_secs(3600),
+        }
+    }
+}
+
+impl Config {
+    /// Path of the SQLite catalog.
+    pub fn catalog_path(&self) -> PathBuf {
+        self.data_dir.join("catalog.sqlite")
+    }
+
+    /// Path of the default repository.
+    pub fn default_repository(&self) -> PathBuf {
+        self.data_dir.join("repository")
+    }
+}
+
+/// The TOML file's shape: every key optional, same names as the flags.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// See [`Config::listen`].
+    pub listen: Option<SocketAddr>,
+    /// See [`Config::data_dir`].
+    pub data_dir: Option<PathBuf>,
+    /// `FIRST-LAST` or `0`.
+    pub nbd_ports: Option<String>,
+    /// See [`Config::nbd_shared_port`].
+    pub nbd_shared_port: Option<u16>,
+    /// See [`Config::nbd_bind`].
+    pub nbd_bind: Option<IpAddr>,
+    /// See [`Config::advertise_host`].
+    pub advertise_host: Option<String>,
+    /// Seconds.
+    pub idle_timeout_secs: Option<u64>,
+}
+
+impl FileConfig {
+    /// Read a TOML file.
+    pub fn load(path: &Path) -> Result<FileConfig, String> {
+        let text = std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()))?;
+        toml::from_str(&text).map_err(|e| format!("{}: {e}", path.display()))
+    }
+
+    /// Apply the file's values on top of `c`.
+    pub fn apply(self, c: &mut Config) -> Result<(), String> {
+        if let Some(v) = self.listen {
+            c.listen = v;
+        }
+        if let Some(v) = self.data_dir {
+            c.data_dir = v;
+        }
+        if let Some(v) = self.nbd_ports {
+            c.nbd_ports = PortRange::parse(&v)?;
+        }
+        if let Some(v) = self.nbd_shared_port {
+            c.nbd_shared_port = v;
+        }
+        if let Some(v) = self.nbd_bind {
+            c.nbd_bind = v;
+        }
+        if let Some(v) = self.advertise_host {
+            c.advertise_host = v;
+        }
+        if let Some(v) = self.idle_timeout_secs {
+            c.idle_timeout = Duration::from_secs(v);
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn port_ranges() {
+        assert_eq!(
+            PortRange::parse("10100-10200"),
+            Ok(PortRange::Range {
+                first: 10100,
+                last: 10200
+            })
+        );
+        assert_eq!(PortRange::parse("10100-10200").unwrap().capacity(), 101);
+        assert_eq!(
+            PortRange::parse("0"),
+            Ok(PortRange::Ephemeral { capacity: 100 })
+        );
+        assert_eq!(
+            PortRange::parse("0:3"),
+            Ok(PortRange::Ephemeral { capacity: 3 })
+        );
+        for bad in ["", "10", "10-5", "0-5", "a-b", "1-70000"] {
+            assert!(PortRange::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn file_overrides_defaults() {
+        let f: FileConfig = toml::from_str(
+            "listen = \"127.0.0.1:9000\"\nnbd_ports = \"20000-20010\"\nidle_timeout_secs = 5",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.listen.port(), 9000);
+        assert_eq!(c.nbd_ports.capacity(), 11);
+        assert_eq!(c.idle_timeout, Duration::from_secs(5));
+        assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+}

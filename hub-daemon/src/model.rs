@@ -1,0 +1,251 @@
+//! Request and response bodies of the API (the contract with the SNA and
+//! the GUI), plus the catalog's records.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// One disk of a VM, as registered.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskSpec {
+    /// Disk index within the VM (0, 1, ...).
+    pub disk_id: u32,
+    /// Virtual size in bytes.
+    pub size_bytes: u64,
+    /// SCSI unit number on its controller.
+    #[serde(default)]
+    pub unit_number: u32,
+    /// VMware device key; defaults to 2000 + unit_number.
+    #[serde(default)]
+    pub disk_key: Option<u32>,
+    /// Human label ("Hard disk 1").
+    #[serde(default)]
+    pub label: String,
+}
+
+/// `PUT /api/v1/vms/{vm_name}` body.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmRequest {
+    /// VMware context id.
+    pub vm_context_id: String,
+    /// Every disk of the VM.
+    pub disks: Vec<DiskSpec>,
+}
+
+/// A registered VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Vm {
+    /// Name.
+    pub vm_name: String,
+    /// VMware context id.
+    pub vm_context_id: String,
+    /// Disks, by disk_id, disk_key resolved.
+    pub disks: Vec<DiskSpec>,
+    /// Last registration (RFC 3339).
+    pub updated_at: String,
+}
+
+/// A repository.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Repository {
+    /// Identifier.
+    pub id: String,
+    /// Absolute directory.
+    pub path: String,
+}
+
+/// Full or incremental.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    /// Every disk fresh.
+    Full,
+    /// Each disk an overlay on its latest completed backup (when possible).
+    Incremental,
+}
+
+impl BackupType {
+    /// Lower-case name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Incremental => "incremental",
+        }
+    }
+
+    /// Parse the lower-case name.
+    pub fn parse(s: &str) -> Option<Self> {
+        match s {
+            "full" => Some(BackupType::Full),
+            "incremental" => Some(BackupType::Incremental),
+            _ => None,
+        }
+    }
+}
+
+/// `POST /api/v1/backups` body: always the whole VM, never one disk.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BackupRequest {
+    /// VM to back up.
+    pub vm_name: String,
+    /// Full or incremental.
+    pub backup_type: BackupType,
+    /// Repository to write into.
+    pub repository_id: String,
+    /// Optional policy reference.
+    #[serde(default)]
+    pub policy_id: Option<String>,
+    /// Optional tags.
+    #[serde(default)]
+    pub tags: BTreeMap<String, String>,
+}
+
+/// Per-disk part of a backup or restore response.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct DiskResult {
+    /// Disk index.
+    pub disk_id: u32,
+    /// VMware device key.
+    pub disk_key: u32,
+    /// Port of this disk's own NBD listener.
+    pub nbd_port: u16,
+    /// Export name (also reachable on the shared port).
+    pub nbd_export_name: String,
+    /// `nbd://host:port/export`.
+    pub nbd_uri: String,
+    /// Image file (final name once completed).
+    pub qcow2_path: String,
+    /// "exporting", "completed", "failed", "serving".
+    pub status: String,
+    /// "full" or "incremental" (an incremental request may give full for a
+    /// disk without a usable parent).
+    pub backup_mode: String,
+    /// Parent backup of an incremental disk.
+    pub parent_backup_id: Option<String>,
+}
+
+/// `POST /api/v1/backups` response.
+#[derive(Debug, Clone, Serialize)]
+pub struct BackupStarted {
+    /// Backup id.
+    pub backup_id: String,
+    /// VM.
+    pub vm_name: String,
+    /// Per disk, in disk order.
+    pub disk_results: Vec<DiskResult>,
+    /// `disk_key:nbd://host:port/export,...` in disk order, for the SNA.
+    pub nbd_targets_string: String,
+    /// Requested type.
+    pub backup_type: BackupType,
+    /// "started".
+    pub status: String,
+    /// RFC 3339.
+    pub created_at: String,
+    /// Port serving every export by name (one tunnel for the whole VM).
+    pub nbd_shared_port: Option<u16>,
+}
+
+/// `POST /api/v1/backups/{id}/complete` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CompleteRequest {
+    /// Per-disk change ids reported by the SNA.
+    #[serde(default)]
+    pub disks: Vec<DiskChange>,
+}
+
+/// One disk's change id.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskChange {
+    /// Disk index.
+    pub disk_id: u32,
+    /// VMware CBT change id.
+    pub change_id: String,
+}
+
+/// `POST /api/v1/backups/{id}/abort` body.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbortRequest {
+    /// Why.
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// One disk of a backup as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackupDisk {
+    /// Disk index.
+    pub disk_id: u32,
+    /// VMware device key.
+    pub disk_key: u32,
+    /// Virtual size.
+    pub size_bytes: u64,
+    /// "full" / "incremental".
+    pub backup_mode: String,
+    /// Parent backup.
+    pub parent_backup_id: Option<String>,
+    /// Image path relative to the repository.
+    pub file: String,
+    /// Export name while running.
+    pub nbd_export_name: String,
+    /// Port while running.
+    pub nbd_port: Option<u16>,
+    /// Payload bytes received.
+    pub bytes_written: u64,
+    /// Image file size once completed.
+    pub image_bytes: Option<u64>,
+    /// CBT change id.
+    pub change_id: Option<String>,
+    /// Live: clients connected now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub connections: Option<u64>,
+    /// Live: last client request (RFC 3339).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_activity: Option<String>,
+}
+
+/// A backup as recorded.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct BackupRecord {
+    /// Id.
+    pub backup_id: String,
+    /// VM.
+    pub vm_name: String,
+    /// Repository.
+    pub repository_id: String,
+    /// Requested type.
+    pub backup_type: String,
+    /// Policy.
+    pub policy_id: Option<String>,
+    /// Tags.
+    pub tags: BTreeMap<String, String>,
+    /// "running", "completed", "failed".
+    pub status: String,
+    /// Why it failed.
+    pub error: Option<String>,
+    /// RFC 3339.
+    pub created_at: String,
+    /// RFC 3339.
+    pub completed_at: Option<String>,
+    /// Startup reconciliation found an image of this completed backup missing.
+    pub files_missing: bool,
+    /// Disks.
+    pub disks: Vec<BackupDisk>,
+}
+
+/// Restore exports of one backup.
+#[derive(Debug, Clone, Serialize)]
+pub struct RestoreStarted {
+    /// Backup served.
+    pub backup_id: String,
+    /// Per disk.
+    pub disk_results: Vec<DiskResult>,
+    /// Targets for a restore client.
+    pub nbd_targets_string: String,
+}

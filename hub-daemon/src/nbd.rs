@@ -1,0 +1,111 @@
+//! The NBD side of the daemon: one `nbd_server::Server` for every export,
+//! each export on its own port from the pool and, when configured, also by
+//! name on the shared port (so one SSH tunnel can carry a whole VM).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use nbd_server::{Export, ExportStatsSnapshot, Server, ServerConfig};
+
+use crate::config::Config;
+use crate::error::{DaemonError, Result};
+use crate::ports::{PortLease, PortPool};
+
+/// Exports, ports and the shared listener.
+#[derive(Debug)]
+pub struct NbdHub {
+    server: Server,
+    pool: PortPool,
+    advertise_host: String,
+    shared: Option<SocketAddr>,
+}
+
+/// An export on its own port; dropping it does not stop the export (call
+/// [`NbdHub::unpublish`]), but holds the port lease until then.
+#[derive(Debug)]
+pub struct Published {
+    /// The export.
+    pub export: Arc<Export>,
+    /// Its port.
+    pub port: u16,
+    /// The port lease, released after the export's listener is gone.
+    pub lease: PortLease,
+}
+
+impl NbdHub {
+    /// Start the NBD server and the shared listener (if configured).
+    pub async fn start(config: &Config) -> Result<NbdHub> {
+        let server = Server::new(ServerConfig::default());
+        let shared = if config.nbd_shared_port != 0 {
+            let addr = SocketAddr::new(config.nbd_bind, config.nbd_shared_port);
+            let l = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| DaemonError::io(format!("binding shared NBD port {addr}"), e))?;
+            Some(server.serve(l)?.local_addr())
+        } else {
+            None
+        };
+        Ok(NbdHub {
+            server,
+            pool: PortPool::new(config.nbd_ports, config.nbd_bind),
+            advertise_host: config.advertise_host.clone(),
+            shared,
+        })
+    }
+
+    /// The port pool.
+    pub fn pool(&self) -> &PortPool {
+        &self.pool
+    }
+
+    /// The shared listener's address.
+    pub fn shared_addr(&self) -> Option<SocketAddr> {
+        self.shared
+    }
+
+    /// `nbd://host:port/name` as clients should use it.
+    pub fn uri(&self, port: u16, name: &str) -> String {
+        format!("nbd://{}:{port}/{name}", self.advertise_host)
+    }
+
+    /// Register `export` and serve it on the leased port's listener.
+    pub fn publish(
+        &self,
+        export: Export,
+        lease: PortLease,
+        listener: tokio::net::TcpListener,
+    ) -> Result<Published> {
+        let export = self.server.add_export(export)?;
+        if let Err(e) = self.server.serve_export(listener, &export) {
+            // Undo the registration; the export never served anything.
+            let server = self.server.clone();
+            let name = export.name().to_owned();
+            tokio::spawn(async move { server.remove_export(&name).await });
+            return Err(e.into());
+        }
+        let port = lease.port();
+        Ok(Published {
+            export,
+            port,
+            lease,
+        })
+    }
+
+    /// Stop an export: its listener closes, clients are drained and
+    /// disconnected, the backend is closed (flushed). Then the lease can go.
+    pub async fn unpublish(&self, p: Published) -> Result<ExportStatsSnapshot> {
+        let r = self.server.remove_export(p.export.name()).await;
+        drop(p.lease);
+        Ok(r?)
+    }
+
+    /// Every export.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.server.exports()
+    }
+
+    /// Drain and close everything.
+    pub async fn shutdown(&self) -> Result<()> {
+        Ok(self.server.shutdown().await?)
+    }
+}
