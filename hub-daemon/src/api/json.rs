@@ -25,7 +25,7 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for AppJson<T> {
     }
 }
 
-/// A JSON body that may be absent (empty means `T::default()`).
+/// A JSON body that may be absent (empty or `null` means `T::default()`).
 #[derive(Debug)]
 pub struct OptionalJson<T>(pub T);
 
@@ -39,8 +39,9 @@ impl<S: Send + Sync, T: DeserializeOwned + Default> FromRequest<S> for OptionalJ
         if body.iter().all(u8::is_ascii_whitespace) {
             return Ok(OptionalJson(T::default()));
         }
-        serde_json::from_slice(&body)
-            .map(OptionalJson)
+        // An explicit `null` means "no body" as well.
+        serde_json::from_slice::<Option<T>>(&body)
+            .map(|v| OptionalJson(v.unwrap_or_default()))
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
 }

@@ -1,0 +1,173 @@
+//! An in-process hub daemon for API tests, and API helpers.
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used)]
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use hub_daemon::app::Daemon;
+use hub_daemon::config::{Config, PortRange};
+use integration_tests::http::{call, Response};
+use serde_json::{json, Value};
+
+/// A daemon on port 0 with its own data directory.
+pub struct Hub {
+    pub daemon: Option<Daemon>,
+    pub addr: SocketAddr,
+    pub dir: tempfile::TempDir,
+}
+
+/// A free TCP port (the OS picks it; used for the shared NBD port, which
+/// needs a number up front).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+pub fn config(data_dir: &Path, capacity: usize, shared_port: u16, idle: Duration) -> Config {
+    Config {
+        listen: "127.0.0.1:0".parse().unwrap(),
+        data_dir: data_dir.to_path_buf(),
+        nbd_ports: PortRange::Ephemeral { capacity },
+        nbd_shared_port: shared_port,
+        nbd_bind: "127.0.0.1".parse().unwrap(),
+        advertise_host: "127.0.0.1".into(),
+        idle_timeout: idle,
+    }
+}
+
+impl Hub {
+    pub async fn start() -> Hub {
+        Self::start_with(64, 0, Duration::from_secs(3600)).await
+    }
+
+    pub async fn start_with(capacity: usize, shared_port: u16, idle: Duration) -> Hub {
+        let dir = tempfile::tempdir().unwrap();
+        let daemon = Daemon::start(config(
+            &dir.path().join("data"),
+            capacity,
+            shared_port,
+            idle,
+        ))
+        .await
+        .unwrap();
+        let addr = daemon.api_addr;
+        Hub {
+            daemon: Some(daemon),
+            addr,
+            dir,
+        }
+    }
+
+    pub fn repo(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("data/repository")
+            .canonicalize()
+            .unwrap()
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        call(self.addr, "GET", path, None).await
+    }
+
+    pub async fn post(&self, path: &str, body: Value) -> Response {
+        call(self.addr, "POST", path, Some(&body)).await
+    }
+
+    pub async fn put(&self, path: &str, body: Value) -> Response {
+        call(self.addr, "PUT", path, Some(&body)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Response {
+        call(self.addr, "DELETE", path, None).await
+    }
+
+    /// Register `vm` with disks of the given sizes (disk_id = unit = index).
+    pub async fn register(&self, vm: &str, sizes: &[u64]) {
+        let disks: Vec<Value> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, s)| json!({"disk_id": i, "size_bytes": s, "unit_number": i, "label": format!("Hard disk {}", i + 1)}))
+            .collect();
+        let r = self
+            .put(
+                &format!("/api/v1/vms/{vm}"),
+                json!({"vm_context_id": format!("ctx-{vm}"), "disks": disks}),
+            )
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+
+    /// Start a backup; must be 201.
+    pub async fn backup(&self, vm: &str, kind: &str) -> Value {
+        let r = self
+            .post(
+                "/api/v1/backups",
+                json!({"vm_name": vm, "backup_type": kind, "repository_id": "default"}),
+            )
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()
+    }
+
+    /// Complete a backup; must be 200 and completed.
+    pub async fn complete(&self, id: &str) -> Value {
+        let r = self
+            .post(&format!("/api/v1/backups/{id}/complete"), json!({}))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        let v = r.json();
+        assert_eq!(v["status"], "completed", "{v}");
+        v
+    }
+
+    /// A metric's value from /metrics.
+    pub async fn metric(&self, name: &str) -> u64 {
+        let text = self.get("/metrics").await.text();
+        text.lines()
+            .find(|l| l.starts_with(name) && !l.starts_with('#'))
+            .and_then(|l| l.rsplit(' ').next())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| panic!("metric {name} missing:\n{text}"))
+    }
+
+    pub async fn stop(&mut self) {
+        if let Some(d) = self.daemon.take() {
+            d.shutdown().await.unwrap();
+        }
+    }
+}
+
+/// `disk_key:nbd://host:port/export,...` → [(disk_key, uri)].
+pub fn parse_targets(s: &str) -> Vec<(u32, String)> {
+    s.split(',')
+        .map(|t| {
+            let (k, uri) = t.split_once(':').unwrap();
+            (k.parse().unwrap(), uri.to_owned())
+        })
+        .collect()
+}
+
+/// Poll `f` until it returns Some, up to `secs` (for state changes the
+/// daemon makes on its own, like the idle watchdog).
+pub async fn eventually<T, F, Fut>(secs: u64, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "condition not reached in {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
