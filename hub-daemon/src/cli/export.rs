@@ -62,6 +62,8 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DIR")]
     allow_backing_dir: Vec<PathBuf>,
     /// NAME=PATH pairs, or one bare PATH (named by -x, else its file name).
+    /// PATH may also be `null:SIZE` (discards writes, reads zeroes) or
+    /// `memory:SIZE` (sparse RAM disk).
     #[arg(required = true, value_name = "NAME=PATH")]
     images: Vec<String>,
 }
@@ -115,10 +117,32 @@ fn listen_addr(args: &ExportArgs) -> SocketAddr {
     })
 }
 
+/// `null:SIZE` and `memory:SIZE` pseudo-images: a disk that discards
+/// writes and reads zeroes, or a sparse RAM disk (for benchmarks and tests).
+fn pseudo_image(path: &Path) -> anyhow::Result<Option<Arc<dyn nbd_server::BlockBackend>>> {
+    let Some(s) = path.to_str() else {
+        return Ok(None);
+    };
+    if let Some(size) = s.strip_prefix("null:") {
+        let size = parse_size(size).map_err(anyhow::Error::msg)?;
+        return Ok(Some(Arc::new(nbd_server::NullBackend::with_dense_reads(
+            size,
+        ))));
+    }
+    if let Some(size) = s.strip_prefix("memory:") {
+        let size = parse_size(size).map_err(anyhow::Error::msg)?;
+        return Ok(Some(Arc::new(nbd_server::MemoryBackend::new(size))));
+    }
+    Ok(None)
+}
+
 async fn prepare(
     spec: &Spec,
     args: &ExportArgs,
 ) -> anyhow::Result<(Arc<dyn nbd_server::BlockBackend>, ImageFormat)> {
+    if let Some(b) = pseudo_image(&spec.path)? {
+        return Ok((b, ImageFormat::Raw));
+    }
     let mut dirs: Vec<PathBuf> = args
         .allow_backing_dir
         .iter()

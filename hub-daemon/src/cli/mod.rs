@@ -25,6 +25,20 @@ pub enum Command {
     Export(export::ExportArgs),
 }
 
+/// Raise the soft open-files limit to the hard limit: every export holds a
+/// listening socket and its image files, and hundreds of exports exceed the
+/// usual soft limit of 1024.
+pub fn raise_fd_limit() {
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let mut lim = getrlimit(Resource::Nofile);
+    if lim.current < lim.maximum {
+        lim.current = lim.maximum;
+        if let Err(e) = setrlimit(Resource::Nofile, lim) {
+            tracing::warn!(error = %e, "cannot raise the open-files limit");
+        }
+    }
+}
+
 /// Resolve on SIGINT or SIGTERM.
 pub async fn wait_for_signal() -> std::io::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -1,0 +1,266 @@
+//! Starting and stopping the NBD servers under test.
+
+use std::io::{BufRead, BufReader, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+
+/// Which server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Our server (`hub-daemon export`, this binary re-executed).
+    Ours,
+    /// One qemu-nbd process per export, as deployed today.
+    QemuNbd,
+    /// nbdkit's null plugin (protocol ceiling).
+    NbdkitNull,
+}
+
+impl Kind {
+    /// Display name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Ours => "ours",
+            Kind::QemuNbd => "qemu-nbd",
+            Kind::NbdkitNull => "nbdkit-null",
+        }
+    }
+}
+
+/// One export to serve: a name and an image (or a size for nbdkit/pseudo).
+#[derive(Debug, Clone)]
+pub struct Spec {
+    /// Export name.
+    pub name: String,
+    /// Image path, or `null:SIZE`/`memory:SIZE` for ours.
+    pub path: PathBuf,
+    /// "qcow2" or "raw" (qemu-nbd's -f).
+    pub format: &'static str,
+    /// Virtual size (nbdkit plugins).
+    pub size: u64,
+}
+
+/// Server options.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Options {
+    /// Serve read-only.
+    pub readonly: bool,
+    /// Each export on its own port (ours; qemu-nbd always is).
+    pub port_per_export: bool,
+}
+
+/// A running server (one or more processes).
+#[derive(Debug)]
+pub struct Running {
+    children: Vec<Child>,
+    /// URIs, in spec order.
+    pub uris: Vec<String>,
+    /// When the last export became ready, measured from the first spawn.
+    pub ready_after: Duration,
+}
+
+/// A port nobody listens on (the OS picks it).
+pub fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// Wait until `port` answers with an NBD greeting.
+fn wait_ready(port: u16, child: &mut Child) -> anyhow::Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let addr = SocketAddr::from(([127, 0, 0, 1], port));
+    loop {
+        if let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
+            let _ = s.set_read_timeout(Some(Duration::from_secs(2)));
+            let mut g = [0u8; 18];
+            if s.read_exact(&mut g).is_ok() && &g[..8] == b"NBDMAGIC" {
+                return Ok(());
+            }
+        }
+        if let Some(st) = child.try_wait()? {
+            bail!("server exited early: {st}");
+        }
+        if Instant::now() > deadline {
+            bail!("server on port {port} not ready after 60 s");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+fn log_file(log: &Path) -> anyhow::Result<std::fs::File> {
+    Ok(std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?)
+}
+
+/// Start `kind` serving `specs`.
+pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::Result<Running> {
+    let t0 = Instant::now();
+    match kind {
+        Kind::Ours => {
+            let exe = std::env::current_exe()?;
+            let mut cmd = Command::new(exe);
+            cmd.arg("__export").arg("--listen").arg("127.0.0.1:0");
+            if opts.port_per_export {
+                cmd.arg("--port-per-export");
+            }
+            if opts.readonly {
+                cmd.arg("-r");
+            }
+            for s in specs {
+                cmd.arg(format!("{}={}", s.name, s.path.display()));
+            }
+            let mut child = cmd
+                .stdout(Stdio::piped())
+                .stderr(log_file(log)?)
+                .spawn()
+                .context("spawning our server")?;
+            let out = child.stdout.take().context("stdout")?;
+            let mut uris = Vec::new();
+            for line in BufReader::new(out).lines() {
+                let line = line?;
+                if line == "ready" {
+                    return Ok(Running {
+                        children: vec![child],
+                        uris,
+                        ready_after: t0.elapsed(),
+                    });
+                }
+                if let Some(uri) = line.split_whitespace().nth(2) {
+                    uris.push(uri.to_owned());
+                }
+            }
+            bail!("our server exited before ready (see {})", log.display())
+        }
+        Kind::QemuNbd => {
+            let mut children = Vec::with_capacity(specs.len());
+            let mut uris = Vec::with_capacity(specs.len());
+            let mut ports = Vec::with_capacity(specs.len());
+            for s in specs {
+                let port = free_port()?;
+                let mut cmd = Command::new("qemu-nbd");
+                cmd.args([
+                    "-f",
+                    s.format,
+                    "-x",
+                    &s.name,
+                    "-p",
+                    &port.to_string(),
+                    "-b",
+                    "127.0.0.1",
+                    "-t",
+                ]);
+                if opts.readonly {
+                    cmd.arg("-r");
+                }
+                cmd.arg(&s.path);
+                let child = cmd
+                    .stdout(log_file(log)?)
+                    .stderr(log_file(log)?)
+                    .spawn()
+                    .context("spawning qemu-nbd")?;
+                children.push(child);
+                ports.push(port);
+                uris.push(format!("nbd://127.0.0.1:{port}/{}", s.name));
+            }
+            for (c, p) in children.iter_mut().zip(&ports) {
+                wait_ready(*p, c)?;
+            }
+            Ok(Running {
+                children,
+                uris,
+                ready_after: t0.elapsed(),
+            })
+        }
+        Kind::NbdkitNull => {
+            let s = specs.first().context("one export")?;
+            let port = free_port()?;
+            let mut child = Command::new("nbdkit")
+                .args([
+                    "-f",
+                    "-p",
+                    &port.to_string(),
+                    "-i",
+                    "127.0.0.1",
+                    "null",
+                    &s.size.to_string(),
+                ])
+                .stdout(log_file(log)?)
+                .stderr(log_file(log)?)
+                .spawn()
+                .context("spawning nbdkit")?;
+            wait_ready(port, &mut child)?;
+            Ok(Running {
+                children: vec![child],
+                uris: vec![format!("nbd://127.0.0.1:{port}/{}", s.name)],
+                ready_after: t0.elapsed(),
+            })
+        }
+    }
+}
+
+impl Running {
+    /// Process ids.
+    pub fn pids(&self) -> Vec<u32> {
+        self.children.iter().map(Child::id).collect()
+    }
+
+    /// SIGTERM every process and wait (SIGKILL after 30 s).
+    pub fn stop(mut self) -> anyhow::Result<()> {
+        for c in &self.children {
+            let _ = Command::new("kill")
+                .args(["-TERM", &c.id().to_string()])
+                .status();
+        }
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for c in &mut self.children {
+            loop {
+                if c.try_wait()?.is_some() {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let _ = c.kill();
+                    let _ = c.wait();
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        self.children.clear();
+        Ok(())
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Memory of processes, summed: (RSS KiB, PSS KiB, private KiB).
+pub fn memory(pids: &[u32]) -> (u64, u64, u64) {
+    let (mut rss, mut pss, mut private) = (0, 0, 0);
+    for pid in pids {
+        let field = |text: &str, key: &str| -> u64 {
+            text.lines()
+                .find(|l| l.starts_with(key))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0)
+        };
+        if let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")) {
+            rss += field(&s, "Rss:");
+            pss += field(&s, "Pss:");
+            private += field(&s, "Private_Clean:") + field(&s, "Private_Dirty:");
+        }
+    }
+    (rss, pss, private)
+}

@@ -1,0 +1,634 @@
+//! The workloads. Each runs one server through one client workload, records
+//! samples, and verifies the result (qemu-img compare + check) — a figure
+//! from a run that wrote wrong data is reported as a failure.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+
+use crate::client::{self, Change};
+use crate::data::Rng;
+use crate::report::Sample;
+use crate::servers::{self, Kind, Options, Spec};
+
+/// Shared state of a run.
+#[derive(Debug)]
+pub struct Run {
+    pub workdir: PathBuf,
+    pub size: u64,
+    pub disk_size: u64,
+    pub disks: usize,
+    pub conns: Vec<u32>,
+    pub fio_runtime: u64,
+    pub src: PathBuf,
+    pub md_src: Vec<PathBuf>,
+    pub base: PathBuf,
+    pub expected: PathBuf,
+    pub changes: Vec<Change>,
+    pub samples: Vec<Sample>,
+    pub failures: Vec<String>,
+    pub progress: String,
+}
+
+fn run_cmd(cmd: &mut Command, log: &Path) -> anyhow::Result<()> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)?;
+    let st = cmd
+        .stdout(f.try_clone()?)
+        .stderr(f)
+        .status()
+        .with_context(|| format!("{cmd:?}"))?;
+    if !st.success() {
+        bail!("{cmd:?} failed ({st}); see {}", log.display());
+    }
+    Ok(())
+}
+
+fn qemu_img(args: &[&str]) -> anyhow::Result<String> {
+    let out = Command::new("qemu-img")
+        .args(args)
+        .stderr(Stdio::piped())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Make the changes of the incremental workload: random 64 KiB extents over
+/// 10 % of the disk with new data, plus zeroed 1 MiB runs, non-overlapping,
+/// in random order. Returns the changes and their data.
+pub fn make_changes(size: u64, seed: u64) -> (Vec<Change>, Vec<u8>) {
+    let mut rng = Rng(seed);
+    let slots = size / 65536;
+    let mut used = vec![false; slots as usize];
+    let mut changes = Vec::new();
+    let want = slots / 10;
+    let mut payload = vec![0u8; want as usize * 65536];
+    rng.fill(&mut payload);
+    let mut at = 0;
+    while (changes.len() as u64) < want {
+        let s = rng.below(slots);
+        if !used[s as usize] {
+            used[s as usize] = true;
+            changes.push(Change::Data {
+                off: s * 65536,
+                len: 65536,
+                at,
+            });
+            at += 65536;
+        }
+    }
+    // Zeroed ranges: 1 % of the disk in 1 MiB runs of unused slots.
+    let runs = (size / 100 / (1 << 20)).max(1);
+    for _ in 0..runs {
+        let s = rng.below(slots.saturating_sub(16)) & !15;
+        if (s..s + 16).all(|i| !used[i as usize]) {
+            (s..s + 16).for_each(|i| used[i as usize] = true);
+            changes.push(Change::Zero {
+                off: s * 65536,
+                len: 1 << 20,
+            });
+        }
+    }
+    // Shuffle (Fisher-Yates) so writes arrive scattered.
+    for i in (1..changes.len()).rev() {
+        let j = rng.below(i as u64 + 1) as usize;
+        changes.swap(i, j);
+    }
+    (changes, payload)
+}
+
+/// Bytes the changes cover.
+pub fn change_bytes(changes: &[Change]) -> u64 {
+    changes
+        .iter()
+        .map(|c| match c {
+            Change::Data { len, .. } | Change::Zero { len, .. } => u64::from(*len),
+        })
+        .sum()
+}
+
+/// The expected image after the changes: the source with every change applied.
+pub fn write_expected(
+    src: &Path,
+    expected: &Path,
+    changes: &[Change],
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    use std::os::unix::fs::FileExt;
+    std::fs::copy(src, expected)?;
+    let f = std::fs::OpenOptions::new().write(true).open(expected)?;
+    for c in changes {
+        match *c {
+            Change::Data { off, len, at } => {
+                f.write_all_at(&payload[at..at + len as usize], off)?
+            }
+            Change::Zero { off, len } => f.write_all_at(&vec![0u8; len as usize], off)?,
+        }
+    }
+    Ok(())
+}
+
+impl Run {
+    fn log(&self, kind: Kind) -> PathBuf {
+        self.workdir
+            .join("log")
+            .join(format!("{}.log", kind.name()))
+    }
+
+    fn img(&self, kind: Kind, name: &str) -> PathBuf {
+        self.workdir
+            .join("img")
+            .join(format!("{}-{name}", kind.name()))
+    }
+
+    fn record(&mut self, kind: Kind, test: &str, rep: usize, value: f64, unit: &str) {
+        self.samples.push(Sample {
+            server: kind.name().into(),
+            test: test.into(),
+            rep,
+            value,
+            unit: unit.into(),
+        });
+    }
+
+    pub fn progress(&mut self, msg: String) {
+        eprint!("\r\x1b[K{}{msg}", self.progress);
+    }
+
+    /// Verify a qcow2/raw image against a raw source: compare and (qcow2) check.
+    fn verify(&mut self, kind: Kind, test: &str, rep: usize, fmt: &str, img: &Path, src: &Path) {
+        let cmp = qemu_img(&[
+            "compare",
+            "-q",
+            "-f",
+            "raw",
+            "-F",
+            fmt,
+            src.to_str().unwrap_or(""),
+            img.to_str().unwrap_or(""),
+        ]);
+        let check = if fmt == "qcow2" {
+            qemu_img(&["check", "-q", img.to_str().unwrap_or("")]).map(|_| ())
+        } else {
+            Ok(())
+        };
+        let ok = cmp.is_ok() && check.is_ok();
+        self.record(
+            kind,
+            &format!("{test}_verified"),
+            rep,
+            if ok { 1.0 } else { 0.0 },
+            "bool",
+        );
+        if !ok {
+            self.failures.push(format!(
+                "{} {test} rep {rep}: compare {:?} check {:?}",
+                kind.name(),
+                cmp.err(),
+                check.err()
+            ));
+        }
+    }
+
+    fn fresh(&self, path: &Path, size: u64) -> anyhow::Result<()> {
+        let _ = std::fs::remove_file(path);
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            path.to_str().unwrap_or(""),
+            &size.to_string(),
+        ])?;
+        Ok(())
+    }
+
+    fn nbdcopy(&self, kind: Kind, args: &[&str]) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        run_cmd(Command::new("nbdcopy").args(args), &self.log(kind))?;
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// Sequential backup write of the source into a fresh qcow2.
+    pub fn write(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
+        for c in self.conns.clone() {
+            self.progress(format!("{}: write, {c} connection(s)", kind.name()));
+            let img = self.img(kind, "write.qcow2");
+            self.fresh(&img, self.size)?;
+            let spec = [Spec {
+                name: "disk0".into(),
+                path: img.clone(),
+                format: "qcow2",
+                size: self.size,
+            }];
+            let srv = servers::start(kind, &spec, Options::default(), &self.log(kind))?;
+            if rep == 1 && c == self.conns[0] {
+                let (rss, _, _) = servers::memory(&srv.pids());
+                self.record(kind, "idle_rss_1_export", rep, rss as f64, "KiB");
+            }
+            let cs = c.to_string();
+            let secs = self.nbdcopy(
+                kind,
+                &[
+                    "--flush",
+                    "-C",
+                    &cs,
+                    "-T",
+                    &cs,
+                    self.src.to_str().unwrap_or(""),
+                    &srv.uris[0],
+                ],
+            )?;
+            self.record(
+                kind,
+                &format!("write_fresh_qcow2_c{c}"),
+                rep,
+                self.size as f64 / 1e6 / secs,
+                "MB/s",
+            );
+            srv.stop()?;
+            let src = self.src.clone();
+            self.verify(
+                kind,
+                &format!("write_fresh_qcow2_c{c}"),
+                rep,
+                "qcow2",
+                &img,
+                &src,
+            );
+            let _ = std::fs::remove_file(&img);
+        }
+        Ok(())
+    }
+
+    /// Incremental: scattered 64 KiB writes and zeroed runs into an overlay.
+    pub fn overlay(
+        &mut self,
+        kind: Kind,
+        rep: usize,
+        payload: &Arc<Vec<u8>>,
+    ) -> anyhow::Result<()> {
+        self.progress(format!("{}: incremental overlay", kind.name()));
+        let ov = self
+            .workdir
+            .join("img")
+            .join(format!("{}-overlay.qcow2", kind.name()));
+        let _ = std::fs::remove_file(&ov);
+        let base_name = self
+            .base
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("base.qcow2")
+            .to_owned();
+        qemu_img(&[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            &base_name,
+            "-F",
+            "qcow2",
+            ov.to_str().unwrap_or(""),
+        ])?;
+        let spec = [Spec {
+            name: "disk0".into(),
+            path: ov.clone(),
+            format: "qcow2",
+            size: self.size,
+        }];
+        let srv = servers::start(kind, &spec, Options::default(), &self.log(kind))?;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let t = Instant::now();
+        rt.block_on(client::apply(
+            &srv.uris[0],
+            Arc::clone(payload),
+            &self.changes,
+            32,
+        ))?;
+        let secs = t.elapsed().as_secs_f64();
+        self.record(
+            kind,
+            "overlay_write",
+            rep,
+            change_bytes(&self.changes) as f64 / 1e6 / secs,
+            "MB/s",
+        );
+        srv.stop()?;
+        let expected = self.expected.clone();
+        self.verify(kind, "overlay_write", rep, "qcow2", &ov, &expected);
+        let _ = std::fs::remove_file(&ov);
+        Ok(())
+    }
+
+    /// N disks written in parallel, to N exports.
+    pub fn multi(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
+        self.progress(format!("{}: {} disks in parallel", kind.name(), self.disks));
+        let mut specs = Vec::new();
+        for i in 0..self.disks {
+            let img = self.img(kind, &format!("md{i}.qcow2"));
+            self.fresh(&img, self.disk_size)?;
+            specs.push(Spec {
+                name: format!("disk{i}"),
+                path: img,
+                format: "qcow2",
+                size: self.disk_size,
+            });
+        }
+        let opts = Options {
+            port_per_export: true,
+            ..Options::default()
+        };
+        let srv = servers::start(kind, &specs, opts, &self.log(kind))?;
+        let t = Instant::now();
+        let mut children = Vec::new();
+        for (i, uri) in srv.uris.iter().enumerate() {
+            children.push(
+                Command::new("nbdcopy")
+                    .args(["--flush", self.md_src[i].to_str().unwrap_or(""), uri])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()?,
+            );
+        }
+        for mut c in children {
+            if !c.wait()?.success() {
+                bail!("nbdcopy failed in the multi-disk test");
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        let total = self.disk_size * self.disks as u64;
+        self.record(
+            kind,
+            &format!("multi{}_aggregate_write", self.disks),
+            rep,
+            total as f64 / 1e6 / secs,
+            "MB/s",
+        );
+        let (rss, _, _) = servers::memory(&srv.pids());
+        self.record(
+            kind,
+            &format!("multi{}_server_rss", self.disks),
+            rep,
+            rss as f64,
+            "KiB",
+        );
+        srv.stop()?;
+        for (i, s) in specs.iter().enumerate() {
+            let src = self.md_src[i].clone();
+            self.verify(
+                kind,
+                &format!("multi{}_disk{i}", self.disks),
+                rep,
+                "qcow2",
+                &s.path,
+                &src,
+            );
+            let _ = std::fs::remove_file(&s.path);
+        }
+        Ok(())
+    }
+
+    fn fio(
+        &self,
+        kind: Kind,
+        uri: &str,
+        name: &str,
+        rw: &str,
+        bs: &str,
+        qd: u32,
+        timed: bool,
+    ) -> anyhow::Result<(f64, f64)> {
+        let out = self
+            .workdir
+            .join("log")
+            .join(format!("fio-{}-{name}.json", kind.name()));
+        let mut cmd = Command::new("fio");
+        cmd.args([
+            &format!("--name={name}"),
+            "--ioengine=nbd",
+            &format!("--uri={uri}"),
+            &format!("--rw={rw}"),
+            &format!("--bs={bs}"),
+            &format!("--iodepth={qd}"),
+            &format!("--size={}", self.size),
+            "--output-format=json",
+            &format!("--output={}", out.display()),
+        ]);
+        if timed {
+            cmd.args(["--time_based", &format!("--runtime={}", self.fio_runtime)]);
+        }
+        if rw.contains("write") {
+            cmd.arg("--end_fsync=1");
+        }
+        run_cmd(&mut cmd, &self.log(kind))?;
+        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+        let job = &j["jobs"][0];
+        let side = if rw.contains("write") {
+            &job["write"]
+        } else {
+            &job["read"]
+        };
+        Ok((
+            side["iops"].as_f64().unwrap_or(0.0),
+            side["bw_bytes"].as_f64().unwrap_or(0.0) / 1e6,
+        ))
+    }
+
+    /// 4k random I/O at queue depth 32 (fio's nbd engine).
+    pub fn random(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
+        self.progress(format!("{}: fio 4k random QD32", kind.name()));
+        let img = self.img(kind, "fio.qcow2");
+        self.fresh(&img, self.size)?;
+        let spec = [Spec {
+            name: "disk0".into(),
+            path: img.clone(),
+            format: "qcow2",
+            size: self.size,
+        }];
+        let srv = servers::start(kind, &spec, Options::default(), &self.log(kind))?;
+        let uri = srv.uris[0].clone();
+        let (iops, _) = self.fio(kind, &uri, "randwrite-fresh", "randwrite", "4k", 32, true)?;
+        self.record(kind, "randwrite_4k_qd32_fresh", rep, iops, "IOPS");
+        let (_, mbps) = self.fio(kind, &uri, "fill", "write", "1M", 8, false)?;
+        self.record(kind, "fio_seqwrite_1M_qd8", rep, mbps, "MB/s");
+        let (iops, _) = self.fio(kind, &uri, "randwrite-alloc", "randwrite", "4k", 32, true)?;
+        self.record(kind, "randwrite_4k_qd32_allocated", rep, iops, "IOPS");
+        let (iops, _) = self.fio(kind, &uri, "randread", "randread", "4k", 32, true)?;
+        self.record(kind, "randread_4k_qd32", rep, iops, "IOPS");
+        srv.stop()?;
+        let ok = qemu_img(&["check", "-q", img.to_str().unwrap_or("")]).is_ok();
+        self.record(
+            kind,
+            "random_check_clean",
+            rep,
+            if ok { 1.0 } else { 0.0 },
+            "bool",
+        );
+        if !ok {
+            self.failures.push(format!(
+                "{} random rep {rep}: qemu-img check failed",
+                kind.name()
+            ));
+        }
+        let _ = std::fs::remove_file(&img);
+        Ok(())
+    }
+
+    /// Sequential read of a full backup image (served read-only).
+    pub fn read(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
+        self.progress(format!("{}: sequential read", kind.name()));
+        let spec = [Spec {
+            name: "disk0".into(),
+            path: self.base.clone(),
+            format: "qcow2",
+            size: self.size,
+        }];
+        let opts = Options {
+            readonly: true,
+            ..Options::default()
+        };
+        let srv = servers::start(kind, &spec, opts, &self.log(kind))?;
+        let secs = self.nbdcopy(kind, &["-C", "1", "-T", "1", &srv.uris[0], "null:"])?;
+        self.record(
+            kind,
+            "read_seq_c1",
+            rep,
+            self.size as f64 / 1e6 / secs,
+            "MB/s",
+        );
+        let secs = self.nbdcopy(
+            kind,
+            &["--no-extents", "-C", "1", "-T", "1", &srv.uris[0], "null:"],
+        )?;
+        self.record(
+            kind,
+            "read_seq_c1_no_extents",
+            rep,
+            self.size as f64 / 1e6 / secs,
+            "MB/s",
+        );
+        // Read back through NBD and compare with the source.
+        let out = self.workdir.join("img").join("readback.raw");
+        self.nbdcopy(kind, &[&srv.uris[0], out.to_str().unwrap_or("")])?;
+        srv.stop()?;
+        let src = self.src.clone();
+        self.verify(kind, "read_seq", rep, "raw", &out, &src);
+        let _ = std::fs::remove_file(&out);
+        Ok(())
+    }
+
+    /// The protocol ceiling: a null backend, writes and dense reads.
+    pub fn null(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
+        self.progress(format!("{}: null backend", kind.name()));
+        let path = PathBuf::from(format!("null:{}", self.size));
+        let spec = [Spec {
+            name: "disk0".into(),
+            path,
+            format: "raw",
+            size: self.size,
+        }];
+        let srv = servers::start(kind, &spec, Options::default(), &self.log(kind))?;
+        let secs = self.nbdcopy(
+            kind,
+            &[
+                "-C",
+                "1",
+                "-T",
+                "1",
+                self.src.to_str().unwrap_or(""),
+                &srv.uris[0],
+            ],
+        )?;
+        self.record(
+            kind,
+            "null_write_c1",
+            rep,
+            self.size as f64 / 1e6 / secs,
+            "MB/s",
+        );
+        let secs = self.nbdcopy(
+            kind,
+            &["--no-extents", "-C", "1", "-T", "1", &srv.uris[0], "null:"],
+        )?;
+        self.record(
+            kind,
+            "null_read_c1_no_extents",
+            rep,
+            self.size as f64 / 1e6 / secs,
+            "MB/s",
+        );
+        srv.stop()?;
+        Ok(())
+    }
+
+    /// N idle exports: memory per export and time to bring them all up.
+    pub fn idle(&mut self, kind: Kind, n: usize) -> anyhow::Result<()> {
+        self.progress(format!("{}: {n} idle exports", kind.name()));
+        let dir = self
+            .workdir
+            .join("img")
+            .join(format!("idle-{}", kind.name()));
+        std::fs::create_dir_all(&dir)?;
+        let first = dir.join("e0.qcow2");
+        self.fresh(&first, 1 << 30)?;
+        let mut specs = Vec::with_capacity(n);
+        for i in 0..n {
+            let p = dir.join(format!("e{i}.qcow2"));
+            if i > 0 {
+                std::fs::copy(&first, &p)?;
+            }
+            specs.push(Spec {
+                name: format!("disk{i}"),
+                path: p,
+                format: "qcow2",
+                size: 1 << 30,
+            });
+        }
+        let opts = Options {
+            port_per_export: true,
+            ..Options::default()
+        };
+        let srv = servers::start(kind, &specs, opts, &self.log(kind))?;
+        let up = srv.ready_after.as_secs_f64();
+        let (rss, pss, private) = servers::memory(&srv.pids());
+        let n64 = n as f64;
+        self.record(
+            kind,
+            &format!("idle{n}_rss_per_export"),
+            1,
+            rss as f64 / n64,
+            "KiB",
+        );
+        self.record(
+            kind,
+            &format!("idle{n}_pss_per_export"),
+            1,
+            pss as f64 / n64,
+            "KiB",
+        );
+        self.record(
+            kind,
+            &format!("idle{n}_private_per_export"),
+            1,
+            private as f64 / n64,
+            "KiB",
+        );
+        self.record(kind, &format!("idle{n}_bring_up"), 1, up, "s");
+        srv.stop()?;
+        let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}
