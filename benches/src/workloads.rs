@@ -14,6 +14,16 @@ use crate::data::Rng;
 use crate::report::Sample;
 use crate::servers::{self, Kind, Options, Spec};
 
+/// One fio job.
+#[derive(Debug, Clone, Copy)]
+struct FioJob {
+    name: &'static str,
+    rw: &'static str,
+    bs: &'static str,
+    qd: u32,
+    timed: bool,
+}
+
 /// Shared state of a run.
 #[derive(Debug)]
 pub struct Run {
@@ -401,16 +411,14 @@ impl Run {
         Ok(())
     }
 
-    fn fio(
-        &self,
-        kind: Kind,
-        uri: &str,
-        name: &str,
-        rw: &str,
-        bs: &str,
-        qd: u32,
-        timed: bool,
-    ) -> anyhow::Result<(f64, f64)> {
+    fn fio(&self, kind: Kind, uri: &str, job: FioJob) -> anyhow::Result<(f64, f64)> {
+        let FioJob {
+            name,
+            rw,
+            bs,
+            qd,
+            timed,
+        } = job;
         let out = self
             .workdir
             .join("log")
@@ -460,13 +468,53 @@ impl Run {
         }];
         let srv = servers::start(kind, &spec, Options::default(), &self.log(kind))?;
         let uri = srv.uris[0].clone();
-        let (iops, _) = self.fio(kind, &uri, "randwrite-fresh", "randwrite", "4k", 32, true)?;
+        let (iops, _) = self.fio(
+            kind,
+            &uri,
+            FioJob {
+                name: "randwrite-fresh",
+                rw: "randwrite",
+                bs: "4k",
+                qd: 32,
+                timed: true,
+            },
+        )?;
         self.record(kind, "randwrite_4k_qd32_fresh", rep, iops, "IOPS");
-        let (_, mbps) = self.fio(kind, &uri, "fill", "write", "1M", 8, false)?;
+        let (_, mbps) = self.fio(
+            kind,
+            &uri,
+            FioJob {
+                name: "fill",
+                rw: "write",
+                bs: "1M",
+                qd: 8,
+                timed: false,
+            },
+        )?;
         self.record(kind, "fio_seqwrite_1M_qd8", rep, mbps, "MB/s");
-        let (iops, _) = self.fio(kind, &uri, "randwrite-alloc", "randwrite", "4k", 32, true)?;
+        let (iops, _) = self.fio(
+            kind,
+            &uri,
+            FioJob {
+                name: "randwrite-alloc",
+                rw: "randwrite",
+                bs: "4k",
+                qd: 32,
+                timed: true,
+            },
+        )?;
         self.record(kind, "randwrite_4k_qd32_allocated", rep, iops, "IOPS");
-        let (iops, _) = self.fio(kind, &uri, "randread", "randread", "4k", 32, true)?;
+        let (iops, _) = self.fio(
+            kind,
+            &uri,
+            FioJob {
+                name: "randread",
+                rw: "randread",
+                bs: "4k",
+                qd: 32,
+                timed: true,
+            },
+        )?;
         self.record(kind, "randread_4k_qd32", rep, iops, "IOPS");
         srv.stop()?;
         let ok = qemu_img(&["check", "-q", img.to_str().unwrap_or("")]).is_ok();
