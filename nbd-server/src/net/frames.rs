@@ -4,7 +4,6 @@
 //! zeroes that must be sent as data come from one static zero page.
 
 use bytes::{Bytes, BytesMut};
-use tokio::sync::OwnedSemaphorePermit;
 
 use crate::backend::ReadChunk;
 use crate::dispatch::Outcome;
@@ -18,8 +17,6 @@ static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
 #[derive(Debug, Default)]
 pub(crate) struct Frame {
     pub segments: Vec<Bytes>,
-    /// In-flight budget held until the frame is on the wire.
-    pub permit: Option<OwnedSemaphorePermit>,
 }
 
 impl Frame {
@@ -55,10 +52,7 @@ pub(crate) fn encode(enc: &ReplyEncoder, to: ReplyTo, df: bool, outcome: Outcome
         Outcome::Read(chunks) => return encode_read(enc, to, df, chunks),
     }
     segments.push(head.freeze());
-    Frame {
-        segments,
-        permit: None,
-    }
+    Frame { segments }
 }
 
 fn encode_read(enc: &ReplyEncoder, to: ReplyTo, df: bool, chunks: Vec<ReadChunk>) -> Frame {
@@ -107,10 +101,7 @@ fn encode_read(enc: &ReplyEncoder, to: ReplyTo, df: bool, chunks: Vec<ReadChunk>
             }
         }
     }
-    Frame {
-        segments,
-        permit: None,
-    }
+    Frame { segments }
 }
 
 #[cfg(test)]

@@ -104,7 +104,7 @@ pub(crate) async fn serve_stream<S, R, W>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
 {
     let negotiated = tokio::select! {
         biased;

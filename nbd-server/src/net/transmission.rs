@@ -1,19 +1,29 @@
-//! The transmission phase of one connection.
+//! The transmission phase of one connection, as one task.
 //!
-//! One reader (this task) decodes and validates requests, then spawns one
-//! task per request; tasks run concurrently against the backend and hand
-//! finished replies to one writer task, so replies go out as they complete
-//! (out of order). A per-connection budget of in-flight bytes bounds memory:
-//! when it is spent the reader stops reading, and TCP pushes back on the
-//! client.
+//! The task reads requests, runs each one as a future in a
+//! `FuturesUnordered` (so many are in flight and complete out of order),
+//! and writes finished replies with vectored writes — all in one loop, with
+//! no task spawned per request and no channel between reader and writer.
+//! That keeps a request's path free of cross-thread wake-ups: the only hop
+//! is whatever the backend itself does.
+//!
+//! Memory is bounded by a budget of payload bytes: requests in flight plus
+//! replies not yet written. When it is spent the loop stops reading the
+//! socket (TCP then pushes back on the client) but keeps completing and
+//! writing, so it can never deadlock against a client that reads replies
+//! while it writes requests.
 
+use std::collections::VecDeque;
+use std::future::Future;
+use std::io::IoSlice;
+use std::pin::Pin;
 use std::sync::Arc;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
-use tokio::sync::{mpsc, Semaphore};
+use futures_util::stream::{FuturesUnordered, StreamExt};
+use futures_util::FutureExt;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::frames::{self, Frame};
 use crate::dispatch::{self, ExecContext, Outcome};
@@ -25,31 +35,25 @@ use crate::proto::{
     Session,
 };
 
-/// Budget unit for in-flight accounting.
-const BUDGET_UNIT: u64 = 4096;
-
 /// Limits for one connection's transmission phase.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct TransmissionLimits {
-    /// Most payload bytes (reads and writes) in flight at once.
+    /// Most payload bytes in flight (requests being served plus replies not
+    /// yet written). One maximum-size request is always admitted.
     pub max_inflight_bytes: u64,
 }
 
-impl TransmissionLimits {
-    fn budget_units(&self) -> u32 {
-        // Always room for one maximum-size request.
-        let min = u64::from(MAX_PAYLOAD) / BUDGET_UNIT + 1;
-        (self.max_inflight_bytes / BUDGET_UNIT).clamp(min, u64::from(u32::MAX >> 4)) as u32
-    }
-}
+/// Most segments handed to one vectored write.
+const MAX_IOVECS: usize = 64;
 
-fn cost(cmd: &Command) -> u32 {
-    let bytes = match cmd {
-        Command::Read { len, .. } | Command::Write { len, .. } => u64::from(*len),
-        _ => 0,
-    };
-    // ≤ 32 MiB / 4 KiB + 1, fits u32.
-    (bytes.div_ceil(BUDGET_UNIT)).max(1) as u32
+/// Bytes a request holds while in flight: its payload (WRITE) or the
+/// buffer it will fill (READ); at least 1, so the number of requests is
+/// bounded too.
+fn cost(cmd: &Command) -> u64 {
+    match cmd {
+        Command::Read { len, .. } | Command::Write { len, .. } => u64::from(*len).max(1),
+        _ => 1,
+    }
 }
 
 /// Reads complete requests (header and payload) from the socket.
@@ -101,18 +105,71 @@ enum ReadError {
     Io(#[from] std::io::Error),
 }
 
+/// Replies waiting to be written, as byte segments.
+#[derive(Default)]
+struct Outbox {
+    segments: VecDeque<Bytes>,
+    bytes: u64,
+}
+
+impl Outbox {
+    fn push(&mut self, frame: Frame) {
+        for s in frame.segments {
+            if !s.is_empty() {
+                self.bytes += s.len() as u64;
+                self.segments.push_back(s);
+            }
+        }
+    }
+
+    fn is_empty(&self) -> bool {
+        self.segments.is_empty()
+    }
+
+    /// Write some of the queued bytes. Cancel-safe: the queue advances only
+    /// by what a completed write reported.
+    async fn write_some<W: AsyncWrite + Unpin>(&mut self, wr: &mut W) -> std::io::Result<()> {
+        let slices: Vec<IoSlice<'_>> = self
+            .segments
+            .iter()
+            .take(MAX_IOVECS)
+            .map(|b| IoSlice::new(b))
+            .collect();
+        let mut n = wr.write_vectored(&slices).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        self.bytes -= n as u64;
+        while n > 0 {
+            let Some(front) = self.segments.front_mut() else {
+                break;
+            };
+            if n >= front.len() {
+                n -= front.len();
+                self.segments.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+        Ok(())
+    }
+}
+
+type Pending = Pin<Box<dyn Future<Output = (Frame, u64)> + Send>>;
+
 /// Serve requests until the client disconnects, the export closes or the
 /// server shuts down. In-flight requests always finish and get replies.
 pub(crate) async fn run<R, W>(
     rd: R,
-    wr: W,
+    mut wr: W,
     leftover: BytesMut,
     negotiated: Negotiated<Arc<Export>>,
     limits: TransmissionLimits,
     shutdown: CancellationToken,
 ) where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin,
 {
     let export = negotiated.export;
     let session = Session {
@@ -130,84 +187,83 @@ pub(crate) async fn run<R, W>(
         contexts: negotiated.contexts,
         extended: negotiated.extended,
     });
-    let (tx, rx) = mpsc::unbounded_channel::<Frame>();
-    let writer = tokio::spawn(write_loop(BufWriter::with_capacity(256 * 1024, wr), rx));
-    let budget = Arc::new(Semaphore::new(limits.budget_units() as usize));
-    let tasks = TaskTracker::new();
+    let budget = limits.max_inflight_bytes.max(u64::from(MAX_PAYLOAD) + 1);
     let mut reader = RequestReader {
         rd,
         buf: leftover,
         extended: negotiated.extended,
     };
+    let mut inflight: FuturesUnordered<Pending> = FuturesUnordered::new();
+    let mut inflight_bytes = 0u64;
+    let mut outbox = Outbox::default();
+    // Stop reading (client done, violation, shutdown) but finish what is in flight.
+    let mut reading = true;
     export.stats().connection_opened();
 
     loop {
-        // Cancel-safe: RequestReader keeps partial input in its buffer, and
-        // the token futures have no state.
-        let next = tokio::select! {
+        // Completions that are already done go out in the same write.
+        while let Some(Some((frame, c))) = inflight.next().now_or_never() {
+            inflight_bytes -= c;
+            outbox.push(frame);
+        }
+        if !reading && inflight.is_empty() && outbox.is_empty() {
+            break;
+        }
+        let can_read = reading && inflight_bytes + outbox.bytes < budget;
+        // Cancel safety of each branch: the tokens are stateless;
+        // FuturesUnordered::next loses nothing; write_some advances its
+        // queue only after a completed write; RequestReader::next keeps
+        // partial input in its own buffer.
+        tokio::select! {
             biased;
-            _ = shutdown.cancelled() => break,
-            _ = export.closing_token().cancelled() => break,
-            r = reader.next() => r,
-        };
-        let (header, payload) = match next {
-            Ok(Some(r)) => r,
-            Ok(None) => break,
-            Err(e) => {
-                tracing::debug!(export = export.name(), error = %e, "dropping connection");
-                break;
+            _ = shutdown.cancelled(), if reading => reading = false,
+            _ = export.closing_token().cancelled(), if reading => reading = false,
+            done = inflight.next(), if !inflight.is_empty() => {
+                if let Some((frame, c)) = done {
+                    inflight_bytes -= c;
+                    outbox.push(frame);
+                }
             }
-        };
-        let to = ReplyTo {
-            cookie: header.cookie,
-            offset: header.offset,
-        };
-        let cmd = match validate(&header, &session) {
-            Ok(Command::Disconnect) => break,
-            Ok(cmd) => cmd,
-            Err(errno) => {
-                tracing::trace!(export = export.name(), ?header, %errno, "invalid request");
-                export.stats().request_done(false, 0, 0);
-                let outcome = Outcome::Failed {
-                    errno,
-                    message: invalid_message(errno).into(),
-                };
-                let _ = tx.send(frames::encode(&enc, to, false, outcome));
-                continue;
+            r = outbox.write_some(&mut wr), if !outbox.is_empty() => {
+                if let Err(e) = r {
+                    tracing::debug!(export = export.name(), error = %e, "client gone while writing replies");
+                    break;
+                }
             }
-        };
-        tracing::trace!(
-            export = export.name(),
-            ?cmd,
-            cookie = header.cookie,
-            "request"
-        );
-        let permit = tokio::select! {
-            biased;
-            _ = shutdown.cancelled() => break,
-            p = Arc::clone(&budget).acquire_many_owned(cost(&cmd)) => match p {
-                Ok(p) => p,
-                Err(_) => break,
+            next = reader.next(), if can_read => match next {
+                Ok(Some((header, payload))) => {
+                    let to = ReplyTo { cookie: header.cookie, offset: header.offset };
+                    match validate(&header, &session) {
+                        Ok(Command::Disconnect) => reading = false,
+                        Ok(cmd) => {
+                            tracing::trace!(export = export.name(), ?cmd, cookie = header.cookie, "request");
+                            let c = cost(&cmd);
+                            inflight_bytes += c;
+                            let (export, ctx) = (Arc::clone(&export), Arc::clone(&ctx));
+                            inflight.push(Box::pin(async move {
+                                let df = matches!(cmd, Command::Read { df: true, .. });
+                                let outcome = dispatch::execute(&export, cmd, payload, &ctx).await;
+                                (frames::encode(&enc, to, df, outcome), c)
+                            }));
+                        }
+                        Err(errno) => {
+                            tracing::trace!(export = export.name(), ?header, %errno, "invalid request");
+                            export.stats().request_done(false, 0, 0);
+                            let outcome = Outcome::Failed { errno, message: invalid_message(errno).into() };
+                            outbox.push(frames::encode(&enc, to, false, outcome));
+                        }
+                    }
+                }
+                Ok(None) => reading = false,
+                Err(e) => {
+                    tracing::debug!(export = export.name(), error = %e, "dropping connection");
+                    reading = false;
+                }
             },
-        };
-        let export = Arc::clone(&export);
-        let ctx = Arc::clone(&ctx);
-        let tx = tx.clone();
-        tasks.spawn(async move {
-            let df = matches!(cmd, Command::Read { df: true, .. });
-            let outcome = dispatch::execute(&export, cmd, payload, &ctx).await;
-            let mut frame = frames::encode(&enc, to, df, outcome);
-            frame.permit = Some(permit);
-            let _ = tx.send(frame);
-        });
+        }
     }
-
-    tasks.close();
-    tasks.wait().await;
-    drop(tx);
-    if let Ok(Err(e)) = writer.await {
-        tracing::debug!(export = export.name(), error = %e, "reply writer stopped");
-    }
+    let _ = wr.flush().await;
+    let _ = wr.shutdown().await;
     export.stats().connection_closed();
 }
 
@@ -218,32 +274,4 @@ fn invalid_message(errno: NbdErrno) -> &'static str {
         NbdErrno::EOVERFLOW => "request larger than the maximum payload",
         _ => "invalid request",
     }
-}
-
-/// Write frames as they arrive; flush only when no more are queued, so
-/// replies that complete together share a system call.
-async fn write_loop<W: AsyncWrite + Unpin>(
-    mut w: BufWriter<W>,
-    mut rx: mpsc::UnboundedReceiver<Frame>,
-) -> std::io::Result<()> {
-    while let Some(frame) = rx.recv().await {
-        write_frame(&mut w, frame).await?;
-        while let Ok(frame) = rx.try_recv() {
-            write_frame(&mut w, frame).await?;
-        }
-        w.flush().await?;
-    }
-    w.shutdown().await
-}
-
-async fn write_frame<W: AsyncWrite + Unpin>(
-    w: &mut BufWriter<W>,
-    frame: Frame,
-) -> std::io::Result<()> {
-    for seg in &frame.segments {
-        w.write_all(seg).await?;
-    }
-    // The permit (in-flight budget) is released here, once the bytes left us.
-    drop(frame);
-    Ok(())
 }

@@ -364,3 +364,48 @@ fn zero_length_read_is_valid() {
         })
     );
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Any header round-trips, and whatever validation accepts lies inside
+        /// the export (the guarantee backends rely on).
+        #[test]
+        fn decode_round_trips_and_validated_ranges_are_in_bounds(
+            flags in any::<u16>(), kind in 0u16..10, cookie in any::<u64>(),
+            offset in any::<u64>(), length in any::<u64>(), extended in any::<bool>(),
+            size in 0u64..(1 << 50), ro in any::<bool>(), structured in any::<bool>(),
+        ) {
+            let length = if extended { length } else { length & 0xffff_ffff };
+            let h = RequestHeader { flags, kind, cookie, offset, length };
+            let mut v = Vec::new();
+            h.encode(extended, &mut v);
+            match RequestHeader::decode(&v, extended) {
+                Ok(Some(d)) => prop_assert_eq!(d, h),
+                Ok(None) => prop_assert!(false, "complete header reported incomplete"),
+                Err(FrameError::PayloadTooLarge(n)) => prop_assert!(n > u64::from(MAX_PAYLOAD)),
+                Err(e) => prop_assert!(false, "unexpected {e:?}"),
+            }
+            let mut s = session();
+            s.size = size;
+            s.extended = extended;
+            s.structured = structured || extended;
+            if ro { s.flags |= tx_flags::READ_ONLY; }
+            if let Ok(cmd) = validate(&h, &s) {
+                let range = match cmd {
+                    Command::Read { offset, len, .. } | Command::Write { offset, len, .. } => Some((offset, u64::from(len))),
+                    Command::Trim { offset, len, .. } | Command::Cache { offset, len }
+                    | Command::WriteZeroes { offset, len, .. } | Command::BlockStatus { offset, len, .. } => Some((offset, len)),
+                    Command::Disconnect | Command::Flush => None,
+                };
+                if let Some((o, l)) = range {
+                    prop_assert!(o.checked_add(l).is_some_and(|e| e <= size));
+                }
+                let writes = matches!(cmd, Command::Write { .. } | Command::Trim { .. } | Command::WriteZeroes { .. });
+                prop_assert!(!(ro && writes), "read-only export accepted {:?}", cmd);
+            }
+        }
+    }
+}
