@@ -483,3 +483,84 @@ async fn nbd_end_to_end_nbdcopy_then_concurrent_qemu_io_into_overlay() {
     )
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn allocation_depth_and_base_allocation_of_a_chain_over_nbd() {
+    if !require("nbdinfo") || !require("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    run_ok(
+        "qemu-img",
+        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"],
+    )
+    .await;
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 2M",
+            base.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let top = dir.path().join("top.qcow2");
+    let t = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
+        .await
+        .unwrap();
+    t.write(MIB, Bytes::from(vec![2u8; MIB as usize]))
+        .await
+        .unwrap();
+    // Zeroing hides base data (explicit zero clusters on top); zeroing a
+    // range that already reads as zero through the chain writes nothing.
+    t.write_zeroes(MIB / 2, MIB / 2, ZeroFlags::default())
+        .await
+        .unwrap();
+    t.write_zeroes(4 * MIB, MIB, ZeroFlags::default())
+        .await
+        .unwrap();
+    let srv = support::TestServer::start(vec![support::export("c", Arc::new(t))]).await;
+    let uri = srv.uri("c");
+    let map = |ctx: &'static str| {
+        let uri = uri.clone();
+        async move {
+            let out = run_ok("nbdinfo", &[&format!("--map={ctx}"), "--json", &uri]).await;
+            let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+            j.as_array()
+                .unwrap()
+                .iter()
+                .map(|e| {
+                    (
+                        e["offset"].as_u64().unwrap(),
+                        e["length"].as_u64().unwrap(),
+                        e["type"].as_u64().unwrap(),
+                    )
+                })
+                .collect::<Vec<_>>()
+        }
+    };
+    // Depth: 0-0.5M from the base (2), 0.5-2M on top (1: zeroes, then
+    // data), the rest unallocated everywhere (0).
+    assert_eq!(
+        map("qemu:allocation-depth").await,
+        vec![
+            (0, MIB / 2, 2),
+            (MIB / 2, 3 * MIB / 2, 1),
+            (2 * MIB, 6 * MIB, 0)
+        ]
+    );
+    // base:allocation: data from either layer, hole+zero elsewhere.
+    assert_eq!(
+        map("base:allocation").await,
+        vec![
+            (0, MIB / 2, 0),
+            (MIB / 2, MIB / 2, 3),
+            (MIB, MIB, 0),
+            (2 * MIB, 6 * MIB, 3)
+        ]
+    );
+    srv.server.shutdown().await.unwrap();
+}
