@@ -66,6 +66,7 @@ mod export;
 mod net;
 pub mod proto;
 mod server;
+mod zeroes;
 
 pub use backend::{
     BackendError, BackendErrorKind, BlockBackend, Caps, Extent, MemoryBackend, NullBackend,

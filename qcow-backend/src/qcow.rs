@@ -33,6 +33,7 @@ use crate::chain::{backing_name_for, is_qcow2, resolve_chain, BackingPolicy, For
 use crate::error::ImageError;
 use crate::lock::{lock_file, LockMode};
 use crate::pool::IoPool;
+use crate::writeback::WriteBehind;
 
 /// Most imago operations in flight per image.
 pub const MAX_INFLIGHT: usize = 64;
@@ -136,6 +137,7 @@ pub struct QcowBackend {
     image: Arc<Image>,
     pool: IoPool,
     inflight: Arc<Semaphore>,
+    write_behind: Option<Arc<WriteBehind>>,
     path: PathBuf,
     size: u64,
     cluster_size: u64,
@@ -148,8 +150,9 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 }
 
 /// Open one layer's file: exclusive lock for the writable top, shared for
-/// everything else.
-fn open_file(path: &Path, writable: bool) -> Result<File, ImageError> {
+/// everything else. Also returns a duplicate descriptor of a writable file
+/// (for write-behind hints; same open file, so the locks are shared).
+fn open_file(path: &Path, writable: bool) -> Result<(File, Option<StdFile>), ImageError> {
     let f = StdFile::options()
         .read(true)
         .write(writable)
@@ -161,18 +164,28 @@ fn open_file(path: &Path, writable: bool) -> Result<File, ImageError> {
         LockMode::Shared
     };
     lock_file(&f, mode).map_err(|e| ImageError::locked(path, e))?;
+    let dup = if writable {
+        Some(f.try_clone().map_err(|e| ImageError::io(path, e))?)
+    } else {
+        None
+    };
     let opts = StorageOpenOptions::new().filename(path).write(writable);
-    File::from_open_file(f, opts).map_err(|e| ImageError::io(path, e))
+    let file = File::from_open_file(f, opts).map_err(|e| ImageError::io(path, e))?;
+    Ok((file, dup))
 }
 
-/// Open the validated layers bottom-up, each explicitly.
-async fn open_layers(layers: Vec<Layer>, top_writable: bool) -> Result<Access, ImageError> {
+/// Open the validated layers bottom-up, each explicitly. Returns the top
+/// layer and, if writable, a duplicate descriptor of its file.
+async fn open_layers(
+    layers: Vec<Layer>,
+    top_writable: bool,
+) -> Result<(Access, Option<StdFile>), ImageError> {
     let mut below: Option<Arc<Access>> = None;
     let n = layers.len();
     for (i, layer) in layers.into_iter().rev().enumerate() {
         let is_top = i + 1 == n;
         let writable = is_top && top_writable;
-        let storage = open_file(&layer.path, writable)?;
+        let (storage, dup) = open_file(&layer.path, writable)?;
         let access = match layer.format {
             Format::Raw => Raw::builder(storage)
                 .write(writable)
@@ -188,7 +201,7 @@ async fn open_layers(layers: Vec<Layer>, top_writable: bool) -> Result<Access, I
         }
         .map_err(|e| ImageError::engine(&layer.path, e))?;
         if is_top {
-            return Ok(access);
+            return Ok((access, dup));
         }
         below = Some(Arc::new(access));
     }
@@ -210,7 +223,7 @@ impl QcowBackend {
             .ok_or_else(|| ImageError::InvalidParameters("empty chain".into()))?;
         let depth = layers.len();
         let writable = !opts.read_only;
-        let access = pool
+        let (access, dup) = pool
             .run(move || open_layers(layers, writable))
             .await
             .map_err(|e| ImageError::io(path, io_err(e)))??;
@@ -222,6 +235,7 @@ impl QcowBackend {
             }),
             pool,
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+            write_behind: dup.map(WriteBehind::new),
             path: path.to_owned(),
             size: top.size,
             cluster_size: top.cluster_size(),
@@ -254,6 +268,16 @@ impl QcowBackend {
     /// Layers in the chain, the top included.
     pub fn chain_depth(&self) -> usize {
         self.depth
+    }
+
+    /// Account written bytes; start write-behind on an I/O thread when due.
+    fn written(&self, n: u64) {
+        if let Some(wb) = &self.write_behind {
+            if wb.add(n) {
+                let wb = Arc::clone(wb);
+                let _ = self.pool.spawn(move || async move { wb.kick() });
+            }
+        }
     }
 
     /// Run `f` against the image on an I/O thread.
@@ -509,12 +533,15 @@ impl BlockBackend for QcowBackend {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackendError> {
+        let n = data.len() as u64;
         self.with_image("write", move |img| async move {
             let a = img.access.read().await;
             a.write(&data[..], offset).await
         })
         .await
-        .map_err(|e| e.at(offset))
+        .map_err(|e| e.at(offset))?;
+        self.written(n);
+        Ok(())
     }
 
     async fn write_zeroes(

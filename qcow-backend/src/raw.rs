@@ -20,11 +20,13 @@ use rustix::fs::{fallocate, seek, FallocateFlags, SeekFrom};
 use crate::buf::AlignedBuf;
 use crate::error::ImageError;
 use crate::lock::{lock_file, LockMode};
+use crate::writeback::WriteBehind;
 
 /// A raw file served as-is.
 #[derive(Debug)]
 pub struct RawBackend {
     file: Arc<File>,
+    write_behind: Option<Arc<WriteBehind>>,
     path: PathBuf,
     size: u64,
     read_only: bool,
@@ -45,8 +47,16 @@ impl RawBackend {
         };
         lock_file(&file, mode).map_err(|e| ImageError::locked(path, e))?;
         let size = file_size(&file).map_err(|e| ImageError::io(path, e))?;
+        let write_behind = if read_only {
+            None
+        } else {
+            Some(WriteBehind::new(
+                file.try_clone().map_err(|e| ImageError::io(path, e))?,
+            ))
+        };
         Ok(RawBackend {
             file: Arc::new(file),
+            write_behind,
             path: path.to_owned(),
             size,
             read_only,
@@ -182,9 +192,17 @@ impl BlockBackend for RawBackend {
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackendError> {
+        let n = data.len() as u64;
         self.blocking("write", move |f| f.write_all_at(&data, offset))
             .await
-            .map_err(|e| e.at(offset))
+            .map_err(|e| e.at(offset))?;
+        if let Some(wb) = &self.write_behind {
+            if wb.add(n) {
+                let wb = Arc::clone(wb);
+                tokio::task::spawn_blocking(move || wb.kick());
+            }
+        }
+        Ok(())
     }
 
     async fn write_zeroes(

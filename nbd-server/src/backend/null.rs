@@ -52,7 +52,10 @@ impl BlockBackend for NullBackend {
         if self.sparse_reads {
             Ok(vec![ReadChunk::Zero(len)])
         } else {
-            Ok(vec![ReadChunk::Data(Bytes::from(vec![0u8; len as usize]))])
+            // Real zero bytes on the wire, borrowed from the static zero page.
+            Ok(crate::zeroes::zero_segments(u64::from(len))
+                .map(ReadChunk::Data)
+                .collect())
         }
     }
 

@@ -9,10 +9,6 @@ use crate::backend::ReadChunk;
 use crate::dispatch::Outcome;
 use crate::proto::{ReplyEncoder, ReplyMode, ReplyTo};
 
-/// Static zeroes for holes sent as data (simple replies, DF reads). Lives in
-/// .bss, so it costs no memory until read, and reads map the zero page.
-static ZEROES: [u8; 1 << 20] = [0; 1 << 20];
-
 /// One reply, ready to write: segments in wire order.
 #[derive(Debug, Default)]
 pub(crate) struct Frame {
@@ -27,12 +23,8 @@ impl Frame {
     }
 }
 
-fn push_zeroes(segments: &mut Vec<Bytes>, mut n: u64) {
-    while n > 0 {
-        let take = n.min(ZEROES.len() as u64) as usize;
-        segments.push(Bytes::from_static(&ZEROES[..take]));
-        n -= take as u64;
-    }
+fn push_zeroes(segments: &mut Vec<Bytes>, n: u64) {
+    segments.extend(crate::zeroes::zero_segments(n));
 }
 
 /// Build the frame answering a request at `to` with `outcome`. `df` is the
