@@ -28,8 +28,16 @@ pub struct IoPool {
 #[derive(Debug)]
 struct Inner {
     senders: Vec<mpsc::UnboundedSender<Job>>,
+    /// Jobs queued or running per thread.
+    load: Vec<Arc<AtomicUsize>>,
     next: AtomicUsize,
 }
+
+/// A job's home thread takes it unless this many are already waiting there;
+/// then the least-loaded thread does. An image's jobs thus batch on a thread
+/// that is awake anyway (no wake-up per request) and spread out only under
+/// real load.
+const SPILL_DEPTH: usize = 4;
 
 /// The pool is gone (only after [`IoPool`] was dropped everywhere) or a job
 /// panicked.
@@ -40,21 +48,27 @@ pub struct PoolGone;
 impl IoPool {
     /// Start `threads` I/O threads (at least one).
     pub fn new(threads: usize) -> std::io::Result<Self> {
-        let mut senders = Vec::with_capacity(threads.max(1));
-        for i in 0..threads.max(1) {
+        let n = threads.max(1);
+        let mut senders = Vec::with_capacity(n);
+        let mut load = Vec::with_capacity(n);
+        for i in 0..n {
             let (tx, rx) = mpsc::unbounded_channel::<Job>();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;
+            let l = Arc::new(AtomicUsize::new(0));
+            let l2 = Arc::clone(&l);
             std::thread::Builder::new()
                 .name(format!("qcow-io-{i}"))
                 .stack_size(4 << 20)
-                .spawn(move || run_thread(rt, rx))?;
+                .spawn(move || run_thread(rt, rx, l2))?;
             senders.push(tx);
+            load.push(l);
         }
         Ok(IoPool {
             inner: Arc::new(Inner {
                 senders,
+                load,
                 next: AtomicUsize::new(0),
             }),
         })
@@ -71,15 +85,22 @@ impl IoPool {
         Ok(GLOBAL.get_or_init(|| pool).clone())
     }
 
-    /// Run `make()`'s future on an I/O thread and wait for its output.
-    pub async fn run<F, Fut, T>(&self, make: F) -> Result<T, PoolGone>
+    /// A home-thread hint for a new user of the pool (say, an image):
+    /// spreads users over the threads.
+    pub fn affinity(&self) -> usize {
+        self.inner.next.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Run `make()`'s future on an I/O thread (preferably `home`'s) and wait
+    /// for its output.
+    pub async fn run<F, Fut, T>(&self, home: usize, make: F) -> Result<T, PoolGone>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = T> + 'static,
         T: Send + 'static,
     {
         let (tx, rx) = oneshot::channel();
-        self.spawn(move || async move {
+        self.spawn(home, move || async move {
             let out = make().await;
             let _ = tx.send(out);
         })?;
@@ -87,14 +108,29 @@ impl IoPool {
     }
 
     /// Start `make()`'s future on an I/O thread without waiting for it.
-    pub fn spawn<F, Fut>(&self, make: F) -> Result<(), PoolGone>
+    pub fn spawn<F, Fut>(&self, home: usize, make: F) -> Result<(), PoolGone>
     where
         F: FnOnce() -> Fut + Send + 'static,
         Fut: Future<Output = ()> + 'static,
     {
         let job: Job = Box::new(move || Box::pin(make()));
-        let i = self.inner.next.fetch_add(1, Ordering::Relaxed) % self.inner.senders.len();
-        self.inner.senders[i].send(job).map_err(|_| PoolGone)
+        let i = self.pick(home);
+        self.inner.load[i].fetch_add(1, Ordering::Relaxed);
+        self.inner.senders[i].send(job).map_err(|_| {
+            self.inner.load[i].fetch_sub(1, Ordering::Relaxed);
+            PoolGone
+        })
+    }
+
+    fn pick(&self, home: usize) -> usize {
+        let n = self.inner.senders.len();
+        let home = home % n;
+        if self.inner.load[home].load(Ordering::Relaxed) < SPILL_DEPTH {
+            return home;
+        }
+        (0..n)
+            .min_by_key(|i| self.inner.load[*i].load(Ordering::Relaxed))
+            .unwrap_or(home)
     }
 }
 
@@ -106,11 +142,27 @@ fn default_threads() -> usize {
         .unwrap_or(8)
 }
 
-fn run_thread(rt: tokio::runtime::Runtime, mut rx: mpsc::UnboundedReceiver<Job>) {
+fn run_thread(
+    rt: tokio::runtime::Runtime,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    load: Arc<AtomicUsize>,
+) {
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
         while let Some(job) = rx.recv().await {
-            tokio::task::spawn_local(job());
+            let fut = job();
+            let load = Arc::clone(&load);
+            tokio::task::spawn_local(async move {
+                // Decrement even if the job panics (the guard drops on unwind).
+                struct Done(Arc<AtomicUsize>);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Ordering::Relaxed);
+                    }
+                }
+                let _done = Done(load);
+                fut.await
+            });
         }
     });
     // Let jobs already started finish (their callers are waiting).
@@ -126,7 +178,7 @@ mod tests {
     async fn runs_non_send_futures_and_returns_results() {
         let pool = IoPool::new(2).unwrap();
         let v = pool
-            .run(|| async {
+            .run(0, || async {
                 // Rc is !Send: this future could not run on tokio's workers.
                 let rc = Rc::new(21);
                 tokio::task::yield_now().await;
@@ -157,8 +209,13 @@ mod tests {
     #[tokio::test]
     async fn a_panicking_job_reports_pool_gone_and_the_thread_survives() {
         let pool = IoPool::new(1).unwrap();
-        let r: Result<(), PoolGone> = pool.run(|| async { panic!("boom") }).await;
+        let r: Result<(), PoolGone> = pool.run(0, || async { panic!("boom") }).await;
         assert_eq!(r, Err(PoolGone));
-        assert_eq!(pool.run(|| async { 7 }).await, Ok(7));
+        assert_eq!(pool.run(0, || async { 7 }).await, Ok(7));
+        assert_eq!(
+            pool.inner.load[0].load(Ordering::Relaxed),
+            0,
+            "load accounting survives a panic"
+        );
     }
 }

@@ -136,6 +136,8 @@ struct Image {
 pub struct QcowBackend {
     image: Arc<Image>,
     pool: IoPool,
+    /// Home I/O thread of this image.
+    home: usize,
     inflight: Arc<Semaphore>,
     write_behind: Option<Arc<WriteBehind>>,
     path: PathBuf,
@@ -214,7 +216,7 @@ impl QcowBackend {
         let pool = opts.pool()?;
         let (path2, policy) = (path.to_owned(), opts.policy.clone());
         let layers = pool
-            .run(move || async move { resolve_chain(&path2, &policy) })
+            .run(0, move || async move { resolve_chain(&path2, &policy) })
             .await
             .map_err(|e| ImageError::io(path, io_err(e)))??;
         let top = layers
@@ -224,7 +226,7 @@ impl QcowBackend {
         let depth = layers.len();
         let writable = !opts.read_only;
         let (access, dup) = pool
-            .run(move || open_layers(layers, writable))
+            .run(0, move || open_layers(layers, writable))
             .await
             .map_err(|e| ImageError::io(path, io_err(e)))??;
         tracing::debug!(path = %path.display(), depth, writable, "opened qcow2 image");
@@ -233,6 +235,7 @@ impl QcowBackend {
                 access: RwLock::new(access),
                 closed: AtomicBool::new(false),
             }),
+            home: pool.affinity(),
             pool,
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
             write_behind: dup.map(WriteBehind::new),
@@ -275,7 +278,9 @@ impl QcowBackend {
         if let Some(wb) = &self.write_behind {
             if wb.add(n) {
                 let wb = Arc::clone(wb);
-                let _ = self.pool.spawn(move || async move { wb.kick() });
+                let _ = self
+                    .pool
+                    .spawn(self.home + 1, move || async move { wb.kick() });
             }
         }
     }
@@ -297,7 +302,7 @@ impl QcowBackend {
         }
         let image = Arc::clone(&self.image);
         self.pool
-            .run(move || f(image))
+            .run(self.home, move || f(image))
             .await
             .map_err(|e| BackendError::new(BackendErrorKind::Io, op).with_source(e))?
             .map_err(|e| BackendError::from_io(op, e))
@@ -349,7 +354,7 @@ async fn create_image(
     let pool = opts.pool()?;
     let p = path.to_owned();
     let result = pool
-        .run(move || async move {
+        .run(0, move || async move {
             let mut b = Qcow2::<File>::create_builder(storage)
                 .size(size)
                 .cluster_size(cs as usize);
@@ -636,7 +641,7 @@ impl Drop for QcowBackend {
         }
         let image = Arc::clone(&self.image);
         let path = self.path.clone();
-        let spawned = self.pool.spawn(move || async move {
+        let spawned = self.pool.spawn(self.home, move || async move {
             let a = image.access.write().await;
             image.closed.store(true, Ordering::Release);
             let r = match a.flush().await {
