@@ -175,6 +175,11 @@ impl Run {
         eprint!("\r\x1b[K{}{msg}", self.progress);
     }
 
+    /// Record `bytes` moved in `secs` as decimal MB/s.
+    fn record_mbps(&mut self, kind: Kind, test: &str, rep: usize, bytes: u64, secs: f64) {
+        self.record(kind, test, rep, bytes as f64 / 1e6 / secs, "MB/s");
+    }
+
     /// Verify a qcow2/raw image against a raw source: compare and (qcow2) check.
     fn verify(&mut self, kind: Kind, test: &str, rep: usize, fmt: &str, img: &Path, src: &Path) {
         let cmp = qemu_img(&[
@@ -259,12 +264,12 @@ impl Run {
                     &srv.uris[0],
                 ],
             )?;
-            self.record(
+            self.record_mbps(
                 kind,
                 &format!("write_fresh_qcow2_c{c}"),
                 rep,
-                self.size as f64 / 1e6 / secs,
-                "MB/s",
+                self.size,
+                secs,
             );
             srv.stop()?;
             let src = self.src.clone();
@@ -329,12 +334,12 @@ impl Run {
             32,
         ))?;
         let secs = t.elapsed().as_secs_f64();
-        self.record(
+        self.record_mbps(
             kind,
             "overlay_write",
             rep,
-            change_bytes(&self.changes) as f64 / 1e6 / secs,
-            "MB/s",
+            change_bytes(&self.changes),
+            secs,
         );
         srv.stop()?;
         let expected = self.expected.clone();
@@ -380,12 +385,12 @@ impl Run {
         }
         let secs = t.elapsed().as_secs_f64();
         let total = self.disk_size * self.disks as u64;
-        self.record(
+        self.record_mbps(
             kind,
             &format!("multi{}_aggregate_write", self.disks),
             rep,
-            total as f64 / 1e6 / secs,
-            "MB/s",
+            total,
+            secs,
         );
         let (rss, _, _) = servers::memory(&srv.pids());
         self.record(
@@ -550,24 +555,12 @@ impl Run {
         };
         let srv = servers::start(kind, &spec, opts, &self.log(kind))?;
         let secs = self.nbdcopy(kind, &["-C", "1", "-T", "1", &srv.uris[0], "null:"])?;
-        self.record(
-            kind,
-            "read_seq_c1",
-            rep,
-            self.size as f64 / 1e6 / secs,
-            "MB/s",
-        );
+        self.record_mbps(kind, "read_seq_c1", rep, self.size, secs);
         let secs = self.nbdcopy(
             kind,
             &["--no-extents", "-C", "1", "-T", "1", &srv.uris[0], "null:"],
         )?;
-        self.record(
-            kind,
-            "read_seq_c1_no_extents",
-            rep,
-            self.size as f64 / 1e6 / secs,
-            "MB/s",
-        );
+        self.record_mbps(kind, "read_seq_c1_no_extents", rep, self.size, secs);
         // Read back through NBD and compare with the source.
         let out = self.workdir.join("img").join("readback.raw");
         self.nbdcopy(kind, &[&srv.uris[0], out.to_str().unwrap_or("")])?;
@@ -600,24 +593,12 @@ impl Run {
                 &srv.uris[0],
             ],
         )?;
-        self.record(
-            kind,
-            "null_write_c1",
-            rep,
-            self.size as f64 / 1e6 / secs,
-            "MB/s",
-        );
+        self.record_mbps(kind, "null_write_c1", rep, self.size, secs);
         let secs = self.nbdcopy(
             kind,
             &["--no-extents", "-C", "1", "-T", "1", &srv.uris[0], "null:"],
         )?;
-        self.record(
-            kind,
-            "null_read_c1_no_extents",
-            rep,
-            self.size as f64 / 1e6 / secs,
-            "MB/s",
-        );
+        self.record_mbps(kind, "null_read_c1_no_extents", rep, self.size, secs);
         srv.stop()?;
         Ok(())
     }
