@@ -196,7 +196,9 @@ mod tests {
         for i in 0..100u64 {
             let p = pool.clone();
             hs.push(tokio::spawn(async move {
-                p.run(i as usize, move || async move { i * i }).await.unwrap()
+                p.run(i as usize, move || async move { i * i })
+                    .await
+                    .unwrap()
             }));
         }
         let mut sum = 0;
