@@ -39,6 +39,21 @@ pub fn raise_fd_limit() {
     }
 }
 
+/// The tokio runtime for the network side: half the cores, at least one
+/// (`TOKIO_WORKER_THREADS` overrides). Image I/O runs on qcow-backend's own
+/// I/O threads, so the network needs fewer workers than cores, and fewer
+/// workers means fewer cross-thread wake-ups per request (measured on 2
+/// vCPUs: 4k random writes at QD32 went from ~34 to ~27 µs of CPU per
+/// request with one worker instead of two, with no loss in streaming).
+pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+    let mut b = tokio::runtime::Builder::new_multi_thread();
+    if std::env::var_os("TOKIO_WORKER_THREADS").is_none() {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        b.worker_threads((cores / 2).max(1));
+    }
+    b.enable_all().build()
+}
+
 /// Resolve on SIGINT or SIGTERM.
 pub async fn wait_for_signal() -> std::io::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
