@@ -222,9 +222,7 @@ fn serve_export(args: &[String]) -> anyhow::Result<()> {
         .init();
     hub_daemon::cli::raise_fd_limit();
     let e = Export::parse_from(std::iter::once("export".to_owned()).chain(args.iter().cloned()));
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = hub_daemon::cli::runtime()?;
     rt.block_on(hub_daemon::cli::export::run(e.args))
 }
 

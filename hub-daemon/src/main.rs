@@ -13,9 +13,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     hub_daemon::cli::raise_fd_limit();
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = hub_daemon::cli::runtime()?;
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => hub_daemon::cli::serve::run(args).await,
