@@ -267,16 +267,7 @@ async fn abort_part_way_removes_everything() {
     );
     assert_nothing_left(&hub, "vm").await;
     for (_, uri) in &targets {
-        let port: u16 = uri
-            .rsplit(':')
-            .next()
-            .unwrap()
-            .split('/')
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap();
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err());
+        integration_tests::support::assert_export_gone(uri).await;
     }
     // The VM can be backed up again right away.
     let b = hub.backup("vm", "full").await;

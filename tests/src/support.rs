@@ -162,3 +162,11 @@ pub async fn assert_check_clean(image: &Path, allow_leaks: bool) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Assert that `uri` no longer serves its export. A bare TCP connect is not
+/// enough: a freed ephemeral port may already belong to another test's
+/// server, so the check is that the export itself is gone.
+pub async fn assert_export_gone(uri: &str) {
+    let out = run("nbdinfo", &["--size", uri]).await;
+    assert!(!out.status.success(), "{uri} is still served");
+}

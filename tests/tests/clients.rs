@@ -446,8 +446,5 @@ async fn port_per_export_and_shared_port_in_one_process() {
     );
     // Removing the export closes its port.
     srv.server.remove_export("own").await.unwrap();
-    assert!(
-        std::net::TcpStream::connect(h.local_addr()).is_err(),
-        "dedicated port released"
-    );
+    support::assert_export_gone(&own).await;
 }
