@@ -3,7 +3,7 @@
 //! name on the shared port (so one SSH tunnel can carry a whole VM).
 
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use nbd_server::{Export, ExportStatsSnapshot, Server, ServerConfig};
 
@@ -18,6 +18,33 @@ pub struct NbdHub {
     pool: PortPool,
     advertise_host: String,
     shared: Option<SocketAddr>,
+    /// Counters of exports already removed, so totals never go backwards.
+    finished: Mutex<Totals>,
+}
+
+/// Lifetime totals over every export this process served.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Totals {
+    /// Connections ever accepted into transmission.
+    pub connections: u64,
+    /// Requests handled.
+    pub requests: u64,
+    /// Requests answered with an error.
+    pub errors: u64,
+    /// Payload bytes sent.
+    pub bytes_read: u64,
+    /// Payload bytes received.
+    pub bytes_written: u64,
+}
+
+impl Totals {
+    fn add(&mut self, s: &ExportStatsSnapshot) {
+        self.connections += s.connections_total;
+        self.requests += s.requests;
+        self.errors += s.errors;
+        self.bytes_read += s.bytes_read;
+        self.bytes_written += s.bytes_written;
+    }
 }
 
 /// An export on its own port; dropping it does not stop the export (call
@@ -50,6 +77,7 @@ impl NbdHub {
             pool: PortPool::new(config.nbd_ports, config.nbd_bind),
             advertise_host: config.advertise_host.clone(),
             shared,
+            finished: Mutex::new(Totals::default()),
         })
     }
 
@@ -96,7 +124,21 @@ impl NbdHub {
     pub async fn unpublish(&self, p: Published) -> Result<ExportStatsSnapshot> {
         let r = self.server.remove_export(p.export.name()).await;
         drop(p.lease);
+        // Count what the export did even if closing it failed.
+        self.finished
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .add(&p.export.stats().snapshot());
         Ok(r?)
+    }
+
+    /// Lifetime totals: finished exports plus the current ones.
+    pub fn totals(&self) -> Totals {
+        let mut t = *self.finished.lock().unwrap_or_else(|e| e.into_inner());
+        for e in self.server.exports() {
+            t.add(&e.stats().snapshot());
+        }
+        t
     }
 
     /// Every export.

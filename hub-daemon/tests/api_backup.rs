@@ -127,6 +127,10 @@ async fn full_backup_of_a_three_disk_vm() {
     }
     assert_eq!(hub.metric("hub_nbd_ports_in_use").await, 0);
     assert_eq!(hub.metric("hub_backups{status=\"completed\"}").await, 1);
+    // Counters survive the exports: the data written is still counted.
+    let written = hub.metric("hub_nbd_written_bytes_total").await;
+    assert!(written > 24 * MIB && written <= 48 * MIB, "{written}");
+    assert!(hub.metric("hub_nbd_connections_total").await >= 3);
     for t in &expected_targets {
         let uri = t.split_once(':').unwrap().1;
         support::assert_export_gone(uri).await;

@@ -28,20 +28,14 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
             let _ = writeln!(out, "{name}{labels} {v}");
         }
     };
-    let (mut backup_exports, mut restore_exports) = (0u64, 0u64);
-    let (mut conns, mut read, mut written, mut reqs, mut errs) = (0u64, 0u64, 0u64, 0u64, 0u64);
+    let (mut backup_exports, mut restore_exports, mut conns) = (0u64, 0u64, 0u64);
     for e in &exports {
         if e.name().starts_with("restore-") {
             restore_exports += 1;
         } else {
             backup_exports += 1;
         }
-        let s = e.stats().snapshot();
-        conns += s.connections_active;
-        read += s.bytes_read;
-        written += s.bytes_written;
-        reqs += s.requests;
-        errs += s.errors;
+        conns += e.stats().snapshot().connections_active;
     }
     gauge(
         "hub_nbd_exports",
@@ -58,29 +52,36 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         "gauge",
         &[(String::new(), conns)],
     );
+    let t = backups.nbd().totals();
     gauge(
-        "hub_nbd_read_bytes",
-        "Bytes sent to NBD clients by current exports.",
-        "gauge",
-        &[(String::new(), read)],
+        "hub_nbd_connections_total",
+        "NBD connections accepted into transmission.",
+        "counter",
+        &[(String::new(), t.connections)],
     );
     gauge(
-        "hub_nbd_written_bytes",
-        "Bytes received from NBD clients by current exports.",
-        "gauge",
-        &[(String::new(), written)],
+        "hub_nbd_requests_total",
+        "NBD requests handled.",
+        "counter",
+        &[(String::new(), t.requests)],
     );
     gauge(
-        "hub_nbd_requests",
-        "NBD requests handled by current exports.",
-        "gauge",
-        &[(String::new(), reqs)],
+        "hub_nbd_request_errors_total",
+        "NBD requests answered with an error.",
+        "counter",
+        &[(String::new(), t.errors)],
     );
     gauge(
-        "hub_nbd_request_errors",
-        "NBD requests answered with an error by current exports.",
-        "gauge",
-        &[(String::new(), errs)],
+        "hub_nbd_read_bytes_total",
+        "Payload bytes sent to NBD clients.",
+        "counter",
+        &[(String::new(), t.bytes_read)],
+    );
+    gauge(
+        "hub_nbd_written_bytes_total",
+        "Payload bytes received from NBD clients.",
+        "counter",
+        &[(String::new(), t.bytes_written)],
     );
     let counts = st.catalog().count_by_status().await?;
     let mut by_status: Vec<(String, u64)> = ["running", "completed", "failed"]
