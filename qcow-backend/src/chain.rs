@@ -16,7 +16,8 @@ use std::path::{Path, PathBuf};
 
 use crate::error::ImageError;
 use crate::header::{
-    check_l1, check_reftable, parse_header, HeaderInfo, HEADER_PROBE_LEN, QCOW2_MAGIC,
+    check_l1, check_metadata_layout, check_reftable, parse_header, HeaderInfo, HEADER_PROBE_LEN,
+    QCOW2_MAGIC,
 };
 
 /// Default limit on backing-chain length. Long enough for a year of daily
@@ -80,6 +81,15 @@ pub fn read_header(file: &File, path: &Path) -> Result<HeaderInfo, ImageError> {
     file.read_exact_at(&mut l1, info.l1_offset)
         .map_err(|e| ImageError::io(path, e))?;
     check_l1(&l1, info.cluster_size(), len).map_err(|e| ImageError::header(path, e))?;
+    let cluster = info.cluster_size();
+    let mut refblock = |off: u64| {
+        let mut b = vec![0u8; cluster as usize];
+        file.read_exact_at(&mut b, off).map(|()| b).map_err(|e| {
+            crate::header::HeaderError::Invalid(format!("reading refcount block at {off:#x}: {e}"))
+        })
+    };
+    check_metadata_layout(&info, &rt, &l1, &mut refblock)
+        .map_err(|e| ImageError::header(path, e))?;
     Ok(info)
 }
 

@@ -90,6 +90,8 @@ pub struct HeaderInfo {
     pub reftable_offset: u64,
     /// Refcount table size in clusters.
     pub reftable_clusters: u32,
+    /// log2 of the refcount width in bits.
+    pub refcount_order: u32,
 }
 
 impl HeaderInfo {
@@ -288,6 +290,7 @@ pub fn parse_header(head: &[u8], file_len: u64) -> Result<HeaderInfo, HeaderErro
         l1_entries,
         reftable_offset,
         reftable_clusters,
+        refcount_order,
     })
 }
 
@@ -338,10 +341,19 @@ fn parse_extensions(
     }
 }
 
+fn check_cluster_size(cluster: u64) -> Result<(), HeaderError> {
+    if cluster.is_power_of_two() && (512..=(2 << 20)).contains(&cluster) {
+        Ok(())
+    } else {
+        Err(invalid(format!("cluster size {cluster} is invalid")))
+    }
+}
+
 /// Check every refcount-table entry: zero, or a cluster-aligned offset inside
 /// the file, and the first one present (it covers the header's own cluster;
 /// a missing one sends imago into unbounded recursion on the first write).
 pub fn check_reftable(table: &[u8], cluster: u64, file_len: u64) -> Result<(), HeaderError> {
+    check_cluster_size(cluster)?;
     for (i, e) in table.chunks_exact(8).enumerate() {
         let v = be64(e, 0);
         let off = v & !0x1ff;
@@ -363,12 +375,16 @@ pub fn check_reftable(table: &[u8], cluster: u64, file_len: u64) -> Result<(), H
     Ok(())
 }
 
+/// Offset of the L2 table an L1 entry points to (0 if none).
+fn l1_target(entry: u64) -> u64 {
+    entry & 0x00ff_ffff_ffff_fe00
+}
+
 /// Check every L1 entry: unused, or an L2 table inside the file.
 pub fn check_l1(table: &[u8], cluster: u64, file_len: u64) -> Result<(), HeaderError> {
-    const L1_OFFSET_MASK: u64 = 0x00ff_ffff_ffff_fe00;
+    check_cluster_size(cluster)?;
     for (i, e) in table.chunks_exact(8).enumerate() {
-        let v = be64(e, 0);
-        let off = v & L1_OFFSET_MASK;
+        let off = l1_target(be64(e, 0));
         if off == 0 {
             continue;
         }
@@ -379,6 +395,114 @@ pub fn check_l1(table: &[u8], cluster: u64, file_len: u64) -> Result<(), HeaderE
             .map_err(|_| invalid(format!("L1 entry {i} points past the end of the file")))?;
     }
     Ok(())
+}
+
+/// Check that the metadata structures do not overlap each other — header
+/// cluster, L1 table, refcount table, refcount blocks, L2 tables — and that
+/// the header, L1 and refcount table clusters have non-zero refcounts.
+/// `refblock` returns the bytes of the refcount block at an offset.
+///
+/// imago has no overlap protection: on an image where, say, the refcount
+/// table points at itself, it would happily allocate a "free" cluster that
+/// holds metadata and write guest data over it. (L2 *entries* pointing into
+/// metadata are not checked: that needs every L2 table read at open.)
+pub fn check_metadata_layout(
+    info: &HeaderInfo,
+    reftable: &[u8],
+    l1: &[u8],
+    refblock: &mut dyn FnMut(u64) -> Result<Vec<u8>, HeaderError>,
+) -> Result<(), HeaderError> {
+    let cluster = info.cluster_size();
+    check_cluster_size(cluster)?;
+    let round = |n: u64| n.div_ceil(cluster) * cluster;
+    // (start, end, what)
+    let mut regions: Vec<(u64, u64, &'static str)> = vec![(0, cluster, "header")];
+    if info.l1_entries > 0 {
+        regions.push((
+            info.l1_offset,
+            info.l1_offset + round(u64::from(info.l1_entries) * 8),
+            "L1 table",
+        ));
+    }
+    regions.push((
+        info.reftable_offset,
+        info.reftable_offset + u64::from(info.reftable_clusters) * cluster,
+        "refcount table",
+    ));
+    for e in reftable.chunks_exact(8) {
+        let off = be64(e, 0) & !0x1ff;
+        if off != 0 {
+            regions.push((off, off + cluster, "refcount block"));
+        }
+    }
+    for e in l1.chunks_exact(8) {
+        let off = l1_target(be64(e, 0));
+        if off != 0 {
+            regions.push((off, off + cluster, "L2 table"));
+        }
+    }
+    regions.sort_unstable();
+    for w in regions.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(invalid(format!(
+                "{} at {:#x} overlaps {} at {:#x}",
+                w[1].2, w[1].0, w[0].2, w[0].0
+            )));
+        }
+    }
+
+    // Refcounts of the fixed metadata must be non-zero, or the allocator
+    // would hand those clusters out for data.
+    let bits = 1u64 << refcount_order_of(info);
+    let per_block = cluster * 8 / bits;
+    let mut fixed: Vec<u64> = vec![0];
+    let span = |start: u64, len: u64| (start / cluster)..(start + len).div_ceil(cluster);
+    if info.l1_entries > 0 {
+        fixed.extend(span(info.l1_offset, u64::from(info.l1_entries) * 8));
+    }
+    fixed.extend(span(
+        info.reftable_offset,
+        u64::from(info.reftable_clusters) * cluster,
+    ));
+    let mut cached: Option<(u64, Vec<u8>)> = None;
+    for c in fixed {
+        let block = c / per_block;
+        let entry = reftable
+            .get(block as usize * 8..block as usize * 8 + 8)
+            .map(|e| be64(e, 0) & !0x1ff)
+            .unwrap_or(0);
+        if entry == 0 {
+            return Err(invalid(format!(
+                "metadata cluster {c} has no refcount block"
+            )));
+        }
+        if cached.as_ref().map(|x| x.0) != Some(entry) {
+            cached = Some((entry, refblock(entry)?));
+        }
+        let data = cached.as_ref().map(|x| x.1.as_slice()).unwrap_or(&[]);
+        let idx = c % per_block;
+        let bit = idx * bits;
+        let byte = (bit / 8) as usize;
+        let refcount = match bits {
+            1 | 2 | 4 => data.get(byte).map_or(0, |b| {
+                u64::from((b >> (8 - bits - bit % 8)) & ((1 << bits) - 1))
+            }),
+            _ => {
+                let n = (bits / 8) as usize;
+                data.get(byte..byte + n).map_or(0, |v| {
+                    v.iter().fold(0u64, |acc, b| (acc << 8) | u64::from(*b))
+                })
+            }
+        };
+        if refcount == 0 {
+            return Err(invalid(format!("metadata cluster {c} has refcount 0")));
+        }
+    }
+    Ok(())
+}
+
+fn refcount_order_of(info: &HeaderInfo) -> u32 {
+    info.refcount_order
 }
 
 #[cfg(test)]

@@ -358,3 +358,92 @@ fn arbitrary_bytes_never_panic() {
         let _ = parse_header(&h, (seed >> 40) % (1 << 22));
     }
 }
+
+/// The layout of `valid_header()`: header 0x0, refcount table 0x10000,
+/// refcount block 0x20000, L1 0x30000 (all one 64 KiB cluster).
+fn layout() -> (HeaderInfo, Vec<u8>, Vec<u8>, Vec<u8>) {
+    let info = parse_header(&valid_header(), FILE_LEN).unwrap();
+    let mut reftable = vec![0u8; 65536];
+    reftable[0..8].copy_from_slice(&0x20000u64.to_be_bytes());
+    // 16-bit refcounts: clusters 0..=3 used once each.
+    let mut refblock = vec![0u8; 65536];
+    for c in 0..4 {
+        refblock[c * 2 + 1] = 1;
+    }
+    let l1 = vec![0u8; 8];
+    (info, reftable, refblock, l1)
+}
+
+fn check(info: &HeaderInfo, rt: &[u8], l1: &[u8], rb: &[u8]) -> Result<(), HeaderError> {
+    let rb = rb.to_vec();
+    check_metadata_layout(info, rt, l1, &mut |_| Ok(rb.clone()))
+}
+
+#[test]
+fn consistent_layout_passes() {
+    let (info, rt, rb, l1) = layout();
+    check(&info, &rt, &l1, &rb).unwrap();
+}
+
+#[test]
+fn refcount_block_on_the_refcount_table_is_rejected() {
+    // Found by fuzzing (crafted-b-rt-self): the table points at itself.
+    let (info, mut rt, rb, l1) = layout();
+    rt[0..8].copy_from_slice(&0x10000u64.to_be_bytes());
+    assert!(
+        matches!(check(&info, &rt, &l1, &rb), Err(HeaderError::Invalid(m)) if m.contains("overlaps"))
+    );
+}
+
+#[test]
+fn l2_table_on_the_l1_table_is_rejected() {
+    let (info, rt, rb, _) = layout();
+    let l1 = 0x30000u64.to_be_bytes().to_vec();
+    assert!(
+        matches!(check(&info, &rt, &l1, &rb), Err(HeaderError::Invalid(m)) if m.contains("overlaps"))
+    );
+}
+
+#[test]
+fn l1_overlapping_the_refcount_table_is_rejected() {
+    let (mut info, rt, rb, l1) = layout();
+    info.l1_offset = 0x10000;
+    assert!(
+        matches!(check(&info, &rt, &l1, &rb), Err(HeaderError::Invalid(m)) if m.contains("overlaps"))
+    );
+}
+
+#[test]
+fn metadata_with_refcount_zero_is_rejected() {
+    // Found by fuzzing (crafted-g-header-free): the header's refcount is 0,
+    // so the allocator would hand out cluster 0 for guest data.
+    let (info, rt, mut rb, l1) = layout();
+    rb[1] = 0;
+    assert!(
+        matches!(check(&info, &rt, &l1, &rb), Err(HeaderError::Invalid(m)) if m.contains("refcount 0"))
+    );
+    let (info, rt, mut rb, l1) = layout();
+    rb[3 * 2 + 1] = 0; // the L1 table's cluster
+    assert!(check(&info, &rt, &l1, &rb).is_err());
+}
+
+#[test]
+fn sub_byte_refcount_widths_are_read_correctly() {
+    // refcount_order 0 (1-bit refcounts): clusters 0..=3 are bits 7..=4 of byte 0.
+    let (mut info, rt, _, l1) = layout();
+    info.refcount_order = 0;
+    let mut rb = vec![0u8; 65536];
+    rb[0] = 0b1111_0000;
+    check(&info, &rt, &l1, &rb).unwrap();
+    rb[0] = 0b0111_0000;
+    assert!(
+        check(&info, &rt, &l1, &rb).is_err(),
+        "header refcount bit clear"
+    );
+}
+
+#[test]
+fn zero_cluster_size_is_an_error_not_a_panic() {
+    assert!(check_reftable(&[0; 8], 0, FILE_LEN).is_err());
+    assert!(check_l1(&[0; 8], 0, FILE_LEN).is_err());
+}

@@ -70,7 +70,25 @@ fn read_lock_byte(file: &File, byte: i64) -> io::Result<()> {
 
 /// Lock `file` for `mode`; fails with `WouldBlock` if another user (ours or
 /// qemu) holds it in a conflicting way.
+///
+/// A conflict is retried for about a quarter of a second before it counts:
+/// a process that forks (to run any program) gives the child copies of all
+/// its open files until the child execs, locks included, so an image closed
+/// a moment ago can look locked for that long.
 pub fn lock_file(file: &File, mode: LockMode) -> io::Result<()> {
+    let mut delay = std::time::Duration::from_millis(1);
+    loop {
+        match try_lock_file(file, mode) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && delay.as_millis() <= 128 => {
+                std::thread::sleep(delay);
+                delay *= 2;
+            }
+            r => return r,
+        }
+    }
+}
+
+fn try_lock_file(file: &File, mode: LockMode) -> io::Result<()> {
     let op = match mode {
         LockMode::Shared => FlockOperation::NonBlockingLockShared,
         LockMode::Exclusive => FlockOperation::NonBlockingLockExclusive,

@@ -214,6 +214,14 @@ mod tests {
         let r: Result<(), PoolGone> = pool.run(0, || async { panic!("boom") }).await;
         assert_eq!(r, Err(PoolGone));
         assert_eq!(pool.run(0, || async { 7 }).await, Ok(7));
+        // The load guard drops on the I/O thread right after the result is
+        // sent, so let that thread finish before looking.
+        for _ in 0..100_000 {
+            if pool.inner.load[0].load(Ordering::Relaxed) == 0 {
+                break;
+            }
+            std::thread::yield_now();
+        }
         assert_eq!(
             pool.inner.load[0].load(Ordering::Relaxed),
             0,

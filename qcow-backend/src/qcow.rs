@@ -230,7 +230,30 @@ impl QcowBackend {
             .await
             .map_err(|e| ImageError::io(path, io_err(e)))??;
         tracing::debug!(path = %path.display(), depth, writable, "opened qcow2 image");
-        Ok(QcowBackend {
+        Ok(Self::assemble(
+            pool,
+            access,
+            dup,
+            path,
+            top.size,
+            top.cluster_size(),
+            depth,
+            opts.read_only,
+        ))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn assemble(
+        pool: IoPool,
+        access: Access,
+        dup: Option<StdFile>,
+        path: &Path,
+        size: u64,
+        cluster_size: u64,
+        depth: usize,
+        read_only: bool,
+    ) -> Self {
+        QcowBackend {
             image: Arc::new(Image {
                 access: RwLock::new(access),
                 closed: AtomicBool::new(false),
@@ -240,22 +263,94 @@ impl QcowBackend {
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
             write_behind: dup.map(WriteBehind::new),
             path: path.to_owned(),
-            size: top.size,
-            cluster_size: top.cluster_size(),
+            size,
+            cluster_size,
             depth,
-            read_only: opts.read_only,
-        })
+            read_only,
+        }
     }
 
     /// Create a new qcow2 image at `path` (which must not exist) and open it
-    /// read-write. The file is durable (synced, directory synced) on return.
+    /// read-write. An overlay's parent chain is validated and opened under
+    /// `opts.policy` first. The image is formatted and served on one file
+    /// descriptor — never closed and reopened, so no window exists in which
+    /// another opener (or a forked child still holding our descriptor)
+    /// could interfere. The file is durable (synced, directory synced) on
+    /// return.
     pub async fn create(
         path: &Path,
         create: &CreateOptions,
         opts: &OpenOptions,
     ) -> Result<Self, ImageError> {
-        create_image(path, create, opts).await?;
-        Self::open(path, &opts.clone().read_only(false)).await
+        let cs = create.cluster_size;
+        if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
+            return Err(ImageError::InvalidParameters(format!("cluster size {cs}")));
+        }
+        let pool = opts.pool()?;
+        let parent = match &create.backing {
+            Some(parent) => Some(open_parent(&pool, path, parent, &opts.policy).await?),
+            None => None,
+        };
+        let size = create
+            .size
+            .or(parent.as_ref().map(|p| p.size))
+            .ok_or_else(|| {
+                ImageError::InvalidParameters("size required for a fresh image".into())
+            })?;
+        if size == 0 || size > crate::header::MAX_VIRTUAL_SIZE {
+            return Err(ImageError::InvalidParameters(format!("size {size}")));
+        }
+        let depth = parent.as_ref().map_or(0, |p| p.depth) + 1;
+        let file = StdFile::options()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(|e| ImageError::io(path, e))?;
+        let made = Made(path.to_owned());
+        lock_file(&file, LockMode::Exclusive).map_err(|e| ImageError::locked(path, e))?;
+        let dup = file.try_clone().map_err(|e| ImageError::io(path, e))?;
+        let storage =
+            File::from_open_file(file, StorageOpenOptions::new().filename(path).write(true))
+                .map_err(|e| ImageError::io(path, e))?;
+        let access = pool
+            .run(0, move || async move {
+                let mut b = Qcow2::<File, Arc<Access>>::create_builder(storage)
+                    .size(size)
+                    .cluster_size(cs as usize);
+                let backing = match parent {
+                    Some(p) => {
+                        b = b.backing(p.name, p.format);
+                        Some(p.access)
+                    }
+                    None => None,
+                };
+                let q = b
+                    .create_open(DenyImplicitOpenGate::default(), move |image| {
+                        Ok(Layered::builder(image).backing(backing).write(true))
+                    })
+                    .await?;
+                let a = FormatAccess::new(q);
+                a.flush().await?;
+                a.sync().await?;
+                io::Result::Ok(a)
+            })
+            .await
+            .map_err(|e| ImageError::io(path, io_err(e)))?
+            .map_err(|e| ImageError::engine(path, e))?;
+        sync_dir_of(path).map_err(|e| ImageError::io(path, e))?;
+        made.keep();
+        tracing::debug!(path = %path.display(), size, depth, "created qcow2 image");
+        Ok(Self::assemble(
+            pool,
+            access,
+            Some(dup),
+            path,
+            size,
+            u64::from(cs),
+            depth,
+            false,
+        ))
     }
 
     /// The image path.
@@ -309,73 +404,80 @@ impl QcowBackend {
     }
 }
 
-/// Create the image file (O_EXCL) and format it.
-async fn create_image(
-    path: &Path,
-    create: &CreateOptions,
-    opts: &OpenOptions,
-) -> Result<(), ImageError> {
-    let cs = create.cluster_size;
-    if !cs.is_power_of_two() || !(512..=(2 << 20)).contains(&cs) {
-        return Err(ImageError::InvalidParameters(format!("cluster size {cs}")));
-    }
-    let backing = match &create.backing {
-        Some(parent) => {
-            let name = backing_name_for(path, parent)?;
-            let format = if is_qcow2(parent)? { "qcow2" } else { "raw" };
-            let parent_size = if format == "qcow2" {
-                let f = StdFile::open(parent).map_err(|e| ImageError::io(parent, e))?;
-                crate::chain::read_header(&f, parent)?.size
-            } else {
-                std::fs::metadata(parent)
-                    .map_err(|e| ImageError::io(parent, e))?
-                    .len()
-            };
-            Some((name, format.to_owned(), parent_size))
-        }
-        None => None,
-    };
-    let size = create
-        .size
-        .or(backing.as_ref().map(|b| b.2))
-        .ok_or_else(|| ImageError::InvalidParameters("size required for a fresh image".into()))?;
-    if size == 0 || size > crate::header::MAX_VIRTUAL_SIZE {
-        return Err(ImageError::InvalidParameters(format!("size {size}")));
-    }
-    let file = StdFile::options()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(|e| ImageError::io(path, e))?;
-    lock_file(&file, LockMode::Exclusive).map_err(|e| ImageError::locked(path, e))?;
-    let storage = File::from_open_file(file, StorageOpenOptions::new().filename(path).write(true))
-        .map_err(|e| ImageError::io(path, e))?;
-    let pool = opts.pool()?;
-    let p = path.to_owned();
-    let result = pool
-        .run(0, move || async move {
-            let mut b = Qcow2::<File>::create_builder(storage)
-                .size(size)
-                .cluster_size(cs as usize);
-            if let Some((name, format, _)) = backing {
-                b = b.backing(name, format);
-            }
-            b.create().await
-        })
-        .await
-        .map_err(|e| ImageError::io(&p, io_err(e)))?;
-    if let Err(e) = result {
-        let _ = std::fs::remove_file(path);
-        return Err(ImageError::engine(path, e));
-    }
-    sync_new_file(path).map_err(|e| ImageError::io(path, e))?;
-    Ok(())
+/// A validated, opened backing chain for a new overlay.
+struct Parent {
+    access: Arc<Access>,
+    /// Name to record in the overlay.
+    name: String,
+    format: String,
+    size: u64,
+    depth: usize,
 }
 
-/// Make a newly created file durable: its contents and its directory entry.
-pub(crate) fn sync_new_file(path: &Path) -> io::Result<()> {
-    StdFile::open(path)?.sync_all()?;
+/// Validate and open `parent` (and its chain) read-only.
+async fn open_parent(
+    pool: &IoPool,
+    image: &Path,
+    parent: &Path,
+    policy: &BackingPolicy,
+) -> Result<Parent, ImageError> {
+    let name = backing_name_for(image, parent)?;
+    let layers = if is_qcow2(parent)? {
+        let (p, policy) = (parent.to_owned(), policy.clone());
+        pool.run(0, move || async move { resolve_chain(&p, &policy) })
+            .await
+            .map_err(|e| ImageError::io(parent, io_err(e)))??
+    } else {
+        let path = parent
+            .canonicalize()
+            .map_err(|e| ImageError::io(parent, e))?;
+        vec![Layer {
+            path,
+            format: Format::Raw,
+            header: None,
+        }]
+    };
+    let (format, size) = match &layers[0].header {
+        Some(h) => ("qcow2", h.size),
+        None => (
+            "raw",
+            std::fs::metadata(parent)
+                .map_err(|e| ImageError::io(parent, e))?
+                .len(),
+        ),
+    };
+    let depth = layers.len();
+    let (access, _) = pool
+        .run(0, move || open_layers(layers, false))
+        .await
+        .map_err(|e| ImageError::io(parent, io_err(e)))??;
+    Ok(Parent {
+        access: Arc::new(access),
+        name,
+        format: format.to_owned(),
+        size,
+        depth,
+    })
+}
+
+/// Removes a file it was given unless told to keep it (cleanup of a
+/// half-created image on any error path).
+struct Made(PathBuf);
+
+impl Made {
+    fn keep(self) {
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// Make a new directory entry durable.
+fn sync_dir_of(path: &Path) -> io::Result<()> {
     let dir = path
         .parent()
         .filter(|p| !p.as_os_str().is_empty())
