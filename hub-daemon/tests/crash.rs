@@ -9,7 +9,9 @@ mod common;
 
 use common::Exporter;
 use integration_tests::client::Client;
-use integration_tests::support::{assert_check_clean, pattern, require, run_ok};
+use integration_tests::support::{
+    assert_check_clean, pattern, qemu_img_create, qemu_img_to_raw, require, run_ok,
+};
 use nbd_server::backend::conformance::SplitMix;
 
 const MIB: u64 = 1 << 20;
@@ -110,19 +112,7 @@ async fn round(
     assert_check_clean(&img, true).await;
     // Read the image back through qemu (independent of our reader).
     let raw = dir.join(format!("crash{r}.raw"));
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            img.to_str().unwrap(),
-            raw.to_str().unwrap(),
-        ],
-    )
-    .await;
+    qemu_img_to_raw("qcow2", &img, &raw).await;
     let got = std::fs::read(&raw).unwrap();
     let expect = expected_image(&outcome.durable, base_data);
     // Bytes a later write touched may hold either version; every other byte
@@ -155,11 +145,7 @@ async fn kill_9_during_writes_loses_nothing_flushed() {
     }
     // Overlays: on a base with data everywhere.
     let base = dir.path().join("base.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"],
-    )
-    .await;
+    qemu_img_create(&base, Some("64M"), None, &[]).await;
     run_ok(
         "qemu-io",
         &[

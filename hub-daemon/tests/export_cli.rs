@@ -5,7 +5,7 @@ mod common;
 
 use common::Exporter;
 use integration_tests::support::{
-    self, assert_check_clean, assert_identical, require, run_ok, write_file,
+    self, assert_check_clean, assert_identical, qemu_img_create, require, run_ok, write_file,
 };
 
 const MIB: usize = 1 << 20;
@@ -19,11 +19,7 @@ async fn serves_qcow2_and_raw_on_one_port_and_flushes_on_sigterm() {
     let src = support::disk_like(1, 32 * MIB);
     let src_path = write_file(dir.path(), "src.raw", &src);
     let q = dir.path().join("d0.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "32M"],
-    )
-    .await;
+    qemu_img_create(&q, Some("32M"), None, &[]).await;
     let r = dir.path().join("d1.raw");
     std::fs::File::create(&r)
         .unwrap()
@@ -159,11 +155,7 @@ async fn qemu_nbd_style_flags_and_port_per_export() {
     }
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("q.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "8M"],
-    )
-    .await;
+    qemu_img_create(&q, Some("8M"), None, &[]).await;
     // Exactly the qemu-nbd command line the backup scripts use (port 0 here).
     let ex = Exporter::start(&[
         "-f",
@@ -220,11 +212,7 @@ async fn readonly_export_refuses_writes_and_locks_share_with_qemu_readers() {
     }
     let dir = tempfile::tempdir().unwrap();
     let q = dir.path().join("ro.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", q.to_str().unwrap(), "8M"],
-    )
-    .await;
+    qemu_img_create(&q, Some("8M"), None, &[]).await;
     let ex = Exporter::start(&[
         "-r",
         "--listen",

@@ -133,6 +133,36 @@ pub fn write_file(dir: &Path, name: &str, data: &[u8]) -> PathBuf {
 }
 
 /// `qemu-img compare` two images; panics with the tool's message unless identical.
+/// `qemu-img create -f qcow2 PATH [SIZE]`, an overlay when `backing` is
+/// `Some((name, format))` (the size then defaults to the backing file's).
+/// `extra` goes before the path (`-u` to skip opening the backing file).
+pub async fn qemu_img_create(
+    path: &Path,
+    size: Option<&str>,
+    backing: Option<(&str, &str)>,
+    extra: &[&str],
+) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some((name, fmt)) = backing {
+        args.extend(["-b", name, "-F", fmt]);
+    }
+    args.extend_from_slice(extra);
+    let p = path.to_str().expect("utf-8 test path");
+    args.push(p);
+    args.extend(size);
+    run_ok("qemu-img", &args).await;
+}
+
+/// qemu's own reading of an image (`fmt`) into the raw file `dst`,
+/// independent of our reader.
+pub async fn qemu_img_to_raw(fmt: &str, src: &Path, dst: &Path) {
+    let (s, d) = (
+        src.to_str().expect("utf-8 test path"),
+        dst.to_str().expect("utf-8 test path"),
+    );
+    run_ok("qemu-img", &["convert", "-f", fmt, "-O", "raw", s, d]).await;
+}
+
 pub async fn assert_identical(fmt_a: &str, a: &str, fmt_b: &str, b: &str) {
     let out = run("qemu-img", &["compare", "-f", fmt_a, "-F", fmt_b, a, b]).await;
     assert!(

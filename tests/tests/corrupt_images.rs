@@ -6,7 +6,7 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use integration_tests::support::{export, require, run_ok, TestServer};
+use integration_tests::support::{export, qemu_img_create, require, run_ok, TestServer};
 use nbd_server::MemoryBackend;
 use qcow_backend::header::HeaderError;
 use qcow_backend::{open_image, BackingPolicy, ImageError, ImageErrorKind, OpenOptions};
@@ -15,11 +15,7 @@ const MIB: u64 = 1 << 20;
 
 async fn qemu_image(dir: &Path, name: &str, extra: &[&str]) -> PathBuf {
     let p = dir.join(name);
-    let mut args = vec!["create", "-q", "-f", "qcow2"];
-    args.extend_from_slice(extra);
-    args.push(p.to_str().unwrap());
-    args.push("4M");
-    run_ok("qemu-img", &args).await;
+    qemu_img_create(&p, Some("4M"), None, extra).await;
     p
 }
 
@@ -120,20 +116,14 @@ async fn corrupt_images_are_refused_while_serving_continues() {
     assert_eq!(header_err(&open_err(&p).await), &HeaderError::Dirty);
 
     // Encrypted (LUKS) image, made by qemu-img itself.
-    let p = d.join("luks.qcow2");
-    run_ok(
-        "qemu-img",
+    let p = qemu_image(
+        d,
+        "luks.qcow2",
         &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
             "--object",
             "secret,id=sec0,data=123456",
             "-o",
             "encrypt.format=luks,encrypt.key-secret=sec0",
-            p.to_str().unwrap(),
-            "4M",
         ],
     )
     .await;
@@ -154,43 +144,14 @@ async fn corrupt_images_are_refused_while_serving_continues() {
     // onto that name.
     let base = qemu_image(d, "self.qcow2", &[]).await;
     let top = d.join("self-top.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "self.qcow2",
-            "-F",
-            "qcow2",
-            top.to_str().unwrap(),
-        ],
-    )
-    .await;
+    qemu_img_create(&top, None, Some(("self.qcow2", "qcow2")), &[]).await;
     std::fs::rename(&top, &base).unwrap();
     let e = open_err(&base).await;
     assert!(matches!(e, ImageError::BackingLoop { .. }), "{e}");
 
     // A backing file outside the allowed directories.
     let p = d.join("passwd.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "/etc/passwd",
-            "-F",
-            "raw",
-            p.to_str().unwrap(),
-            "1M",
-        ],
-    )
-    .await;
+    qemu_img_create(&p, Some("1M"), Some(("/etc/passwd", "raw")), &[]).await;
     let e = open_err(&p).await;
     assert!(matches!(e, ImageError::BackingNotAllowed { .. }), "{e}");
     // ...also through a relative name climbing out.
@@ -198,21 +159,7 @@ async fn corrupt_images_are_refused_while_serving_continues() {
     std::fs::create_dir(&sub).unwrap();
     let _outside = qemu_image(d, "outside.qcow2", &[]).await;
     let p = sub.join("climb.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "../outside.qcow2",
-            "-F",
-            "qcow2",
-            p.to_str().unwrap(),
-        ],
-    )
-    .await;
+    qemu_img_create(&p, None, Some(("../outside.qcow2", "qcow2")), &[]).await;
     let e = open_image(&p, &OpenOptions::new()).await.err().unwrap();
     assert!(matches!(e, ImageError::BackingNotAllowed { .. }), "{e}");
     // Allowed once the parent directory is whitelisted.
@@ -223,42 +170,18 @@ async fn corrupt_images_are_refused_while_serving_continues() {
 
     // Backing file missing, or with no recorded format (never probed).
     let p = d.join("missing.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            "gone.qcow2",
-            "-F",
-            "qcow2",
-            p.to_str().unwrap(),
-            "1M",
-        ],
-    )
-    .await;
+    qemu_img_create(&p, Some("1M"), Some(("gone.qcow2", "qcow2")), &["-u"]).await;
     assert!(matches!(
         open_err(&p).await,
         ImageError::BackingMissing { .. }
     ));
     let base = qemu_image(d, "nofmt-base.qcow2", &[]).await;
     let p = d.join("nofmt.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            base.file_name().unwrap().to_str().unwrap(),
-            "-F",
-            "qcow2",
-            p.to_str().unwrap(),
-        ],
+    qemu_img_create(
+        &p,
+        None,
+        Some((base.file_name().unwrap().to_str().unwrap(), "qcow2")),
+        &[],
     )
     .await;
     // Turn the backing-format extension into the end-of-extensions marker.

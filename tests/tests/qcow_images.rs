@@ -9,7 +9,8 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 use integration_tests::support::{
-    self, assert_check_clean, assert_identical, pattern, require, run_ok,
+    self, assert_check_clean, assert_identical, pattern, qemu_img_create, qemu_img_to_raw, require,
+    run_ok,
 };
 use nbd_server::backend::conformance::SplitMix;
 use nbd_server::{BlockBackend, ZeroFlags};
@@ -213,26 +214,10 @@ async fn random_ops_on_overlay_over_qemu_made_base() {
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "64M"],
-    )
-    .await;
+    qemu_img_create(&base, Some("64M"), None, &[]).await;
     qemu_io_fill(&base, "qcow2").await;
     let mirror = dir.path().join("mirror.raw");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "qcow2",
-            "-O",
-            "raw",
-            base.to_str().unwrap(),
-            mirror.to_str().unwrap(),
-        ],
-    )
-    .await;
+    qemu_img_to_raw("qcow2", &base, &mirror).await;
     let top = dir.path().join("inc1.qcow2");
     let b = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
         .await
@@ -491,11 +476,7 @@ async fn allocation_depth_and_base_allocation_of_a_chain_over_nbd() {
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    run_ok(
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", base.to_str().unwrap(), "8M"],
-    )
-    .await;
+    qemu_img_create(&base, Some("8M"), None, &[]).await;
     run_ok(
         "qemu-io",
         &[
