@@ -39,6 +39,7 @@ mod chain;
 pub mod read;
 pub mod sidecar;
 pub mod tracker;
+pub mod verify;
 
 pub use algo::{Hash, ALGORITHM, BLOCK_SIZE, SEGMENT_BLOCKS};
 pub use backend::{DigestBackend, FinishError};

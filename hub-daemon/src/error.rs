@@ -28,6 +28,13 @@ pub enum DaemonError {
     /// An image is corrupt, unsupported or refused by policy.
     #[error("{0}")]
     BadImage(String),
+    /// A backup could not be completed as a faithful copy (failed writes,
+    /// failed flush, digest mismatch); it has been marked failed.
+    #[error("{0}")]
+    Incomplete(String),
+    /// A digest sidecar is damaged or does not match.
+    #[error("digest: {0}")]
+    Digest(#[from] disk_digest::SidecarError),
     /// The catalog failed.
     #[error("catalog: {0}")]
     Catalog(#[from] rusqlite::Error),

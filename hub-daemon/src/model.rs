@@ -126,6 +126,9 @@ pub struct DiskResult {
     pub backup_mode: String,
     /// Parent backup of an incremental disk.
     pub parent_backup_id: Option<String>,
+    /// Why an incremental request backs this disk up in full.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mode_reason: Option<String>,
 }
 
 /// `POST /api/v1/backups` response.
@@ -158,14 +161,19 @@ pub struct CompleteRequest {
     pub disks: Vec<DiskChange>,
 }
 
-/// One disk's change id.
+/// What the sender reports for one disk at `complete`.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DiskChange {
     /// Disk index.
     pub disk_id: u32,
     /// VMware CBT change id.
-    pub change_id: String,
+    #[serde(default)]
+    pub change_id: Option<String>,
+    /// The sender's `blake3-tree-v1` digest of the disk as it read it (64
+    /// hex digits); a mismatch fails the backup.
+    #[serde(default)]
+    pub digest: Option<String>,
 }
 
 /// `POST /api/v1/backups/{id}/abort` body.
@@ -202,6 +210,23 @@ pub struct BackupDisk {
     pub image_bytes: Option<u64>,
     /// CBT change id.
     pub change_id: Option<String>,
+    /// Image format ("qcow2").
+    pub format: String,
+    /// Why an incremental request backed this disk up in full.
+    pub mode_reason: Option<String>,
+    /// WRITE / WRITE_ZEROES / TRIM / FLUSH requests answered with an error
+    /// (live while running). Any makes `complete` fail.
+    pub write_errors: u64,
+    /// The last such error.
+    pub last_error: Option<String>,
+    /// Digest algorithm of `digest`.
+    pub digest_algorithm: Option<String>,
+    /// Root digest of the disk at this restore point (hex).
+    pub digest: Option<String>,
+    /// Last verification of this disk: "ok" or "corrupt".
+    pub verify_status: Option<String>,
+    /// Details of the last verification (bad ranges and who shares them).
+    pub verify: Option<serde_json::Value>,
     /// Live: clients connected now.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub connections: Option<u64>,
@@ -235,6 +260,10 @@ pub struct BackupRecord {
     pub completed_at: Option<String>,
     /// Startup reconciliation found an image of this completed backup missing.
     pub files_missing: bool,
+    /// "verifying", "ok" or "corrupt" (worst disk), once verified.
+    pub verify_status: Option<String>,
+    /// When the last verification finished (RFC 3339).
+    pub verified_at: Option<String>,
     /// Disks.
     pub disks: Vec<BackupDisk>,
 }

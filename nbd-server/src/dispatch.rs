@@ -10,7 +10,7 @@ use bytes::Bytes;
 use crate::backend::{BackendError, Extent, ReadChunk, ZeroFlags};
 use crate::errno_map::to_errno;
 use crate::export::Export;
-use crate::proto::consts::{state, MAX_EXTENTS};
+use crate::proto::consts::{cmd, state, MAX_EXTENTS};
 use crate::proto::reply::MAX_COMPACT_EXTENT;
 use crate::proto::{Command, MetaContext, NbdErrno, StatusDescriptor};
 
@@ -169,6 +169,11 @@ pub(crate) async fn execute(
             Outcome::failed(errno, e.summary())
         }
     };
+    if let (Outcome::Failed { errno, message }, Some(name)) = (&outcome, data_command(&cmd)) {
+        export
+            .stats()
+            .write_failed(format!("{name} at {}: {errno}: {message}", offset_of(&cmd)));
+    }
     let (read, written) = match (&outcome, cmd) {
         (Outcome::Read(chunks), _) => (chunks.iter().map(ReadChunk::len).sum(), 0),
         (Outcome::Done, Command::Write { len, .. }) => (0, u64::from(len)),
@@ -178,6 +183,39 @@ pub(crate) async fn execute(
         .stats()
         .request_done(!matches!(outcome, Outcome::Failed { .. }), read, written);
     outcome
+}
+
+/// The name of a command whose failure means the export may not hold what
+/// the client meant it to (a backup with such a failure is not complete).
+fn data_command(cmd: &Command) -> Option<&'static str> {
+    data_command_name(match cmd {
+        Command::Write { .. } => cmd::WRITE,
+        Command::WriteZeroes { .. } => cmd::WRITE_ZEROES,
+        Command::Trim { .. } => cmd::TRIM,
+        Command::Flush => cmd::FLUSH,
+        _ => return None,
+    })
+}
+
+/// [`data_command`] by wire command type (for requests refused before
+/// they became a [`Command`]).
+pub(crate) fn data_command_name(kind: u16) -> Option<&'static str> {
+    match kind {
+        cmd::WRITE => Some("WRITE"),
+        cmd::WRITE_ZEROES => Some("WRITE_ZEROES"),
+        cmd::TRIM => Some("TRIM"),
+        cmd::FLUSH => Some("FLUSH"),
+        _ => None,
+    }
+}
+
+fn offset_of(c: &Command) -> u64 {
+    match *c {
+        Command::Write { offset, .. }
+        | Command::WriteZeroes { offset, .. }
+        | Command::Trim { offset, .. } => offset,
+        _ => 0,
+    }
 }
 
 /// Turn backend extents into the descriptors of one context: clipped to

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use tokio_util::sync::CancellationToken;
@@ -181,6 +181,8 @@ pub struct ExportStats {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     last_activity_ms: AtomicU64,
+    write_errors: AtomicU64,
+    last_write_error: Mutex<Option<String>>,
 }
 
 /// A point-in-time copy of [`ExportStats`].
@@ -200,6 +202,9 @@ pub struct ExportStatsSnapshot {
     pub bytes_written: u64,
     /// Unix time in milliseconds of the last request or connection, 0 if none.
     pub last_activity_ms: u64,
+    /// WRITE, WRITE_ZEROES, TRIM and FLUSH requests answered with an error
+    /// (refused or failed): the image may not hold what the client sent.
+    pub write_errors: u64,
 }
 
 impl ExportStats {
@@ -213,7 +218,26 @@ impl ExportStats {
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
             last_activity_ms: self.last_activity_ms.load(Ordering::Relaxed),
+            write_errors: self.write_errors.load(Ordering::Relaxed),
         }
+    }
+
+    /// The message of the last failed WRITE, WRITE_ZEROES, TRIM or FLUSH.
+    pub fn last_write_error(&self) -> Option<String> {
+        self.last_write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Count a data-changing request (WRITE, WRITE_ZEROES, TRIM, FLUSH)
+    /// that was answered with an error.
+    pub(crate) fn write_failed(&self, message: String) {
+        self.write_errors.fetch_add(1, Ordering::Relaxed);
+        *self
+            .last_write_error
+            .lock()
+            .unwrap_or_else(|e| e.into_inner()) = Some(message);
     }
 
     pub(crate) fn connection_opened(&self) {

@@ -52,6 +52,10 @@ pub struct BackingPolicy {
     pub allowed_dirs: Vec<PathBuf>,
     /// Most layers in a chain, the top included.
     pub max_depth: usize,
+    /// Refuse any layer reached through a symlink, and require the top
+    /// image itself to lie in an allowed directory (a backup repository,
+    /// where nothing is a link and nothing comes from outside).
+    pub strict: bool,
 }
 
 impl BackingPolicy {
@@ -60,7 +64,47 @@ impl BackingPolicy {
         BackingPolicy {
             allowed_dirs: dirs.into_iter().collect(),
             max_depth: DEFAULT_MAX_DEPTH,
+            strict: false,
         }
+    }
+
+    /// Like [`BackingPolicy::within`], and strict: no symlinks anywhere in
+    /// the chain, the top inside `dirs` too.
+    pub fn strict_within(dirs: impl IntoIterator<Item = PathBuf>) -> Self {
+        BackingPolicy {
+            strict: true,
+            ..Self::within(dirs)
+        }
+    }
+
+    /// Check one layer's path (as named, before resolution) and its
+    /// resolved form against the policy.
+    pub(crate) fn check_layer(
+        &self,
+        named: &Path,
+        resolved: &Path,
+        allowed: &[PathBuf],
+    ) -> Result<(), ImageError> {
+        if !self.strict {
+            return Ok(());
+        }
+        let meta = std::fs::symlink_metadata(named).map_err(|e| ImageError::io(named, e))?;
+        if meta.file_type().is_symlink() {
+            return Err(ImageError::refused(
+                named,
+                "is a symlink; images must be plain files",
+            ));
+        }
+        if !meta.is_file() {
+            return Err(ImageError::refused(named, "is not a regular file"));
+        }
+        if !allowed.iter().any(|d| resolved.starts_with(d)) {
+            return Err(ImageError::refused(
+                named,
+                "lies outside the allowed directories",
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -106,12 +150,14 @@ pub fn is_qcow2(path: &Path) -> Result<bool, ImageError> {
 
 /// Walk the chain from `top` (a qcow2 image) down, validating every layer.
 pub fn resolve_chain(top: &Path, policy: &BackingPolicy) -> Result<Vec<Layer>, ImageError> {
+    let named = top;
     let top = top.canonicalize().map_err(|e| ImageError::io(top, e))?;
     let allowed: Vec<PathBuf> = if policy.allowed_dirs.is_empty() {
         top.parent().map(Path::to_path_buf).into_iter().collect()
     } else {
         policy.allowed_dirs.clone()
     };
+    policy.check_layer(named, &top, &allowed)?;
     let max_depth = if policy.max_depth == 0 {
         DEFAULT_MAX_DEPTH
     } else {
@@ -191,6 +237,7 @@ pub fn resolve_chain(top: &Path, policy: &BackingPolicy) -> Result<Vec<Layer>, I
                 name,
             });
         }
+        policy.check_layer(&candidate, &resolved, &allowed)?;
         current = resolved;
     }
 }

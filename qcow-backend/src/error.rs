@@ -116,6 +116,16 @@ pub enum ImageError {
     /// Bad create parameters.
     #[error("invalid image parameters: {0}")]
     InvalidParameters(String),
+    /// The file is not what the caller requires (a symlink where links are
+    /// refused, a file outside the allowed directories, not a qcow2 image
+    /// where only qcow2 will do).
+    #[error("{path}: {why}")]
+    Refused {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
 }
 
 impl ImageError {
@@ -134,6 +144,13 @@ impl ImageError {
             }
         } else {
             ImageError::io(path, source)
+        }
+    }
+
+    pub(crate) fn refused(path: &Path, why: impl Into<String>) -> Self {
+        ImageError::Refused {
+            path: path.to_owned(),
+            why: why.into(),
         }
     }
 
@@ -168,6 +185,7 @@ impl ImageError {
             | ImageError::BackingLoop { .. }
             | ImageError::BackingFormatMissing { .. }
             | ImageError::BackingFormat { .. }
+            | ImageError::Refused { .. }
             | ImageError::Engine { .. } => ImageErrorKind::BadImage,
         }
     }

@@ -103,6 +103,11 @@ pub struct CreateOptions {
     pub cluster_size: u32,
     /// Backing file for an incremental overlay.
     pub backing: Option<PathBuf>,
+    /// The backing file's format as the caller knows it. `Some(Qcow2)`:
+    /// it is opened only as qcow2 and refused if it is not one (a damaged
+    /// parent must never be read as raw bytes); `Some(Raw)`: only as raw;
+    /// `None`: detected from its content (`hub-daemon export --backing`).
+    pub backing_format: Option<crate::ImageFormat>,
 }
 
 impl CreateOptions {
@@ -112,6 +117,7 @@ impl CreateOptions {
             size: Some(size),
             cluster_size: DEFAULT_CLUSTER_SIZE,
             backing: None,
+            backing_format: None,
         }
     }
 
@@ -121,6 +127,7 @@ impl CreateOptions {
             size: None,
             cluster_size: DEFAULT_CLUSTER_SIZE,
             backing: Some(parent.into()),
+            backing_format: None,
         }
     }
 }
@@ -288,7 +295,9 @@ impl QcowBackend {
         }
         let pool = opts.pool()?;
         let parent = match &create.backing {
-            Some(parent) => Some(open_parent(&pool, path, parent, &opts.policy).await?),
+            Some(parent) => {
+                Some(open_parent(&pool, path, parent, create.backing_format, &opts.policy).await?)
+            }
             None => None,
         };
         let size = create
@@ -419,10 +428,24 @@ async fn open_parent(
     pool: &IoPool,
     image: &Path,
     parent: &Path,
+    format: Option<crate::ImageFormat>,
     policy: &BackingPolicy,
 ) -> Result<Parent, ImageError> {
     let name = backing_name_for(image, parent)?;
-    let layers = if is_qcow2(parent)? {
+    let qcow2 = match format {
+        Some(crate::ImageFormat::Qcow2) => {
+            if !is_qcow2(parent)? {
+                return Err(ImageError::refused(
+                    parent,
+                    "recorded as qcow2 but has no qcow2 header; never read as raw",
+                ));
+            }
+            true
+        }
+        Some(crate::ImageFormat::Raw) => false,
+        None => is_qcow2(parent)?,
+    };
+    let layers = if qcow2 {
         let (p, policy) = (parent.to_owned(), policy.clone());
         pool.run(0, move || async move { resolve_chain(&p, &policy) })
             .await
@@ -431,6 +454,16 @@ async fn open_parent(
         let path = parent
             .canonicalize()
             .map_err(|e| ImageError::io(parent, e))?;
+        let allowed = if policy.allowed_dirs.is_empty() {
+            image
+                .parent()
+                .and_then(|d| d.canonicalize().ok())
+                .into_iter()
+                .collect()
+        } else {
+            policy.allowed_dirs.clone()
+        };
+        policy.check_layer(parent, &path, &allowed)?;
         vec![Layer {
             path,
             format: Format::Raw,

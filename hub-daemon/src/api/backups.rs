@@ -82,8 +82,22 @@ pub async fn complete(
     OptionalJson(req): OptionalJson<CompleteRequest>,
 ) -> Result<Json<BackupRecord>, ApiError> {
     check_id(&id)?;
-    if req.disks.iter().any(|d| d.change_id.len() > 1024) {
+    if req
+        .disks
+        .iter()
+        .any(|d| d.change_id.as_ref().is_some_and(|c| c.len() > 1024))
+    {
         return Err(ApiError::bad_request("change_id too long"));
+    }
+    if let Some(d) = req.disks.iter().find(|d| {
+        d.digest
+            .as_deref()
+            .is_some_and(|h| disk_digest::Hash::from_hex(h).is_none())
+    }) {
+        return Err(ApiError::bad_request(format!(
+            "disk {}: digest must be 64 hex digits",
+            d.disk_id
+        )));
     }
     Ok(Json(st.backups().complete(&id, req).await?))
 }
@@ -98,6 +112,16 @@ pub async fn abort(
     let reason = req.reason.unwrap_or_else(|| "aborted by request".into());
     let reason: String = reason.chars().take(1024).collect();
     Ok(Json(st.backups().abort(&id, &reason).await?))
+}
+
+/// `POST /api/v1/backups/{id}/verify`: re-read the chain of every disk in
+/// the background; `GET` shows `verify_status` and the outcome.
+pub async fn verify(
+    State(st): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<BackupRecord>), ApiError> {
+    check_id(&id)?;
+    Ok((StatusCode::ACCEPTED, Json(st.backups().verify(&id).await?)))
 }
 
 /// `POST /api/v1/backups/{id}/restore`.

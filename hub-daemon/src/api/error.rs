@@ -31,7 +31,10 @@ impl ApiError {
             DaemonError::NotFound { .. } => (StatusCode::NOT_FOUND, "not_found"),
             DaemonError::Conflict(_) => (StatusCode::CONFLICT, "conflict"),
             DaemonError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
-            DaemonError::BadImage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_image"),
+            DaemonError::BadImage(_) | DaemonError::Digest(_) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "bad_image")
+            }
+            DaemonError::Incomplete(_) => (StatusCode::UNPROCESSABLE_ENTITY, "backup_failed"),
             DaemonError::Catalog(_)
             | DaemonError::Io { .. }
             | DaemonError::Nbd(_)

@@ -32,6 +32,13 @@ impl Layout {
         self.root.join(relative)
     }
 
+    /// The digest sidecar of an image (`<image>.digest`).
+    pub fn sidecar(image: &Path) -> PathBuf {
+        let mut s = image.as_os_str().to_owned();
+        s.push(".digest");
+        PathBuf::from(s)
+    }
+
     /// The in-progress name of an image.
     pub fn partial(path: &Path) -> PathBuf {
         let mut s = path.as_os_str().to_owned();

@@ -18,6 +18,7 @@ mod layout;
 mod reconcile;
 mod restore;
 mod start;
+mod verify;
 mod watchdog;
 
 use std::collections::HashMap;
@@ -27,7 +28,9 @@ use std::sync::{Arc, Mutex};
 
 use tokio_util::sync::CancellationToken;
 
-use crate::catalog::{Catalog, DiskCompletion};
+use disk_digest::{DigestBackend, DigestChain, Hash};
+
+use crate::catalog::{Catalog, DiskCompletion, DiskFailure};
 use crate::config::Config;
 use crate::error::{DaemonError, Result};
 use crate::model::{BackupRecord, CompleteRequest};
@@ -43,8 +46,18 @@ struct DiskJob {
     disk_id: u32,
     partial: PathBuf,
     final_path: PathBuf,
+    /// The image behind the export, hashing what arrives.
+    digest: Arc<DigestBackend>,
+    /// Sidecars of the parent chain, newest first (empty for a full).
+    parent_sidecars: Vec<PathBuf>,
     /// `None` once the export has been stopped.
     published: Option<Published>,
+}
+
+impl DiskJob {
+    fn sidecar_partial(&self) -> PathBuf {
+        Layout::partial(&Layout::sidecar(&self.final_path))
+    }
 }
 
 /// A running backup.
@@ -63,6 +76,8 @@ pub struct Backups {
     config: Config,
     jobs: Mutex<HashMap<String, Job>>,
     restores: tokio::sync::Mutex<HashMap<String, Restore>>,
+    /// Backups being verified.
+    verifying: Mutex<std::collections::HashSet<String>>,
     shutting_down: AtomicBool,
     seq: AtomicU32,
 }
@@ -76,6 +91,7 @@ impl Backups {
             config,
             jobs: Mutex::new(HashMap::new()),
             restores: tokio::sync::Mutex::new(HashMap::new()),
+            verifying: Mutex::new(Default::default()),
             shutting_down: AtomicBool::new(false),
             seq: AtomicU32::new(0),
         })
@@ -119,33 +135,44 @@ impl Backups {
         }
     }
 
-    /// Stop every export of a job (drain, close, flush); returns bytes
-    /// written per disk and the first close error.
-    async fn stop_exports(&self, job: &mut Job) -> (Vec<(u32, u64)>, Option<DaemonError>) {
+    /// Stop every export of a job (drain, disconnect, flush); returns what
+    /// each disk saw and the first flush error.
+    async fn stop_exports(&self, job: &mut Job) -> (Vec<DiskFailure>, Option<DaemonError>) {
         job.watchdog.cancel();
-        let mut written = Vec::with_capacity(job.disks.len());
+        let mut seen = Vec::with_capacity(job.disks.len());
         let mut first_err = None;
         for d in &mut job.disks {
             let Some(p) = d.published.take() else {
                 continue;
             };
-            let seen = p.export.stats().snapshot().bytes_written;
-            match self.nbd.unpublish(p).await {
-                Ok(s) => written.push((d.disk_id, s.bytes_written)),
+            let export = Arc::clone(&p.export);
+            let snap = match self.nbd.unpublish(p).await {
+                Ok(s) => s,
                 Err(e) => {
-                    tracing::error!(backup = %job.id, disk_id = d.disk_id, error = %e, "closing export failed");
-                    written.push((d.disk_id, seen));
-                    first_err.get_or_insert(e);
+                    tracing::error!(backup = %job.id, disk_id = d.disk_id, error = %e, "flushing the image failed");
+                    first_err.get_or_insert(DaemonError::Incomplete(format!(
+                        "disk {}: flushing the image failed: {e}",
+                        d.disk_id
+                    )));
+                    export.stats().snapshot()
                 }
-            }
+            };
+            seen.push(DiskFailure {
+                disk_id: d.disk_id,
+                bytes_written: snap.bytes_written,
+                write_errors: snap.write_errors,
+                last_error: export.stats().last_write_error(),
+            });
         }
-        (written, first_err)
+        (seen, first_err)
     }
 
-    /// Delete every file a job may have produced (partial and final names).
+    /// Delete every file a job may have produced (partial and final names,
+    /// images and digest sidecars).
     fn remove_files(job: &Job) {
         for d in &job.disks {
-            for p in [&d.partial, &d.final_path] {
+            let sidecar = Layout::sidecar(&d.final_path);
+            for p in [&d.partial, &d.final_path, &d.sidecar_partial(), &sidecar] {
                 match std::fs::remove_file(p) {
                     Ok(()) => tracing::debug!(path = %p.display(), "removed"),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -157,53 +184,124 @@ impl Backups {
         }
     }
 
-    /// Finish a running backup: stop the exports (drain, flush, sync),
-    /// rename the images to their final names, commit the catalog.
+    /// Finish a running backup. It completes only if every byte is there:
+    /// no data-changing request failed on any disk, every image flushed,
+    /// every digest computed (and equal to the sender's, when given).
+    /// Otherwise it fails, its files go, and the error says why.
     pub async fn complete(&self, id: &str, req: CompleteRequest) -> Result<BackupRecord> {
         let mut job = self.take_job(id).await?;
-        let (written, err) = self.stop_exports(&mut job).await;
-        if let Some(e) = err {
+        if let Some(bad) = req
+            .disks
+            .iter()
+            .find(|c| !job.disks.iter().any(|d| d.disk_id == c.disk_id))
+        {
+            let msg = format!("backup {id:?} has no disk {}", bad.disk_id);
+            self.jobs().insert(id.to_owned(), job);
+            return Err(DaemonError::BadRequest(msg));
+        }
+        let (seen, flush_err) = self.stop_exports(&mut job).await;
+        let failed: Vec<String> = seen
+            .iter()
+            .filter(|d| d.write_errors > 0)
+            .map(|d| {
+                format!(
+                    "disk {}: {} failed write request(s), last: {}",
+                    d.disk_id,
+                    d.write_errors,
+                    d.last_error.as_deref().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !failed.is_empty() {
+            let reason = format!("incomplete: {}", failed.join("; "));
             return Err(self
-                .fail_job(job, &format!("flushing images failed: {e}"), written)
+                .fail_job(job, DaemonError::Incomplete(reason), seen)
                 .await);
         }
+        if let Some(e) = flush_err {
+            return Err(self.fail_job(job, e, seen).await);
+        }
+        let mut digests = Vec::with_capacity(job.disks.len());
+        for d in &job.disks {
+            match Self::finish_disk(d, &req).await {
+                Ok(h) => digests.push((d.disk_id, h)),
+                Err(e) => return Err(self.fail_job(job, e, seen).await),
+            }
+        }
         if let Err(e) = Self::commit_files(&job) {
-            return Err(self
-                .fail_job(job, &format!("committing images failed: {e}"), written)
-                .await);
+            let e = DaemonError::Incomplete(format!("committing images failed: {e}"));
+            return Err(self.fail_job(job, e, seen).await);
         }
         let mut completions = Vec::with_capacity(job.disks.len());
         for d in &job.disks {
             let image_bytes = std::fs::metadata(&d.final_path)
                 .map(|m| m.len())
                 .unwrap_or(0);
-            let bytes_written = written.iter().find(|w| w.0 == d.disk_id).map_or(0, |w| w.1);
+            let bytes_written = seen
+                .iter()
+                .find(|w| w.disk_id == d.disk_id)
+                .map_or(0, |w| w.bytes_written);
             let change_id = req
                 .disks
                 .iter()
                 .find(|c| c.disk_id == d.disk_id)
-                .map(|c| c.change_id.clone());
+                .and_then(|c| c.change_id.clone());
+            let digest = digests
+                .iter()
+                .find(|x| x.0 == d.disk_id)
+                .map(|x| x.1.to_hex())
+                .unwrap_or_default();
             completions.push(DiskCompletion {
                 disk_id: d.disk_id,
                 bytes_written,
                 image_bytes,
                 change_id,
+                digest,
             });
         }
         if let Err(e) = self.catalog.complete(id, completions).await {
-            return Err(self
-                .fail_job(job, &format!("catalog commit failed: {e}"), written)
-                .await);
+            let e = DaemonError::Incomplete(format!("catalog commit failed: {e}"));
+            return Err(self.fail_job(job, e, seen).await);
         }
         tracing::info!(backup = id, disks = job.disks.len(), "backup completed");
         self.record(id).await
     }
 
-    /// Rename every `.partial` image to its final name and make the renames
-    /// durable.
+    /// Digest one drained disk (reading back what was not seen whole),
+    /// close its image, and check the sender's digest.
+    async fn finish_disk(d: &DiskJob, req: &CompleteRequest) -> Result<Hash> {
+        let size = d.digest.inner().size();
+        let chain = DigestChain::open(&d.parent_sidecars, size).map_err(|e| {
+            DaemonError::Incomplete(format!("disk {}: parent digests: {e}", d.disk_id))
+        })?;
+        let header = d.digest.finish(&chain).await.map_err(|e| {
+            DaemonError::Incomplete(format!("disk {}: computing the digest: {e}", d.disk_id))
+        })?;
+        d.digest.inner().close().await.map_err(|e| {
+            DaemonError::Incomplete(format!("disk {}: closing the image: {e}", d.disk_id))
+        })?;
+        let claimed = req
+            .disks
+            .iter()
+            .find(|c| c.disk_id == d.disk_id)
+            .and_then(|c| c.digest.as_deref());
+        if let Some(claimed) = claimed {
+            if Hash::from_hex(claimed) != Some(header.root) {
+                return Err(DaemonError::Incomplete(format!(
+                    "disk {}: digest mismatch: the sender read {claimed}, the hub holds {}",
+                    d.disk_id, header.root
+                )));
+            }
+        }
+        Ok(header.root)
+    }
+
+    /// Rename every `.partial` image and sidecar to its final name and make
+    /// the renames durable.
     fn commit_files(job: &Job) -> std::io::Result<()> {
         for d in &job.disks {
             std::fs::rename(&d.partial, &d.final_path)?;
+            std::fs::rename(d.sidecar_partial(), Layout::sidecar(&d.final_path))?;
         }
         for d in &job.disks {
             if let Some(dir) = d.final_path.parent() {
@@ -213,25 +311,33 @@ impl Backups {
         Ok(())
     }
 
-    /// Tear a job down as failed: files deleted, catalog marked. Returns the
-    /// error to report.
-    async fn fail_job(&self, mut job: Job, reason: &str, written: Vec<(u32, u64)>) -> DaemonError {
+    /// Tear a job down as failed: files deleted, catalog marked with the
+    /// error's text. Returns `err` to report.
+    async fn fail_job(
+        &self,
+        mut job: Job,
+        err: DaemonError,
+        seen: Vec<DiskFailure>,
+    ) -> DaemonError {
         let (more, _) = self.stop_exports(&mut job).await;
-        let written = if written.is_empty() { more } else { written };
+        let seen = if seen.is_empty() { more } else { seen };
         Self::remove_files(&job);
-        if let Err(e) = self.catalog.fail(&job.id, reason, written).await {
+        let reason = err.to_string();
+        if let Err(e) = self.catalog.fail(&job.id, &reason, seen).await {
             tracing::error!(backup = %job.id, error = %e, "cannot record failure");
         }
         tracing::warn!(backup = %job.id, reason, "backup failed");
-        DaemonError::Internal(reason.to_owned())
+        err
     }
 
     /// Abort a running backup: stop its exports, delete its images, mark it
     /// failed with `reason`.
     pub async fn abort(&self, id: &str, reason: &str) -> Result<BackupRecord> {
         let mut job = self.take_job(id).await?;
-        let (written, _) = self.stop_exports(&mut job).await;
-        let _ = self.fail_job(job, reason, written).await;
+        let (seen, _) = self.stop_exports(&mut job).await;
+        let _ = self
+            .fail_job(job, DaemonError::Incomplete(reason.to_owned()), seen)
+            .await;
         self.record(id).await
     }
 
@@ -263,6 +369,8 @@ impl Backups {
             {
                 let s = e.stats().snapshot();
                 d.bytes_written = s.bytes_written;
+                d.write_errors = s.write_errors;
+                d.last_error = e.stats().last_write_error();
                 d.connections = Some(s.connections_active);
                 d.last_activity = (s.last_activity_ms > 0)
                     .then(|| crate::time::rfc3339(s.last_activity_ms as i64));
@@ -284,6 +392,11 @@ impl Backups {
                 "backup {id:?} is being restored"
             )));
         }
+        if self.is_verifying(id) {
+            return Err(DaemonError::Conflict(format!(
+                "backup {id:?} is being verified"
+            )));
+        }
         let deps = self.catalog.dependents(id).await?;
         if !deps.is_empty() {
             return Err(DaemonError::Conflict(format!(
@@ -296,7 +409,13 @@ impl Backups {
             let layout = Layout::new(&repo.path);
             for d in &b.disks {
                 let path = layout.path_of(&d.file);
-                for p in [Layout::partial(&path), path] {
+                let sidecar = Layout::sidecar(&path);
+                for p in [
+                    Layout::partial(&path),
+                    Layout::partial(&sidecar),
+                    sidecar,
+                    path,
+                ] {
                     match std::fs::remove_file(&p) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

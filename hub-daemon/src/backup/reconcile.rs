@@ -62,7 +62,10 @@ impl Backups {
             if let Some(layout) = layout_of(&b.repository_id) {
                 for d in &b.disks {
                     let path = layout.path_of(&d.file);
+                    let sidecar = Layout::sidecar(&path);
                     remove_if_exists(&Layout::partial(&path));
+                    remove_if_exists(&Layout::partial(&sidecar));
+                    remove_if_exists(&sidecar);
                     remove_if_exists(&path);
                 }
             }
@@ -80,10 +83,17 @@ impl Backups {
             let Some(layout) = layout_of(&b.repository_id) else {
                 continue;
             };
-            let missing = b.disks.iter().any(|d| !layout.path_of(&d.file).is_file());
+            let missing = b.disks.iter().any(|d| {
+                let p = layout.path_of(&d.file);
+                !p.is_file() || !Layout::sidecar(&p).is_file()
+            });
             if missing {
                 tracing::error!(backup = %b.backup_id, "completed backup has missing images");
                 report.missing.push(b.backup_id.clone());
+            }
+            if b.verify_status.as_deref() == Some("verifying") {
+                // The daemon stopped mid-verify: no outcome was recorded.
+                self.catalog.set_verify_status(&b.backup_id, None).await?;
             }
             if missing != b.files_missing {
                 self.catalog

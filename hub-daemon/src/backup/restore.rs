@@ -53,14 +53,22 @@ impl Backups {
             .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
         let opts = OpenOptions::new()
             .read_only(true)
-            .policy(BackingPolicy::within([root]));
+            .policy(BackingPolicy::strict_within([root]));
         let leases = self.nbd.pool().allocate(b.disks.len())?;
         let mut published: Vec<Published> = Vec::with_capacity(b.disks.len());
         let mut results = Vec::with_capacity(b.disks.len());
         let opened: Result<()> = async {
             for (d, (lease, listener)) in b.disks.iter().zip(leases) {
                 let path = layout.path_of(&d.file);
-                let backend = QcowBackend::open(&path, &opts).await?;
+                // Anything wrong with the image is the image's fault: 422
+                // with the reason (a lock held by a writer stays a 409).
+                let backend =
+                    QcowBackend::open(&path, &opts)
+                        .await
+                        .map_err(|e| match e.kind() {
+                            qcow_backend::ImageErrorKind::Locked => DaemonError::from(e),
+                            _ => DaemonError::BadImage(format!("disk {}: {e}", d.disk_id)),
+                        })?;
                 let name = format!("restore-{id}-disk{}", d.disk_id);
                 let export = Export::new(name.clone(), Arc::new(backend))
                     .read_only(true)
@@ -76,6 +84,7 @@ impl Backups {
                     status: "serving".into(),
                     backup_mode: d.backup_mode.clone(),
                     parent_backup_id: d.parent_backup_id.clone(),
+                    mode_reason: None,
                 });
                 published.push(p);
             }

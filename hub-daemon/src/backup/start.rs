@@ -5,14 +5,15 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use nbd_server::Export;
-use qcow_backend::{BackingPolicy, CreateOptions, OpenOptions, QcowBackend};
+use disk_digest::{DigestBackend, DigestChain, Hash};
+use nbd_server::{BlockBackend, Export};
+use qcow_backend::{BackingPolicy, CreateOptions, ImageFormat, OpenOptions, QcowBackend};
 use tokio_util::sync::CancellationToken;
 
 use super::{watchdog, Backups, DiskJob, Job, Layout};
 use crate::catalog::{NewBackup, NewBackupDisk};
 use crate::error::{DaemonError, Result};
-use crate::model::{BackupRequest, BackupStarted, BackupType, DiskResult};
+use crate::model::{BackupRequest, BackupStarted, BackupType, DiskResult, DiskSpec};
 use crate::names;
 use crate::time::{now_ms, rfc3339};
 
@@ -27,10 +28,23 @@ struct Planned {
     disk_key: u32,
     size: u64,
     label: String,
-    /// Parent image (absolute path) and its backup id, for an incremental.
-    parent: Option<(PathBuf, String)>,
+    /// The validated parent, for an incremental.
+    parent: Option<ParentPlan>,
+    /// Why an incremental request backs this disk up in full.
+    mode_reason: Option<String>,
     relative: String,
     export_name: String,
+}
+
+/// A parent that passed every check.
+#[derive(Debug, Clone)]
+struct ParentPlan {
+    /// Image (absolute).
+    path: PathBuf,
+    /// Its backup.
+    backup_id: String,
+    /// Sidecars of the parent and its ancestors, newest first.
+    sidecars: Vec<PathBuf>,
 }
 
 fn validate(req: &BackupRequest) -> Result<()> {
@@ -112,23 +126,31 @@ impl Backups {
 
         let mut plan = Vec::with_capacity(vm.disks.len());
         for d in &vm.disks {
-            let parent = match req.backup_type {
-                BackupType::Full => None,
-                BackupType::Incremental => self
-                    .catalog
-                    .latest_image(&vm.vm_name, &repo.id, d.disk_id)
-                    .await?
-                    // A resized disk, or a parent whose file is gone, gets a full.
-                    .filter(|p| p.size_bytes == d.size_bytes)
-                    .map(|p| (layout.path_of(&p.file), p.backup_id))
-                    .filter(|(path, _)| path.is_file()),
+            let (parent, mode_reason) = match req.backup_type {
+                BackupType::Full => (None, None),
+                BackupType::Incremental => {
+                    match self.plan_parent(&vm.vm_name, &repo.id, &layout, d).await? {
+                        Ok(p) => (Some(p), None),
+                        Err(reason) => {
+                            tracing::warn!(vm = %vm.vm_name, disk_id = d.disk_id, %reason, "disk goes full");
+                            (None, Some(reason))
+                        }
+                    }
+                }
+            };
+            let disk_key = match d.disk_key {
+                Some(k) => k,
+                None => 2000u32.checked_add(d.unit_number).ok_or_else(|| {
+                    DaemonError::BadRequest(format!("disk {}: unit_number too large", d.disk_id))
+                })?,
             };
             plan.push(Planned {
                 disk_id: d.disk_id,
-                disk_key: d.disk_key.unwrap_or(2000 + d.unit_number),
+                disk_key,
                 size: d.size_bytes,
                 label: d.label.clone(),
                 parent,
+                mode_reason,
                 relative: Layout::relative(&vm.vm_name, d.disk_id, &id),
                 export_name: format!("{id}-disk{}", d.disk_id),
             });
@@ -157,7 +179,8 @@ impl Backups {
                             "full"
                         }
                         .into(),
-                        parent_backup_id: p.parent.as_ref().map(|x| x.1.clone()),
+                        parent_backup_id: p.parent.as_ref().map(|x| x.backup_id.clone()),
+                        mode_reason: p.mode_reason.clone(),
                         file: p.relative.clone(),
                         export_name: p.export_name.clone(),
                         nbd_port: None,
@@ -201,7 +224,8 @@ impl Backups {
                         "full"
                     }
                     .into(),
-                    parent_backup_id: p.parent.as_ref().map(|x| x.1.clone()),
+                    parent_backup_id: p.parent.as_ref().map(|x| x.backup_id.clone()),
+                    mode_reason: p.mode_reason.clone(),
                 }
             })
             .collect();
@@ -240,6 +264,95 @@ impl Backups {
         })
     }
 
+    /// Choose and check the parent of one disk of an incremental. `Ok(Err)`
+    /// is the reason the disk must be backed up in full instead: no
+    /// usable parent, a parent that is not a valid qcow2 inside the
+    /// repository, or one whose recorded digests do not hold together.
+    /// Never a silent wrong base.
+    async fn plan_parent(
+        &self,
+        vm: &str,
+        repo_id: &str,
+        layout: &Layout,
+        d: &DiskSpec,
+    ) -> Result<std::result::Result<ParentPlan, String>> {
+        let Some(p) = self.catalog.latest_image(vm, repo_id, d.disk_id).await? else {
+            return Ok(Err("no completed backup of this disk to build on".into()));
+        };
+        if p.size_bytes != d.size_bytes {
+            return Ok(Err(format!(
+                "disk size changed ({} -> {} bytes) since backup {}",
+                p.size_bytes, d.size_bytes, p.backup_id
+            )));
+        }
+        if p.format != "qcow2" {
+            return Ok(Err(format!(
+                "parent {} is recorded as {}, not qcow2",
+                p.backup_id, p.format
+            )));
+        }
+        if p.verify_status.as_deref() == Some("corrupt") {
+            return Ok(Err(format!("parent {} failed verification", p.backup_id)));
+        }
+        let Some(root) = p.digest.as_deref().and_then(Hash::from_hex) else {
+            return Ok(Err(format!(
+                "parent {} has no recorded digest",
+                p.backup_id
+            )));
+        };
+        let chain = match self
+            .catalog
+            .chain(&p.backup_id, d.disk_id, qcow_backend::DEFAULT_MAX_DEPTH)
+            .await
+        {
+            Ok(c) => c,
+            Err(e) => return Ok(Err(format!("parent {}: {e}", p.backup_id))),
+        };
+        let sidecars: Vec<PathBuf> = chain
+            .iter()
+            .map(|l| Layout::sidecar(&layout.path_of(&l.file)))
+            .collect();
+        let path = layout.path_of(&p.file);
+        let root_dir = layout
+            .root()
+            .canonicalize()
+            .map_err(|e| DaemonError::io(format!("repository {}", layout.root().display()), e))?;
+        // Open the parent chain as a reader would: qcow2 only, strict
+        // policy, every header checked; and its digests, linked.
+        let opts = OpenOptions::new()
+            .read_only(true)
+            .policy(BackingPolicy::strict_within([root_dir]));
+        let check = async {
+            if !qcow_backend::chain::is_qcow2(&path).map_err(|e| e.to_string())? {
+                return Err("has no qcow2 header; never used as raw".to_owned());
+            }
+            let q = QcowBackend::open(&path, &opts)
+                .await
+                .map_err(|e| e.to_string())?;
+            let depth = q.chain_depth();
+            drop(q);
+            if depth != chain.len() {
+                return Err(format!(
+                    "image chain has {depth} layers, the catalog {}",
+                    chain.len()
+                ));
+            }
+            let dc = DigestChain::open(&sidecars, d.size_bytes).map_err(|e| e.to_string())?;
+            if dc.root() != root {
+                return Err("digest sidecar does not match the catalog".to_owned());
+            }
+            Ok(())
+        };
+        Ok(match check.await {
+            Ok(()) => Ok(ParentPlan {
+                path,
+                backup_id: p.backup_id,
+                sidecars,
+            }),
+            Err(why) => Err(format!("parent {} unusable: {why}", p.backup_id)),
+        })
+    }
+
     /// Ports, images and exports for every disk; on any failure, undo all.
     async fn bring_up(&self, vm: &str, layout: &Layout, plan: &[Planned]) -> Result<Vec<DiskJob>> {
         let leases = self.nbd.pool().allocate(plan.len())?;
@@ -247,7 +360,7 @@ impl Backups {
             .root()
             .canonicalize()
             .map_err(|e| DaemonError::io(format!("repository {}", layout.root().display()), e))?;
-        let policy = BackingPolicy::within([root]);
+        let policy = BackingPolicy::strict_within([root]);
         let mut disks: Vec<DiskJob> = Vec::with_capacity(plan.len());
         let mut made: Vec<PathBuf> = Vec::new();
         let result: Result<()> = async {
@@ -261,22 +374,35 @@ impl Backups {
                 let create = CreateOptions {
                     size: Some(p.size),
                     cluster_size: qcow_backend::DEFAULT_CLUSTER_SIZE,
-                    backing: p.parent.as_ref().map(|x| x.0.clone()),
+                    backing: p.parent.as_ref().map(|x| x.path.clone()),
+                    backing_format: Some(ImageFormat::Qcow2),
                 };
                 let opts = OpenOptions::new().policy(policy.clone());
                 let backend = QcowBackend::create(&partial, &create, &opts).await?;
                 made.push(partial.clone());
-                let export = Export::new(p.export_name.clone(), Arc::new(backend))
-                    .with_description(
-                        format!("{vm} disk {} {}", p.disk_id, p.label)
-                            .trim_end()
-                            .to_owned(),
-                    );
+                let sidecar = Layout::partial(&Layout::sidecar(&final_path));
+                let digest = Arc::new(DigestBackend::new(Arc::new(backend), &sidecar)?);
+                made.push(sidecar);
+                let export = Export::new(
+                    p.export_name.clone(),
+                    Arc::clone(&digest) as Arc<dyn BlockBackend>,
+                )
+                .with_description(
+                    format!("{vm} disk {} {}", p.disk_id, p.label)
+                        .trim_end()
+                        .to_owned(),
+                );
                 let published = self.nbd.publish(export, lease, listener)?;
                 disks.push(DiskJob {
                     disk_id: p.disk_id,
                     partial,
                     final_path,
+                    digest,
+                    parent_sidecars: p
+                        .parent
+                        .as_ref()
+                        .map(|x| x.sidecars.clone())
+                        .unwrap_or_default(),
                     published: Some(published),
                 });
             }

@@ -72,6 +72,8 @@ pub struct NewBackupDisk {
     pub backup_mode: String,
     /// Parent backup.
     pub parent_backup_id: Option<String>,
+    /// Why an incremental request backs this disk up in full.
+    pub mode_reason: Option<String>,
     /// Image path relative to the repository (final name).
     pub file: String,
     /// Export name.
@@ -91,6 +93,51 @@ pub struct DiskCompletion {
     pub image_bytes: u64,
     /// CBT change id from the SNA.
     pub change_id: Option<String>,
+    /// Root digest (hex).
+    pub digest: String,
+}
+
+/// One restore point of a disk in a chain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainLink {
+    /// Backup id.
+    pub backup_id: String,
+    /// Image relative to the repository.
+    pub file: String,
+    /// Root digest.
+    pub digest: Option<String>,
+    /// Parent backup.
+    pub parent_backup_id: Option<String>,
+    /// Backup status.
+    pub status: String,
+    /// Virtual size.
+    pub size_bytes: u64,
+}
+
+/// What failing one disk records.
+#[derive(Debug, Clone, Default)]
+pub struct DiskFailure {
+    /// Disk index.
+    pub disk_id: u32,
+    /// Payload bytes received.
+    pub bytes_written: u64,
+    /// Data-changing requests answered with an error.
+    pub write_errors: u64,
+    /// The last such error.
+    pub last_error: Option<String>,
+}
+
+/// The outcome of verifying one disk of one restore point.
+#[derive(Debug, Clone)]
+pub struct DiskVerified {
+    /// Backup.
+    pub backup_id: String,
+    /// Disk index.
+    pub disk_id: u32,
+    /// "ok" or "corrupt".
+    pub status: String,
+    /// Details (JSON): bad ranges, where they come from.
+    pub detail: String,
 }
 
 /// The latest completed image of one disk.
@@ -102,6 +149,12 @@ pub struct ParentImage {
     pub file: String,
     /// Virtual size.
     pub size_bytes: u64,
+    /// Image format as recorded.
+    pub format: String,
+    /// Root digest, if recorded.
+    pub digest: Option<String>,
+    /// Last verification outcome.
+    pub verify_status: Option<String>,
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -347,9 +400,9 @@ impl Catalog {
             }
             for d in &b.disks {
                 tx.execute(
-                    "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9)",
-                    params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port],
+                    "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port, mode_reason, format)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'qcow2')",
+                    params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port, d.mode_reason],
                 )?;
             }
             tx.commit()?;
@@ -382,9 +435,9 @@ impl Catalog {
             let tx = c.transaction()?;
             for d in &disks {
                 tx.execute(
-                    "UPDATE backup_disks SET bytes_written = ?3, image_bytes = ?4, change_id = ?5, nbd_port = NULL
+                    "UPDATE backup_disks SET bytes_written = ?3, image_bytes = ?4, change_id = ?5, digest = ?6, nbd_port = NULL
                      WHERE backup_id = ?1 AND disk_id = ?2",
-                    params![id, d.disk_id, d.bytes_written as i64, d.image_bytes as i64, d.change_id],
+                    params![id, d.disk_id, d.bytes_written as i64, d.image_bytes as i64, d.change_id, d.digest],
                 )?;
             }
             let n = tx.execute(
@@ -400,15 +453,16 @@ impl Catalog {
         .await
     }
 
-    /// Mark failed with a reason (and the bytes seen so far).
-    pub async fn fail(&self, id: &str, reason: &str, written: Vec<(u32, u64)>) -> Result<()> {
+    /// Mark failed with a reason (and what each disk saw so far).
+    pub async fn fail(&self, id: &str, reason: &str, disks: Vec<DiskFailure>) -> Result<()> {
         let (id, reason) = (id.to_owned(), reason.to_owned());
         self.with(move |c| {
             let tx = c.transaction()?;
-            for (disk, bytes) in written {
+            for d in disks {
                 tx.execute(
-                    "UPDATE backup_disks SET bytes_written = ?3, nbd_port = NULL WHERE backup_id = ?1 AND disk_id = ?2",
-                    params![id, disk, bytes as i64],
+                    "UPDATE backup_disks SET bytes_written = ?3, write_errors = ?4, last_error = ?5, nbd_port = NULL
+                     WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![id, d.disk_id, d.bytes_written as i64, d.write_errors as i64, d.last_error],
                 )?;
             }
             tx.execute(
@@ -448,6 +502,64 @@ impl Catalog {
         .await
     }
 
+    /// Disk `disk_id` of backup `id` and its ancestors, newest first (at
+    /// most `max` long; a longer or looping chain is an error).
+    pub async fn chain(&self, id: &str, disk_id: u32, max: usize) -> Result<Vec<ChainLink>> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let mut out: Vec<ChainLink> = Vec::new();
+            let mut next = Some(id);
+            while let Some(bid) = next {
+                if out.len() >= max || out.iter().any(|l| l.backup_id == bid) {
+                    return Err(DaemonError::BadImage(format!(
+                        "backup chain of disk {disk_id} is longer than {max} or loops"
+                    )));
+                }
+                let row: Option<ChainLink> = c
+                    .query_row(
+                        "SELECT d.backup_id, d.file, d.digest, d.parent_backup_id, b.status, d.size_bytes
+                         FROM backup_disks d JOIN backups b ON b.id = d.backup_id
+                         WHERE d.backup_id = ?1 AND d.disk_id = ?2",
+                        params![bid, disk_id],
+                        |r| {
+                            Ok(ChainLink {
+                                backup_id: r.get(0)?,
+                                file: r.get(1)?,
+                                digest: r.get(2)?,
+                                parent_backup_id: r.get(3)?,
+                                status: r.get(4)?,
+                                size_bytes: r.get::<_, i64>(5)? as u64,
+                            })
+                        },
+                    )
+                    .optional()?;
+                let Some(link) = row else {
+                    return Err(DaemonError::BadImage(format!(
+                        "backup {bid:?} (disk {disk_id}) is missing from the catalog"
+                    )));
+                };
+                next = link.parent_backup_id.clone();
+                out.push(link);
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Completed backups whose disk `disk_id` has `id` as parent.
+    pub async fn children(&self, id: &str, disk_id: u32) -> Result<Vec<String>> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let mut st = c.prepare(
+                "SELECT d.backup_id FROM backup_disks d JOIN backups b ON b.id = d.backup_id
+                 WHERE d.parent_backup_id = ?1 AND d.disk_id = ?2 AND b.status = 'completed' ORDER BY d.backup_id",
+            )?;
+            let rows = st.query_map(params![id, disk_id], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
     /// The latest completed image of `disk_id` of `vm` in `repo`.
     pub async fn latest_image(
         &self,
@@ -458,7 +570,7 @@ impl Catalog {
         let (vm, repo) = (vm.to_owned(), repo.to_owned());
         self.with(move |c| {
             Ok(c.query_row(
-                "SELECT b.id, d.file, d.size_bytes FROM backups b JOIN backup_disks d ON d.backup_id = b.id
+                "SELECT b.id, d.file, d.size_bytes, d.format, d.digest, d.verify_status FROM backups b JOIN backup_disks d ON d.backup_id = b.id
                  WHERE b.vm_name = ?1 AND b.repository_id = ?2 AND b.status = 'completed' AND b.files_missing = 0
                    AND d.disk_id = ?3
                  ORDER BY b.completed_ms DESC, b.created_ms DESC LIMIT 1",
@@ -468,6 +580,9 @@ impl Catalog {
                         backup_id: r.get(0)?,
                         file: r.get(1)?,
                         size_bytes: r.get::<_, i64>(2)? as u64,
+                        format: r.get(3)?,
+                        digest: r.get(4)?,
+                        verify_status: r.get(5)?,
                     })
                 },
             )
@@ -488,24 +603,41 @@ impl Catalog {
             i64,
             Option<i64>,
             bool,
+            Option<String>,
+            Option<i64>,
         );
         let row: Option<Row> = c
             .query_row(
-                "SELECT vm_name, repository_id, backup_type, policy_id, tags, status, error, created_ms, completed_ms, files_missing
+                "SELECT vm_name, repository_id, backup_type, policy_id, tags, status, error, created_ms, completed_ms, files_missing,
+                        verify_status, verified_ms
                  FROM backups WHERE id = ?1",
                 [id],
                 |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?))
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?))
                 },
             )
             .optional()?;
-        let Some((vm, repo, btype, policy, tags, status, error, created, completed, missing)) = row
+        let Some((
+            vm,
+            repo,
+            btype,
+            policy,
+            tags,
+            status,
+            error,
+            created,
+            completed,
+            missing,
+            vstatus,
+            vms,
+        )) = row
         else {
             return Ok(None);
         };
         let mut st = c.prepare(
             "SELECT disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port,
-                    bytes_written, image_bytes, change_id
+                    bytes_written, image_bytes, change_id, format, mode_reason, write_errors, last_error,
+                    digest, verify_status, verify_detail
              FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
         )?;
         let disks = st
@@ -522,6 +654,18 @@ impl Catalog {
                     bytes_written: r.get::<_, i64>(8)? as u64,
                     image_bytes: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
                     change_id: r.get(10)?,
+                    format: r.get(11)?,
+                    mode_reason: r.get(12)?,
+                    write_errors: r.get::<_, i64>(13)? as u64,
+                    last_error: r.get(14)?,
+                    digest_algorithm: r
+                        .get::<_, Option<String>>(15)?
+                        .map(|_| disk_digest::ALGORITHM.to_owned()),
+                    digest: r.get(15)?,
+                    verify_status: r.get(16)?,
+                    verify: r
+                        .get::<_, Option<String>>(17)?
+                        .and_then(|t| serde_json::from_str(&t).ok()),
                     connections: None,
                     last_activity: None,
                 })
@@ -539,6 +683,8 @@ impl Catalog {
             created_at: rfc3339(created),
             completed_at: completed.map(rfc3339),
             files_missing: missing,
+            verify_status: vstatus,
+            verified_at: vms.map(rfc3339),
             disks,
         }))
     }
@@ -581,6 +727,50 @@ impl Catalog {
             c.execute(
                 "UPDATE backups SET files_missing = ?2 WHERE id = ?1",
                 params![id, missing],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Record verification outcomes (one transaction): per disk, and per
+    /// backup the worst of its disks.
+    pub async fn record_verify(&self, results: Vec<DiskVerified>) -> Result<()> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let now = now_ms();
+            for r in &results {
+                tx.execute(
+                    "UPDATE backup_disks SET verify_status = ?3, verify_detail = ?4 WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![r.backup_id, r.disk_id, r.status, r.detail],
+                )?;
+            }
+            let mut ids: Vec<&str> = results.iter().map(|r| r.backup_id.as_str()).collect();
+            ids.sort_unstable();
+            ids.dedup();
+            for id in ids {
+                let corrupt = results
+                    .iter()
+                    .any(|r| r.backup_id == id && r.status != "ok");
+                tx.execute(
+                    "UPDATE backups SET verify_status = ?2, verified_ms = ?3 WHERE id = ?1",
+                    params![id, if corrupt { "corrupt" } else { "ok" }, now],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Set (or clear) a backup's verification status without an outcome
+    /// ("verifying" while it runs).
+    pub async fn set_verify_status(&self, id: &str, status: Option<&str>) -> Result<()> {
+        let (id, status) = (id.to_owned(), status.map(str::to_owned));
+        self.with(move |c| {
+            c.execute(
+                "UPDATE backups SET verify_status = ?2 WHERE id = ?1",
+                params![id, status],
             )?;
             Ok(())
         })

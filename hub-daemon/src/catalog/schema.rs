@@ -2,6 +2,34 @@
 
 use rusqlite::Connection;
 
+/// Schema changes after the first version, in order; `user_version` counts
+/// how many are applied. Plain `ALTER TABLE ... ADD COLUMN`, valid on
+/// SQLite and PostgreSQL alike.
+const MIGRATIONS: &[&str] = &[
+    // 1: integrity — image format, why a disk went full, failed writes,
+    // digests and verification.
+    "ALTER TABLE backup_disks ADD COLUMN format TEXT NOT NULL DEFAULT 'qcow2';
+     ALTER TABLE backup_disks ADD COLUMN mode_reason TEXT;
+     ALTER TABLE backup_disks ADD COLUMN write_errors INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE backup_disks ADD COLUMN last_error TEXT;
+     ALTER TABLE backup_disks ADD COLUMN digest TEXT;
+     ALTER TABLE backup_disks ADD COLUMN verify_status TEXT;
+     ALTER TABLE backup_disks ADD COLUMN verify_detail TEXT;
+     ALTER TABLE backups ADD COLUMN verify_status TEXT;
+     ALTER TABLE backups ADD COLUMN verified_ms INTEGER;",
+];
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(applied.max(0) as usize) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(m)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
 /// Create tables if missing and set the connection up.
 pub fn init(conn: &Connection) -> rusqlite::Result<()> {
     // WAL: readers don't block the writer; FULL: a commit is on disk when
@@ -64,5 +92,6 @@ pub fn init(conn: &Connection) -> rusqlite::Result<()> {
         );
         CREATE INDEX IF NOT EXISTS backup_disks_by_parent ON backup_disks(parent_backup_id);
         ",
-    )
+    )?;
+    migrate(conn)
 }

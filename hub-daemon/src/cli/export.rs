@@ -176,6 +176,7 @@ async fn prepare(
             size: args.create,
             cluster_size: qcow_backend::DEFAULT_CLUSTER_SIZE,
             backing: args.backing.clone(),
+            backing_format: None,
         };
         let q = QcowBackend::create(&spec.path, &create, &opts)
             .await

@@ -249,6 +249,9 @@ pub(crate) async fn run<R, W>(
                         Err(errno) => {
                             tracing::trace!(export = export.name(), ?header, %errno, "invalid request");
                             export.stats().request_done(false, 0, 0);
+                            if let Some(name) = dispatch::data_command_name(header.kind) {
+                                export.stats().write_failed(format!("{name} at {}: {errno}: {}", header.offset, invalid_message(errno)));
+                            }
                             let outcome = Outcome::Failed { errno, message: invalid_message(errno).into() };
                             outbox.push(frames::encode(&enc, to, false, outcome));
                         }
