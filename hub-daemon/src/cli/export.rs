@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context};
 use clap::Args;
+use disk_digest::{DigestBackend, DigestChain};
 use nbd_server::{BlockBackend, Export, Server, ServerConfig};
 use qcow_backend::{
     open_image, BackingPolicy, CreateOptions, ImageFormat, OpenOptions, QcowBackend,
@@ -61,6 +62,13 @@ pub struct ExportArgs {
     /// directory is always allowed).
     #[arg(long, value_name = "DIR")]
     allow_backing_dir: Vec<PathBuf>,
+    /// Record a `blake3-tree-v1` digest of what clients write: a sidecar
+    /// `PATH.digest` is kept beside each image (which must be new: with
+    /// --create, or --backing whose parent has a sidecar), and the digest
+    /// is printed as `digest NAME HEX` on exit. Measures the hub's
+    /// digest-on-ingest path outside the API.
+    #[arg(long)]
+    digest: bool,
     /// NAME=PATH pairs, or one bare PATH (named by -x, else its file name).
     /// PATH may also be `null:SIZE` (discards writes, reads zeroes) or
     /// `memory:SIZE` (sparse RAM disk).
@@ -209,8 +217,16 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let specs = parse_specs(&args.images, args.export_name.as_deref())?;
     let server = Server::new(ServerConfig::default());
     let mut exports = Vec::new();
+    let mut digests = Vec::new();
     for spec in &specs {
         let (backend, format) = prepare(spec, &args).await?;
+        let backend = if args.digest {
+            let (d, chain) = digest_wrap(spec, backend, &args)?;
+            digests.push((spec.name.clone(), Arc::clone(&d), chain));
+            d as Arc<dyn nbd_server::BlockBackend>
+        } else {
+            backend
+        };
         let export = Export::new(spec.name.clone(), backend)
             .read_only(args.readonly)
             .with_description(spec.path.display().to_string());
@@ -264,7 +280,36 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         .shutdown()
         .await
         .context("flushing images on shutdown")?;
+    for (name, d, chain) in digests {
+        let header = d.finish(&chain).await.context("finishing the digest")?;
+        d.inner().close().await.context("closing the image")?;
+        println!("digest {name} {}", header.root);
+    }
     Ok(())
+}
+
+/// An export's backend wrapped for `--digest`, and the parent's digests.
+fn digest_wrap(
+    spec: &Spec,
+    backend: Arc<dyn nbd_server::BlockBackend>,
+    args: &ExportArgs,
+) -> anyhow::Result<(Arc<DigestBackend>, DigestChain)> {
+    if args.readonly || (args.create.is_none() && args.backing.is_none()) {
+        bail!("--digest needs a new image (--create or --backing)");
+    }
+    let chain = match &args.backing {
+        Some(parent) => {
+            let mut p = parent.as_os_str().to_owned();
+            p.push(".digest");
+            DigestChain::open(&[PathBuf::from(p)], backend.size())
+                .context("--digest with --backing needs the parent's .digest sidecar")?
+        }
+        None => DigestChain::empty(),
+    };
+    let mut sidecar = spec.path.as_os_str().to_owned();
+    sidecar.push(".digest");
+    let d = Arc::new(DigestBackend::new(backend, Path::new(&sidecar))?);
+    Ok((d, chain))
 }
 
 #[cfg(test)]
