@@ -28,9 +28,13 @@ pub enum DaemonError {
     /// An image is corrupt, unsupported or refused by policy.
     #[error("{0}")]
     BadImage(String),
+    /// The filesystem (or the catalog's) is full or over quota. Built by
+    /// the `From` impls and [`DaemonError::io`] below, never by hand.
+    #[error("no space left: {0}")]
+    NoSpace(String),
     /// The catalog failed.
     #[error("catalog: {0}")]
-    Catalog(#[from] rusqlite::Error),
+    Catalog(rusqlite::Error),
     /// A filesystem operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -49,17 +53,68 @@ pub enum DaemonError {
 }
 
 impl DaemonError {
-    /// An I/O error with context.
+    /// An I/O error with context; a full disk or quota becomes
+    /// [`DaemonError::NoSpace`].
     pub fn io(context: impl Into<String>, source: io::Error) -> Self {
-        DaemonError::Io {
-            context: context.into(),
-            source,
+        let context = context.into();
+        if is_no_space(&source) {
+            return DaemonError::NoSpace(format!("{context}: {source}"));
+        }
+        DaemonError::Io { context, source }
+    }
+}
+
+/// `ENOSPC` / `EDQUOT`, by kind or by raw errno.
+fn is_no_space_io(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded
+    ) || e.raw_os_error().is_some_and(|n| {
+        n == rustix::io::Errno::NOSPC.raw_os_error() || n == rustix::io::Errno::DQUOT.raw_os_error()
+    })
+}
+
+/// Whether `e` or anything it wraps (sources, and the payload of custom
+/// `io::Error`s, which `source()` skips) is a full disk or quota.
+fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut next = Some(e);
+    // Bounded: error chains are short; a cycle must not hang a request.
+    for _ in 0..32 {
+        let Some(cur) = next else {
+            return false;
+        };
+        if let Some(ioe) = cur.downcast_ref::<io::Error>() {
+            if is_no_space_io(ioe) {
+                return true;
+            }
+            if let Some(inner) = ioe.get_ref() {
+                if is_no_space(inner) {
+                    return true;
+                }
+            }
+        }
+        next = cur.source();
+    }
+    false
+}
+
+impl From<rusqlite::Error> for DaemonError {
+    fn from(e: rusqlite::Error) -> Self {
+        match &e {
+            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+                DaemonError::NoSpace(format!("catalog: {e}"))
+            }
+            _ if is_no_space(&e) => DaemonError::NoSpace(format!("catalog: {e}")),
+            _ => DaemonError::Catalog(e),
         }
     }
 }
 
 impl From<ImageError> for DaemonError {
     fn from(e: ImageError) -> Self {
+        if is_no_space(&e) {
+            return DaemonError::NoSpace(e.to_string());
+        }
         match e.kind() {
             ImageErrorKind::BadImage => DaemonError::BadImage(e.to_string()),
             ImageErrorKind::Locked | ImageErrorKind::Exists => DaemonError::Conflict(e.to_string()),
@@ -71,3 +126,66 @@ impl From<ImageError> for DaemonError {
 
 /// Result alias.
 pub type Result<T, E = DaemonError> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enospc() -> io::Error {
+        io::Error::from_raw_os_error(rustix::io::Errno::NOSPC.raw_os_error())
+    }
+
+    #[test]
+    fn full_disk_is_no_space_wherever_it_comes_from() {
+        assert!(matches!(
+            DaemonError::io("writing", enospc()),
+            DaemonError::NoSpace(_)
+        ));
+        let quota = io::Error::from_raw_os_error(rustix::io::Errno::DQUOT.raw_os_error());
+        assert!(matches!(
+            DaemonError::io("writing", quota),
+            DaemonError::NoSpace(_)
+        ));
+        // Wrapped in a custom io::Error, as engines do.
+        let wrapped = io::Error::other(enospc());
+        assert!(matches!(
+            DaemonError::io("writing", wrapped),
+            DaemonError::NoSpace(_)
+        ));
+        let full = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_FULL),
+            None,
+        );
+        assert!(matches!(DaemonError::from(full), DaemonError::NoSpace(_)));
+        let other = rusqlite::Error::SqliteFailure(
+            rusqlite::ffi::Error::new(rusqlite::ffi::SQLITE_IOERR),
+            None,
+        );
+        assert!(matches!(DaemonError::from(other), DaemonError::Catalog(_)));
+        assert!(matches!(
+            DaemonError::io("reading", io::Error::from(io::ErrorKind::PermissionDenied)),
+            DaemonError::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn image_errors_on_a_full_disk_are_no_space() {
+        // Both the plain and the engine-wrapped forms qcow-backend produces.
+        let dir = std::env::temp_dir().join("does-not-matter.qcow2");
+        let e = qcow_backend::ImageError::Io {
+            path: dir.clone(),
+            source: enospc(),
+        };
+        assert!(matches!(DaemonError::from(e), DaemonError::NoSpace(_)));
+        let e = qcow_backend::ImageError::Engine {
+            path: dir.clone(),
+            source: io::Error::other(enospc()),
+        };
+        assert!(matches!(DaemonError::from(e), DaemonError::NoSpace(_)));
+        let e = qcow_backend::ImageError::Io {
+            path: dir,
+            source: io::Error::from(io::ErrorKind::PermissionDenied),
+        };
+        assert!(matches!(DaemonError::from(e), DaemonError::Internal(_)));
+    }
+}

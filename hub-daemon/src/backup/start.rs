@@ -123,9 +123,20 @@ impl Backups {
                     .map(|p| (layout.path_of(&p.file), p.backup_id))
                     .filter(|(path, _)| path.is_file()),
             };
+            // Registered VMs always carry a key; an old row without one
+            // must not wrap 2000 + unit_number.
+            let disk_key = match d.disk_key {
+                Some(k) => k,
+                None => 2000u32.checked_add(d.unit_number).ok_or_else(|| {
+                    DaemonError::BadRequest(format!(
+                        "disk {}: unit_number {} gives no valid disk_key",
+                        d.disk_id, d.unit_number
+                    ))
+                })?,
+            };
             plan.push(Planned {
                 disk_id: d.disk_id,
-                disk_key: d.disk_key.unwrap_or(2000 + d.unit_number),
+                disk_key,
                 size: d.size_bytes,
                 label: d.label.clone(),
                 parent,
