@@ -231,7 +231,7 @@ fn object(fields: Vec<(&'static str, BoxedStrategy<Option<Value>>)>) -> BoxedStr
 
 fn text(max: usize) -> BoxedStrategy<Value> {
     prop_oneof![
-        8 => proptest::string::string_regex(&format!(".{{0,{max}}}")).unwrap().prop_map(Value::from),
+        30 => proptest::string::string_regex(&format!(".{{0,{max}}}")).unwrap().prop_map(Value::from),
         1 => (250usize..1100).prop_map(|n| Value::from("é".repeat(n / 2))),
     ]
     .boxed()
@@ -295,7 +295,27 @@ fn vm_body() -> BoxedStrategy<Value> {
         ("vm_context_id", field(text(16))),
         (
             "disks",
-            field(proptest::collection::vec(disk(), 0..5).prop_map(Value::Array)),
+            field(
+                (
+                    proptest::collection::vec(disk(), 0..5),
+                    proptest::bool::weighted(0.8),
+                )
+                    .prop_map(|(mut disks, renumber)| {
+                        // Mostly distinct ids and units, as a real VM has.
+                        if renumber {
+                            for (i, d) in disks.iter_mut().enumerate() {
+                                if let Some(o) = d.as_object_mut() {
+                                    for k in ["disk_id", "unit_number"] {
+                                        if o.get(k).is_some_and(Value::is_u64) {
+                                            o.insert(k.into(), Value::from(i));
+                                        }
+                                    }
+                                }
+                            }
+                        }
+                        Value::Array(disks)
+                    }),
+            ),
         ),
     ])
 }
@@ -318,9 +338,13 @@ fn backup_body() -> BoxedStrategy<Value> {
         (
             "tags",
             prop_oneof![
-                3 => Just(None),
-                2 => field(
-                    proptest::collection::btree_map(".{0,6}", text(8), 0..4)
+                10 => Just(None),
+                8 => field(
+                    proptest::collection::btree_map(
+                        prop_oneof![6 => "[a-z]{1,6}", 1 => ".{0,6}"],
+                        text(8),
+                        0..4
+                    )
                         .prop_map(|m| Value::Object(m.into_iter().collect()))
                 ),
                 1 => (60usize..70).prop_map(|n| Some(Value::Object(
@@ -520,6 +544,8 @@ struct World {
     ids: Vec<String>,
     requests: u64,
     by_status: BTreeMap<u16, u64>,
+    /// (method, route, status) → count, for the summary.
+    by_route: BTreeMap<(String, String, u16), u64>,
 }
 
 fn encode(bytes: &[u8], mask: &[bool]) -> String {
@@ -567,6 +593,7 @@ impl World {
             ids: Vec::new(),
             requests: 0,
             by_status: BTreeMap::new(),
+            by_route: BTreeMap::new(),
         }
     }
 
@@ -683,6 +710,16 @@ impl World {
             .unwrap();
         self.requests += 1;
         *self.by_status.entry(status.as_u16()).or_default() += 1;
+        let route = match &r.path {
+            PathSpec::Fixed(p) => (*p).to_owned(),
+            PathSpec::Vm(_) => "/api/v1/vms/{vm}".to_owned(),
+            PathSpec::Backup(_, t) => format!("/api/v1/backups/{{id}}{}", t.unwrap_or("")),
+            PathSpec::Junk(_) => "junk".to_owned(),
+        };
+        *self
+            .by_route
+            .entry((r.method.clone(), route, status.as_u16()))
+            .or_default() += 1;
         let ctx = || {
             format!(
                 "{} {} ({} body bytes) -> {status}: {}",
@@ -696,6 +733,9 @@ impl World {
             )
         };
         prop_assert!(!status.is_server_error(), "5xx: {}", ctx());
+        if uri.len() > hub_daemon::api::URI_LIMIT {
+            prop_assert_eq!(status, StatusCode::URI_TOO_LONG, "{}", ctx());
+        }
         let head = r.method == "HEAD";
         if !status.is_success() && !head {
             let j: Value = serde_json::from_slice(&bytes)
@@ -769,6 +809,12 @@ impl World {
             ("DELETE", StatusCode::NO_CONTENT) => {
                 if let Some(name) = vm_of(uri) {
                     self.vms.remove(&name);
+                }
+                // A deleted backup is gone for good: aim at live ones.
+                let path = uri.split('?').next().unwrap_or("");
+                if let Some(id) = path.strip_prefix("/api/v1/backups/") {
+                    let id = percent_decode(id);
+                    self.ids.retain(|i| *i != id);
                 }
             }
             ("POST", StatusCode::CREATED) if uri.starts_with("/api/v1/backups") => {
@@ -985,12 +1031,17 @@ fn random_requests_get_4xx_in_the_error_shape_and_keep_the_catalog_consistent() 
     });
     let mut w = world.into_inner();
     eprintln!(
-        "{} requests, by status: {:?}; {} backups started; {} VMs registered",
+        "{} requests, by status: {:?}; {} backups known; {} VMs registered",
         w.requests,
         w.by_status,
         w.ids.len(),
         w.vms.len()
     );
+    if std::env::var_os("API_PROPS_SUMMARY").is_some() {
+        for ((m, route, status), n) in &w.by_route {
+            eprintln!("{n:6} {m} {route} -> {status}");
+        }
+    }
     let finished = rt.block_on(w.finish());
     result.unwrap();
     finished.unwrap();
