@@ -184,7 +184,9 @@ mod tests {
         let over = dir.path().join("over.qcow2");
         let r =
             QcowBackend::create(&over, &create(MAX_DISK_BYTES + 512), &OpenOptions::new()).await;
-        let e = r.err().expect("the backend refuses max + 512");
+        let Err(e) = r else {
+            panic!("the backend accepted max + 512");
+        };
         assert!(e.to_string().contains("L1 table"), "{e}");
     }
 }
