@@ -64,6 +64,18 @@ impl DaemonError {
     }
 }
 
+impl DaemonError {
+    /// `self`, unless `cause` (what made the operation fail) was a full
+    /// disk: then [`DaemonError::NoSpace`] with `self`'s message, so a
+    /// failure reported in other words keeps its 507.
+    pub fn unless_no_space(self, cause: &(dyn std::error::Error + 'static)) -> Self {
+        if matches!(self, DaemonError::NoSpace(_)) || !is_no_space(cause) {
+            return self;
+        }
+        DaemonError::NoSpace(self.to_string())
+    }
+}
+
 /// `ENOSPC` / `EDQUOT`, by kind or by raw errno.
 fn is_no_space_io(e: &io::Error) -> bool {
     matches!(
@@ -83,6 +95,9 @@ fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
         let Some(cur) = next else {
             return false;
         };
+        if let Some(DaemonError::NoSpace(_)) = cur.downcast_ref::<DaemonError>() {
+            return true;
+        }
         if let Some(ioe) = cur.downcast_ref::<io::Error>() {
             if is_no_space_io(ioe) {
                 return true;
@@ -165,6 +180,25 @@ mod tests {
         assert!(matches!(
             DaemonError::io("reading", io::Error::from(io::ErrorKind::PermissionDenied)),
             DaemonError::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn a_failure_caused_by_a_full_disk_stays_no_space() {
+        let failed = || DaemonError::Internal("committing images failed".into());
+        assert!(matches!(
+            failed().unless_no_space(&enospc()),
+            DaemonError::NoSpace(m) if m == "committing images failed"
+        ));
+        let cause = DaemonError::NoSpace("catalog: database or disk is full".into());
+        assert!(matches!(
+            failed().unless_no_space(&cause),
+            DaemonError::NoSpace(_)
+        ));
+        let other = io::Error::from(io::ErrorKind::PermissionDenied);
+        assert!(matches!(
+            failed().unless_no_space(&other),
+            DaemonError::Internal(_)
         ));
     }
 

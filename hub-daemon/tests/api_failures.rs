@@ -813,3 +813,33 @@ async fn full_catalog_disk_is_507() {
     hub.stop().await;
     drop(fs);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_at_complete_is_507_and_the_backup_fails_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let Some(fs) = Tmpfs::mount(&data, "8m") else {
+        return;
+    };
+    let mut hub = Hub::start_in(dir, 8, 0, Duration::from_secs(3600)).await;
+    hub.register("vm", &[MIB, MIB]).await;
+    let b = hub.backup("vm", "full").await;
+    let id = b["backup_id"].as_str().unwrap().to_owned();
+    let filler = fs.fill();
+    let r = hub
+        .post(&format!("/api/v1/backups/{id}/complete"), json!({}))
+        .await;
+    assert_error(&r, 507, "insufficient_storage");
+    // Deleting the partial images frees enough to record the failure.
+    let rec = hub.get(&format!("/api/v1/backups/{id}")).await.json();
+    assert_eq!(rec["status"], "failed", "{rec}");
+    assert!(rec["error"].as_str().unwrap().contains("no space"), "{rec}");
+    let left = files_under(&hub.repo());
+    assert!(left.is_empty(), "{left:?}");
+    assert_nothing_left(&hub, "vm").await;
+    std::fs::remove_file(&filler).unwrap();
+    let b = hub.backup("vm", "full").await;
+    hub.complete(b["backup_id"].as_str().unwrap()).await;
+    hub.stop().await;
+    drop(fs);
+}

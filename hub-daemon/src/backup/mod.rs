@@ -165,12 +165,14 @@ impl Backups {
         if let Some(e) = err {
             return Err(self
                 .fail_job(job, &format!("flushing images failed: {e}"), written)
-                .await);
+                .await
+                .unless_no_space(&e));
         }
         if let Err(e) = Self::commit_files(&job) {
             return Err(self
                 .fail_job(job, &format!("committing images failed: {e}"), written)
-                .await);
+                .await
+                .unless_no_space(&e));
         }
         let mut completions = Vec::with_capacity(job.disks.len());
         for d in &job.disks {
@@ -193,7 +195,8 @@ impl Backups {
         if let Err(e) = self.catalog.complete(id, completions).await {
             return Err(self
                 .fail_job(job, &format!("catalog commit failed: {e}"), written)
-                .await);
+                .await
+                .unless_no_space(&e));
         }
         tracing::info!(backup = id, disks = job.disks.len(), "backup completed");
         self.record(id).await
