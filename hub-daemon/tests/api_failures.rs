@@ -557,6 +557,12 @@ async fn long_uris_are_414() {
     let r = hub.get(&format!("/{}", "x".repeat(64 << 10))).await;
     assert_eq!(r.status, 414);
     assert!(r.body.is_empty(), "{}", r.text());
+    // Likewise more than 100 header fields: hyper's 431, empty body.
+    let names: Vec<String> = (0..120).map(|i| format!("X-H{i}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    let r = request(hub.addr, "GET", "/healthz", &headers, b"").await;
+    assert_eq!(r.status, 431);
+    assert!(r.body.is_empty(), "{}", r.text());
     hub.stop().await;
 }
 

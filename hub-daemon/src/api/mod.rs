@@ -46,8 +46,10 @@ impl AppState {
 ///
 /// Beyond 64 KiB hyper's HTTP/1 parser answers 414 by itself, with an empty
 /// body, before any of our code runs (the limit is hard-coded in hyper and
-/// `axum::serve` exposes no hook into parse errors); that is the one 4xx
-/// without the JSON shape. Everything between this limit and hyper's gets
+/// `axum::serve` exposes no hook into parse errors). The same holds for
+/// hyper's other parse-time refusals: more than 100 header fields (431)
+/// and requests that are not HTTP/1 at all (400). Those are the only 4xx
+/// without the JSON shape; everything between this limit and hyper's gets
 /// our 414.
 pub const URI_LIMIT: usize = 8 << 10;
 
