@@ -28,8 +28,9 @@ pub enum DaemonError {
     /// An image is corrupt, unsupported or refused by policy.
     #[error("{0}")]
     BadImage(String),
-    /// The filesystem (or the catalog's) is full or over quota. Built by
-    /// the `From` impls and [`DaemonError::io`] below, never by hand.
+    /// The filesystem (the repository's or the catalog's) is full or over
+    /// quota. Built only here: by [`DaemonError::io`], the `From` impls and
+    /// [`DaemonError::unless_no_space`], from ENOSPC/EDQUOT or SQLITE_FULL.
     #[error("no space left: {0}")]
     NoSpace(String),
     /// The catalog failed.

@@ -2,6 +2,20 @@
 //! `{"error": {"status": 404, "code": "not_found", "message": "..."}}`.
 //! Server-side failures (500) show a generic message; details go to the log.
 //!
+//! | status | code | when |
+//! |---|---|---|
+//! | 400 | `bad_request` | malformed or invalid request: JSON, names, sizes, paths, query |
+//! | 404 | `not_found` | unknown VM, repository, backup or route |
+//! | 405 | `method_not_allowed` | known route, other method |
+//! | 409 | `conflict` | state forbids it (backup running, already finished, dependents) |
+//! | 413 | `payload_too_large` | body over 2 MiB |
+//! | 414 | `uri_too_long` | path and query over 8 KiB |
+//! | 415 | `unsupported_media_type` | a body whose Content-Type is not JSON |
+//! | 422 | `bad_image` | an image is corrupt, unsupported or refused by policy |
+//! | 500 | `internal` | our fault; details only in the log |
+//! | 503 | `unavailable` | out of NBD ports, or shutting down |
+//! | 507 | `insufficient_storage` | repository or catalog filesystem full (ENOSPC, EDQUOT) |
+//!
 //! Two sources of errors meet here: the daemon's own ([`DaemonError`]) and
 //! refusals at the HTTP level ([`ApiError`]'s other variants: body or URI
 //! too long, wrong method, not JSON), which have no meaning below the API.
