@@ -1,12 +1,12 @@
 //! `/api/v1/backups`: start, inspect, complete, abort, delete, restore.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 
 use super::error::ApiError;
-use super::json::{AppJson, AppQuery, OptionalJson};
+use super::json::{AppJson, AppPath, AppQuery, OptionalJson};
 use super::AppState;
 use crate::model::{
     AbortRequest, BackupRecord, BackupRequest, BackupStarted, CompleteRequest, RestoreStarted,
@@ -59,7 +59,7 @@ pub async fn list(
 /// `GET /api/v1/backups/{id}`.
 pub async fn get(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<Json<BackupRecord>, ApiError> {
     check_id(&id)?;
     Ok(Json(st.backups().record(&id).await?))
@@ -68,7 +68,7 @@ pub async fn get(
 /// `DELETE /api/v1/backups/{id}`.
 pub async fn delete(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<StatusCode, ApiError> {
     check_id(&id)?;
     st.backups().delete(&id).await?;
@@ -78,7 +78,7 @@ pub async fn delete(
 /// `POST /api/v1/backups/{id}/complete`.
 pub async fn complete(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
     OptionalJson(req): OptionalJson<CompleteRequest>,
 ) -> Result<Json<BackupRecord>, ApiError> {
     check_id(&id)?;
@@ -105,7 +105,7 @@ pub async fn complete(
 /// `POST /api/v1/backups/{id}/abort`.
 pub async fn abort(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
     OptionalJson(req): OptionalJson<AbortRequest>,
 ) -> Result<Json<BackupRecord>, ApiError> {
     check_id(&id)?;
@@ -118,7 +118,7 @@ pub async fn abort(
 /// the background; `GET` shows `verify_status` and the outcome.
 pub async fn verify(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<(StatusCode, Json<BackupRecord>), ApiError> {
     check_id(&id)?;
     Ok((StatusCode::ACCEPTED, Json(st.backups().verify(&id).await?)))
@@ -127,7 +127,7 @@ pub async fn verify(
 /// `POST /api/v1/backups/{id}/restore`.
 pub async fn restore(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<(StatusCode, Json<RestoreStarted>), ApiError> {
     check_id(&id)?;
     Ok((
@@ -139,7 +139,7 @@ pub async fn restore(
 /// `DELETE /api/v1/backups/{id}/restore`.
 pub async fn stop_restore(
     State(st): State<AppState>,
-    Path(id): Path<String>,
+    AppPath(id): AppPath<String>,
 ) -> Result<StatusCode, ApiError> {
     check_id(&id)?;
     st.backups().stop_restore(&id).await?;

@@ -10,7 +10,10 @@ mod vms;
 
 use std::sync::Arc;
 
-use axum::http::StatusCode;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::Method;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::Router;
 
@@ -18,7 +21,6 @@ pub use error::ApiError;
 
 use crate::backup::Backups;
 use crate::catalog::Catalog;
-use crate::error::DaemonError;
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
@@ -39,16 +41,42 @@ impl AppState {
     }
 }
 
-async fn not_found() -> ApiError {
-    ApiError(DaemonError::NotFound {
-        what: "route",
-        id: String::new(),
-    })
+/// Longest request URI (path and query) the API reads. Real ones are a
+/// few hundred bytes at most.
+///
+/// Beyond 64 KiB hyper's HTTP/1 parser answers 414 by itself, with an empty
+/// body, before any of our code runs (the limit is hard-coded in hyper and
+/// `axum::serve` exposes no hook into parse errors). The same holds for
+/// hyper's other parse-time refusals: more than 100 header fields (431)
+/// and requests that are not HTTP/1 at all (400). Those are the only 4xx
+/// without the JSON shape; everything between this limit and hyper's gets
+/// our 414.
+pub const URI_LIMIT: usize = 8 << 10;
+
+async fn not_found(method: Method, uri: axum::http::Uri) -> ApiError {
+    let path: String = uri.path().chars().take(256).collect();
+    ApiError::not_found("route", format!("{method} {path}"))
 }
 
-async fn method_not_allowed() -> (StatusCode, axum::Json<serde_json::Value>) {
-    let body = serde_json::json!({"error": {"status": 405, "code": "method_not_allowed", "message": "method not allowed"}});
-    (StatusCode::METHOD_NOT_ALLOWED, axum::Json(body))
+async fn method_not_allowed(method: Method) -> ApiError {
+    ApiError::MethodNotAllowed(method.as_str().chars().take(32).collect())
+}
+
+/// Refuse URIs over [`URI_LIMIT`] before routing or extracting anything.
+async fn limit_uri(req: Request, next: Next) -> Response {
+    let len = req
+        .uri()
+        .path_and_query()
+        .map_or(0, |pq| pq.as_str().len())
+        .saturating_add(req.uri().authority().map_or(0, |a| a.as_str().len()));
+    if len > URI_LIMIT {
+        return ApiError::UriTooLong {
+            len,
+            limit: URI_LIMIT,
+        }
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// Every route.
@@ -79,5 +107,7 @@ pub fn router(state: AppState) -> Router {
         )
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
+        .layer(middleware::from_fn(limit_uri))
         .with_state(state)
 }

@@ -1,7 +1,5 @@
 //! `/api/v1/repositories`.
 
-use std::path::Path;
-
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
@@ -18,23 +16,17 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Repository>>, A
     Ok(Json(st.catalog().repositories().await?))
 }
 
-/// `POST /api/v1/repositories`: register a directory (created if missing).
+/// `POST /api/v1/repositories`: register a directory (created if missing;
+/// see [`names::repository_dir`] for what is refused).
 pub async fn create(
     State(st): State<AppState>,
     AppJson(repo): AppJson<Repository>,
 ) -> Result<(StatusCode, Json<Repository>), ApiError> {
     names::validate("id", &repo.id).map_err(ApiError::bad_request)?;
-    let path = Path::new(&repo.path);
-    if !path.is_absolute() || repo.path.len() > 4096 {
-        return Err(ApiError::bad_request(
-            "path must be an absolute directory path",
-        ));
-    }
-    std::fs::create_dir_all(path)
-        .map_err(|e| DaemonError::io(format!("creating {}", path.display()), e))?;
-    let canonical = path
-        .canonicalize()
-        .map_err(|e| DaemonError::io(format!("resolving {}", path.display()), e))?;
+    let path = repo.path.clone();
+    let canonical = tokio::task::spawn_blocking(move || names::repository_dir(&path))
+        .await
+        .map_err(|e| DaemonError::Internal(format!("repository task failed: {e}")))??;
     let repo = Repository {
         id: repo.id,
         path: canonical.display().to_string(),

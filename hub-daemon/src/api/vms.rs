@@ -2,19 +2,34 @@
 
 use std::collections::HashSet;
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
 use super::error::ApiError;
-use super::json::AppJson;
+use super::json::{AppJson, AppPath};
 use super::AppState;
-use crate::error::DaemonError;
 use crate::model::{DiskSpec, Vm, VmRequest};
 use crate::names;
 
-/// Largest disk size accepted (matches the qcow2 backend's limit).
-const MAX_DISK_BYTES: u64 = qcow_backend::header::MAX_VIRTUAL_SIZE;
+/// Largest disk size accepted: the largest image a backup can create. With
+/// the daemon's cluster size (64 KiB) each L1 entry maps one L2 table's
+/// worth, cluster × cluster/8 bytes (512 MiB), and the L1 table holds at
+/// most `MAX_L1_BYTES / 8` entries (32 MiB / 8 = 4 Mi): 2 PiB (2^51), well
+/// under the backend's own cap. Checked against `QcowBackend::create` in
+/// the tests.
+pub const MAX_DISK_BYTES: u64 = {
+    let cluster = qcow_backend::DEFAULT_CLUSTER_SIZE as u64;
+    let per_l1_entry = cluster * (cluster / 8);
+    let by_l1 = (qcow_backend::header::MAX_L1_BYTES / 8) * per_l1_entry;
+    if by_l1 < qcow_backend::header::MAX_VIRTUAL_SIZE {
+        by_l1
+    } else {
+        qcow_backend::header::MAX_VIRTUAL_SIZE
+    }
+};
+/// VMware numbers disk devices from this key up, by unit number.
+const FIRST_DISK_KEY: u32 = 2000;
 /// Most disks per VM.
 const MAX_DISKS: usize = 256;
 
@@ -42,7 +57,15 @@ fn validate_disks(disks: &mut [DiskSpec]) -> Result<(), ApiError> {
                 d.disk_id
             )));
         }
-        let key = d.disk_key.unwrap_or(2000 + d.unit_number);
+        let key = match d.disk_key {
+            Some(k) => k,
+            None => FIRST_DISK_KEY.checked_add(d.unit_number).ok_or_else(|| {
+                ApiError::bad_request(format!(
+                    "disk {}: unit_number {} is too large to derive disk_key ({FIRST_DISK_KEY} + unit_number); give disk_key",
+                    d.disk_id, d.unit_number
+                ))
+            })?,
+        };
         d.disk_key = Some(key);
         if !ids.insert(d.disk_id) {
             return Err(ApiError::bad_request(format!(
@@ -61,7 +84,7 @@ fn validate_disks(disks: &mut [DiskSpec]) -> Result<(), ApiError> {
 /// `PUT /api/v1/vms/{vm_name}`: register or replace a VM's disks.
 pub async fn put(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    AppPath(name): AppPath<String>,
     AppJson(mut req): AppJson<VmRequest>,
 ) -> Result<Json<Vm>, ApiError> {
     check_name(&name)?;
@@ -84,28 +107,87 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError>
 /// `GET /api/v1/vms/{vm_name}`.
 pub async fn get(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    AppPath(name): AppPath<String>,
 ) -> Result<Json<Vm>, ApiError> {
     check_name(&name)?;
     let vm = st.catalog().vm(&name).await?;
-    vm.map(Json).ok_or(ApiError(DaemonError::NotFound {
-        what: "VM",
-        id: name,
-    }))
+    vm.map(Json).ok_or_else(|| ApiError::not_found("VM", name))
 }
 
 /// `DELETE /api/v1/vms/{vm_name}`.
 pub async fn delete(
     State(st): State<AppState>,
-    Path(name): Path<String>,
+    AppPath(name): AppPath<String>,
 ) -> Result<StatusCode, ApiError> {
     check_name(&name)?;
     if st.catalog().delete_vm(&name).await? {
         Ok(StatusCode::NO_CONTENT)
     } else {
-        Err(ApiError(DaemonError::NotFound {
-            what: "VM",
-            id: name,
-        }))
+        Err(ApiError::not_found("VM", name))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn disk(size_bytes: u64, unit_number: u32, disk_key: Option<u32>) -> DiskSpec {
+        DiskSpec {
+            disk_id: 0,
+            size_bytes,
+            unit_number,
+            disk_key,
+            label: String::new(),
+        }
+    }
+
+    #[test]
+    fn max_disk_size_is_what_the_l1_table_can_map() {
+        assert_eq!(MAX_DISK_BYTES, 1 << 51);
+        assert!(validate_disks(&mut [disk(MAX_DISK_BYTES, 0, None)]).is_ok());
+        for bad in [0, 511, MAX_DISK_BYTES + 512, 1 << 52, 1 << 56, u64::MAX] {
+            assert!(validate_disks(&mut [disk(bad, 0, None)]).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn disk_key_never_wraps() {
+        let mut d = [disk(512, 7, None)];
+        validate_disks(&mut d).unwrap();
+        assert_eq!(d[0].disk_key, Some(2007));
+        let mut d = [disk(512, u32::MAX - 2000, None)];
+        validate_disks(&mut d).unwrap();
+        assert_eq!(d[0].disk_key, Some(u32::MAX));
+        assert!(validate_disks(&mut [disk(512, u32::MAX - 1999, None)]).is_err());
+        assert!(validate_disks(&mut [disk(512, u32::MAX, None)]).is_err());
+        // An explicit key needs no arithmetic.
+        assert!(validate_disks(&mut [disk(512, u32::MAX, Some(5))]).is_ok());
+    }
+
+    /// The limit is real: a backup can create an image of exactly that size
+    /// (and the backend's own refusal starts right above it).
+    #[tokio::test]
+    async fn an_image_of_the_largest_size_can_be_created() {
+        use qcow_backend::{CreateOptions, OpenOptions, QcowBackend};
+        let dir = tempfile::tempdir().unwrap();
+        let create = |size| CreateOptions {
+            size: Some(size),
+            cluster_size: qcow_backend::DEFAULT_CLUSTER_SIZE,
+            backing: None,
+            backing_format: None,
+        };
+        let path = dir.path().join("max.qcow2");
+        let img = QcowBackend::create(&path, &create(MAX_DISK_BYTES), &OpenOptions::new())
+            .await
+            .unwrap();
+        assert_eq!(nbd_server::BlockBackend::size(&img), MAX_DISK_BYTES);
+        drop(img);
+        let over = dir.path().join("over.qcow2");
+        let r =
+            QcowBackend::create(&over, &create(MAX_DISK_BYTES + 512), &OpenOptions::new()).await;
+        let Err(e) = r else {
+            panic!("the backend accepted max + 512");
+        };
+        assert!(e.to_string().contains("L1 table"), "{e}");
     }
 }

@@ -167,19 +167,25 @@ impl Backups {
         (seen, first_err)
     }
 
-    /// Delete every file a job may have produced (partial and final names,
-    /// images and digest sidecars).
-    fn remove_files(job: &Job) {
-        for d in &job.disks {
+    /// Close every image of a job and delete every file it may have
+    /// produced (partial and final names, images and digest sidecars).
+    /// Closing first matters on a full disk: a removed file's space comes
+    /// back only once nothing holds it open, and recording the failure
+    /// needs that space.
+    async fn remove_files(disks: Vec<DiskJob>) {
+        let mut paths = Vec::with_capacity(disks.len() * 4);
+        for d in disks {
+            if let Err(e) = d.digest.inner().close().await {
+                tracing::debug!(disk_id = d.disk_id, error = %e, "closing a failed image");
+            }
             let sidecar = Layout::sidecar(&d.final_path);
-            for p in [&d.partial, &d.final_path, &d.sidecar_partial(), &sidecar] {
-                match std::fs::remove_file(p) {
-                    Ok(()) => tracing::debug!(path = %p.display(), "removed"),
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => {
-                        tracing::error!(path = %p.display(), error = %e, "cannot remove image")
-                    }
-                }
+            paths.extend([d.sidecar_partial(), sidecar, d.partial, d.final_path]);
+        }
+        for p in &paths {
+            match std::fs::remove_file(p) {
+                Ok(()) => tracing::debug!(path = %p.display(), "removed"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => tracing::error!(path = %p.display(), error = %e, "cannot remove image"),
             }
         }
     }
@@ -321,12 +327,13 @@ impl Backups {
     ) -> DaemonError {
         let (more, _) = self.stop_exports(&mut job).await;
         let seen = if seen.is_empty() { more } else { seen };
-        Self::remove_files(&job);
+        let Job { id, disks, .. } = job;
+        Self::remove_files(disks).await;
         let reason = err.to_string();
-        if let Err(e) = self.catalog.fail(&job.id, &reason, seen).await {
-            tracing::error!(backup = %job.id, error = %e, "cannot record failure");
+        if let Err(e) = self.catalog.fail(&id, &reason, seen).await {
+            tracing::error!(backup = %id, error = %e, "cannot record failure");
         }
-        tracing::warn!(backup = %job.id, reason, "backup failed");
+        tracing::warn!(backup = %id, reason, "backup failed");
         err
     }
 

@@ -138,10 +138,15 @@ impl Backups {
                     }
                 }
             };
+            // Registered VMs always carry a key; an old row without one
+            // must not wrap 2000 + unit_number.
             let disk_key = match d.disk_key {
                 Some(k) => k,
                 None => 2000u32.checked_add(d.unit_number).ok_or_else(|| {
-                    DaemonError::BadRequest(format!("disk {}: unit_number too large", d.disk_id))
+                    DaemonError::BadRequest(format!(
+                        "disk {}: unit_number {} gives no valid disk_key",
+                        d.disk_id, d.unit_number
+                    ))
                 })?,
             };
             plan.push(Planned {

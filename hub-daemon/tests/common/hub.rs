@@ -45,7 +45,17 @@ impl Hub {
     }
 
     pub async fn start_with(capacity: usize, shared_port: u16, idle: Duration) -> Hub {
-        let dir = tempfile::tempdir().unwrap();
+        Self::start_in(tempfile::tempdir().unwrap(), capacity, shared_port, idle).await
+    }
+
+    /// Start with `dir/data` as the data directory (which may exist, e.g.
+    /// as a mount point).
+    pub async fn start_in(
+        dir: tempfile::TempDir,
+        capacity: usize,
+        shared_port: u16,
+        idle: Duration,
+    ) -> Hub {
         let daemon = Daemon::start(config(
             &dir.path().join("data"),
             capacity,
