@@ -112,3 +112,26 @@ pub fn generate(path: &Path, size: u64, seed: u64) -> std::io::Result<()> {
 pub fn parse_size(s: &str) -> Result<u64, String> {
     hub_daemon::cli::size::parse_size(s)
 }
+
+/// `blake3-tree-v1` digest of a raw file, streamed segment by segment
+/// (64 MiB at a time), to check what a server recorded.
+pub fn digest_file(path: &Path) -> std::io::Result<String> {
+    use disk_digest::algo::{leaf, root, segment_hash, Geometry};
+    use std::io::Read;
+    let size = std::fs::metadata(path)?.len();
+    let g = Geometry::new(size);
+    let mut f = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
+    let mut segs = Vec::with_capacity(g.segments() as usize);
+    let mut block = vec![0u8; disk_digest::BLOCK_SIZE as usize];
+    for s in 0..g.segments() {
+        let (first, end) = g.segment_blocks(s);
+        let mut leaves = Vec::with_capacity((end - first) as usize);
+        for b in first..end {
+            let n = g.block_len(b) as usize;
+            f.read_exact(&mut block[..n])?;
+            leaves.push(leaf(&block[..n]));
+        }
+        segs.push(segment_hash(&leaves));
+    }
+    Ok(root(size, &segs).to_hex())
+}

@@ -13,6 +13,7 @@ mod client;
 mod data;
 mod report;
 mod servers;
+mod verify;
 mod workloads;
 
 use std::path::PathBuf;
@@ -60,7 +61,7 @@ struct Opts {
     /// Seconds per fio random test.
     #[arg(long, default_value_t = 15)]
     fio_runtime: u64,
-    /// Servers to compare (ours, qemu-nbd).
+    /// Servers to compare (ours, ours-digest, qemu-nbd).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
     /// Scratch directory (images, data, logs).
@@ -252,6 +253,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     for s in &opts.servers {
         match s.as_str() {
             "ours" => kinds.push(Kind::Ours),
+            "ours-digest" => kinds.push(Kind::OursDigest),
             "qemu-nbd" if tool("qemu-nbd") => kinds.push(Kind::QemuNbd),
             "qemu-nbd" => eprintln!("qemu-nbd not installed: skipped"),
             other => bail!("unknown server {other}"),

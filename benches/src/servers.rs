@@ -1,9 +1,9 @@
 //! Starting and stopping the NBD servers under test.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::{BufRead, BufReader, Lines, Read};
 use std::net::{SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
@@ -13,6 +13,9 @@ use anyhow::{bail, Context};
 pub enum Kind {
     /// Our server (`hub-daemon export`, this binary re-executed).
     Ours,
+    /// Our server recording `blake3-tree-v1` digests of what it is sent
+    /// (`--digest`), as the hub does for every backup.
+    OursDigest,
     /// One qemu-nbd process per export, as deployed today.
     QemuNbd,
     /// nbdkit's null plugin (protocol ceiling).
@@ -24,6 +27,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Ours => "ours",
+            Kind::OursDigest => "ours-digest",
             Kind::QemuNbd => "qemu-nbd",
             Kind::NbdkitNull => "nbdkit-null",
         }
@@ -60,6 +64,8 @@ pub struct Running {
     pub uris: Vec<String>,
     /// When the last export became ready, measured from the first spawn.
     pub ready_after: Duration,
+    /// Our server's stdout after "ready" (it prints digests on exit).
+    stdout: Option<Lines<BufReader<ChildStdout>>>,
 }
 
 /// A port nobody listens on (the OS picks it).
@@ -102,10 +108,13 @@ fn log_file(log: &Path) -> anyhow::Result<std::fs::File> {
 pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::Result<Running> {
     let t0 = Instant::now();
     match kind {
-        Kind::Ours => {
+        Kind::Ours | Kind::OursDigest => {
             let exe = std::env::current_exe()?;
             let mut cmd = Command::new(exe);
             cmd.arg("__export").arg("--listen").arg("127.0.0.1:0");
+            if kind == Kind::OursDigest {
+                cmd.arg("--digest");
+            }
             if opts.port_per_export {
                 cmd.arg("--port-per-export");
             }
@@ -122,13 +131,15 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
                 .context("spawning our server")?;
             let out = child.stdout.take().context("stdout")?;
             let mut uris = Vec::new();
-            for line in BufReader::new(out).lines() {
+            let mut lines = BufReader::new(out).lines();
+            while let Some(line) = lines.next() {
                 let line = line?;
                 if line == "ready" {
                     return Ok(Running {
                         children: vec![child],
                         uris,
                         ready_after: t0.elapsed(),
+                        stdout: Some(lines),
                     });
                 }
                 if let Some(uri) = line.split_whitespace().nth(2) {
@@ -175,6 +186,7 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
                 children,
                 uris,
                 ready_after: t0.elapsed(),
+                stdout: None,
             })
         }
         Kind::NbdkitNull => {
@@ -199,6 +211,7 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
                 children: vec![child],
                 uris: vec![format!("nbd://127.0.0.1:{port}/{}", s.name)],
                 ready_after: t0.elapsed(),
+                stdout: None,
             })
         }
     }
@@ -210,8 +223,9 @@ impl Running {
         self.children.iter().map(Child::id).collect()
     }
 
-    /// SIGTERM every process and wait (SIGKILL after 30 s).
-    pub fn stop(mut self) -> anyhow::Result<()> {
+    /// SIGTERM every process and wait (SIGKILL after 30 s); returns what
+    /// our server printed after "ready" (digests).
+    pub fn stop(mut self) -> anyhow::Result<Vec<String>> {
         for c in &self.children {
             let _ = Command::new("kill")
                 .args(["-TERM", &c.id().to_string()])
@@ -232,7 +246,11 @@ impl Running {
             }
         }
         self.children.clear();
-        Ok(())
+        Ok(self
+            .stdout
+            .take()
+            .map(|l| l.map_while(Result::ok).collect())
+            .unwrap_or_default())
     }
 }
 

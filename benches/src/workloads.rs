@@ -215,6 +215,68 @@ impl Run {
         }
     }
 
+    /// The hub's verify engine on the image just written (and its digest
+    /// sidecar) against `sha256sum` of the source: cold, then warm.
+    fn verify_speed(&mut self, rep: usize, img: &Path) -> anyhow::Result<()> {
+        self.progress(String::from("verify vs sha256sum"));
+        let src = self.src.clone();
+        for state in ["cold", "warm"] {
+            if state == "cold" && !crate::verify::drop_caches() {
+                eprintln!("cannot drop caches (not root): cold figures are warm");
+            }
+            let secs = crate::verify::verify_secs(img)?;
+            self.record_mbps(
+                Kind::OursDigest,
+                &format!("verify_{state}"),
+                rep,
+                self.size,
+                secs,
+            );
+            if state == "cold" {
+                crate::verify::drop_caches();
+            }
+            let secs = crate::verify::sha256sum_secs(&src)?;
+            self.samples.push(Sample {
+                server: "system".into(),
+                test: format!("sha256sum_{state}"),
+                rep,
+                value: self.size as f64 / 1e6 / secs,
+                unit: "MB/s".into(),
+            });
+        }
+        Ok(())
+    }
+
+    /// The digest our server printed for `disk0` must be the source's.
+    fn check_digest(
+        &mut self,
+        kind: Kind,
+        test: &str,
+        rep: usize,
+        printed: &[String],
+    ) -> anyhow::Result<()> {
+        let want = crate::data::digest_file(&self.src)?;
+        let got = printed
+            .iter()
+            .find_map(|l| l.strip_prefix("digest disk0 "))
+            .map(str::to_owned);
+        let ok = got.as_deref() == Some(want.as_str());
+        self.record(
+            kind,
+            &format!("{test}_digest_ok"),
+            rep,
+            if ok { 1.0 } else { 0.0 },
+            "bool",
+        );
+        if !ok {
+            self.failures.push(format!(
+                "{} {test} rep {rep}: digest {got:?}, source {want}",
+                kind.name()
+            ));
+        }
+        Ok(())
+    }
+
     fn fresh(&self, path: &Path, size: u64) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
         qemu_img(&[
@@ -271,7 +333,13 @@ impl Run {
                 self.size,
                 secs,
             );
-            srv.stop()?;
+            let printed = srv.stop()?;
+            if kind == Kind::OursDigest {
+                self.check_digest(kind, &format!("write_fresh_qcow2_c{c}"), rep, &printed)?;
+                if c == self.conns[0] {
+                    self.verify_speed(rep, &img)?;
+                }
+            }
             let src = self.src.clone();
             self.verify(
                 kind,

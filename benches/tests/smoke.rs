@@ -21,6 +21,8 @@ fn harness_smoke_runs_and_verifies() {
     let out = Command::new(env!("CARGO_BIN_EXE_nbd-bench"))
         .args([
             "--smoke",
+            "--servers",
+            "ours,ours-digest,qemu-nbd",
             "--workdir",
             dir.path().to_str().unwrap(),
             "--json",
@@ -63,6 +65,9 @@ fn harness_smoke_runs_and_verifies() {
             );
         }
     }
+    // The digest our server recorded while ingesting equals the source's.
+    assert!(tests.contains("ours-digest/write_fresh_qcow2_c1_digest_ok"));
+    assert!(tests.contains("ours-digest/write_fresh_qcow2_c4_digest_ok"));
     assert!(tests.contains("ours/null_write_c1"));
     assert!(tests.contains("system/dd_conv_fsync_write"));
     for s in samples {

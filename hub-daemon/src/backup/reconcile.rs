@@ -83,9 +83,10 @@ impl Backups {
             let Some(layout) = layout_of(&b.repository_id) else {
                 continue;
             };
+            // Restore points from before digests have no sidecar to miss.
             let missing = b.disks.iter().any(|d| {
                 let p = layout.path_of(&d.file);
-                !p.is_file() || !Layout::sidecar(&p).is_file()
+                !p.is_file() || (d.digest.is_some() && !Layout::sidecar(&p).is_file())
             });
             if missing {
                 tracing::error!(backup = %b.backup_id, "completed backup has missing images");

@@ -35,6 +35,18 @@ impl Backups {
                 b.status
             )));
         }
+        for d in &b.disks {
+            let chain = self
+                .catalog
+                .chain(id, d.disk_id, qcow_backend::DEFAULT_MAX_DEPTH)
+                .await?;
+            if let Some(old) = chain.iter().find(|l| l.digest.is_none()) {
+                return Err(DaemonError::BadImage(format!(
+                    "restore point {} (disk {}) has no recorded digest: it predates digests and cannot be verified",
+                    old.backup_id, d.disk_id
+                )));
+            }
+        }
         if !self.verifying_insert(id) {
             return Err(DaemonError::Conflict(format!(
                 "backup {id:?} is already being verified"

@@ -63,9 +63,10 @@ pub struct ExportArgs {
     #[arg(long, value_name = "DIR")]
     allow_backing_dir: Vec<PathBuf>,
     /// Record a `blake3-tree-v1` digest of what clients write: a sidecar
-    /// `PATH.digest` is kept beside each image (which must be new: with
-    /// --create, or --backing whose parent has a sidecar), and the digest
-    /// is printed as `digest NAME HEX` on exit. Measures the hub's
+    /// `PATH.digest` is kept beside each image and the digest is printed
+    /// as `digest NAME HEX` on exit. The image must start out reading as
+    /// zeroes (a fresh image), or as its parent with --backing (whose
+    /// `.digest` sidecar is then required). Measures the hub's
     /// digest-on-ingest path outside the API.
     #[arg(long)]
     digest: bool,
@@ -294,8 +295,8 @@ fn digest_wrap(
     backend: Arc<dyn nbd_server::BlockBackend>,
     args: &ExportArgs,
 ) -> anyhow::Result<(Arc<DigestBackend>, DigestChain)> {
-    if args.readonly || (args.create.is_none() && args.backing.is_none()) {
-        bail!("--digest needs a new image (--create or --backing)");
+    if args.readonly {
+        bail!("--digest records writes; it cannot be used with --readonly");
     }
     let chain = match &args.backing {
         Some(parent) => {
