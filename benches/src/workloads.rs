@@ -279,6 +279,10 @@ impl Run {
 
     fn fresh(&self, path: &Path, size: u64) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
+        // A digest sidecar of an earlier run goes with its image.
+        let mut sidecar = path.as_os_str().to_owned();
+        sidecar.push(".digest");
+        let _ = std::fs::remove_file(&sidecar);
         qemu_img(&[
             "create",
             "-q",
