@@ -114,7 +114,7 @@ impl Assembly {
             Reply::Chunk { done, chunk, .. } => {
                 self.chunk(chunk)?;
                 if done {
-                    Ok(Some(self.finish()))
+                    self.finish().map(Some)
                 } else {
                     Ok(None)
                 }
@@ -201,9 +201,11 @@ impl Assembly {
         }
     }
 
-    fn finish(&mut self) -> Result<Output, ClientError> {
+    /// The result once the last chunk arrived. A server error is the
+    /// request's result; a reply that contradicts the request is fatal.
+    fn finish(&mut self) -> Result<Result<Output, ClientError>, ProtocolError> {
         if let Some(e) = self.error.take() {
-            return Err(e);
+            return Ok(Err(e));
         }
         match &mut self.state {
             State::Read {
@@ -217,8 +219,7 @@ impl Assembly {
                     return Err(ProtocolError::Incomplete {
                         covered: *covered,
                         len,
-                    }
-                    .into());
+                    });
                 }
                 pieces.sort_by_key(|(o, _)| *o);
                 // Pieces lie inside the request and add up to its length;
@@ -226,19 +227,19 @@ impl Assembly {
                 let mut at = *offset;
                 for (o, p) in pieces.iter() {
                     if *o != at {
-                        return Err(ProtocolError::Overlap.into());
+                        return Err(ProtocolError::Overlap);
                     }
                     at = at.saturating_add(p.len());
                 }
-                Ok(Output::Read(
+                Ok(Ok(Output::Read(
                     std::mem::take(pieces).into_iter().map(|(_, p)| p).collect(),
-                ))
+                )))
             }
             State::Status { extents, .. } => extents
                 .take()
-                .map(Output::Status)
-                .ok_or_else(|| ProtocolError::BadStatus("no status chunk").into()),
-            State::Plain { .. } => Ok(Output::Done),
+                .map(|e| Ok(Output::Status(e)))
+                .ok_or(ProtocolError::BadStatus("no status chunk")),
+            State::Plain { .. } => Ok(Ok(Output::Done)),
         }
     }
 }
@@ -382,22 +383,18 @@ mod tests {
             Err(ProtocolError::Overlap)
         ));
         let mut a = Assembly::read(100, 10);
-        let r = a
-            .feed(chunk(
+        assert!(matches!(
+            a.feed(chunk(
                 true,
                 Chunk::Hole {
                     offset: 100,
-                    len: 8,
-                },
-            ))
-            .unwrap()
-            .unwrap();
-        assert!(matches!(
-            r,
-            Err(ClientError::Protocol(ProtocolError::Incomplete {
+                    len: 8
+                }
+            )),
+            Err(ProtocolError::Incomplete {
                 covered: 8,
                 len: 10
-            }))
+            })
         ));
         let mut a = Assembly::read(u64::MAX - 1, 10);
         assert!(a
