@@ -16,6 +16,7 @@ use std::time::Instant;
 use anyhow::{bail, Context};
 
 use crate::report::Sample;
+use crate::servers::{self, Kind, Options, Spec};
 use crate::workloads::Run;
 
 /// Read a file once so it is in the page cache.
@@ -53,8 +54,13 @@ fn timed(cmd: &mut Command) -> anyhow::Result<(String, f64)> {
 
 /// `hub-daemon digest PATH` (re-executed); returns (hex digest, seconds).
 fn ours(path: &Path) -> anyhow::Result<(String, f64)> {
+    ours_target(path.to_str().unwrap_or(""))
+}
+
+/// `hub-daemon digest TARGET` (a path or an nbd:// URI).
+fn ours_target(target: &str) -> anyhow::Result<(String, f64)> {
     let exe = std::env::current_exe()?;
-    let (out, secs) = timed(Command::new(exe).arg("__digest").arg(path))?;
+    let (out, secs) = timed(Command::new(exe).arg("__digest").arg(target))?;
     let hex = out.split_whitespace().next().unwrap_or("").to_owned();
     if hex.len() != 64 {
         bail!("unexpected digest output {out:?}");
@@ -90,9 +96,27 @@ impl Run {
         self.push("sha256sum", "digest_qcow2_warm", rep, sha);
         let (raw_hex, secs) = ours(&src)?;
         self.push("ours", "digest_raw_warm", rep, secs);
-        // The same sha256sum run is the comparator of both warm figures.
+        // The same sha256sum run is the comparator of every warm figure.
         self.push("sha256sum", "digest_raw_warm", rep, sha);
-        let same = qcow_hex == raw_hex;
+        // The same image served by our export and read back by our client.
+        let spec = [Spec {
+            name: "disk0".into(),
+            path: img.clone(),
+            format: "qcow2",
+            size: self.size,
+        }];
+        let opts = Options {
+            readonly: true,
+            ..Options::default()
+        };
+        let log = self.workdir.join("log").join("ours.log");
+        let srv = servers::start(Kind::Ours, &spec, opts, &log)?;
+        let over_nbd = ours_target(&srv.uris[0]);
+        srv.stop()?;
+        let (nbd_hex, secs) = over_nbd?;
+        self.push("ours", "digest_nbd_warm", rep, secs);
+        self.push("sha256sum", "digest_nbd_warm", rep, sha);
+        let same = qcow_hex == raw_hex && nbd_hex == raw_hex;
         self.samples.push(Sample {
             server: "ours".into(),
             test: "digest_verified".into(),
@@ -102,7 +126,7 @@ impl Run {
         });
         if !same {
             self.failures.push(format!(
-                "digest rep {rep}: qcow2 {qcow_hex} != raw {raw_hex}"
+                "digest rep {rep}: raw {raw_hex}, qcow2 {qcow_hex}, over NBD {nbd_hex}"
             ));
         }
         if cold {

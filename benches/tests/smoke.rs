@@ -69,6 +69,7 @@ fn harness_smoke_runs_and_verifies() {
         "ours/digest_qcow2_warm",
         "sha256sum/digest_qcow2_warm",
         "ours/digest_raw_warm",
+        "ours/digest_nbd_warm",
         "ours/digest_verified",
     ] {
         assert!(tests.contains(t), "missing {t} in {tests:?}");
