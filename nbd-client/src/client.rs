@@ -265,6 +265,7 @@ impl Client {
             .await?
         {
             Output::Read(chunks) => Ok(chunks),
+            // A read assembly only ever completes with Output::Read.
             _ => Err(ClientError::Closed),
         }
     }
@@ -392,6 +393,7 @@ impl Client {
             .await?
         {
             Output::Status(e) => Ok(e),
+            // A status assembly only ever completes with Output::Status.
             _ => Err(ClientError::Closed),
         }
     }
