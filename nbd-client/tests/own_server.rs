@@ -267,3 +267,29 @@ async fn server_errors_carry_the_errno_and_the_connection_goes_on() {
         assert_eq!(e.kind(), BackendErrorKind::NoSpace);
     }
 }
+
+#[tokio::test]
+async fn dropped_requests_leave_the_connection_usable() {
+    let s = server(16 * MIB).await;
+    let mut opts = ConnectOptions::new("d");
+    // One request in flight at a time: a leaked permit would hang below.
+    opts.max_in_flight = 1;
+    let c = Client::connect(s.addr, &opts).await.unwrap();
+    c.write(0, Bytes::from(pattern(5, 65536)), false)
+        .await
+        .unwrap();
+    for _ in 0..32 {
+        let f = c.read(0, 65536);
+        // Poll once (the request is queued), then drop it.
+        tokio::select! {
+            biased;
+            _ = f => {}
+            _ = std::future::ready(()) => {}
+        }
+    }
+    assert_eq!(
+        c.read_bytes(0, 65536).await.unwrap(),
+        Bytes::from(pattern(5, 65536))
+    );
+    assert!(c.closed().is_none());
+}
