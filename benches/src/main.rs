@@ -11,6 +11,7 @@
 
 mod client;
 mod data;
+mod digest;
 mod report;
 mod servers;
 mod verify;
@@ -39,10 +40,10 @@ struct Opts {
     /// Repetitions (median reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Workloads: write,overlay,multi,random,read,null,idle,limits.
+    /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest.
     #[arg(
         long,
-        default_value = "write,overlay,multi,random,read,null,idle,limits",
+        default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
         value_delimiter = ','
     )]
     tests: Vec<String>,
@@ -76,6 +77,10 @@ struct Opts {
     /// Tiny sizes, one repetition: checks the harness runs and verifies data.
     #[arg(long)]
     smoke: bool,
+    /// Skip the cold-cache digest figures (they drop the page cache, which
+    /// needs root and slows whatever else runs on the machine).
+    #[arg(long)]
+    no_cold: bool,
 }
 
 fn tool(name: &str) -> bool {
@@ -215,6 +220,9 @@ fn main() -> anyhow::Result<()> {
     if args.get(1).is_some_and(|a| a == "__export") {
         return serve_export(&args[2..]);
     }
+    if args.get(1).is_some_and(|a| a == "__digest") {
+        return run_digest(&args[2..]);
+    }
     let mut opts = Opts::parse();
     if opts.smoke {
         opts.size = 64 << 20;
@@ -222,6 +230,7 @@ fn main() -> anyhow::Result<()> {
         opts.reps = 1;
         opts.idle = vec![4];
         opts.fio_runtime = 1;
+        opts.no_cold = true;
     }
     bench(opts)
 }
@@ -241,6 +250,18 @@ fn serve_export(args: &[String]) -> anyhow::Result<()> {
     let e = Export::parse_from(std::iter::once("export".to_owned()).chain(args.iter().cloned()));
     let rt = hub_daemon::cli::runtime()?;
     rt.block_on(hub_daemon::cli::export::run(e.args))
+}
+
+/// The `__digest` mode: exactly `hub-daemon digest`.
+fn run_digest(args: &[String]) -> anyhow::Result<()> {
+    #[derive(Debug, Parser)]
+    struct Digest {
+        #[command(flatten)]
+        args: hub_daemon::cli::digest::DigestArgs,
+    }
+    let d = Digest::parse_from(std::iter::once("digest".to_owned()).chain(args.iter().cloned()));
+    let rt = hub_daemon::cli::runtime()?;
+    rt.block_on(hub_daemon::cli::digest::run(d.args))
 }
 
 fn bench(opts: Opts) -> anyhow::Result<()> {
@@ -284,7 +305,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     // A full backup image of the source: the base of the overlay test and
     // the image of the read test (same file for every server).
     let base = wd.join("img").join("base.qcow2");
-    if has("overlay") || has("read") {
+    if has("overlay") || has("read") || has("digest") {
         let _ = std::fs::remove_file(&base);
         let st = Command::new("qemu-img")
             .args([
@@ -356,6 +377,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
                     .with_context(|| format!("{} read", k.name()))?;
             }
         }
+        if has("digest") {
+            run.digest(rep, !opts.no_cold).context("digest")?;
+        }
         if has("null") {
             run.null(Kind::Ours, rep)?;
             if nbdkit {
@@ -388,6 +412,8 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     let figs = report::figures(&run.samples, |test| {
         if test.starts_with("null_") {
             "nbdkit-null"
+        } else if test.starts_with("digest_") {
+            "sha256sum"
         } else {
             baseline
         }

@@ -134,14 +134,14 @@ pub fn table(figs: &[Figure], baseline: &str) -> String {
         ));
     }
     out.push_str(&format!(
-        "(ratio = median of per-repetition ratios to {baseline}; null_* figures to nbdkit-null)\n"
+        "(ratio = median of per-repetition ratios to {baseline}; null_* figures to nbdkit-null, digest_* to sha256sum)\n"
     ));
     out
 }
 
 /// A Markdown table.
 pub fn markdown(figs: &[Figure], baseline: &str) -> String {
-    let mut out = format!("| figure | server | median | min | max | unit | ratio to {baseline} (null_*: nbdkit-null) |\n|---|---|---:|---:|---:|---|---:|\n");
+    let mut out = format!("| figure | server | median | min | max | unit | ratio to {baseline} (null_*: nbdkit-null; digest_*: sha256sum) |\n|---|---|---:|---:|---:|---|---:|\n");
     for f in figs {
         let ratio = f.ratio.map_or(String::new(), |r| format!("{r:.2}×"));
         out.push_str(&format!(

@@ -70,6 +70,15 @@ fn harness_smoke_runs_and_verifies() {
     assert!(tests.contains("ours-digest/write_fresh_qcow2_c4_digest_ok"));
     assert!(tests.contains("ours/null_write_c1"));
     assert!(tests.contains("system/dd_conv_fsync_write"));
+    for t in [
+        "ours/digest_qcow2_warm",
+        "sha256sum/digest_qcow2_warm",
+        "ours/digest_raw_warm",
+        "ours/digest_nbd_warm",
+        "ours/digest_verified",
+    ] {
+        assert!(tests.contains(t), "missing {t} in {tests:?}");
+    }
     for s in samples {
         if s["unit"] == "bool" {
             assert_eq!(s["value"], 1.0, "{s}");

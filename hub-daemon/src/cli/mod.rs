@@ -1,6 +1,7 @@
 //! Command-line front end: thin wrappers that parse arguments and call the
 //! library.
 
+pub mod digest;
 pub mod export;
 pub mod serve;
 pub mod size;
@@ -23,6 +24,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Serve image files over NBD in the foreground (qemu-nbd replacement).
     Export(export::ExportArgs),
+    /// Print the blake3-tree-v1 digest of image files or nbd:// exports.
+    Digest(digest::DigestArgs),
 }
 
 /// Raise the soft open-files limit to the hard limit: every export holds a

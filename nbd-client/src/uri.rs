@@ -1,0 +1,109 @@
+//! `nbd://host[:port]/export` addresses (the subset of the NBD URI
+//! specification without TLS or Unix sockets).
+
+/// Default NBD port.
+pub const DEFAULT_PORT: u16 = 10809;
+
+/// A parsed `nbd://` URI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NbdUri {
+    /// Host name or address (IPv6 without brackets).
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+    /// Export name (percent-decoded; "" is the default export).
+    pub export: String,
+}
+
+/// Why a URI was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum UriError {
+    /// Not `nbd://`.
+    #[error("not an nbd:// URI (TLS and Unix sockets are not supported)")]
+    Scheme,
+    /// Empty host, bad port or bad escape.
+    #[error("malformed nbd:// URI: {0}")]
+    Malformed(&'static str),
+}
+
+impl NbdUri {
+    /// Parse `nbd://host[:port][/export]`.
+    pub fn parse(s: &str) -> Result<NbdUri, UriError> {
+        let rest = s.strip_prefix("nbd://").ok_or(UriError::Scheme)?;
+        let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (h, tail) = v6
+                .split_once(']')
+                .ok_or(UriError::Malformed("unclosed ["))?;
+            (h, tail.strip_prefix(':'))
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (h, Some(p)),
+                None => (authority, None),
+            }
+        };
+        if host.is_empty() {
+            return Err(UriError::Malformed("empty host"));
+        }
+        let port = match port {
+            Some(p) => p.parse().map_err(|_| UriError::Malformed("bad port"))?,
+            None => DEFAULT_PORT,
+        };
+        let path = path.split(['?', '#']).next().unwrap_or("");
+        Ok(NbdUri {
+            host: host.to_owned(),
+            port,
+            export: percent_decode(path)?,
+        })
+    }
+
+    /// `host:port` for connecting.
+    pub fn authority(&self) -> (String, u16) {
+        (self.host.clone(), self.port)
+    }
+}
+
+fn percent_decode(s: &str) -> Result<String, UriError> {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%' {
+            let hex = b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+                .ok_or(UriError::Malformed("bad % escape"))?;
+            out.push(hex);
+            i += 3;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out).map_err(|_| UriError::Malformed("export name is not UTF-8"))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    #[test]
+    fn parses_hosts_ports_and_exports() {
+        let u = NbdUri::parse("nbd://127.0.0.1:10105/vm-disk0").unwrap();
+        assert_eq!(u.authority(), ("127.0.0.1".into(), 10105));
+        assert_eq!(u.export, "vm-disk0");
+        let u = NbdUri::parse("nbd://host").unwrap();
+        assert_eq!((u.port, u.export.as_str()), (DEFAULT_PORT, ""));
+        let u = NbdUri::parse("nbd://[::1]:99/a%20b").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.export.as_str()),
+            ("::1", 99, "a b")
+        );
+        assert_eq!(NbdUri::parse("nbds://h/x"), Err(UriError::Scheme));
+        assert!(NbdUri::parse("nbd://:1/x").is_err());
+        assert!(NbdUri::parse("nbd://h:99999/x").is_err());
+        assert!(NbdUri::parse("nbd://h/%zz").is_err());
+    }
+}
