@@ -1,0 +1,181 @@
+//! Reading requests off the socket in two steps — header, then payload — so
+//! the transmission loop can reserve a request's budget from its header
+//! before a byte of its payload is read or allocated.
+//!
+//! Memory held here is bounded independently of what clients send: the
+//! header buffer reads at most [`WINDOW`] bytes ahead, and a payload larger
+//! than what is already buffered gets its own exact-size allocation (so
+//! the header buffer never grows to 32 MiB and keeps that capacity for the
+//! life of the connection).
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use crate::proto::request::FrameError;
+use crate::proto::RequestHeader;
+
+/// Most bytes read ahead while looking for a header.
+pub(crate) const WINDOW: usize = 64 * 1024;
+
+/// Above this capacity an emptied header buffer is replaced by a fresh one
+/// (the handshake's leftover, or a window that a split payload pinned).
+const SHRINK_ABOVE: usize = 2 * WINDOW;
+
+/// Reads requests from `rd`. Cancel-safe: partial input stays in the
+/// reader, so each step can sit in a `select!` without losing bytes.
+pub(crate) struct RequestReader<R> {
+    rd: R,
+    buf: BytesMut,
+    extended: bool,
+    /// The payload being read for the current header, when it did not fit
+    /// in `buf`.
+    body: Option<BytesMut>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReadError {
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    #[error("connection closed inside a request ({0} bytes pending)")]
+    Truncated(usize),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+impl<R: AsyncRead + Unpin> RequestReader<R> {
+    pub fn new(rd: R, leftover: BytesMut, extended: bool) -> Self {
+        RequestReader {
+            rd,
+            buf: leftover,
+            extended,
+            body: None,
+        }
+    }
+
+    /// Capacity held by the reader's buffers (for tests).
+    #[cfg(test)]
+    pub fn capacity(&self) -> usize {
+        self.buf.capacity() + self.body.as_ref().map_or(0, BytesMut::capacity)
+    }
+
+    /// Wait for the next header without consuming it; `None` at a clean
+    /// end of stream.
+    pub async fn header(&mut self) -> Result<Option<RequestHeader>, ReadError> {
+        loop {
+            if let Some(h) = RequestHeader::decode(&self.buf, self.extended)? {
+                return Ok(Some(h));
+            }
+            if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
+                self.buf = BytesMut::new();
+            }
+            if self.buf.capacity() - self.buf.len() < RequestHeader::wire_len(self.extended) {
+                self.buf.reserve(WINDOW);
+            }
+            let room = WINDOW.saturating_sub(self.buf.len()).max(1) as u64;
+            if (&mut self.rd).take(room).read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() {
+                    Ok(None)
+                } else {
+                    Err(ReadError::Truncated(self.buf.len()))
+                };
+            }
+        }
+    }
+
+    /// Consume the header [`header`](Self::header) returned and read its
+    /// payload (empty for commands without one). Call only after the
+    /// request's budget is reserved.
+    pub async fn body(&mut self, h: &RequestHeader) -> Result<Bytes, ReadError> {
+        let hlen = RequestHeader::wire_len(self.extended);
+        // decode() bounded the payload by MAX_PAYLOAD.
+        let plen = usize::try_from(h.payload_len(self.extended)).unwrap_or(usize::MAX);
+        if self.body.is_none() {
+            if hlen
+                .checked_add(plen)
+                .is_some_and(|need| self.buf.len() >= need)
+            {
+                self.buf.advance(hlen);
+                return Ok(self.buf.split_to(plen).freeze());
+            }
+            // The payload gets its own allocation of exactly its size
+            // (≤ MAX_PAYLOAD, and already reserved from the budgets).
+            let mut body = BytesMut::with_capacity(plen);
+            self.buf.advance(hlen.min(self.buf.len()));
+            let have = self.buf.len().min(plen);
+            body.extend_from_slice(&self.buf[..have]);
+            self.buf.advance(have);
+            self.body = Some(body);
+        }
+        loop {
+            let Some(body) = self.body.as_mut() else {
+                return Ok(Bytes::new());
+            };
+            let missing = plen.saturating_sub(body.len());
+            if missing == 0 {
+                return Ok(self.body.take().map(BytesMut::freeze).unwrap_or_default());
+            }
+            if (&mut self.rd).take(missing as u64).read_buf(body).await? == 0 {
+                return Err(ReadError::Truncated(body.len() + hlen));
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::consts::cmd;
+    use tokio::io::AsyncWriteExt;
+
+    fn write_req(len: u32, cookie: u64) -> Vec<u8> {
+        let mut out = Vec::new();
+        RequestHeader {
+            flags: 0,
+            kind: cmd::WRITE,
+            cookie,
+            offset: 0,
+            length: u64::from(len),
+        }
+        .encode(false, &mut out);
+        out.resize(out.len() + len as usize, cookie as u8);
+        out
+    }
+
+    #[tokio::test]
+    async fn header_peek_reads_no_further_than_the_window() {
+        let (mut client, server) = tokio::io::duplex(8 << 20);
+        let big = write_req(4 << 20, 1);
+        client.write_all(&big).await.unwrap();
+        let mut r = RequestReader::new(server, BytesMut::new(), false);
+        let h = r.header().await.unwrap().unwrap();
+        assert_eq!(h.length, 4 << 20);
+        assert!(r.capacity() <= 2 * WINDOW, "read ahead {}", r.capacity());
+        let body = r.body(&h).await.unwrap();
+        assert_eq!(body.len(), 4 << 20);
+        assert!(body.iter().all(|b| *b == 1));
+        drop(body);
+        // Small requests after the big one: the buffer stays window-sized.
+        let mut small = write_req(512, 2);
+        small.extend(write_req(512, 3));
+        client.write_all(&small).await.unwrap();
+        for cookie in [2, 3] {
+            let h = r.header().await.unwrap().unwrap();
+            assert_eq!(h.cookie, cookie);
+            assert_eq!(r.body(&h).await.unwrap().len(), 512);
+            assert!(r.capacity() <= 2 * WINDOW, "capacity {}", r.capacity());
+        }
+        drop(client);
+        assert!(r.header().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn truncated_payload_is_an_error() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let req = write_req(4096, 1);
+        client.write_all(&req[..28 + 100]).await.unwrap();
+        drop(client);
+        let mut r = RequestReader::new(server, BytesMut::new(), false);
+        let h = r.header().await.unwrap().unwrap();
+        assert!(matches!(r.body(&h).await, Err(ReadError::Truncated(_))));
+    }
+}
