@@ -2,6 +2,7 @@
 //! library.
 
 pub mod export;
+pub mod limits;
 pub mod serve;
 pub mod size;
 
