@@ -16,6 +16,7 @@
 //! written to the socket, so it covers the WRITE payload, the READ buffer
 //! and the queued reply alike.
 
+use std::future::Future;
 use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -134,26 +135,33 @@ impl MemoryBudget {
     }
 
     /// Wait for `bytes` (≤ [`MAX_REQUEST_COST`]). `small`: the caller
-    /// holds little and may use the reserved slice. Cancel-safe: a dropped
-    /// wait takes nothing.
-    pub async fn acquire(&self, bytes: u64, small: bool) -> Grant {
+    /// holds little and may use the reserved slice. The future owns what it
+    /// needs, so a caller can keep it across loop iterations and keep its
+    /// place in the (FIFO) queue. A dropped wait takes nothing.
+    pub fn acquire(&self, bytes: u64, small: bool) -> impl Future<Output = Grant> + Send + 'static {
         let n = u32::try_from(bytes.min(MAX_REQUEST_COST)).unwrap_or(u32::MAX);
-        let bulk = Arc::clone(&self.bulk).acquire_many_owned(n);
-        let permit = if small {
-            let reserved = Arc::clone(&self.reserved).acquire_many_owned(n);
-            tokio::select! {
-                biased;
-                p = bulk => p,
-                p = reserved => p,
-            }
-        } else {
-            bulk.await
-        };
-        match permit {
-            Ok(p) => Grant { _permit: p },
-            // The semaphores are never closed.
-            Err(_) => std::future::pending().await,
+        let (bulk, reserved) = (Arc::clone(&self.bulk), Arc::clone(&self.reserved));
+        acquire(bulk, reserved, n, small)
+    }
+}
+
+/// The wait itself: a small holder takes whichever pool has room first.
+async fn acquire(bulk: Arc<Semaphore>, reserved: Arc<Semaphore>, n: u32, small: bool) -> Grant {
+    let bulk = bulk.acquire_many_owned(n);
+    let permit = if small {
+        let reserved = reserved.acquire_many_owned(n);
+        tokio::select! {
+            biased;
+            p = bulk => p,
+            p = reserved => p,
         }
+    } else {
+        bulk.await
+    };
+    match permit {
+        Ok(p) => Grant { _permit: p },
+        // The semaphores are never closed.
+        Err(_) => std::future::pending().await,
     }
 }
 

@@ -29,7 +29,7 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
-use super::budget::{request_cost, ConnBudget, MemoryBudget};
+use super::budget::{request_cost, ConnBudget, Grant, MemoryBudget};
 use super::frames::{self, Frame};
 use super::outbox::{Held, Outbox};
 use super::registry::{check_period, ConnEntry};
@@ -74,6 +74,7 @@ enum Admission {
 }
 
 type Pending = Pin<Box<dyn Future<Output = (Frame, Held)> + Send>>;
+type GrantWait = Pin<Box<dyn Future<Output = Grant> + Send>>;
 
 /// Serve requests until the client disconnects, the export closes, the
 /// server shuts down, the connection is evicted or times out. In-flight
@@ -110,6 +111,9 @@ pub(crate) async fn run<R, W>(
     let mut reader = RequestReader::new(rd, leftover, extended);
     let mut budget = ConnBudget::new(limits.max_inflight_bytes);
     let mut admission = Admission::None;
+    // The wait for process-wide budget, kept across iterations so the
+    // connection keeps its place in the queue.
+    let mut grant_wait: Option<GrantWait> = None;
     let mut inflight: FuturesUnordered<Pending> = FuturesUnordered::new();
     let mut outbox = Outbox::default();
     // Stop reading (client done, violation, shutdown) but finish what is in flight.
@@ -152,11 +156,12 @@ pub(crate) async fn run<R, W>(
             Admission::Header(..) => (false, None),
             Admission::Admitted(h, _) => (reading, Some(*h)),
         };
-        let (want_grant, cost) = match &admission {
-            Admission::Header(_, c) => (reading && budget.admits(*c), *c),
-            _ => (false, 0),
-        };
-        let small = budget.is_small_after(cost);
+        if let Admission::Header(_, cost) = &admission {
+            if reading && grant_wait.is_none() && budget.admits(*cost) {
+                let small = budget.is_small_after(*cost);
+                grant_wait = Some(Box::pin(env.budget.acquire(*cost, small)));
+            }
+        }
         // Cancel safety of each branch: the tokens and the ticker are
         // stateless; FuturesUnordered::next loses nothing; write_some
         // advances its queue only after a completed write; the reader keeps
@@ -208,7 +213,8 @@ pub(crate) async fn run<R, W>(
                     reading = false;
                 }
             }
-            g = env.budget.acquire(cost, small), if want_grant => {
+            g = wait_grant(&mut grant_wait), if reading && grant_wait.is_some() => {
+                grant_wait = None;
                 if let Admission::Header(h, c) = admission {
                     budget.take(c);
                     admission = Admission::Admitted(h, Held { conn: c, _grant: Some(g) });
@@ -255,6 +261,7 @@ pub(crate) async fn run<R, W>(
             },
         }
         if !reading {
+            grant_wait = None;
             // A request not yet dispatched will never be: give its budget back.
             if let Admission::Admitted(_, held) = std::mem::replace(&mut admission, Admission::None)
             {
@@ -293,6 +300,13 @@ fn complete(
         *last_progress = Instant::now();
     }
     outbox.push(frame, held);
+}
+
+async fn wait_grant(w: &mut Option<GrantWait>) -> Grant {
+    match w {
+        Some(f) => f.await,
+        None => std::future::pending().await,
+    }
 }
 
 enum Step {
