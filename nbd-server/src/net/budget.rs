@@ -134,6 +134,18 @@ impl MemoryBudget {
         (self.bulk.available_permits() + self.reserved.available_permits()) as u64
     }
 
+    /// Take `bytes` now if they are free (and nobody queues before us).
+    pub fn try_acquire(&self, bytes: u64, small: bool) -> Option<Grant> {
+        let n = u32::try_from(bytes.min(MAX_REQUEST_COST)).unwrap_or(u32::MAX);
+        let p = Arc::clone(&self.bulk).try_acquire_many_owned(n).ok();
+        let p = match p {
+            Some(p) => Some(p),
+            None if small => Arc::clone(&self.reserved).try_acquire_many_owned(n).ok(),
+            None => None,
+        };
+        p.map(|p| Grant { _permit: p })
+    }
+
     /// Wait for `bytes` (≤ [`MAX_REQUEST_COST`]). `small`: the caller
     /// holds little and may use the reserved slice. The future owns what it
     /// needs, so a caller can keep it across loop iterations and keep its
@@ -223,9 +235,12 @@ mod tests {
         // Bulk is 56 MiB: a second maximum request must wait.
         let mut second = Box::pin(b.acquire(MAX_REQUEST_COST, false));
         assert!((&mut second).now_or_never().is_none());
-        // A small holder still gets bytes from the reserved slice.
+        // A small holder still gets bytes from the reserved slice; a big
+        // one cannot jump the queue.
+        assert!(b.try_acquire(MAX_REQUEST_COST, false).is_none());
         let small = b.acquire(4096, true).now_or_never();
         assert!(small.is_some(), "small request starved by big ones");
+        assert!(b.try_acquire(4096, true).is_some());
         drop(big1);
         let big2 = second.await;
         assert_eq!(b.available(), total - MAX_REQUEST_COST - 4096);

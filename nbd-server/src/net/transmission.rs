@@ -156,10 +156,22 @@ pub(crate) async fn run<R, W>(
             Admission::Header(..) => (false, None),
             Admission::Admitted(h, _) => (reading, Some(*h)),
         };
-        if let Admission::Header(_, cost) = &admission {
-            if reading && grant_wait.is_none() && budget.admits(*cost) {
-                let small = budget.is_small_after(*cost);
-                grant_wait = Some(Box::pin(env.budget.acquire(*cost, small)));
+        if let Admission::Header(h, cost) = admission {
+            if reading && grant_wait.is_none() && budget.admits(cost) {
+                let small = budget.is_small_after(cost);
+                // Usually the bytes are free: no future, no allocation.
+                if let Some(g) = env.budget.try_acquire(cost, small) {
+                    budget.take(cost);
+                    admission = Admission::Admitted(
+                        h,
+                        Held {
+                            conn: cost,
+                            _grant: Some(g),
+                        },
+                    );
+                    continue;
+                }
+                grant_wait = Some(Box::pin(env.budget.acquire(cost, small)));
             }
         }
         // Cancel safety of each branch: the tokens and the ticker are
