@@ -2,12 +2,6 @@
 
 use clap::Parser;
 
-/// mimalloc hands freed memory back to the OS within milliseconds. glibc's
-/// malloc keeps freed mid-size buffers (READ replies, WRITE payloads of up
-/// to 32 MiB) in its arenas: after a burst of clients the hub stayed at
-/// hundreds of MiB of RSS with nothing in use.
-#[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use hub_daemon::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 

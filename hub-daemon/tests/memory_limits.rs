@@ -15,6 +15,9 @@ use integration_tests::client::Client;
 const MIB: u64 = 1 << 20;
 /// The budget the exporter runs with.
 const BUDGET_MIB: u64 = 256;
+/// "Near the baseline": what the allocator may keep of small buffers
+/// (under 1 MiB, from the heap) plus thread stacks and caches.
+const NEAR_MIB: u64 = 16;
 
 /// Resident memory of `pid` in MiB, from /proc.
 fn rss_mib(pid: u32) -> u64 {
@@ -125,15 +128,19 @@ fn flood(len: u32, per_client: u64) {
     );
 
     // The hogs go away: memory comes back to near the baseline. "Near":
-    // within 32 MiB, one maximum-size request (the allocator may keep a
-    // freed buffer of that size cached for a while) — where the budget
-    // would let the process keep 256 MiB, so a result this close shows
-    // buffers are freed and handed back to the OS, not parked.
+    // within NEAR_MIB — far below the 256 MiB the budget would let the
+    // process keep, so it shows buffers are freed and handed back to the
+    // OS rather than parked in the allocator (with heap buffers glibc kept
+    // 130 MiB here, and mimalloc 230-290 MiB while the server stayed busy).
     drop(hogs);
     let mut after = u64::MAX;
     let returned = wait_for(30, || {
+        // The server stays in use meanwhile, as it would be (an idle
+        // process can look better than a busy one: exiting threads give
+        // back their allocator caches).
+        assert_eq!(normal.read(0, 4096).unwrap(), vec![1u8; 4096]);
         after = rss_mib(pid);
-        after <= baseline + 32
+        after <= baseline + NEAR_MIB
     });
     eprintln!(
         "baseline {baseline} MiB, peak {peak} MiB, after disconnect {after} MiB, \

@@ -20,6 +20,8 @@
 //!   exports come and go at run time.
 //! * `net` (private): sockets, the handshake driver, the transmission loop.
 //! * [`errno_map`]: the one mapping from backend errors to NBD errors.
+//! * [`buffer`]: page-aligned data buffers whose memory goes back to the OS
+//!   when they are dropped.
 //!
 //! # Embedding
 //! ```
@@ -79,6 +81,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod buffer;
 mod dispatch;
 pub mod errno_map;
 mod error;

@@ -4,13 +4,15 @@
 //!
 //! Memory held here is bounded independently of what clients send: the
 //! header buffer reads at most [`WINDOW`] bytes ahead, and a payload larger
-//! than what is already buffered gets its own exact-size allocation (so
-//! the header buffer never grows to 32 MiB and keeps that capacity for the
-//! life of the connection).
+//! than what is already buffered gets its own exact-size buffer (so the
+//! header buffer never grows to 32 MiB and keeps that capacity for the
+//! life of the connection); large payloads are memory maps of their own
+//! ([`PageBuf`]), whose memory goes back to the OS when the write is done.
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
+use crate::buffer::PageBuf;
 use crate::proto::request::FrameError;
 use crate::proto::RequestHeader;
 
@@ -29,7 +31,13 @@ pub(crate) struct RequestReader<R> {
     extended: bool,
     /// The payload being read for the current header, when it did not fit
     /// in `buf`.
-    body: Option<BytesMut>,
+    body: Option<Body>,
+}
+
+/// A payload being read, and how much of it has arrived.
+struct Body {
+    buf: PageBuf,
+    filled: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -55,7 +63,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     /// Capacity held by the reader's buffers (for tests).
     #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        self.buf.capacity() + self.body.as_ref().map_or(0, BytesMut::capacity)
+        self.buf.capacity() + self.body.as_ref().map_or(0, |b| b.buf.len())
     }
 
     /// Wait for the next header without consuming it; `None` at a clean
@@ -97,26 +105,30 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
                 self.buf.advance(hlen);
                 return Ok(self.buf.split_to(plen).freeze());
             }
-            // The payload gets its own allocation of exactly its size
-            // (≤ MAX_PAYLOAD, and already reserved from the budgets).
-            let mut body = BytesMut::with_capacity(plen);
+            // The payload gets its own buffer of exactly its size (≤
+            // MAX_PAYLOAD, and already reserved from the budgets).
+            let mut buf = PageBuf::zeroed(plen);
             self.buf.advance(hlen.min(self.buf.len()));
             let have = self.buf.len().min(plen);
-            body.extend_from_slice(&self.buf[..have]);
+            buf.as_mut_slice()[..have].copy_from_slice(&self.buf[..have]);
             self.buf.advance(have);
-            self.body = Some(body);
+            self.body = Some(Body { buf, filled: have });
         }
         loop {
             let Some(body) = self.body.as_mut() else {
                 return Ok(Bytes::new());
             };
-            let missing = plen.saturating_sub(body.len());
-            if missing == 0 {
-                return Ok(self.body.take().map(BytesMut::freeze).unwrap_or_default());
+            if body.filled >= plen {
+                return Ok(self.body.take().map(|b| b.buf.freeze()).unwrap_or_default());
             }
-            if (&mut self.rd).take(missing as u64).read_buf(body).await? == 0 {
-                return Err(ReadError::Truncated(body.len() + hlen));
+            let n = self
+                .rd
+                .read(&mut body.buf.as_mut_slice()[body.filled..])
+                .await?;
+            if n == 0 {
+                return Err(ReadError::Truncated(body.filled + hlen));
             }
+            body.filled += n;
         }
     }
 }
