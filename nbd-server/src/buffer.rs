@@ -1,4 +1,4 @@
-//! Page-aligned data buffers for WRITE payloads and READ replies.
+//! Page-aligned data buffers for READ replies.
 //!
 //! Page alignment makes reads into them fast and is what O_DIRECT needs.
 //! Buffers of [`MAP_THRESHOLD`] bytes or more are anonymous memory maps of
@@ -7,7 +7,9 @@
 //! the process at hundreds of MiB after a burst of clients: glibc serves
 //! them from per-thread arenas it rarely trims, and mimalloc keeps them in
 //! the heaps of live threads. Smaller buffers come from the heap (reused
-//! without page faults).
+//! without page faults). WRITE payloads stay on the heap (see
+//! `net::request_reader`): there the faults of a fresh map per request
+//! cost too much throughput.
 
 use bytes::Bytes;
 use memmap2::MmapMut;
