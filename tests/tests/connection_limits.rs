@@ -295,3 +295,44 @@ async fn nbdinfo_lists_500_exports() {
     }
     assert_eq!(out.matches("export-size: 1048576").count(), 500, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_export_limit_spans_listeners_and_closes_the_longest_idle() {
+    let config = ServerConfig {
+        max_connections_per_export: 2,
+        ..ServerConfig::default()
+    };
+    let server = Server::new(config);
+    let disk = server
+        .add_export(export("disk", Arc::new(MemoryBackend::new(MIB))))
+        .unwrap();
+    let shared = server
+        .serve(TcpListener::bind("127.0.0.1:0").await.unwrap())
+        .unwrap()
+        .local_addr();
+    let own = server
+        .serve_export(TcpListener::bind("127.0.0.1:0").await.unwrap(), &disk)
+        .unwrap()
+        .local_addr();
+    let (mut oldest, mut newer) = tokio::task::spawn_blocking(move || {
+        let mut a = Client::connect(shared, "disk").unwrap();
+        a.read(0, 512).unwrap();
+        let mut b = Client::connect(shared, "disk").unwrap();
+        b.read(0, 512).unwrap();
+        (a, b)
+    })
+    .await
+    .unwrap();
+    // A third client on the export's own port takes the oldest one's place.
+    assert!(served_in(own, "disk").await < Duration::from_secs(1));
+    let (a, b) = tokio::task::spawn_blocking(move || {
+        let a = oldest.read(0, 512).is_err();
+        let b = newer.read(0, 512).is_ok();
+        (a, b)
+    })
+    .await
+    .unwrap();
+    assert!(a, "longest-idle connection not closed");
+    assert!(b, "a newer connection was closed instead");
+    server.shutdown().await.unwrap();
+}
