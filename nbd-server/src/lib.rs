@@ -61,7 +61,9 @@
 //!   [`ServerConfig::max_buffer_memory`], of which up to 1/8 (≤ 64 MiB) is
 //!   kept for connections holding under 1 MiB, so clients that never read
 //!   their replies cannot starve the others. Beyond the budgets a
-//!   connection buffers at most a 64 KiB read-ahead window. A connection
+//!   connection buffers at most a 64 KiB read-ahead window, released when
+//!   it has been quiet for a check period (a quarter of the shortest of
+//!   the idle and send timeouts, at most 15 s). A connection
 //!   whose replies go unread for [`ServerConfig::send_timeout`] is closed,
 //!   returning what it held.
 //! * Connections: at [`ServerConfig::max_connections`],

@@ -77,6 +77,18 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             if self.buf.is_empty() && self.buf.capacity() > SHRINK_ABOVE {
                 self.buf = BytesMut::new();
             }
+            if self.buf.capacity() == 0 {
+                // Released while idle: wait for the client with a few
+                // bytes on the stack, and take a window only once it talks.
+                let mut first = [0u8; 64];
+                let n = self.rd.read(&mut first).await?;
+                if n == 0 {
+                    return Ok(None);
+                }
+                self.buf.reserve(WINDOW);
+                self.buf.extend_from_slice(&first[..n]);
+                continue;
+            }
             if self.buf.capacity() - self.buf.len() < RequestHeader::wire_len(self.extended) {
                 self.buf.reserve(WINDOW);
             }
@@ -88,6 +100,15 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
                     Err(ReadError::Truncated(self.buf.len()))
                 };
             }
+        }
+    }
+
+    /// Drop the read-ahead window if nothing is buffered, so an idle
+    /// connection holds no buffer (the next [`header`](Self::header) takes
+    /// one when the client talks again).
+    pub fn release_if_idle(&mut self) {
+        if self.buf.is_empty() && self.body.is_none() {
+            self.buf = BytesMut::new();
         }
     }
 
@@ -178,6 +199,32 @@ mod tests {
             assert_eq!(r.body(&h).await.unwrap().len(), 512);
             assert!(r.capacity() <= 2 * WINDOW, "capacity {}", r.capacity());
         }
+        drop(client);
+        assert!(r.header().await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn an_idle_reader_holds_no_buffer_and_reads_on_afterwards() {
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut r = RequestReader::new(server, BytesMut::with_capacity(4096), false);
+        client.write_all(&write_req(512, 1)).await.unwrap();
+        let h = r.header().await.unwrap().unwrap();
+        r.body(&h).await.unwrap();
+        r.release_if_idle();
+        assert_eq!(r.capacity(), 0);
+        // The client talks again: a header and payload split over the
+        // small first read and the window after it.
+        let mut two = write_req(4096, 2);
+        two.extend(write_req(100, 3));
+        client.write_all(&two).await.unwrap();
+        for (cookie, len) in [(2, 4096), (3, 100)] {
+            let h = r.header().await.unwrap().unwrap();
+            assert_eq!((h.cookie, h.length), (cookie, len));
+            let body = r.body(&h).await.unwrap();
+            assert_eq!(body.len() as u64, len);
+            assert!(body.iter().all(|b| *b == cookie as u8));
+        }
+        r.release_if_idle();
         drop(client);
         assert!(r.header().await.unwrap().is_none());
     }

@@ -122,8 +122,8 @@ pub(crate) async fn run<R, W>(
     let mut discarding = false;
     let mut last_request = Instant::now();
     let mut last_progress = Instant::now();
-    let mut ticker =
-        tokio::time::interval(check_period(&[limits.idle_timeout, limits.send_timeout]));
+    let period = check_period(&[limits.idle_timeout, limits.send_timeout]);
+    let mut ticker = tokio::time::interval(period);
     ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
     ticker.reset();
     export.stats().connection_opened();
@@ -223,6 +223,11 @@ pub(crate) async fn run<R, W>(
                 {
                     tracing::info!(export = export.name(), "no request for the idle timeout; closing");
                     reading = false;
+                } else if matches!(admission, Admission::None)
+                    && now.duration_since(last_request) >= period
+                {
+                    // Quiet for a while: hold no read buffer meanwhile.
+                    reader.release_if_idle();
                 }
             }
             g = wait_grant(&mut grant_wait), if reading && grant_wait.is_some() => {
