@@ -1,7 +1,6 @@
 //! `hub-daemon` binary: parse the command line, set up logging, run.
 
 use clap::Parser;
-
 use hub_daemon::cli::{Cli, Command};
 use tracing_subscriber::EnvFilter;
 
