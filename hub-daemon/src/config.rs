@@ -73,8 +73,80 @@ pub struct Config {
     pub nbd_bind: IpAddr,
     /// Host put into `nbd_targets_string`.
     pub advertise_host: String,
-    /// A backup whose exports see no client for this long fails.
+    /// A backup whose exports see no request for this long fails.
     pub idle_timeout: Duration,
+    /// Memory and connection limits of the NBD server.
+    pub nbd_limits: NbdLimits,
+}
+
+/// Memory and connection limits of the NBD server (what
+/// [`nbd_server::ServerConfig`] enforces), as the daemon configures them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct NbdLimits {
+    /// Bytes all connections together may hold in requests and replies.
+    pub max_buffer_memory: u64,
+    /// Most connections over all ports.
+    pub max_connections: usize,
+    /// Most connections on one port.
+    pub max_connections_per_port: usize,
+    /// Most connections to one export.
+    pub max_connections_per_export: usize,
+    /// Close an NBD connection with no request for this long (zero: never).
+    pub idle_timeout: Duration,
+    /// Close an NBD connection whose replies go unread for this long.
+    pub send_timeout: Duration,
+    /// Most time the handshake may go without progress, per option.
+    pub handshake_timeout: Duration,
+}
+
+impl Default for NbdLimits {
+    fn default() -> Self {
+        let s = nbd_server::ServerConfig::default();
+        NbdLimits {
+            max_buffer_memory: s.max_buffer_memory,
+            max_connections: s.max_connections,
+            max_connections_per_port: s.max_connections_per_listener,
+            max_connections_per_export: s.max_connections_per_export,
+            idle_timeout: s.idle_timeout,
+            send_timeout: s.send_timeout,
+            handshake_timeout: s.handshake_timeout,
+        }
+    }
+}
+
+impl NbdLimits {
+    /// The server configuration these limits make.
+    pub fn server_config(&self) -> nbd_server::ServerConfig {
+        nbd_server::ServerConfig {
+            max_buffer_memory: self.max_buffer_memory,
+            max_connections: self.max_connections,
+            max_connections_per_listener: self.max_connections_per_port,
+            max_connections_per_export: self.max_connections_per_export,
+            idle_timeout: self.idle_timeout,
+            send_timeout: self.send_timeout,
+            handshake_timeout: self.handshake_timeout,
+            ..nbd_server::ServerConfig::default()
+        }
+    }
+}
+
+/// A size in a config file: bytes, or a string with a K/M/G/T suffix.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeValue {
+    /// Bytes.
+    Bytes(u64),
+    /// `1G`, `512M`, ...
+    Text(String),
+}
+
+impl SizeValue {
+    fn bytes(&self) -> Result<u64, String> {
+        match self {
+            SizeValue::Bytes(b) => Ok(*b),
+            SizeValue::Text(t) => crate::cli::size::parse_size(t),
+        }
+    }
 }
 
 impl Default for Config {
@@ -90,6 +162,7 @@ impl Default for Config {
             nbd_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_host: "127.0.0.1".into(),
             idle_timeout: Duration::from_secs(3600),
+            nbd_limits: NbdLimits::default(),
         }
     }
 }
@@ -124,6 +197,20 @@ pub struct FileConfig {
     pub advertise_host: Option<String>,
     /// Seconds.
     pub idle_timeout_secs: Option<u64>,
+    /// Bytes, or a size such as `"1G"`.
+    pub max_buffer_memory: Option<SizeValue>,
+    /// See [`NbdLimits::max_connections`].
+    pub max_connections: Option<usize>,
+    /// See [`NbdLimits::max_connections_per_port`].
+    pub max_connections_per_port: Option<usize>,
+    /// See [`NbdLimits::max_connections_per_export`].
+    pub max_connections_per_export: Option<usize>,
+    /// Seconds; see [`NbdLimits::idle_timeout`].
+    pub nbd_idle_timeout_secs: Option<u64>,
+    /// Seconds; see [`NbdLimits::send_timeout`].
+    pub send_timeout_secs: Option<u64>,
+    /// Seconds; see [`NbdLimits::handshake_timeout`].
+    pub handshake_timeout_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -155,6 +242,28 @@ impl FileConfig {
         }
         if let Some(v) = self.idle_timeout_secs {
             c.idle_timeout = Duration::from_secs(v);
+        }
+        let l = &mut c.nbd_limits;
+        if let Some(v) = &self.max_buffer_memory {
+            l.max_buffer_memory = v.bytes()?;
+        }
+        if let Some(v) = self.max_connections {
+            l.max_connections = v;
+        }
+        if let Some(v) = self.max_connections_per_port {
+            l.max_connections_per_port = v;
+        }
+        if let Some(v) = self.max_connections_per_export {
+            l.max_connections_per_export = v;
+        }
+        if let Some(v) = self.nbd_idle_timeout_secs {
+            l.idle_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = self.send_timeout_secs {
+            l.send_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = self.handshake_timeout_secs {
+            l.handshake_timeout = Duration::from_secs(v);
         }
         Ok(())
     }
@@ -199,5 +308,37 @@ mod tests {
         assert_eq!(c.nbd_ports.capacity(), 11);
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
+    }
+
+    #[test]
+    fn file_sets_nbd_limits() {
+        let f: FileConfig = toml::from_str(
+            "max_buffer_memory = \"256M\"\nmax_connections = 10\nmax_connections_per_port = 5\n\
+             max_connections_per_export = 3\nnbd_idle_timeout_secs = 7\nsend_timeout_secs = 8\n\
+             handshake_timeout_secs = 9",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        f.apply(&mut c).unwrap();
+        let l = c.nbd_limits;
+        assert_eq!(l.max_buffer_memory, 256 << 20);
+        assert_eq!(
+            (
+                l.max_connections,
+                l.max_connections_per_port,
+                l.max_connections_per_export
+            ),
+            (10, 5, 3)
+        );
+        assert_eq!(l.idle_timeout, Duration::from_secs(7));
+        assert_eq!(l.send_timeout, Duration::from_secs(8));
+        assert_eq!(l.handshake_timeout, Duration::from_secs(9));
+        let s = l.server_config();
+        assert_eq!(s.max_connections_per_listener, 5);
+        let f: FileConfig = toml::from_str("max_buffer_memory = 1048576").unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.nbd_limits.max_buffer_memory, 1 << 20);
+        let f: FileConfig = toml::from_str("max_buffer_memory = \"lots\"").unwrap();
+        assert!(f.apply(&mut c).is_err());
     }
 }

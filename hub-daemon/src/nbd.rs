@@ -5,7 +5,7 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
-use nbd_server::{Export, ExportStatsSnapshot, Server, ServerConfig};
+use nbd_server::{Export, ExportStatsSnapshot, Server};
 
 use crate::config::Config;
 use crate::error::{DaemonError, Result};
@@ -62,7 +62,7 @@ pub struct Published {
 impl NbdHub {
     /// Start the NBD server and the shared listener (if configured).
     pub async fn start(config: &Config) -> Result<NbdHub> {
-        let server = Server::new(ServerConfig::default());
+        let server = Server::new(config.nbd_limits.server_config());
         let shared = if config.nbd_shared_port != 0 {
             let addr = SocketAddr::new(config.nbd_bind, config.nbd_shared_port);
             let l = tokio::net::TcpListener::bind(addr)

@@ -20,6 +20,8 @@
 //!   exports come and go at run time.
 //! * `net` (private): sockets, the handshake driver, the transmission loop.
 //! * [`errno_map`]: the one mapping from backend errors to NBD errors.
+//! * [`buffer`]: page-aligned data buffers whose memory goes back to the OS
+//!   when they are dropped.
 //!
 //! # Embedding
 //! ```
@@ -48,10 +50,32 @@
 //!
 //! # Guarantees
 //! * Nothing a client sends can panic the process or make it allocate more
-//!   than the negotiated limits (64 KiB per option, 32 MiB per request, a
-//!   bounded in-flight budget per connection); bad requests get the errno
-//!   the spec names and the connection continues, garbage ends only that
-//!   connection.
+//!   than the negotiated limits (64 KiB per option, 32 MiB per request);
+//!   bad requests get the errno the spec names and the connection
+//!   continues, garbage ends only that connection.
+//! * Memory: a request's budget is reserved from its header, before its
+//!   payload is read or its READ issued, and held until its reply is
+//!   written. Per connection the bytes held never exceed
+//!   [`ServerConfig::max_inflight_bytes_per_connection`] (one request larger
+//!   than that runs alone); over all connections they never exceed
+//!   [`ServerConfig::max_buffer_memory`], of which up to 1/8 (≤ 64 MiB) is
+//!   kept for connections holding under 1 MiB, so clients that never read
+//!   their replies cannot starve the others. Beyond the budgets a
+//!   connection buffers at most a 64 KiB read-ahead window, released when
+//!   it has been quiet for a check period (a quarter of the shortest of
+//!   the idle and send timeouts, at most 15 s). A connection
+//!   whose replies go unread for [`ServerConfig::send_timeout`] is closed,
+//!   returning what it held.
+//! * Connections: at [`ServerConfig::max_connections`],
+//!   [`ServerConfig::max_connections_per_listener`] or
+//!   [`ServerConfig::max_connections_per_export`], the longest-idle
+//!   connection in that scope (nothing in flight; one in the handshake is
+//!   idle since its last byte) is closed for the newcomer, and if none is
+//!   idle the newcomer is closed: idle floods cannot lock anyone out, and a
+//!   flood on one port cannot starve another. Connections with no request
+//!   for [`ServerConfig::idle_timeout`] are closed; the handshake must make
+//!   progress (a reply to each option) every
+//!   [`ServerConfig::handshake_timeout`].
 //! * FLUSH returns only after every write replied to before it is durable;
 //!   FUA is a write followed by a flush. All connections to an export share
 //!   one backend, so `CAN_MULTI_CONN` is advertised when the backend says
@@ -59,6 +83,7 @@
 #![deny(missing_docs)]
 
 pub mod backend;
+pub mod buffer;
 mod dispatch;
 pub mod errno_map;
 mod error;

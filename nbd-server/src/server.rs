@@ -5,26 +5,48 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ServerError;
 use crate::export::{Catalog, Export, ExportRegistry, ExportStatsSnapshot};
+use crate::net::budget::MemoryBudget;
 use crate::net::listener::{accept_loop, ConnContext};
+use crate::net::registry::{ConnLimits, ConnRegistry, NO_LISTENER};
 use crate::net::transmission::TransmissionLimits;
 
-/// Server-wide settings.
+/// Server-wide settings. Every limit is enforced per [`Server`]; see the
+/// crate's "Guarantees" for what they promise together.
 #[derive(Debug, Clone)]
 pub struct ServerConfig {
-    /// A client must finish negotiating within this time (qemu-nbd's
-    /// `--handshake-limit`, default 10 s).
+    /// Most time the handshake may go without progress: the greeting and
+    /// each option's reply restart it (default 10 s per option, like
+    /// qemu-nbd's `--handshake-limit` but per step, so listing hundreds of
+    /// exports works).
     pub handshake_timeout: Duration,
-    /// Most simultaneous connections over all listeners; further clients
-    /// wait in the listen backlog.
+    /// Most simultaneous connections over all listeners (default 4096).
+    /// At the limit the longest-idle connection is closed to make room;
+    /// if none is idle the newcomer is closed.
     pub max_connections: usize,
-    /// Most read/write payload bytes in flight per connection.
+    /// Most connections on one listener (default 1024), so a flood on one
+    /// port cannot starve another. Same eviction rule.
+    pub max_connections_per_listener: usize,
+    /// Most connections to one export over all listeners (default 256).
+    /// Checked when the client picks the export. Same eviction rule.
+    pub max_connections_per_export: usize,
+    /// Most bytes one connection holds in requests in flight and replies
+    /// not yet written (default 64 MiB). Strict, except that one request
+    /// larger than this is admitted when nothing else is held.
     pub max_inflight_bytes_per_connection: u64,
+    /// Most bytes all connections together hold in requests and replies
+    /// (default 1 GiB, at least 40 MiB).
+    pub max_buffer_memory: u64,
+    /// Close a connection with no request for this long after the
+    /// handshake (default 1 h; zero: never).
+    pub idle_timeout: Duration,
+    /// Close a connection whose queued replies the client has not read
+    /// for this long, releasing its budget (default 60 s; zero: never).
+    pub send_timeout: Duration,
 }
 
 impl Default for ServerConfig {
@@ -32,7 +54,12 @@ impl Default for ServerConfig {
         ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 4096,
+            max_connections_per_listener: 1024,
+            max_connections_per_export: 256,
             max_inflight_bytes_per_connection: 64 << 20,
+            max_buffer_memory: 1 << 30,
+            idle_timeout: Duration::from_secs(3600),
+            send_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -76,10 +103,17 @@ impl Server {
         let ctx = ConnContext {
             shutdown: CancellationToken::new(),
             tasks: TaskTracker::new(),
-            conn_limit: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            registry: ConnRegistry::new(ConnLimits {
+                global: config.max_connections,
+                per_listener: config.max_connections_per_listener,
+                per_export: config.max_connections_per_export,
+            }),
+            budget: MemoryBudget::new(config.max_buffer_memory),
             handshake_timeout: config.handshake_timeout,
             limits: TransmissionLimits {
                 max_inflight_bytes: config.max_inflight_bytes_per_connection,
+                idle_timeout: config.idle_timeout,
+                send_timeout: config.send_timeout,
             },
         };
         Server {
@@ -180,15 +214,29 @@ impl Server {
 
     /// Serve one client already connected over any byte stream (a Unix
     /// socket, a socketpair, an in-memory pipe), with every registered
-    /// export reachable by name. Resolves when the client is done.
+    /// export reachable by name. Resolves when the client is done. Counts
+    /// toward the global and per-export connection limits (no listener's).
     pub async fn serve_connection<S>(&self, stream: S)
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
         let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
         let ctx = self.inner.ctx.clone();
-        let fut =
-            crate::net::listener::serve_stream(stream, "stream", catalog, ctx, tokio::io::split);
+        let guard = match ctx.registry.admit(NO_LISTENER) {
+            Ok(g) => g,
+            Err(e) => {
+                tracing::debug!(error = %e, "connection refused");
+                return;
+            }
+        };
+        let fut = crate::net::listener::serve_stream(
+            stream,
+            "stream",
+            catalog,
+            ctx,
+            guard,
+            tokio::io::split,
+        );
         self.inner.ctx.tasks.track_future(fut).await;
     }
 

@@ -132,6 +132,12 @@ impl Client {
         self.send(1, 0, offset, data.len() as u32, data).map(|_| ())
     }
 
+    /// Send a read without waiting for (or ever reading) its reply: a
+    /// client that pipelines and does not read, for the memory tests.
+    pub fn read_unacknowledged(&mut self, offset: u64, len: u32) -> io::Result<()> {
+        self.send(0, 0, offset, len, &[]).map(|_| ())
+    }
+
     /// WRITE_ZEROES and wait.
     pub fn write_zeroes(&mut self, offset: u64, len: u32) -> io::Result<()> {
         let c = self.send(6, 0, offset, len, &[])?;

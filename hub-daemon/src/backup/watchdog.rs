@@ -1,5 +1,8 @@
-//! Fails a backup whose exports see no client for the configured time (an
-//! SNA that crashed or never came must not hold ports and images forever).
+//! Fails a backup whose exports see no request for the configured time (an
+//! SNA that crashed, hung or never came must not hold ports and images
+//! forever). Time counts from the last request (or connection opened or
+//! closed) on any of the backup's exports: an open connection that sends
+//! nothing does not keep the backup alive.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -49,9 +52,6 @@ fn is_idle(service: &Arc<Backups>, id: &str, created_ms: i64, timeout: Duration)
     for d in &job.disks {
         if let Some(p) = &d.published {
             let s = p.export.stats().snapshot();
-            if s.connections_active > 0 {
-                return false;
-            }
             last = last.max(s.last_activity_ms as i64);
         }
     }

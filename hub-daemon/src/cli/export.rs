@@ -11,12 +11,14 @@ use std::sync::Arc;
 use anyhow::{bail, Context};
 use clap::Args;
 use disk_digest::{DigestBackend, DigestChain};
-use nbd_server::{BlockBackend, Export, Server, ServerConfig};
+use nbd_server::{BlockBackend, Export, Server};
 use qcow_backend::{
     open_image, BackingPolicy, CreateOptions, ImageFormat, OpenOptions, QcowBackend,
 };
 
+use super::limits::LimitArgs;
 use super::size::parse_size;
+use crate::config::NbdLimits;
 
 /// Serve image files (qcow2 detected by content, else raw) until SIGINT or
 /// SIGTERM, then flush and exit 0.
@@ -70,6 +72,9 @@ pub struct ExportArgs {
     /// digest-on-ingest path outside the API.
     #[arg(long)]
     digest: bool,
+    /// NBD memory and connection limits.
+    #[command(flatten)]
+    limits: LimitArgs,
     /// NAME=PATH pairs, or one bare PATH (named by -x, else its file name).
     /// PATH may also be `null:SIZE` (discards writes, reads zeroes) or
     /// `memory:SIZE` (sparse RAM disk).
@@ -216,7 +221,9 @@ async fn prepare(
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let _ = (args.persistent, args.shared);
     let specs = parse_specs(&args.images, args.export_name.as_deref())?;
-    let server = Server::new(ServerConfig::default());
+    let mut limits = NbdLimits::default();
+    args.limits.apply(&mut limits);
+    let server = Server::new(limits.server_config());
     let mut exports = Vec::new();
     let mut digests = Vec::new();
     for spec in &specs {

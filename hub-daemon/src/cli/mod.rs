@@ -3,6 +3,7 @@
 
 pub mod digest;
 pub mod export;
+pub mod limits;
 pub mod serve;
 pub mod size;
 

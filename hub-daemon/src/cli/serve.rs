@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Args;
 
+use super::limits::LimitArgs;
 use crate::app::Daemon;
 use crate::config::{Config, FileConfig, PortRange};
 
@@ -36,10 +37,13 @@ pub struct ServeArgs {
     /// Host written into nbd_targets_string [default: 127.0.0.1].
     #[arg(long, env = "HUB_ADVERTISE_HOST", value_name = "HOST")]
     advertise_host: Option<String>,
-    /// Fail a backup whose exports see no client for this many seconds
+    /// Fail a backup whose exports see no NBD request for this many seconds
     /// [default: 3600].
     #[arg(long, env = "HUB_IDLE_TIMEOUT", value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// NBD memory and connection limits.
+    #[command(flatten)]
+    limits: LimitArgs,
 }
 
 impl ServeArgs {
@@ -72,6 +76,7 @@ impl ServeArgs {
         if let Some(v) = self.idle_timeout {
             c.idle_timeout = Duration::from_secs(v);
         }
+        self.limits.apply(&mut c.nbd_limits);
         Ok(c)
     }
 }
@@ -88,4 +93,46 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     super::wait_for_signal().await?;
     tracing::info!("signal received; draining");
     daemon.shutdown().await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Debug, Parser)]
+    struct Wrap {
+        #[command(flatten)]
+        serve: ServeArgs,
+    }
+
+    #[test]
+    fn nbd_limits_flags_override_the_file() {
+        let path = std::env::temp_dir().join(format!("hub-limits-{}.toml", std::process::id()));
+        std::fs::write(
+            &path,
+            "max_connections = 5\nmax_connections_per_port = 3\nmax_buffer_memory = \"2G\"\n",
+        )
+        .unwrap();
+        let args = Wrap::try_parse_from([
+            "x",
+            "--config",
+            path.to_str().unwrap(),
+            "--max-connections",
+            "7",
+            "--max-buffer-memory",
+            "256M",
+            "--send-timeout",
+            "5",
+        ])
+        .unwrap();
+        let c = args.serve.config();
+        std::fs::remove_file(&path).unwrap();
+        let l = c.unwrap().nbd_limits;
+        assert_eq!(l.max_connections, 7, "flag beats file");
+        assert_eq!(l.max_connections_per_port, 3, "file beats default");
+        assert_eq!(l.max_buffer_memory, 256 << 20);
+        assert_eq!(l.send_timeout, Duration::from_secs(5));
+        assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+    }
 }

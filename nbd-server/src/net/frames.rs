@@ -17,7 +17,6 @@ pub(crate) struct Frame {
 
 impl Frame {
     /// Total bytes.
-    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.segments.iter().map(Bytes::len).sum()
     }

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
+use super::budget::MemoryBudget;
 use super::negotiate::negotiate;
+use super::registry::{ConnGuard, ConnRegistry};
 use super::transmission::{self, TransmissionLimits};
-use crate::error::ConnectionError;
 use crate::export::Catalog;
 
 /// Everything a connection needs from its server.
@@ -20,7 +20,11 @@ use crate::export::Catalog;
 pub(crate) struct ConnContext {
     pub shutdown: CancellationToken,
     pub tasks: TaskTracker,
-    pub conn_limit: Arc<Semaphore>,
+    /// Live connections and their limits.
+    pub registry: ConnRegistry,
+    /// The process-wide buffer budget.
+    pub budget: MemoryBudget,
+    /// Most time without progress in the handshake (per option).
     pub handshake_timeout: Duration,
     pub limits: TransmissionLimits,
 }
@@ -33,17 +37,10 @@ pub(crate) async fn accept_loop(
     stop: CancellationToken,
 ) {
     let local = listener.local_addr().ok();
+    let listener_id = ctx.registry.listener_id();
     let mut backoff = Duration::from_millis(10);
     loop {
-        // Cancel-safe: acquire_owned and accept lose nothing when dropped.
-        let permit = tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            p = Arc::clone(&ctx.conn_limit).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-        };
+        // Cancel-safe: accept loses nothing when dropped.
         let accepted = tokio::select! {
             biased;
             _ = stop.cancelled() => break,
@@ -52,10 +49,19 @@ pub(crate) async fn accept_loop(
         match accepted {
             Ok((stream, peer)) => {
                 backoff = Duration::from_millis(10);
+                // Limits are enforced right here: room is made by closing
+                // the longest-idle connection, or the newcomer is dropped.
+                let guard = match ctx.registry.admit(listener_id) {
+                    Ok(g) => g,
+                    Err(e) => {
+                        tracing::debug!(listener = ?local, %peer, error = %e, "connection refused");
+                        continue;
+                    }
+                };
                 let catalog = catalog.clone();
                 let ctx2 = ctx.clone();
                 ctx.tasks
-                    .spawn(async move { handle(stream, peer, catalog, ctx2, permit).await });
+                    .spawn(async move { handle(stream, peer, catalog, ctx2, guard).await });
             }
             Err(e) => {
                 // EMFILE and friends: back off instead of spinning; the
@@ -77,7 +83,7 @@ async fn handle(
     peer: SocketAddr,
     catalog: Catalog,
     ctx: ConnContext,
-    _permit: OwnedSemaphorePermit,
+    guard: ConnGuard,
 ) {
     // Replies are small and latency-bound; Nagle would delay them.
     let _ = stream.set_nodelay(true);
@@ -87,6 +93,7 @@ async fn handle(
         &peer.to_string(),
         catalog,
         ctx,
+        guard,
         TcpStream::into_split,
     )
     .await;
@@ -100,18 +107,19 @@ pub(crate) async fn serve_stream<S, R, W>(
     peer: &str,
     catalog: Catalog,
     ctx: ConnContext,
+    guard: ConnGuard,
     split: impl FnOnce(S) -> (R, W),
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
     W: AsyncWrite + Unpin,
 {
+    let conn = Arc::clone(guard.entry());
     let negotiated = tokio::select! {
         biased;
         _ = ctx.shutdown.cancelled() => return,
-        r = tokio::time::timeout(ctx.handshake_timeout, negotiate(&mut stream, &catalog)) => {
-            r.unwrap_or(Err(ConnectionError::Timeout))
-        }
+        _ = conn.cancelled().cancelled() => return,
+        r = negotiate(&mut stream, &catalog, ctx.handshake_timeout, &conn) => r,
     };
     let (negotiated, leftover) = match negotiated {
         Ok(Some(n)) => n,
@@ -122,11 +130,15 @@ pub(crate) async fn serve_stream<S, R, W>(
         }
     };
     let export = Arc::clone(&negotiated.export);
+    if let Err(e) = guard.assign_export(export.name()) {
+        tracing::debug!(peer, export = export.name(), error = %e, "connection refused");
+        return;
+    }
     // Count as one of the export's tasks before checking that it is still
     // open: Export::close cancels first and then waits for its tasks, so
     // either it waits for us or we see the cancellation here.
     let _token = export.tasks().token();
-    if export.is_closing() {
+    if export.is_closing() || conn.cancelled().is_cancelled() {
         return;
     }
     tracing::debug!(
@@ -142,9 +154,14 @@ pub(crate) async fn serve_stream<S, R, W>(
         wr,
         leftover,
         negotiated,
-        ctx.limits,
-        ctx.shutdown.clone(),
+        transmission::Env {
+            limits: ctx.limits,
+            budget: &ctx.budget,
+            conn: &conn,
+            shutdown: &ctx.shutdown,
+        },
     )
     .await;
+    drop(guard);
     tracing::debug!(peer, export = export.name(), "client disconnected");
 }

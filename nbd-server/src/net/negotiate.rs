@@ -1,53 +1,74 @@
 //! Driving the sans-IO handshake over a socket.
 
+use std::future::Future;
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::time::Instant;
 
+use super::registry::ConnEntry;
 use crate::error::ConnectionError;
 use crate::export::{Catalog, Export};
 use crate::proto::{Handshake, HandshakeStep, Negotiated};
 
 /// Run the handshake. `Ok(None)` means the client aborted or went away
 /// cleanly; on success the leftover bytes are the first transmission input.
+///
+/// `per_step` bounds the time without progress: the greeting and every
+/// reply must go out, and the next complete option come in, within it. The
+/// deadline restarts with each reply, so a client listing hundreds of
+/// exports one `NBD_OPT_INFO` at a time is fine, while one that trickles
+/// bytes without completing an option is closed.
 pub(crate) async fn negotiate<S>(
     stream: &mut S,
     catalog: &Catalog,
+    per_step: Duration,
+    conn: &ConnEntry,
 ) -> Result<Option<(Negotiated<Arc<Export>>, BytesMut)>, ConnectionError>
 where
     S: AsyncRead + AsyncWrite + Unpin,
 {
+    let mut deadline = Instant::now() + per_step;
     let mut out = BytesMut::with_capacity(256);
     let mut input = BytesMut::with_capacity(4096);
     Handshake::greeting(&mut out);
-    stream.write_all(&out).await?;
+    within(deadline, stream.write_all(&out)).await??;
     out.clear();
     let mut hs = Handshake::new();
     loop {
         let step = hs.step(&mut input, &mut out, catalog);
         if !out.is_empty() {
             // Best effort on the error path: the client may already be gone.
-            let written = stream.write_all(&out).await;
+            let written = within(deadline, stream.write_all(&out)).await;
             out.clear();
             if step.is_ok() {
-                written?;
+                written??;
             }
+            deadline = Instant::now() + per_step;
         }
         match step? {
             HandshakeStep::NeedMore => {
-                if stream.read_buf(&mut input).await? == 0 {
+                if within(deadline, stream.read_buf(&mut input)).await?? == 0 {
                     return Ok(None);
                 }
+                conn.touch();
             }
             HandshakeStep::Enter(n) => {
-                stream.flush().await?;
+                within(deadline, stream.flush()).await??;
                 return Ok(Some((n, input)));
             }
             HandshakeStep::Close => {
-                let _ = stream.flush().await;
+                let _ = within(deadline, stream.flush()).await;
                 return Ok(None);
             }
         }
     }
+}
+
+async fn within<T>(deadline: Instant, f: impl Future<Output = T>) -> Result<T, ConnectionError> {
+    tokio::time::timeout_at(deadline, f)
+        .await
+        .map_err(|_| ConnectionError::Timeout)
 }

@@ -1,0 +1,67 @@
+//! A backup whose client connects and then goes silent fails by the idle
+//! timeout: an open connection is not activity, only requests are.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use common::hub::{eventually, parse_targets, Hub};
+use integration_tests::client::Client;
+
+const MIB: u64 = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_keep_a_backup_alive() {
+    let idle = Duration::from_secs(2);
+    let mut hub = Hub::start_with(8, 0, idle).await;
+    hub.register("vm", &[MIB]).await;
+    let b = hub.backup("vm", "full").await;
+    let id = b["backup_id"].as_str().unwrap().to_owned();
+    let targets = parse_targets(b["nbd_targets_string"].as_str().unwrap());
+    let uri = targets[0].1.trim_start_matches("nbd://").to_owned();
+    let (addr, name) = uri.split_once('/').unwrap();
+    let addr: SocketAddr = addr.parse().unwrap();
+    let name = name.to_owned();
+
+    // The SNA finishes the handshake, does one request, then sends nothing.
+    let mut client = tokio::task::spawn_blocking(move || {
+        let mut c = Client::connect(addr, &name).unwrap();
+        c.write(0, &[1u8; 512]).unwrap();
+        c
+    })
+    .await
+    .unwrap();
+    let silent_since = Instant::now();
+
+    let rec = eventually(30, || {
+        let (addr, id) = (hub.addr, id.clone());
+        async move {
+            let j =
+                integration_tests::http::call(addr, "GET", &format!("/api/v1/backups/{id}"), None)
+                    .await
+                    .json();
+            (j["status"] == "failed").then_some(j)
+        }
+    })
+    .await;
+    // Not before the idle timeout, counted from the last request.
+    assert!(silent_since.elapsed() >= idle, "failed too early");
+    assert!(
+        rec["error"]
+            .as_str()
+            .unwrap()
+            .contains("no NBD client activity"),
+        "{rec}"
+    );
+    // The failed backup's export is gone, and so is the silent connection.
+    let read = tokio::task::spawn_blocking(move || client.read(0, 512))
+        .await
+        .unwrap();
+    assert!(
+        read.is_err(),
+        "silent connection still served after the abort"
+    );
+    hub.stop().await;
+}
