@@ -75,6 +75,9 @@ pub struct Config {
     pub advertise_host: String,
     /// A backup whose exports see no client for this long fails.
     pub idle_timeout: Duration,
+    /// Answer NBD_OPT_LIST with the export names (off: names are
+    /// capabilities and stay secret).
+    pub nbd_list_exports: bool,
 }
 
 impl Default for Config {
@@ -90,6 +93,7 @@ impl Default for Config {
             nbd_bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             advertise_host: "127.0.0.1".into(),
             idle_timeout: Duration::from_secs(3600),
+            nbd_list_exports: false,
         }
     }
 }
@@ -124,6 +128,8 @@ pub struct FileConfig {
     pub advertise_host: Option<String>,
     /// Seconds.
     pub idle_timeout_secs: Option<u64>,
+    /// See [`Config::nbd_list_exports`].
+    pub nbd_list_exports: Option<bool>,
 }
 
 impl FileConfig {
@@ -155,6 +161,9 @@ impl FileConfig {
         }
         if let Some(v) = self.idle_timeout_secs {
             c.idle_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = self.nbd_list_exports {
+            c.nbd_list_exports = v;
         }
         Ok(())
     }

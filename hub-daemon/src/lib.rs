@@ -8,7 +8,7 @@
 //! * [`catalog`]: SQLite store of VMs, repositories and backups.
 //! * [`nbd`]: the NBD server, per-export ports and the shared port.
 //! * [`ports`]: NBD port allocation with RAII leases.
-//! * [`config`], [`model`], [`names`], [`error`], [`time`]: plumbing.
+//! * [`config`], [`model`], [`names`], [`error`], [`time`], [`secret`]: plumbing.
 //! * [`app`]: assembling and running it all; [`cli`]: the binary's commands.
 #![deny(missing_docs)]
 
@@ -23,4 +23,5 @@ pub mod model;
 pub mod names;
 pub mod nbd;
 pub mod ports;
+pub mod secret;
 pub mod time;

@@ -62,7 +62,14 @@ pub struct Published {
 impl NbdHub {
     /// Start the NBD server and the shared listener (if configured).
     pub async fn start(config: &Config) -> Result<NbdHub> {
-        let server = Server::new(ServerConfig::default());
+        // Export names carry 128 random bits and are the capability to
+        // reach a disk: only exact names reach an export, and listing is
+        // off unless the operator turns it on.
+        let server = Server::new(ServerConfig {
+            list_exports: config.nbd_list_exports,
+            exact_export_names: true,
+            ..ServerConfig::default()
+        });
         let shared = if config.nbd_shared_port != 0 {
             let addr = SocketAddr::new(config.nbd_bind, config.nbd_shared_port);
             let l = tokio::net::TcpListener::bind(addr)

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ServerError;
-use crate::export::{Catalog, Export, ExportRegistry, ExportStatsSnapshot};
+use crate::export::{Catalog, Export, ExportRegistry, ExportStatsSnapshot, Visibility};
 use crate::net::listener::{accept_loop, ConnContext};
 use crate::net::transmission::TransmissionLimits;
 
@@ -25,6 +25,14 @@ pub struct ServerConfig {
     pub max_connections: usize,
     /// Most read/write payload bytes in flight per connection.
     pub max_inflight_bytes_per_connection: u64,
+    /// Answer `NBD_OPT_LIST` with the exports' names and descriptions;
+    /// `false` answers an empty list (names stay secret).
+    pub list_exports: bool,
+    /// Reach an export only by its exact name: no default name "" on any
+    /// listener, and a port of its own ([`Server::serve_export`]) does not
+    /// answer to other names. With unguessable names, the name is then a
+    /// capability. `false` is qemu-nbd's behaviour.
+    pub exact_export_names: bool,
 }
 
 impl Default for ServerConfig {
@@ -33,6 +41,8 @@ impl Default for ServerConfig {
             handshake_timeout: Duration::from_secs(10),
             max_connections: 4096,
             max_inflight_bytes_per_connection: 64 << 20,
+            list_exports: true,
+            exact_export_names: false,
         }
     }
 }
@@ -49,6 +59,7 @@ pub struct Server {
 struct Inner {
     registry: Arc<ExportRegistry>,
     ctx: ConnContext,
+    visibility: Visibility,
 }
 
 /// A running listener.
@@ -86,6 +97,10 @@ impl Server {
             inner: Arc::new(Inner {
                 registry: Arc::new(ExportRegistry::default()),
                 ctx,
+                visibility: Visibility {
+                    list: config.list_exports,
+                    exact_names: config.exact_export_names,
+                },
             }),
         }
     }
@@ -140,7 +155,7 @@ impl Server {
     pub fn serve(&self, listener: TcpListener) -> Result<ListenerHandle, ServerError> {
         let addr = listener.local_addr()?;
         let stop = self.inner.ctx.shutdown.child_token();
-        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
+        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry), self.inner.visibility);
         self.inner.ctx.tasks.spawn(accept_loop(
             listener,
             catalog,
@@ -162,7 +177,7 @@ impl Server {
         }
         let addr = listener.local_addr()?;
         let stop = self.inner.ctx.shutdown.child_token();
-        let catalog = Catalog::Single(Arc::clone(export));
+        let catalog = Catalog::Single(Arc::clone(export), self.inner.visibility);
         let ctx = self.inner.ctx.clone();
         let closing = export.closing_token().clone();
         let stop2 = stop.clone();
@@ -185,7 +200,7 @@ impl Server {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
+        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry), self.inner.visibility);
         let ctx = self.inner.ctx.clone();
         let fut =
             crate::net::listener::serve_stream(stream, "stream", catalog, ctx, tokio::io::split);

@@ -69,10 +69,16 @@ impl Backups {
                             qcow_backend::ImageErrorKind::Locked => DaemonError::from(e),
                             _ => DaemonError::BadImage(format!("disk {}: {e}", d.disk_id)),
                         })?;
-                let name = format!("restore-{id}-disk{}", d.disk_id);
+                // Unguessable, as backup export names are.
+                let name = format!(
+                    "restore-{id}-disk{}-{}",
+                    d.disk_id,
+                    crate::secret::capability()
+                        .map_err(|e| DaemonError::io("reading random bytes", e))?
+                );
                 let export = Export::new(name.clone(), Arc::new(backend))
                     .read_only(true)
-                    .with_description(format!("restore of {id} disk {}", d.disk_id));
+                    .with_description(format!("restore disk {}", d.disk_id));
                 let p = self.nbd.publish(export, lease, listener)?;
                 results.push(DiskResult {
                     disk_id: d.disk_id,

@@ -27,7 +27,6 @@ struct Planned {
     disk_id: u32,
     disk_key: u32,
     size: u64,
-    label: String,
     /// The validated parent, for an incremental.
     parent: Option<ParentPlan>,
     /// Why an incremental request backs this disk up in full.
@@ -153,11 +152,17 @@ impl Backups {
                 disk_id: d.disk_id,
                 disk_key,
                 size: d.size_bytes,
-                label: d.label.clone(),
                 parent,
                 mode_reason,
                 relative: Layout::relative(&vm.vm_name, d.disk_id, &id),
-                export_name: format!("{id}-disk{}", d.disk_id),
+                // The export name is the capability to reach the disk:
+                // 128 random bits after the readable part.
+                export_name: format!(
+                    "{id}-disk{}-{}",
+                    d.disk_id,
+                    crate::secret::capability()
+                        .map_err(|e| DaemonError::io("reading random bytes", e))?
+                ),
             });
         }
 
@@ -194,7 +199,7 @@ impl Backups {
             })
             .await?;
 
-        let disks = match self.bring_up(&vm.vm_name, &layout, &plan).await {
+        let disks = match self.bring_up(&layout, &plan).await {
             Ok(d) => d,
             Err(e) => {
                 if let Err(ce) = self.catalog.delete_backup(&id).await {
@@ -359,7 +364,7 @@ impl Backups {
     }
 
     /// Ports, images and exports for every disk; on any failure, undo all.
-    async fn bring_up(&self, vm: &str, layout: &Layout, plan: &[Planned]) -> Result<Vec<DiskJob>> {
+    async fn bring_up(&self, layout: &Layout, plan: &[Planned]) -> Result<Vec<DiskJob>> {
         let leases = self.nbd.pool().allocate(plan.len())?;
         let root = layout
             .root()
@@ -392,11 +397,8 @@ impl Backups {
                     p.export_name.clone(),
                     Arc::clone(&digest) as Arc<dyn BlockBackend>,
                 )
-                .with_description(
-                    format!("{vm} disk {} {}", p.disk_id, p.label)
-                        .trim_end()
-                        .to_owned(),
-                );
+                // Nothing about the VM's insides: the owner knows the rest.
+                .with_description(format!("backup disk {}", p.disk_id));
                 let published = self.nbd.publish(export, lease, listener)?;
                 disks.push(DiskJob {
                     disk_id: p.disk_id,

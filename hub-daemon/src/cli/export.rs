@@ -69,6 +69,14 @@ pub struct ExportArgs {
     /// digest-on-ingest path outside the API.
     #[arg(long)]
     digest: bool,
+    /// Answer NBD_OPT_LIST with an empty list (listing is on by default,
+    /// as with qemu-nbd).
+    #[arg(long)]
+    no_list: bool,
+    /// Description sent to clients for every export (default: the export
+    /// name; image paths are never sent).
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
     /// NAME=PATH pairs, or one bare PATH (named by -x, else its file name).
     /// PATH may also be `null:SIZE` (discards writes, reads zeroes) or
     /// `memory:SIZE` (sparse RAM disk).
@@ -215,7 +223,10 @@ async fn prepare(
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let _ = (args.persistent, args.shared);
     let specs = parse_specs(&args.images, args.export_name.as_deref())?;
-    let server = Server::new(ServerConfig::default());
+    let server = Server::new(ServerConfig {
+        list_exports: !args.no_list,
+        ..ServerConfig::default()
+    });
     let mut exports = Vec::new();
     let mut digests = Vec::new();
     for spec in &specs {
@@ -229,7 +240,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         };
         let export = Export::new(spec.name.clone(), backend)
             .read_only(args.readonly)
-            .with_description(spec.path.display().to_string());
+            .with_description(
+                args.description
+                    .clone()
+                    .unwrap_or_else(|| spec.name.clone()),
+            );
         let export = server.add_export(export)?;
         tracing::info!(export = %spec.name, path = %spec.path.display(), ?format, "serving");
         exports.push(export);

@@ -40,6 +40,10 @@ pub struct ServeArgs {
     /// [default: 3600].
     #[arg(long, env = "HUB_IDLE_TIMEOUT", value_name = "SECS")]
     idle_timeout: Option<u64>,
+    /// Let NBD clients list the exports (NBD_OPT_LIST); off by default,
+    /// since export names are the capability to reach a disk.
+    #[arg(long, env = "HUB_NBD_LIST_EXPORTS")]
+    nbd_list_exports: bool,
 }
 
 impl ServeArgs {
@@ -71,6 +75,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.idle_timeout {
             c.idle_timeout = Duration::from_secs(v);
+        }
+        if self.nbd_list_exports {
+            c.nbd_list_exports = true;
         }
         Ok(c)
     }

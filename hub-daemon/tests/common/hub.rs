@@ -36,6 +36,7 @@ pub fn config(data_dir: &Path, capacity: usize, shared_port: u16, idle: Duration
         nbd_bind: "127.0.0.1".parse().unwrap(),
         advertise_host: "127.0.0.1".into(),
         idle_timeout: idle,
+        ..Config::default()
     }
 }
 
