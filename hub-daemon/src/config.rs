@@ -78,6 +78,9 @@ pub struct Config {
     /// Answer NBD_OPT_LIST with the export names (off: names are
     /// capabilities and stay secret).
     pub nbd_list_exports: bool,
+    /// Serve the API on a non-loopback address even when no token exists
+    /// (otherwise the daemon refuses to start there).
+    pub insecure_no_auth: bool,
 }
 
 impl Default for Config {
@@ -94,6 +97,7 @@ impl Default for Config {
             advertise_host: "127.0.0.1".into(),
             idle_timeout: Duration::from_secs(3600),
             nbd_list_exports: false,
+            insecure_no_auth: false,
         }
     }
 }
@@ -102,6 +106,12 @@ impl Config {
     /// Path of the SQLite catalog.
     pub fn catalog_path(&self) -> PathBuf {
         self.data_dir.join("catalog.sqlite")
+    }
+
+    /// Whether the API may be served without tokens: on a loopback
+    /// address (local admin), or when the operator insists.
+    pub fn open_without_tokens(&self) -> bool {
+        self.listen.ip().is_loopback() || self.insecure_no_auth
     }
 
     /// Path of the default repository.
@@ -130,6 +140,8 @@ pub struct FileConfig {
     pub idle_timeout_secs: Option<u64>,
     /// See [`Config::nbd_list_exports`].
     pub nbd_list_exports: Option<bool>,
+    /// See [`Config::insecure_no_auth`].
+    pub insecure_no_auth: Option<bool>,
 }
 
 impl FileConfig {
@@ -164,6 +176,9 @@ impl FileConfig {
         }
         if let Some(v) = self.nbd_list_exports {
             c.nbd_list_exports = v;
+        }
+        if let Some(v) = self.insecure_no_auth {
+            c.insecure_no_auth = v;
         }
         Ok(())
     }

@@ -18,6 +18,7 @@ fn main() -> anyhow::Result<()> {
         match cli.command {
             Command::Serve(args) => hub_daemon::cli::serve::run(args).await,
             Command::Export(args) => hub_daemon::cli::export::run(args).await,
+            Command::Token(args) => hub_daemon::cli::token::run(args).await,
         }
     })
 }

@@ -161,6 +161,7 @@ async fn operator_can_turn_listing_on() {
         addr: daemon.api_addr,
         daemon: Some(daemon),
         dir,
+        token: None,
     };
     hub.register("vm1", &[MIB]).await;
     let b = hub.backup("vm1", "full").await;

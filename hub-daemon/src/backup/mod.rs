@@ -102,6 +102,11 @@ impl Backups {
         &self.catalog
     }
 
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
+    }
+
     /// The NBD hub.
     pub fn nbd(&self) -> &NbdHub {
         &self.nbd

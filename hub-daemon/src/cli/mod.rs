@@ -4,6 +4,7 @@
 pub mod export;
 pub mod serve;
 pub mod size;
+pub mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -23,6 +24,8 @@ pub enum Command {
     Serve(serve::ServeArgs),
     /// Serve image files over NBD in the foreground (qemu-nbd replacement).
     Export(export::ExportArgs),
+    /// Create, list and revoke API bearer tokens.
+    Token(token::TokenArgs),
 }
 
 /// Raise the soft open-files limit to the hard limit: every export holds a

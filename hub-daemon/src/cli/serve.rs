@@ -44,6 +44,10 @@ pub struct ServeArgs {
     /// since export names are the capability to reach a disk.
     #[arg(long, env = "HUB_NBD_LIST_EXPORTS")]
     nbd_list_exports: bool,
+    /// Serve the API on a non-loopback address even though no API token
+    /// exists (anyone who reaches the address can do anything).
+    #[arg(long, env = "HUB_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
 }
 
 impl ServeArgs {
@@ -78,6 +82,9 @@ impl ServeArgs {
         }
         if self.nbd_list_exports {
             c.nbd_list_exports = true;
+        }
+        if self.insecure_no_auth {
+            c.insecure_no_auth = true;
         }
         Ok(c)
     }
