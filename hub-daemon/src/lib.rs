@@ -18,6 +18,7 @@ pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod confined;
 pub mod error;
 pub mod model;
 pub mod names;

@@ -60,6 +60,14 @@ impl Backups {
         let opened: Result<()> = async {
             for (d, (lease, listener)) in b.disks.iter().zip(leases) {
                 let path = layout.path_of(&d.file);
+                // Reached through plain directories, itself a plain file:
+                // a planted symlink is refused (422), never followed.
+                layout.check_plain_file(&path).map_err(|e| {
+                    DaemonError::BadImage(format!(
+                        "disk {}: {} is a symlink or not a plain file inside the repository: {e}",
+                        d.disk_id, d.file
+                    ))
+                })?;
                 // Anything wrong with the image is the image's fault: 422
                 // with the reason (a lock held by a writer stays a 409).
                 let backend =
