@@ -45,6 +45,12 @@ impl Daemon {
                 config.data_dir.display()
             );
         }
+        for root in config.repository_roots() {
+            let ok = root.canonicalize().is_ok_and(|r| r.is_dir());
+            if !ok {
+                anyhow::bail!("repository root {} is not a directory", root.display());
+            }
+        }
         let repo_dir = config.default_repository();
         std::fs::create_dir_all(&repo_dir)
             .with_context(|| format!("creating {}", repo_dir.display()))?;

@@ -81,6 +81,9 @@ pub struct Config {
     /// Serve the API on a non-loopback address even when no token exists
     /// (otherwise the daemon refuses to start there).
     pub insecure_no_auth: bool,
+    /// Directories repositories may be created under (empty: the data
+    /// directory).
+    pub repository_roots: Vec<PathBuf>,
 }
 
 impl Default for Config {
@@ -98,6 +101,7 @@ impl Default for Config {
             idle_timeout: Duration::from_secs(3600),
             nbd_list_exports: false,
             insecure_no_auth: false,
+            repository_roots: Vec::new(),
         }
     }
 }
@@ -112,6 +116,16 @@ impl Config {
     /// address (local admin), or when the operator insists.
     pub fn open_without_tokens(&self) -> bool {
         self.listen.ip().is_loopback() || self.insecure_no_auth
+    }
+
+    /// Where repositories may be created: the configured roots, or the
+    /// data directory.
+    pub fn repository_roots(&self) -> Vec<PathBuf> {
+        if self.repository_roots.is_empty() {
+            vec![self.data_dir.clone()]
+        } else {
+            self.repository_roots.clone()
+        }
     }
 
     /// Path of the default repository.
@@ -142,6 +156,8 @@ pub struct FileConfig {
     pub nbd_list_exports: Option<bool>,
     /// See [`Config::insecure_no_auth`].
     pub insecure_no_auth: Option<bool>,
+    /// See [`Config::repository_roots`].
+    pub repository_roots: Option<Vec<PathBuf>>,
 }
 
 impl FileConfig {
@@ -179,6 +195,9 @@ impl FileConfig {
         }
         if let Some(v) = self.insecure_no_auth {
             c.insecure_no_auth = v;
+        }
+        if let Some(v) = self.repository_roots {
+            c.repository_roots = v;
         }
         Ok(())
     }

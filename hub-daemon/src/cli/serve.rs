@@ -48,6 +48,16 @@ pub struct ServeArgs {
     /// exists (anyone who reaches the address can do anything).
     #[arg(long, env = "HUB_INSECURE_NO_AUTH")]
     insecure_no_auth: bool,
+    /// Directory under which repositories may be created (repeatable; the
+    /// environment variable takes a colon-separated list) [default: the
+    /// data directory].
+    #[arg(
+        long = "repository-root",
+        env = "HUB_REPOSITORY_ROOTS",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
+    repository_roots: Vec<PathBuf>,
 }
 
 impl ServeArgs {
@@ -85,6 +95,9 @@ impl ServeArgs {
         }
         if self.insecure_no_auth {
             c.insecure_no_auth = true;
+        }
+        if !self.repository_roots.is_empty() {
+            c.repository_roots = self.repository_roots.clone();
         }
         Ok(c)
     }

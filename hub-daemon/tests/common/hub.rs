@@ -38,6 +38,12 @@ pub fn config(data_dir: &Path, capacity: usize, shared_port: u16, idle: Duration
         nbd_bind: "127.0.0.1".parse().unwrap(),
         advertise_host: "127.0.0.1".into(),
         idle_timeout: idle,
+        // Tests put extra repositories beside the data directory.
+        repository_roots: data_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect(),
         ..Config::default()
     }
 }
