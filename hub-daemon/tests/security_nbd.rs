@@ -108,7 +108,7 @@ async fn backup_and_restore_exports_are_capabilities() {
     assert_eq!(
         run_ok(
             "nbdinfo",
-            &["--size", &disks[0]["nbd_uri"].as_str().unwrap()]
+            &["--size", disks[0]["nbd_uri"].as_str().unwrap()]
         )
         .await
         .trim(),
