@@ -243,4 +243,35 @@ mod tests {
         assert_eq!(c.idle_timeout, Duration::from_secs(5));
         assert!(toml::from_str::<FileConfig>("bogus = 1").is_err());
     }
+
+    #[test]
+    fn security_keys_and_secure_defaults() {
+        let c = Config::default();
+        assert!(!c.nbd_list_exports && !c.insecure_no_auth);
+        assert!(
+            c.open_without_tokens(),
+            "loopback API is open without tokens"
+        );
+        assert_eq!(c.repository_roots(), vec![c.data_dir.clone()]);
+        let f: FileConfig = toml::from_str(
+            "listen = \"0.0.0.0:8082\"\nnbd_list_exports = true\n\
+             repository_roots = [\"/srv/a\", \"/srv/b\"]",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        f.apply(&mut c).unwrap();
+        assert!(c.nbd_list_exports);
+        assert!(!c.open_without_tokens(), "0.0.0.0 needs tokens");
+        assert_eq!(
+            c.repository_roots(),
+            vec![PathBuf::from("/srv/a"), PathBuf::from("/srv/b")]
+        );
+        let f: FileConfig = toml::from_str("insecure_no_auth = true").unwrap();
+        let mut c = Config {
+            listen: "[::]:1".parse().unwrap(),
+            ..Config::default()
+        };
+        f.apply(&mut c).unwrap();
+        assert!(c.open_without_tokens());
+    }
 }
