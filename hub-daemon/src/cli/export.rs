@@ -288,8 +288,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     for l in lines {
         println!("{l}");
     }
+    let signals = super::Signals::listen()?;
     println!("ready");
-    super::wait_for_signal().await?;
+    signals.wait().await?;
     tracing::info!("signal received; draining and flushing");
     server
         .shutdown()

@@ -106,13 +106,14 @@ impl ServeArgs {
 /// Run until SIGINT/SIGTERM, then drain.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    let signals = super::Signals::listen()?;
     let daemon = Daemon::start(config).await.context("starting the hub")?;
     println!("api http://{}", daemon.api_addr);
     if let Some(a) = daemon.nbd_shared_addr {
         println!("nbd-shared {a}");
     }
     println!("ready");
-    super::wait_for_signal().await?;
+    signals.wait().await?;
     tracing::info!("signal received; draining");
     daemon.shutdown().await
 }
