@@ -8,11 +8,14 @@ use anyhow::Context;
 use clap::{Args, Subcommand};
 
 use crate::catalog::{Catalog, Role};
-use crate::config::Config;
+use crate::config::{Config, FileConfig};
 
 /// Manage API tokens.
 #[derive(Debug, Args)]
 pub struct TokenArgs {
+    /// The daemon's TOML configuration file (for its data_dir).
+    #[arg(long, env = "HUB_CONFIG", value_name = "FILE", global = true)]
+    config: Option<PathBuf>,
     /// Data directory holding the catalog [default: ./data].
     #[arg(long, env = "HUB_DATA_DIR", value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
@@ -47,6 +50,11 @@ pub enum TokenCommand {
 /// Run the command.
 pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
     let mut config = Config::default();
+    if let Some(path) = &args.config {
+        FileConfig::load(path)
+            .and_then(|f| f.apply(&mut config))
+            .map_err(anyhow::Error::msg)?;
+    }
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
