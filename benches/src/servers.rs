@@ -112,7 +112,8 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
             let exe = std::env::current_exe()?;
             let mut cmd = Command::new(exe);
             cmd.arg("__export").arg("--listen").arg("127.0.0.1:0");
-            if kind == Kind::OursDigest {
+            // Digests record writes; a read-only export has none.
+            if kind == Kind::OursDigest && !opts.readonly {
                 cmd.arg("--digest");
             }
             if opts.port_per_export {

@@ -36,6 +36,21 @@ impl Daemon {
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
         let catalog = Catalog::open(&config.catalog_path())
             .with_context(|| format!("opening catalog {}", config.catalog_path().display()))?;
+        if !config.open_without_tokens() && !catalog.has_tokens().await? {
+            anyhow::bail!(
+                "refusing to serve the API on {} without authentication: no API token exists. \
+                 Create one (hub-daemon token create --data-dir {} --name NAME --role admin), \
+                 listen on a loopback address, or pass --insecure-no-auth",
+                config.listen,
+                config.data_dir.display()
+            );
+        }
+        for root in config.repository_roots() {
+            let ok = root.canonicalize().is_ok_and(|r| r.is_dir());
+            if !ok {
+                anyhow::bail!("repository root {} is not a directory", root.display());
+            }
+        }
         let repo_dir = config.default_repository();
         std::fs::create_dir_all(&repo_dir)
             .with_context(|| format!("creating {}", repo_dir.display()))?;

@@ -77,6 +77,15 @@ pub struct Config {
     pub idle_timeout: Duration,
     /// Memory and connection limits of the NBD server.
     pub nbd_limits: NbdLimits,
+    /// Answer NBD_OPT_LIST with the export names (off: names are
+    /// capabilities and stay secret).
+    pub nbd_list_exports: bool,
+    /// Serve the API on a non-loopback address even when no token exists
+    /// (otherwise the daemon refuses to start there).
+    pub insecure_no_auth: bool,
+    /// Directories repositories may be created under (empty: the data
+    /// directory).
+    pub repository_roots: Vec<PathBuf>,
 }
 
 /// Memory and connection limits of the NBD server (what
@@ -163,6 +172,9 @@ impl Default for Config {
             advertise_host: "127.0.0.1".into(),
             idle_timeout: Duration::from_secs(3600),
             nbd_limits: NbdLimits::default(),
+            nbd_list_exports: false,
+            insecure_no_auth: false,
+            repository_roots: Vec::new(),
         }
     }
 }
@@ -171,6 +183,22 @@ impl Config {
     /// Path of the SQLite catalog.
     pub fn catalog_path(&self) -> PathBuf {
         self.data_dir.join("catalog.sqlite")
+    }
+
+    /// Whether the API may be served without tokens: on a loopback
+    /// address (local admin), or when the operator insists.
+    pub fn open_without_tokens(&self) -> bool {
+        self.listen.ip().is_loopback() || self.insecure_no_auth
+    }
+
+    /// Where repositories may be created: the configured roots, or the
+    /// data directory.
+    pub fn repository_roots(&self) -> Vec<PathBuf> {
+        if self.repository_roots.is_empty() {
+            vec![self.data_dir.clone()]
+        } else {
+            self.repository_roots.clone()
+        }
     }
 
     /// Path of the default repository.
@@ -211,6 +239,12 @@ pub struct FileConfig {
     pub send_timeout_secs: Option<u64>,
     /// Seconds; see [`NbdLimits::handshake_timeout`].
     pub handshake_timeout_secs: Option<u64>,
+    /// See [`Config::nbd_list_exports`].
+    pub nbd_list_exports: Option<bool>,
+    /// See [`Config::insecure_no_auth`].
+    pub insecure_no_auth: Option<bool>,
+    /// See [`Config::repository_roots`].
+    pub repository_roots: Option<Vec<PathBuf>>,
 }
 
 impl FileConfig {
@@ -264,6 +298,15 @@ impl FileConfig {
         }
         if let Some(v) = self.handshake_timeout_secs {
             l.handshake_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = self.nbd_list_exports {
+            c.nbd_list_exports = v;
+        }
+        if let Some(v) = self.insecure_no_auth {
+            c.insecure_no_auth = v;
+        }
+        if let Some(v) = self.repository_roots {
+            c.repository_roots = v;
         }
         Ok(())
     }
@@ -340,5 +383,36 @@ mod tests {
         assert_eq!(c.nbd_limits.max_buffer_memory, 1 << 20);
         let f: FileConfig = toml::from_str("max_buffer_memory = \"lots\"").unwrap();
         assert!(f.apply(&mut c).is_err());
+    }
+
+    #[test]
+    fn security_keys_and_secure_defaults() {
+        let c = Config::default();
+        assert!(!c.nbd_list_exports && !c.insecure_no_auth);
+        assert!(
+            c.open_without_tokens(),
+            "loopback API is open without tokens"
+        );
+        assert_eq!(c.repository_roots(), vec![c.data_dir.clone()]);
+        let f: FileConfig = toml::from_str(
+            "listen = \"0.0.0.0:8082\"\nnbd_list_exports = true\n\
+             repository_roots = [\"/srv/a\", \"/srv/b\"]",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        f.apply(&mut c).unwrap();
+        assert!(c.nbd_list_exports);
+        assert!(!c.open_without_tokens(), "0.0.0.0 needs tokens");
+        assert_eq!(
+            c.repository_roots(),
+            vec![PathBuf::from("/srv/a"), PathBuf::from("/srv/b")]
+        );
+        let f: FileConfig = toml::from_str("insecure_no_auth = true").unwrap();
+        let mut c = Config {
+            listen: "[::]:1".parse().unwrap(),
+            ..Config::default()
+        };
+        f.apply(&mut c).unwrap();
+        assert!(c.open_without_tokens());
     }
 }

@@ -8,7 +8,7 @@
 //! * [`catalog`]: SQLite store of VMs, repositories and backups.
 //! * [`nbd`]: the NBD server, per-export ports and the shared port.
 //! * [`ports`]: NBD port allocation with RAII leases.
-//! * [`config`], [`model`], [`names`], [`error`], [`time`]: plumbing.
+//! * [`config`], [`model`], [`names`], [`error`], [`time`], [`secret`]: plumbing.
 //! * [`app`]: assembling and running it all; [`cli`]: the binary's commands.
 #![deny(missing_docs)]
 
@@ -18,9 +18,11 @@ pub mod backup;
 pub mod catalog;
 pub mod cli;
 pub mod config;
+pub mod confined;
 pub mod error;
 pub mod model;
 pub mod names;
 pub mod nbd;
 pub mod ports;
+pub mod secret;
 pub mod time;

@@ -19,6 +19,7 @@ fn main() -> anyhow::Result<()> {
             Command::Serve(args) => hub_daemon::cli::serve::run(args).await,
             Command::Export(args) => hub_daemon::cli::export::run(args).await,
             Command::Digest(args) => hub_daemon::cli::digest::run(args).await,
+            Command::Token(args) => hub_daemon::cli::token::run(args).await,
         }
     })
 }

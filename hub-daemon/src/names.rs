@@ -6,7 +6,8 @@
 //! a single safe path component and a valid NBD export name.
 //!
 //! Repository paths (whole absolute directories chosen by the client) have
-//! their own check, [`repository_dir`], which also creates the directory.
+//! their own check, [`repository_dir`], which confines them under the
+//! configured roots and also creates the directory.
 
 use std::io;
 use std::path::{Component, Path, PathBuf};
@@ -144,46 +145,81 @@ fn is_client_path_error(e: &io::Error) -> bool {
     .any(|e| e.raw_os_error() == n)
 }
 
-/// Validate a repository path ([`repository_path`]), resolve symlinks in
-/// the part that exists (so a link cannot lead into a system tree), create
-/// the directory and return its canonical path.
+/// Validate a repository path ([`repository_path`]) and confine it: it
+/// must lie strictly under one of `roots` (given as configured or
+/// canonical), and no component below the root may be a symlink (each is
+/// checked, and missing ones are created, without following links; see
+/// [`crate::confined`]). Returns the canonical path, created.
 ///
-/// Client mistakes are [`DaemonError::BadRequest`]: a bad path, an
-/// existing non-directory, a directory that cannot be created there
-/// (EACCES, ENOTDIR, EROFS, ...). A full disk is [`DaemonError::NoSpace`].
-pub fn repository_dir(path: &str) -> Result<PathBuf, DaemonError> {
+/// Client mistakes are [`DaemonError::BadRequest`]: a bad path, one outside
+/// every root, a symlink or a non-directory in the way, a directory that
+/// cannot be created there (EACCES, EROFS, ...). A full disk is
+/// [`DaemonError::NoSpace`].
+pub fn repository_dir(path: &str, roots: &[PathBuf]) -> Result<PathBuf, DaemonError> {
     let bad = DaemonError::BadRequest;
     let path = repository_path(path).map_err(bad)?;
-    // The deepest existing ancestor, resolved, plus the rest as given.
-    let mut existing = path.as_path();
-    let mut rest = Vec::new();
-    let resolved = loop {
-        match existing.canonicalize() {
-            Ok(c) => break c,
-            Err(_) => match (existing.parent(), existing.file_name()) {
-                (Some(parent), Some(name)) => {
-                    rest.push(name.to_owned());
-                    existing = parent;
-                }
-                _ => return Err(bad(format!("cannot resolve {}", path.display()))),
-            },
-        }
-    };
-    if rest.is_empty() && !resolved.is_dir() {
+    // (root as configured, normalized; canonical root)
+    let roots: Vec<(PathBuf, PathBuf)> = roots
+        .iter()
+        .filter_map(|r| {
+            let canonical = r.canonicalize().ok()?;
+            let given = r
+                .to_str()
+                .and_then(|s| repository_path(s).ok())
+                .unwrap_or_else(|| canonical.clone());
+            Some((given, canonical))
+        })
+        .collect();
+    let found = roots.iter().find_map(|(given, canonical)| {
+        [canonical, given].into_iter().find_map(|r| {
+            path.strip_prefix(r)
+                .ok()
+                .filter(|rest| !rest.as_os_str().is_empty())
+                .map(|rest| (canonical.clone(), rest.to_path_buf()))
+        })
+    });
+    let Some((root, rest)) = found else {
+        let list: Vec<String> = roots.iter().map(|r| r.1.display().to_string()).collect();
         return Err(bad(format!(
-            "{} exists and is not a directory",
-            path.display()
+            "{} is not under a repository root ({})",
+            path.display(),
+            list.join(", ")
         )));
-    }
-    let target = rest.iter().rev().fold(resolved, |acc, name| acc.join(name));
+    };
+    let target = root.join(&rest);
     check_not_system(&target).map_err(bad)?;
     if target.as_os_str().len() > MAX_PATH_LEN {
         return Err(bad(format!(
             "resolved path longer than {MAX_PATH_LEN} bytes"
         )));
     }
-    std::fs::create_dir_all(&target).map_err(|e| {
-        if is_client_path_error(&e) {
+    // Every existing component below the root: a plain directory.
+    let mut cur = root.clone();
+    for c in rest.components() {
+        cur.push(c);
+        match std::fs::symlink_metadata(&cur) {
+            Ok(m) if m.file_type().is_symlink() => {
+                return Err(bad(format!("{} is a symlink", cur.display())))
+            }
+            Ok(m) if !m.is_dir() => {
+                return Err(bad(format!(
+                    "{} exists and is not a directory",
+                    cur.display()
+                )))
+            }
+            Ok(_) => {}
+            Err(_) => break,
+        }
+    }
+    // Created (and re-checked) without following links, so a link swapped
+    // in meanwhile is refused too.
+    crate::confined::open_dir(&root, &rest, true).map_err(|e| {
+        if crate::confined::is_link_refusal(&e) {
+            bad(format!(
+                "{}: a symlink or non-directory is in the way",
+                target.display()
+            ))
+        } else if is_client_path_error(&e) {
             bad(format!(
                 "cannot create repository directory {}: {e}",
                 target.display()
@@ -192,15 +228,7 @@ pub fn repository_dir(path: &str) -> Result<PathBuf, DaemonError> {
             DaemonError::io(format!("creating {}", target.display()), e)
         }
     })?;
-    let canonical = target
-        .canonicalize()
-        .map_err(|e| DaemonError::io(format!("resolving {}", target.display()), e))?;
-    // Someone may have swapped a component for a link meanwhile.
-    check_not_system(&canonical).map_err(bad)?;
-    if !canonical.is_dir() {
-        return Err(bad(format!("{} is not a directory", canonical.display())));
-    }
-    Ok(canonical)
+    Ok(target)
 }
 
 #[cfg(test)]
@@ -254,37 +282,54 @@ mod tests {
     }
 
     #[test]
-    fn repository_dirs_are_created_or_refused() {
+    fn repository_dirs_are_created_under_roots_or_refused() {
         let tmp = tempfile::tempdir().unwrap();
         let base = tmp.path().canonicalize().unwrap();
+        let roots = [base.join("root")];
+        std::fs::create_dir(&roots[0]).unwrap();
+        let root = &roots[0];
         // Created, nested, and idempotent.
-        let want = base.join("a/b");
-        let got = repository_dir(want.to_str().unwrap()).unwrap();
+        let want = root.join("a/b");
+        let got = repository_dir(want.to_str().unwrap(), &roots).unwrap();
         assert_eq!(got, want);
         assert!(want.is_dir());
-        assert_eq!(repository_dir(want.to_str().unwrap()).unwrap(), want);
+        assert_eq!(
+            repository_dir(want.to_str().unwrap(), &roots).unwrap(),
+            want
+        );
+        // Outside every root, or the root itself.
+        let outside = base.join("elsewhere");
+        for p in [outside.clone(), root.clone(), base.clone()] {
+            let e = repository_dir(p.to_str().unwrap(), &roots).unwrap_err();
+            assert!(matches!(e, DaemonError::BadRequest(_)), "{p:?}: {e}");
+        }
+        assert!(!outside.exists());
         // A file, or a file in the way.
-        let file = base.join("file");
+        let file = root.join("file");
         std::fs::write(&file, b"x").unwrap();
         for p in [file.clone(), file.join("sub")] {
-            let e = repository_dir(p.to_str().unwrap()).unwrap_err();
+            let e = repository_dir(p.to_str().unwrap(), &roots).unwrap_err();
             assert!(matches!(e, DaemonError::BadRequest(_)), "{p:?}: {e}");
         }
-        // A symlink into a system tree, with or without a new tail.
-        let link = base.join("to-etc");
-        std::os::unix::fs::symlink("/etc", &link).unwrap();
-        for p in [link.clone(), link.join("new-repo")] {
-            let e = repository_dir(p.to_str().unwrap()).unwrap_err();
-            assert!(matches!(e, DaemonError::BadRequest(_)), "{p:?}: {e}");
+        // Symlinks below the root: refused, wherever they point.
+        std::os::unix::fs::symlink("/etc", root.join("to-etc")).unwrap();
+        std::os::unix::fs::symlink(root.join("a"), root.join("to-a")).unwrap();
+        std::os::unix::fs::symlink(&outside, root.join("to-out")).unwrap();
+        for l in ["to-etc", "to-a", "to-out"] {
+            for p in [root.join(l), root.join(l).join("new-repo")] {
+                let e = repository_dir(p.to_str().unwrap(), &roots).unwrap_err();
+                assert!(matches!(e, DaemonError::BadRequest(_)), "{p:?}: {e}");
+            }
         }
         assert!(!Path::new("/etc/new-repo").exists());
-        // A symlink to an ordinary directory resolves to it.
-        let link = base.join("to-a");
-        std::os::unix::fs::symlink(base.join("a"), &link).unwrap();
-        assert_eq!(
-            repository_dir(link.to_str().unwrap()).unwrap(),
-            base.join("a")
-        );
+        assert!(!outside.exists());
+        // A root given through a symlink is accepted in either form.
+        std::os::unix::fs::symlink(root, base.join("root-link")).unwrap();
+        let via = [base.join("root-link")];
+        let got = repository_dir(base.join("root-link/c").to_str().unwrap(), &via).unwrap();
+        assert_eq!(got, root.join("c"));
+        let got = repository_dir(root.join("d").to_str().unwrap(), &via).unwrap();
+        assert_eq!(got, root.join("d"));
     }
 
     #[test]

@@ -62,7 +62,13 @@ pub struct Published {
 impl NbdHub {
     /// Start the NBD server and the shared listener (if configured).
     pub async fn start(config: &Config) -> Result<NbdHub> {
-        let server = Server::new(config.nbd_limits.server_config());
+        // Export names carry 128 random bits and are the capability to
+        // reach a disk: only exact names reach an export, and listing is
+        // off unless the operator turns it on.
+        let mut server_config = config.nbd_limits.server_config();
+        server_config.list_exports = config.nbd_list_exports;
+        server_config.exact_export_names = true;
+        let server = Server::new(server_config);
         let shared = if config.nbd_shared_port != 0 {
             let addr = SocketAddr::new(config.nbd_bind, config.nbd_shared_port);
             let l = tokio::net::TcpListener::bind(addr)

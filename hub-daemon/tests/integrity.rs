@@ -272,14 +272,14 @@ async fn a_wrong_sender_digest_fails_the_backup_and_removes_its_files() {
 }
 
 /// A tmpfs of `mib` MiB mounted on a new directory; unmounted on drop.
-struct Tmpfs(tempfile::TempDir);
+struct Tmpfs(PathBuf);
 
 impl Tmpfs {
-    fn mount(mib: u64) -> Option<Tmpfs> {
-        let dir = tempfile::tempdir().unwrap();
+    fn mount(dir: PathBuf, mib: u64) -> Option<Tmpfs> {
+        std::fs::create_dir_all(&dir).unwrap();
         let ok = std::process::Command::new("mount")
             .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(dir.path())
+            .arg(&dir)
             .status()
             .is_ok_and(|s| s.success());
         if !ok {
@@ -299,7 +299,7 @@ impl Drop for Tmpfs {
         // Lazy: an I/O thread may still be closing a removed image.
         let _ = std::process::Command::new("umount")
             .arg("-l")
-            .arg(self.0.path())
+            .arg(&self.0)
             .status();
     }
 }
@@ -309,9 +309,12 @@ async fn a_full_filesystem_never_completes() {
     if !require("nbdcopy") {
         return;
     }
-    let Some(fs) = Tmpfs::mount(24) else { return };
     let mut hub = Hub::start().await;
-    let repo = fs.0.path().join("repo");
+    // Inside the hub's repository root (beside its data directory).
+    let Some(fs) = Tmpfs::mount(hub.dir.path().join("small"), 24) else {
+        return;
+    };
+    let repo = fs.0.join("repo");
     let r = hub
         .post(
             "/api/v1/repositories",

@@ -329,24 +329,41 @@ impl ExportRegistry {
     }
 }
 
+/// What clients may learn about exports ([`crate::ServerConfig`]'s
+/// `list_exports` and `exact_export_names`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Visibility {
+    /// `NBD_OPT_LIST` names the exports (else it answers an empty list).
+    pub list: bool,
+    /// Only an export's exact name reaches it: no default name "", and a
+    /// port of its own does not answer to other names. With unguessable
+    /// names, the name is then a capability.
+    pub exact_names: bool,
+}
+
 /// What a listener offers: every registered export by name, or one export
-/// on a port of its own (which also answers to the default name "").
+/// on a port of its own (which also answers to the default name "" unless
+/// names must be exact).
 #[derive(Debug, Clone)]
 pub(crate) enum Catalog {
-    Shared(Arc<ExportRegistry>),
-    Single(Arc<Export>),
+    Shared(Arc<ExportRegistry>, Visibility),
+    Single(Arc<Export>, Visibility),
 }
 
 impl ExportCatalog for Catalog {
     type Export = Arc<Export>;
 
     fn lookup(&self, name: &str) -> Option<(ExportInfo, Arc<Export>)> {
+        // Every refusal below is the same `None`: an unknown name, another
+        // port's export and a closing one look alike to the client.
         let export = match self {
-            Catalog::Single(e) => (name.is_empty() || name == e.name()).then(|| Arc::clone(e)),
-            Catalog::Shared(reg) => match reg.get(name) {
+            Catalog::Single(e, v) => {
+                (name == e.name() || (name.is_empty() && !v.exact_names)).then(|| Arc::clone(e))
+            }
+            Catalog::Shared(reg, v) => match reg.get(name) {
                 Some(e) => Some(e),
                 // The default name means "the only export", when there is one.
-                None if name.is_empty() => {
+                None if name.is_empty() && !v.exact_names => {
                     let all = reg.all();
                     if all.len() == 1 {
                         all.into_iter().next()
@@ -365,13 +382,56 @@ impl ExportCatalog for Catalog {
 
     fn list(&self) -> Vec<(String, String)> {
         let exports = match self {
-            Catalog::Single(e) => vec![Arc::clone(e)],
-            Catalog::Shared(reg) => reg.all(),
+            Catalog::Single(_, v) | Catalog::Shared(_, v) if !v.list => return Vec::new(),
+            Catalog::Single(e, _) => vec![Arc::clone(e)],
+            Catalog::Shared(reg, _) => reg.all(),
         };
         exports
             .into_iter()
             .filter(|e| !e.is_closing())
             .map(|e| (e.name().to_owned(), e.description().to_owned()))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::MemoryBackend;
+
+    fn export(name: &str) -> Arc<Export> {
+        Arc::new(Export::new(name, Arc::new(MemoryBackend::new(1 << 20))))
+    }
+
+    const OPEN: Visibility = Visibility {
+        list: true,
+        exact_names: false,
+    };
+    const SECRET: Visibility = Visibility {
+        list: false,
+        exact_names: true,
+    };
+
+    #[test]
+    fn listing_and_default_names_follow_visibility() {
+        let reg = Arc::new(ExportRegistry::default());
+        assert!(reg.insert(export("cap-0123")));
+        let open = Catalog::Shared(Arc::clone(&reg), OPEN);
+        assert_eq!(open.list().len(), 1);
+        assert!(open.lookup("").is_some(), "the only export by default name");
+        let secret = Catalog::Shared(Arc::clone(&reg), SECRET);
+        assert!(secret.list().is_empty());
+        assert!(secret.lookup("").is_none());
+        assert!(secret.lookup("cap").is_none());
+        assert!(secret.lookup("cap-0123").is_some());
+
+        let single = Catalog::Single(export("own-port"), OPEN);
+        assert!(single.lookup("").is_some());
+        assert_eq!(single.list().len(), 1);
+        let single = Catalog::Single(export("own-port"), SECRET);
+        assert!(single.lookup("").is_none());
+        assert!(single.lookup("other").is_none());
+        assert!(single.lookup("own-port").is_some());
+        assert!(single.list().is_empty());
     }
 }

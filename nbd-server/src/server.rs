@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::error::ServerError;
-use crate::export::{Catalog, Export, ExportRegistry, ExportStatsSnapshot};
+use crate::export::{Catalog, Export, ExportRegistry, ExportStatsSnapshot, Visibility};
 use crate::net::budget::MemoryBudget;
 use crate::net::listener::{accept_loop, ConnContext};
 use crate::net::registry::{ConnLimits, ConnRegistry, NO_LISTENER};
@@ -47,6 +47,14 @@ pub struct ServerConfig {
     /// Close a connection whose queued replies the client has not read
     /// for this long, releasing its budget (default 60 s; zero: never).
     pub send_timeout: Duration,
+    /// Answer `NBD_OPT_LIST` with the exports' names and descriptions;
+    /// `false` answers an empty list (names stay secret).
+    pub list_exports: bool,
+    /// Reach an export only by its exact name: no default name "" on any
+    /// listener, and a port of its own ([`Server::serve_export`]) does not
+    /// answer to other names. With unguessable names, the name is then a
+    /// capability. `false` is qemu-nbd's behaviour.
+    pub exact_export_names: bool,
 }
 
 impl Default for ServerConfig {
@@ -60,6 +68,8 @@ impl Default for ServerConfig {
             max_buffer_memory: 1 << 30,
             idle_timeout: Duration::from_secs(3600),
             send_timeout: Duration::from_secs(60),
+            list_exports: true,
+            exact_export_names: false,
         }
     }
 }
@@ -76,6 +86,7 @@ pub struct Server {
 struct Inner {
     registry: Arc<ExportRegistry>,
     ctx: ConnContext,
+    visibility: Visibility,
 }
 
 /// A running listener.
@@ -120,6 +131,10 @@ impl Server {
             inner: Arc::new(Inner {
                 registry: Arc::new(ExportRegistry::default()),
                 ctx,
+                visibility: Visibility {
+                    list: config.list_exports,
+                    exact_names: config.exact_export_names,
+                },
             }),
         }
     }
@@ -174,7 +189,7 @@ impl Server {
     pub fn serve(&self, listener: TcpListener) -> Result<ListenerHandle, ServerError> {
         let addr = listener.local_addr()?;
         let stop = self.inner.ctx.shutdown.child_token();
-        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
+        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry), self.inner.visibility);
         self.inner.ctx.tasks.spawn(accept_loop(
             listener,
             catalog,
@@ -196,7 +211,7 @@ impl Server {
         }
         let addr = listener.local_addr()?;
         let stop = self.inner.ctx.shutdown.child_token();
-        let catalog = Catalog::Single(Arc::clone(export));
+        let catalog = Catalog::Single(Arc::clone(export), self.inner.visibility);
         let ctx = self.inner.ctx.clone();
         let closing = export.closing_token().clone();
         let stop2 = stop.clone();
@@ -220,7 +235,7 @@ impl Server {
     where
         S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
     {
-        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry));
+        let catalog = Catalog::Shared(Arc::clone(&self.inner.registry), self.inner.visibility);
         let ctx = self.inner.ctx.clone();
         let guard = match ctx.registry.admit(NO_LISTENER) {
             Ok(g) => g,

@@ -161,12 +161,27 @@ fn io_err(e: impl std::fmt::Display) -> io::Error {
 /// Open one layer's file: exclusive lock for the writable top, shared for
 /// everything else. Also returns a duplicate descriptor of a writable file
 /// (for write-behind hints; same open file, so the locks are shared).
-fn open_file(path: &Path, writable: bool) -> Result<(File, Option<StdFile>), ImageError> {
-    let f = StdFile::options()
-        .read(true)
-        .write(writable)
-        .open(path)
-        .map_err(|e| ImageError::io(path, e))?;
+/// With `nofollow` (a strict [`BackingPolicy`]) the open itself refuses a
+/// symlink (`O_NOFOLLOW`), so a link swapped in after the policy check
+/// cannot redirect it.
+fn open_file(
+    path: &Path,
+    writable: bool,
+    nofollow: bool,
+) -> Result<(File, Option<StdFile>), ImageError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = StdFile::options();
+    o.read(true).write(writable);
+    if nofollow {
+        o.custom_flags(rustix::fs::OFlags::NOFOLLOW.bits() as i32);
+    }
+    let f = o.open(path).map_err(|e| {
+        if nofollow && e.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) {
+            ImageError::refused(path, "is a symlink; images must be plain files")
+        } else {
+            ImageError::io(path, e)
+        }
+    })?;
     let mode = if writable {
         LockMode::Exclusive
     } else {
@@ -188,13 +203,14 @@ fn open_file(path: &Path, writable: bool) -> Result<(File, Option<StdFile>), Ima
 async fn open_layers(
     layers: Vec<Layer>,
     top_writable: bool,
+    nofollow: bool,
 ) -> Result<(Access, Option<StdFile>), ImageError> {
     let mut below: Option<Arc<Access>> = None;
     let n = layers.len();
     for (i, layer) in layers.into_iter().rev().enumerate() {
         let is_top = i + 1 == n;
         let writable = is_top && top_writable;
-        let (storage, dup) = open_file(&layer.path, writable)?;
+        let (storage, dup) = open_file(&layer.path, writable, nofollow)?;
         let access = match layer.format {
             Format::Raw => Raw::builder(storage)
                 .write(writable)
@@ -232,8 +248,9 @@ impl QcowBackend {
             .ok_or_else(|| ImageError::InvalidParameters("empty chain".into()))?;
         let depth = layers.len();
         let writable = !opts.read_only;
+        let nofollow = opts.policy.strict;
         let (access, dup) = pool
-            .run(0, move || open_layers(layers, writable))
+            .run(0, move || open_layers(layers, writable, nofollow))
             .await
             .map_err(|e| ImageError::io(path, io_err(e)))??;
         tracing::debug!(path = %path.display(), depth, writable, "opened qcow2 image");
@@ -480,8 +497,9 @@ async fn open_parent(
         ),
     };
     let depth = layers.len();
+    let nofollow = policy.strict;
     let (access, _) = pool
-        .run(0, move || open_layers(layers, false))
+        .run(0, move || open_layers(layers, false, nofollow))
         .await
         .map_err(|e| ImageError::io(parent, io_err(e)))??;
     Ok(Parent {
@@ -925,6 +943,43 @@ mod tests {
         )
         .await
         .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn strict_opens_and_creates_never_follow_a_final_symlink() {
+        let dir = tempfile::tempdir().unwrap();
+        let real = dir.path().join("real.qcow2");
+        QcowBackend::create(&real, &CreateOptions::fresh(1 << 20), &OpenOptions::new())
+            .await
+            .unwrap()
+            .close()
+            .await
+            .unwrap();
+        let link = dir.path().join("link.qcow2");
+        std::os::unix::fs::symlink(&real, &link).unwrap();
+        // The open itself (not only the policy check) refuses the link.
+        for writable in [false, true] {
+            let e = open_file(&link, writable, true).err().unwrap();
+            assert_eq!(e.kind(), crate::ImageErrorKind::BadImage, "{e}");
+            assert!(open_file(&link, writable, false).is_ok());
+        }
+        let strict = OpenOptions::new()
+            .read_only(true)
+            .policy(BackingPolicy::strict_within([dir
+                .path()
+                .canonicalize()
+                .unwrap()]));
+        assert!(QcowBackend::open(&link, &strict).await.is_err());
+        // Creating over a (dangling) symlink never writes through it.
+        let target = dir.path().join("elsewhere.qcow2");
+        let dangling = dir.path().join("new.qcow2");
+        std::os::unix::fs::symlink(&target, &dangling).unwrap();
+        let e = QcowBackend::create(&dangling, &CreateOptions::fresh(1 << 20), &strict)
+            .await
+            .err()
+            .unwrap();
+        assert_eq!(e.kind(), crate::ImageErrorKind::Exists, "{e}");
+        assert!(!target.exists());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -118,8 +118,25 @@ pub async fn request(
 
 /// Send a request with an optional JSON body.
 pub async fn call(addr: SocketAddr, method: &str, path: &str, body: Option<&Value>) -> Response {
+    call_as(addr, None, method, path, body).await
+}
+
+/// Send a request with an optional JSON body and, if given, an
+/// `Authorization: Bearer TOKEN` header.
+pub async fn call_as(
+    addr: SocketAddr,
+    token: Option<&str>,
+    method: &str,
+    path: &str,
+    body: Option<&Value>,
+) -> Response {
     let bytes = body
         .map(|b| serde_json::to_vec(b).unwrap())
         .unwrap_or_default();
-    raw(addr, method, path, &bytes).await
+    let auth = token.map(|t| format!("Bearer {t}"));
+    let mut headers = vec![("Content-Type", "application/json")];
+    if let Some(a) = &auth {
+        headers.push(("Authorization", a.as_str()));
+    }
+    request(addr, method, path, &headers, &bytes).await
 }

@@ -5,6 +5,8 @@
 //! | status | code | when |
 //! |---|---|---|
 //! | 400 | `bad_request` | malformed or invalid request: JSON, names, sizes, paths, query |
+//! | 401 | `unauthorized` | no, a malformed, unknown or revoked bearer token (with `WWW-Authenticate: Bearer`) |
+//! | 403 | `forbidden` | the token's role may not do this |
 //! | 404 | `not_found` | unknown VM, repository, backup or route |
 //! | 405 | `method_not_allowed` | known route, other method |
 //! | 409 | `conflict` | state forbids it (backup running, already finished, dependents) |
@@ -50,6 +52,17 @@ pub enum ApiError {
     /// The route exists, the method does not.
     #[error("method {0} is not allowed on this route")]
     MethodNotAllowed(String),
+    /// No valid bearer token (missing, malformed, unknown or revoked).
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// The token's role may not do this.
+    #[error("a {have} token may not do this; it needs {need}")]
+    Forbidden {
+        /// The token's role.
+        have: crate::catalog::Role,
+        /// The role the route needs.
+        need: crate::catalog::Role,
+    },
     /// A body was sent with a Content-Type that is not JSON.
     #[error("Content-Type {0:?} is not supported; send application/json")]
     UnsupportedMediaType(String),
@@ -92,6 +105,8 @@ impl ApiError {
                 (StatusCode::PAYLOAD_TOO_LARGE, "payload_too_large")
             }
             ApiError::UriTooLong { .. } => (StatusCode::URI_TOO_LONG, "uri_too_long"),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            ApiError::Forbidden { .. } => (StatusCode::FORBIDDEN, "forbidden"),
             ApiError::MethodNotAllowed(_) => (StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed"),
             ApiError::UnsupportedMediaType(_) => {
                 (StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type")
@@ -116,6 +131,13 @@ impl IntoResponse for ApiError {
             self.to_string()
         };
         let body = json!({"error": {"status": status.as_u16(), "code": code, "message": message}});
-        (status, Json(body)).into_response()
+        let mut resp = (status, Json(body)).into_response();
+        if status == StatusCode::UNAUTHORIZED {
+            resp.headers_mut().insert(
+                axum::http::header::WWW_AUTHENTICATE,
+                axum::http::HeaderValue::from_static("Bearer"),
+            );
+        }
+        resp
     }
 }

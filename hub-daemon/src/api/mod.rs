@@ -1,6 +1,7 @@
 //! The HTTP API: thin axum handlers that validate, call the backup service
 //! or the catalog, and map results. Every route is wired here.
 
+pub mod auth;
 mod backups;
 mod error;
 mod json;
@@ -24,20 +25,30 @@ use crate::catalog::Catalog;
 
 /// Shared state of every handler.
 #[derive(Debug, Clone)]
-pub struct AppState(Arc<Backups>);
+pub struct AppState {
+    backups: Arc<Backups>,
+    auth: Arc<auth::Auth>,
+}
 
 impl AppState {
     /// State over the backup service.
     pub fn new(backups: Arc<Backups>) -> Self {
-        AppState(backups)
+        AppState {
+            backups,
+            auth: Arc::default(),
+        }
     }
 
     fn backups(&self) -> &Arc<Backups> {
-        &self.0
+        &self.backups
+    }
+
+    fn auth(&self) -> &auth::Auth {
+        &self.auth
     }
 
     fn catalog(&self) -> &Catalog {
-        self.0.catalog()
+        self.backups.catalog()
     }
 }
 
@@ -108,6 +119,9 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
+        // Authentication before anything reads the body (layers added
+        // later run first: URI limit, then authentication).
+        .layer(middleware::from_fn_with_state(state.clone(), auth::layer))
         .layer(middleware::from_fn(limit_uri))
         .with_state(state)
 }

@@ -16,15 +16,17 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Repository>>, A
     Ok(Json(st.catalog().repositories().await?))
 }
 
-/// `POST /api/v1/repositories`: register a directory (created if missing;
-/// see [`names::repository_dir`] for what is refused).
+/// `POST /api/v1/repositories`: register a directory under a configured
+/// repository root (created if missing; see [`names::repository_dir`] for
+/// what is refused).
 pub async fn create(
     State(st): State<AppState>,
     AppJson(repo): AppJson<Repository>,
 ) -> Result<(StatusCode, Json<Repository>), ApiError> {
     names::validate("id", &repo.id).map_err(ApiError::bad_request)?;
     let path = repo.path.clone();
-    let canonical = tokio::task::spawn_blocking(move || names::repository_dir(&path))
+    let roots = st.backups().config().repository_roots();
+    let canonical = tokio::task::spawn_blocking(move || names::repository_dir(&path, &roots))
         .await
         .map_err(|e| DaemonError::Internal(format!("repository task failed: {e}")))??;
     let repo = Repository {

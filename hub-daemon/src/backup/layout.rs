@@ -1,8 +1,14 @@
 //! Where images live in a repository: `<repo>/<vm>/disk<id>/<backup_id>.qcow2`,
 //! written as `<backup_id>.qcow2.partial` until committed. An overlay names
 //! its parent by bare file name (same directory), so a repository can move.
+//!
+//! Every file operation inside a repository goes through [`crate::confined`]:
+//! no symlink below the root is ever followed.
 
+use std::io;
 use std::path::{Path, PathBuf};
+
+use crate::confined;
 
 /// Paths inside one repository.
 #[derive(Debug, Clone)]
@@ -30,6 +36,39 @@ impl Layout {
     /// Absolute path of a relative image path.
     pub fn path_of(&self, relative: &str) -> PathBuf {
         self.root.join(relative)
+    }
+
+    /// `abs` relative to the root; an error if it lies elsewhere.
+    fn rel<'a>(&self, abs: &'a Path) -> io::Result<&'a Path> {
+        abs.strip_prefix(&self.root).map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{} is outside the repository", abs.display()),
+            )
+        })
+    }
+
+    /// Create the directory of image `abs` (and its parents) inside the
+    /// repository, following no symlink.
+    pub fn create_parent(&self, abs: &Path) -> io::Result<()> {
+        let rel = self.rel(abs)?;
+        confined::open_dir(&self.root, rel.parent().unwrap_or(Path::new("")), true).map(drop)
+    }
+
+    /// Remove file `abs` (the entry only, never a symlink's target),
+    /// reached without following symlinks.
+    pub fn remove(&self, abs: &Path) -> io::Result<()> {
+        confined::remove_file(&self.root, self.rel(abs)?)
+    }
+
+    /// Rename `from` to `to` (same directory) and sync the directory.
+    pub fn rename(&self, from: &Path, to: &Path) -> io::Result<()> {
+        confined::rename(&self.root, self.rel(from)?, self.rel(to)?)
+    }
+
+    /// Check that `abs` is a plain file reached through plain directories.
+    pub fn check_plain_file(&self, abs: &Path) -> io::Result<()> {
+        confined::check_plain_file(&self.root, self.rel(abs)?)
     }
 
     /// The digest sidecar of an image (`<image>.digest`).

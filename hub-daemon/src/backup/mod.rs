@@ -44,6 +44,8 @@ pub use restore::Restore;
 #[derive(Debug)]
 struct DiskJob {
     disk_id: u32,
+    /// The repository the files live in.
+    layout: Layout,
     partial: PathBuf,
     final_path: PathBuf,
     /// The image behind the export, hashing what arrives.
@@ -100,6 +102,11 @@ impl Backups {
     /// The catalog.
     pub fn catalog(&self) -> &Catalog {
         &self.catalog
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.config
     }
 
     /// The NBD hub.
@@ -179,10 +186,14 @@ impl Backups {
                 tracing::debug!(disk_id = d.disk_id, error = %e, "closing a failed image");
             }
             let sidecar = Layout::sidecar(&d.final_path);
-            paths.extend([d.sidecar_partial(), sidecar, d.partial, d.final_path]);
+            let layout = d.layout.clone();
+            paths.extend(
+                [d.sidecar_partial(), sidecar, d.partial, d.final_path]
+                    .map(|p| (layout.clone(), p)),
+            );
         }
-        for p in &paths {
-            match std::fs::remove_file(p) {
+        for (layout, p) in &paths {
+            match layout.remove(p) {
                 Ok(()) => tracing::debug!(path = %p.display(), "removed"),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
                 Err(e) => tracing::error!(path = %p.display(), error = %e, "cannot remove image"),
@@ -305,14 +316,11 @@ impl Backups {
     /// Rename every `.partial` image and sidecar to its final name and make
     /// the renames durable.
     fn commit_files(job: &Job) -> std::io::Result<()> {
+        // Each rename syncs its directory (reached without symlinks).
         for d in &job.disks {
-            std::fs::rename(&d.partial, &d.final_path)?;
-            std::fs::rename(d.sidecar_partial(), Layout::sidecar(&d.final_path))?;
-        }
-        for d in &job.disks {
-            if let Some(dir) = d.final_path.parent() {
-                std::fs::File::open(dir)?.sync_all()?;
-            }
+            d.layout.rename(&d.partial, &d.final_path)?;
+            d.layout
+                .rename(&d.sidecar_partial(), &Layout::sidecar(&d.final_path))?;
         }
         Ok(())
     }
@@ -423,9 +431,15 @@ impl Backups {
                     sidecar,
                     path,
                 ] {
-                    match std::fs::remove_file(&p) {
+                    match layout.remove(&p) {
                         Ok(()) => {}
                         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) if crate::confined::is_link_refusal(&e) => {
+                            return Err(DaemonError::BadImage(format!(
+                                "refusing to remove {}: a symlink is in the way",
+                                p.display()
+                            )))
+                        }
                         Err(e) => {
                             return Err(DaemonError::io(format!("removing {}", p.display()), e))
                         }

@@ -20,29 +20,87 @@ pub struct ReconcileReport {
     pub removed_partials: usize,
 }
 
-fn remove_if_exists(p: &Path) {
-    match std::fs::remove_file(p) {
+fn remove_if_exists(layout: &Layout, p: &Path) {
+    match layout.remove(p) {
         Ok(()) => tracing::info!(path = %p.display(), "removed image of an unfinished backup"),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => tracing::error!(path = %p.display(), error = %e, "cannot remove image"),
     }
 }
 
-/// Remove every `*.partial` under `dir` (the repository tree is shallow:
-/// `<vm>/disk<id>/`).
-fn sweep_partials(dir: &Path, depth: usize, removed: &mut usize) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
+/// Whether `name` is one of the hub's own in-progress files for VM `vm`:
+/// `backup-<vm>-<digits>-<digits>.qcow2.partial` or
+/// `...qcow2.digest.partial`.
+fn is_own_partial(vm: &str, name: &str) -> bool {
+    let Some(rest) = name
+        .strip_prefix("backup-")
+        .and_then(|r| r.strip_prefix(vm))
+        .and_then(|r| r.strip_prefix('-'))
+    else {
+        return false;
     };
-    for e in entries.flatten() {
-        let p = e.path();
-        match e.file_type() {
-            Ok(t) if t.is_dir() && depth < 3 => sweep_partials(&p, depth + 1, removed),
-            Ok(t) if t.is_file() && p.extension().is_some_and(|x| x == "partial") => {
-                remove_if_exists(&p);
-                *removed += 1;
+    let Some(stamp) = rest
+        .strip_suffix(".qcow2.partial")
+        .or_else(|| rest.strip_suffix(".qcow2.digest.partial"))
+    else {
+        return false;
+    };
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    matches!(stamp.split_once('-'), Some((a, b)) if digits(a) && digits(b))
+}
+
+/// Plain directories (never symlinks) in `dir`, by name.
+fn plain_dirs(dir: &Path) -> Vec<String> {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        // DirEntry::file_type does not follow symlinks.
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect()
+}
+
+/// Remove the hub's own stray partial files, and only those: names as
+/// [`is_own_partial`], in the hub's layout `<repo>/<vm>/disk<N>/`, plain
+/// files reached through plain directories. Symlinks are never followed
+/// (and removal itself goes through [`Layout::remove`]).
+fn sweep_partials(layout: &Layout, removed: &mut usize) {
+    let root = layout.root();
+    for vm in plain_dirs(root) {
+        if crate::names::validate("vm_name", &vm).is_err() {
+            continue;
+        }
+        let vm_dir = root.join(&vm);
+        for disk in plain_dirs(&vm_dir) {
+            let Some(n) = disk.strip_prefix("disk") else {
+                continue;
+            };
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                continue;
             }
-            _ => {}
+            let disk_dir = vm_dir.join(&disk);
+            let Ok(entries) = std::fs::read_dir(&disk_dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let name = e.file_name();
+                let Some(name) = name.to_str() else { continue };
+                if !is_own_partial(&vm, name) || !e.file_type().is_ok_and(|t| t.is_file()) {
+                    continue;
+                }
+                let p = disk_dir.join(name);
+                match layout.remove(&p) {
+                    Ok(()) => {
+                        tracing::info!(path = %p.display(), "removed a stray partial file");
+                        *removed += 1;
+                    }
+                    Err(e) => {
+                        tracing::error!(path = %p.display(), error = %e, "cannot remove a stray partial file")
+                    }
+                }
+            }
         }
     }
 }
@@ -63,10 +121,10 @@ impl Backups {
                 for d in &b.disks {
                     let path = layout.path_of(&d.file);
                     let sidecar = Layout::sidecar(&path);
-                    remove_if_exists(&Layout::partial(&path));
-                    remove_if_exists(&Layout::partial(&sidecar));
-                    remove_if_exists(&sidecar);
-                    remove_if_exists(&path);
+                    remove_if_exists(&layout, &Layout::partial(&path));
+                    remove_if_exists(&layout, &Layout::partial(&sidecar));
+                    remove_if_exists(&layout, &sidecar);
+                    remove_if_exists(&layout, &path);
                 }
             }
             self.catalog
@@ -103,8 +161,35 @@ impl Backups {
             }
         }
         for r in &repos {
-            sweep_partials(Path::new(&r.path), 0, &mut report.removed_partials);
+            sweep_partials(&Layout::new(&r.path), &mut report.removed_partials);
         }
         Ok(report)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_hubs_own_partials_match() {
+        for ok in [
+            "backup-vm1-1700000000000-0001.qcow2.partial",
+            "backup-vm1-1-2.qcow2.digest.partial",
+        ] {
+            assert!(is_own_partial("vm1", ok), "{ok}");
+        }
+        for bad in [
+            "notes.partial",
+            "x.partial",
+            "backup-vm2-1-2.qcow2.partial",
+            "backup-vm1-1-2.qcow2",
+            "backup-vm1-1.qcow2.partial",
+            "backup-vm1-a-2.qcow2.partial",
+            "backup-vm1--2.qcow2.partial",
+            "backup-vm1-1-2.raw.partial",
+        ] {
+            assert!(!is_own_partial("vm1", bad), "{bad}");
+        }
     }
 }

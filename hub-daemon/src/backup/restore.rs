@@ -60,6 +60,14 @@ impl Backups {
         let opened: Result<()> = async {
             for (d, (lease, listener)) in b.disks.iter().zip(leases) {
                 let path = layout.path_of(&d.file);
+                // Reached through plain directories, itself a plain file:
+                // a planted symlink is refused (422), never followed.
+                layout.check_plain_file(&path).map_err(|e| {
+                    DaemonError::BadImage(format!(
+                        "disk {}: {} is a symlink or not a plain file inside the repository: {e}",
+                        d.disk_id, d.file
+                    ))
+                })?;
                 // Anything wrong with the image is the image's fault: 422
                 // with the reason (a lock held by a writer stays a 409).
                 let backend =
@@ -69,10 +77,16 @@ impl Backups {
                             qcow_backend::ImageErrorKind::Locked => DaemonError::from(e),
                             _ => DaemonError::BadImage(format!("disk {}: {e}", d.disk_id)),
                         })?;
-                let name = format!("restore-{id}-disk{}", d.disk_id);
+                // Unguessable, as backup export names are.
+                let name = format!(
+                    "restore-{id}-disk{}-{}",
+                    d.disk_id,
+                    crate::secret::capability()
+                        .map_err(|e| DaemonError::io("reading random bytes", e))?
+                );
                 let export = Export::new(name.clone(), Arc::new(backend))
                     .read_only(true)
-                    .with_description(format!("restore of {id} disk {}", d.disk_id));
+                    .with_description(format!("restore disk {}", d.disk_id));
                 let p = self.nbd.publish(export, lease, listener)?;
                 results.push(DiskResult {
                     disk_id: d.disk_id,

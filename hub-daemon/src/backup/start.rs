@@ -1,7 +1,7 @@
 //! Starting a VM backup: plan every disk, record the backup, then bring up
 //! one image and one export per disk — all of it, or none of it.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
@@ -27,7 +27,6 @@ struct Planned {
     disk_id: u32,
     disk_key: u32,
     size: u64,
-    label: String,
     /// The validated parent, for an incremental.
     parent: Option<ParentPlan>,
     /// Why an incremental request backs this disk up in full.
@@ -66,26 +65,6 @@ fn validate(req: &BackupRequest) -> Result<()> {
         return Err(DaemonError::BadRequest(format!(
             "tag keys must be 1..={MAX_TAG_LEN} bytes, values ≤ {MAX_TAG_LEN}"
         )));
-    }
-    Ok(())
-}
-
-/// Create `dir` and its parents, syncing each new directory's parent so the
-/// entries survive a crash.
-fn ensure_dir(dir: &Path) -> std::io::Result<()> {
-    if dir.is_dir() {
-        return Ok(());
-    }
-    if let Some(parent) = dir.parent() {
-        ensure_dir(parent)?;
-    }
-    match std::fs::create_dir(dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(()),
-        Err(e) => return Err(e),
-    }
-    if let Some(parent) = dir.parent() {
-        std::fs::File::open(parent)?.sync_all()?;
     }
     Ok(())
 }
@@ -153,11 +132,17 @@ impl Backups {
                 disk_id: d.disk_id,
                 disk_key,
                 size: d.size_bytes,
-                label: d.label.clone(),
                 parent,
                 mode_reason,
                 relative: Layout::relative(&vm.vm_name, d.disk_id, &id),
-                export_name: format!("{id}-disk{}", d.disk_id),
+                // The export name is the capability to reach the disk:
+                // 128 random bits after the readable part.
+                export_name: format!(
+                    "{id}-disk{}-{}",
+                    d.disk_id,
+                    crate::secret::capability()
+                        .map_err(|e| DaemonError::io("reading random bytes", e))?
+                ),
             });
         }
 
@@ -194,7 +179,7 @@ impl Backups {
             })
             .await?;
 
-        let disks = match self.bring_up(&vm.vm_name, &layout, &plan).await {
+        let disks = match self.bring_up(&layout, &plan).await {
             Ok(d) => d,
             Err(e) => {
                 if let Err(ce) = self.catalog.delete_backup(&id).await {
@@ -328,6 +313,9 @@ impl Backups {
             .read_only(true)
             .policy(BackingPolicy::strict_within([root_dir]));
         let check = async {
+            layout.check_plain_file(&path).map_err(|e| {
+                format!("is a symlink or not a plain file inside the repository: {e}")
+            })?;
             if !qcow_backend::chain::is_qcow2(&path).map_err(|e| e.to_string())? {
                 return Err("has no qcow2 header; never used as raw".to_owned());
             }
@@ -359,7 +347,7 @@ impl Backups {
     }
 
     /// Ports, images and exports for every disk; on any failure, undo all.
-    async fn bring_up(&self, vm: &str, layout: &Layout, plan: &[Planned]) -> Result<Vec<DiskJob>> {
+    async fn bring_up(&self, layout: &Layout, plan: &[Planned]) -> Result<Vec<DiskJob>> {
         let leases = self.nbd.pool().allocate(plan.len())?;
         let root = layout
             .root()
@@ -372,10 +360,18 @@ impl Backups {
             for (p, (lease, listener)) in plan.iter().zip(leases) {
                 let final_path = layout.path_of(&p.relative);
                 let partial = Layout::partial(&final_path);
-                if let Some(dir) = final_path.parent() {
-                    ensure_dir(dir)
-                        .map_err(|e| DaemonError::io(format!("creating {}", dir.display()), e))?;
-                }
+                // Made inside the repository, following no symlink: a
+                // planted <vm> or disk<N> link refuses the backup.
+                layout.create_parent(&final_path).map_err(|e| {
+                    if crate::confined::is_link_refusal(&e) {
+                        DaemonError::BadImage(format!(
+                            "disk {}: a symlink or non-directory is in the way of {} in the repository",
+                            p.disk_id, p.relative
+                        ))
+                    } else {
+                        DaemonError::io(format!("creating the directory of {}", p.relative), e)
+                    }
+                })?;
                 let create = CreateOptions {
                     size: Some(p.size),
                     cluster_size: qcow_backend::DEFAULT_CLUSTER_SIZE,
@@ -392,14 +388,12 @@ impl Backups {
                     p.export_name.clone(),
                     Arc::clone(&digest) as Arc<dyn BlockBackend>,
                 )
-                .with_description(
-                    format!("{vm} disk {} {}", p.disk_id, p.label)
-                        .trim_end()
-                        .to_owned(),
-                );
+                // Nothing about the VM's insides: the owner knows the rest.
+                .with_description(format!("backup disk {}", p.disk_id));
                 let published = self.nbd.publish(export, lease, listener)?;
                 disks.push(DiskJob {
                     disk_id: p.disk_id,
+                    layout: layout.clone(),
                     partial,
                     final_path,
                     digest,
@@ -421,7 +415,7 @@ impl Backups {
                 }
             }
             for f in made {
-                let _ = std::fs::remove_file(&f);
+                let _ = layout.remove(&f);
             }
             return Err(e);
         }

@@ -129,6 +129,11 @@ impl Backups {
         for l in chain {
             let path = layout.path_of(&l.file);
             let opened = async {
+                for p in [path.clone(), Layout::sidecar(&path)] {
+                    layout.check_plain_file(&p).map_err(|e| {
+                        format!("{}: a symlink or not a plain file: {e}", p.display())
+                    })?;
+                }
                 let backend: Arc<dyn BlockBackend> = Arc::new(
                     QcowBackend::open(&path, opts)
                         .await

@@ -4,6 +4,8 @@
 //! * `repositories(id, path)`.
 //! * `vms(name, vm_context_id)` and `vm_disks(vm_name, disk_id, size_bytes,
 //!   unit_number, disk_key, label)`: what a backup of the VM covers.
+//! * `api_tokens(name, role, salt, token_hash, created_ms, last_used_ms)`:
+//!   API bearer tokens, stored only as salted hashes (`tokens`).
 //! * `backups(id, vm_name, repository_id, backup_type, status, ...)` with
 //!   `backup_disks(backup_id, disk_id, backup_mode, parent_backup_id, file,
 //!   ...)`. A backup is `running`, `completed` or `failed`; a partial
@@ -21,6 +23,9 @@
 //! `synchronous=FULL` so a committed backup survives power loss.
 
 mod schema;
+mod tokens;
+
+pub use tokens::{Role, TokenInfo};
 
 use std::collections::BTreeMap;
 use std::path::Path;

@@ -17,6 +17,15 @@ const MIGRATIONS: &[&str] = &[
      ALTER TABLE backup_disks ADD COLUMN verify_detail TEXT;
      ALTER TABLE backups ADD COLUMN verify_status TEXT;
      ALTER TABLE backups ADD COLUMN verified_ms INTEGER;",
+    // 2: API bearer tokens. Only a salted hash of each token is kept.
+    "CREATE TABLE api_tokens (
+         name          TEXT PRIMARY KEY,
+         role          TEXT NOT NULL,
+         salt          TEXT NOT NULL,
+         token_hash    TEXT NOT NULL,
+         created_ms    BIGINT NOT NULL,
+         last_used_ms  BIGINT
+     );",
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -75,6 +75,14 @@ pub struct ExportArgs {
     /// NBD memory and connection limits.
     #[command(flatten)]
     limits: LimitArgs,
+    /// Answer NBD_OPT_LIST with an empty list (listing is on by default,
+    /// as with qemu-nbd).
+    #[arg(long)]
+    no_list: bool,
+    /// Description sent to clients for every export (default: the export
+    /// name; image paths are never sent).
+    #[arg(long, value_name = "TEXT")]
+    description: Option<String>,
     /// NAME=PATH pairs, or one bare PATH (named by -x, else its file name).
     /// PATH may also be `null:SIZE` (discards writes, reads zeroes) or
     /// `memory:SIZE` (sparse RAM disk).
@@ -223,7 +231,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let specs = parse_specs(&args.images, args.export_name.as_deref())?;
     let mut limits = NbdLimits::default();
     args.limits.apply(&mut limits);
-    let server = Server::new(limits.server_config());
+    let mut server_config = limits.server_config();
+    server_config.list_exports = !args.no_list;
+    let server = Server::new(server_config);
     let mut exports = Vec::new();
     let mut digests = Vec::new();
     for spec in &specs {
@@ -237,7 +247,11 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         };
         let export = Export::new(spec.name.clone(), backend)
             .read_only(args.readonly)
-            .with_description(spec.path.display().to_string());
+            .with_description(
+                args.description
+                    .clone()
+                    .unwrap_or_else(|| spec.name.clone()),
+            );
         let export = server.add_export(export)?;
         tracing::info!(export = %spec.name, path = %spec.path.display(), ?format, "serving");
         exports.push(export);
@@ -281,8 +295,9 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     for l in lines {
         println!("{l}");
     }
+    let signals = super::Signals::listen()?;
     println!("ready");
-    super::wait_for_signal().await?;
+    signals.wait().await?;
     tracing::info!("signal received; draining and flushing");
     server
         .shutdown()

@@ -6,6 +6,7 @@ pub mod export;
 pub mod limits;
 pub mod serve;
 pub mod size;
+pub mod token;
 
 use clap::{Parser, Subcommand};
 
@@ -27,6 +28,8 @@ pub enum Command {
     Export(export::ExportArgs),
     /// Print the blake3-tree-v1 digest of image files or nbd:// exports.
     Digest(digest::DigestArgs),
+    /// Create, list and revoke API bearer tokens.
+    Token(token::TokenArgs),
 }
 
 /// Raise the soft open-files limit to the hard limit: every export holds a
@@ -60,9 +63,33 @@ pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
 
 /// Resolve on SIGINT or SIGTERM.
 pub async fn wait_for_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        r = tokio::signal::ctrl_c() => r,
-        _ = term.recv() => Ok(()),
+    Signals::listen()?.wait().await
+}
+
+/// SIGINT and SIGTERM handlers, installed when this is made: make it
+/// before announcing "ready", so a signal sent right after the
+/// announcement is caught rather than killing the process.
+#[derive(Debug)]
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    /// Install the handlers.
+    pub fn listen() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+        })
+    }
+
+    /// Resolve on the first SIGINT or SIGTERM.
+    pub async fn wait(mut self) -> std::io::Result<()> {
+        tokio::select! {
+            _ = self.int.recv() => Ok(()),
+            _ = self.term.recv() => Ok(()),
+        }
     }
 }

@@ -44,6 +44,24 @@ pub struct ServeArgs {
     /// NBD memory and connection limits.
     #[command(flatten)]
     limits: LimitArgs,
+    /// Let NBD clients list the exports (NBD_OPT_LIST); off by default,
+    /// since export names are the capability to reach a disk.
+    #[arg(long, env = "HUB_NBD_LIST_EXPORTS")]
+    nbd_list_exports: bool,
+    /// Serve the API on a non-loopback address even though no API token
+    /// exists (anyone who reaches the address can do anything).
+    #[arg(long, env = "HUB_INSECURE_NO_AUTH")]
+    insecure_no_auth: bool,
+    /// Directory under which repositories may be created (repeatable; the
+    /// environment variable takes a colon-separated list) [default: the
+    /// data directory].
+    #[arg(
+        long = "repository-root",
+        env = "HUB_REPOSITORY_ROOTS",
+        value_name = "DIR",
+        value_delimiter = ':'
+    )]
+    repository_roots: Vec<PathBuf>,
 }
 
 impl ServeArgs {
@@ -77,6 +95,15 @@ impl ServeArgs {
             c.idle_timeout = Duration::from_secs(v);
         }
         self.limits.apply(&mut c.nbd_limits);
+        if self.nbd_list_exports {
+            c.nbd_list_exports = true;
+        }
+        if self.insecure_no_auth {
+            c.insecure_no_auth = true;
+        }
+        if !self.repository_roots.is_empty() {
+            c.repository_roots = self.repository_roots.clone();
+        }
         Ok(c)
     }
 }
@@ -84,13 +111,14 @@ impl ServeArgs {
 /// Run until SIGINT/SIGTERM, then drain.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    let signals = super::Signals::listen()?;
     let daemon = Daemon::start(config).await.context("starting the hub")?;
     println!("api http://{}", daemon.api_addr);
     if let Some(a) = daemon.nbd_shared_addr {
         println!("nbd-shared {a}");
     }
     println!("ready");
-    super::wait_for_signal().await?;
+    signals.wait().await?;
     tracing::info!("signal received; draining");
     daemon.shutdown().await
 }

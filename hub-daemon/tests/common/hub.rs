@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use hub_daemon::app::Daemon;
 use hub_daemon::config::{Config, PortRange};
-use integration_tests::http::{call, Response};
+use integration_tests::http::{call_as, Response};
 use serde_json::{json, Value};
 
 /// A daemon on port 0 with its own data directory.
@@ -15,6 +15,8 @@ pub struct Hub {
     pub daemon: Option<Daemon>,
     pub addr: SocketAddr,
     pub dir: tempfile::TempDir,
+    /// Bearer token sent with every request (once tokens exist).
+    pub token: Option<String>,
 }
 
 /// A free TCP port (the OS picks it; used for the shared NBD port, which
@@ -36,6 +38,12 @@ pub fn config(data_dir: &Path, capacity: usize, shared_port: u16, idle: Duration
         nbd_bind: "127.0.0.1".parse().unwrap(),
         advertise_host: "127.0.0.1".into(),
         idle_timeout: idle,
+        // Tests put extra repositories beside the data directory.
+        repository_roots: data_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .into_iter()
+            .collect(),
         ..Config::default()
     }
 }
@@ -70,6 +78,7 @@ impl Hub {
             daemon: Some(daemon),
             addr,
             dir,
+            token: None,
         }
     }
 
@@ -82,19 +91,19 @@ impl Hub {
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        call(self.addr, "GET", path, None).await
+        call_as(self.addr, self.token.as_deref(), "GET", path, None).await
     }
 
     pub async fn post(&self, path: &str, body: Value) -> Response {
-        call(self.addr, "POST", path, Some(&body)).await
+        call_as(self.addr, self.token.as_deref(), "POST", path, Some(&body)).await
     }
 
     pub async fn put(&self, path: &str, body: Value) -> Response {
-        call(self.addr, "PUT", path, Some(&body)).await
+        call_as(self.addr, self.token.as_deref(), "PUT", path, Some(&body)).await
     }
 
     pub async fn delete(&self, path: &str) -> Response {
-        call(self.addr, "DELETE", path, None).await
+        call_as(self.addr, self.token.as_deref(), "DELETE", path, None).await
     }
 
     /// Register `vm` with disks of the given sizes (disk_id = unit = index).

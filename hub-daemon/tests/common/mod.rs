@@ -15,11 +15,19 @@ pub struct Proc {
 impl Proc {
     /// Spawn `hub-daemon ARGS` and feed each stdout line to `on_line` until
     /// it returns true ("ready"); panics if the process exits first.
-    fn start(args: &[&str], env: &[(&str, &str)], mut on_line: impl FnMut(&str) -> bool) -> Proc {
+    fn start(args: &[&str], env: &[(&str, &str)], on_line: impl FnMut(&str) -> bool) -> Proc {
+        Self::start_logged(args, env, Stdio::inherit(), on_line)
+    }
+
+    /// Like `start`, with the child's stderr sent to `stderr`.
+    fn start_logged(
+        args: &[&str],
+        env: &[(&str, &str)],
+        stderr: Stdio,
+        mut on_line: impl FnMut(&str) -> bool,
+    ) -> Proc {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hub-daemon"));
-        cmd.args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(args).stdout(Stdio::piped()).stderr(stderr);
         for (k, v) in env {
             cmd.env(k, v);
         }
@@ -109,10 +117,15 @@ pub struct DaemonProcess {
 impl DaemonProcess {
     /// Start `hub-daemon serve ARGS` with extra environment, wait for "ready".
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> DaemonProcess {
+        Self::start_logged(args, env, Stdio::inherit())
+    }
+
+    /// Like `start`, with the daemon's log (stderr) sent to `stderr`.
+    pub fn start_logged(args: &[&str], env: &[(&str, &str)], stderr: Stdio) -> DaemonProcess {
         let mut api = None;
         let mut all = vec!["serve"];
         all.extend_from_slice(args);
-        let proc = Proc::start(&all, env, |line| {
+        let proc = Proc::start_logged(&all, env, stderr, |line| {
             if let Some(a) = line.strip_prefix("api http://") {
                 api = Some(a.parse().unwrap());
             }
