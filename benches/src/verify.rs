@@ -54,6 +54,13 @@ pub fn verify_secs(image: &Path) -> anyhow::Result<f64> {
     })
 }
 
+/// Read a file once (into the page cache).
+pub fn read_through(file: &Path) -> anyhow::Result<()> {
+    let mut f = std::fs::File::open(file)?;
+    std::io::copy(&mut f, &mut std::io::sink())?;
+    Ok(())
+}
+
 /// Seconds for `sha256sum FILE`.
 pub fn sha256sum_secs(file: &Path) -> anyhow::Result<f64> {
     let t = Instant::now();

@@ -20,9 +20,14 @@ use crate::tracker::{Ended, Tracker};
 
 /// Leaves buffered in memory before they are written to the sidecar.
 const SPILL_AT: usize = 16 * 1024;
-/// Payloads larger than this are hashed on the blocking pool instead of
-/// the connection's task (64 KiB hashes in ~15 µs; 32 MiB would stall it).
-const INLINE_HASH_MAX: usize = 512 * 1024;
+/// Payloads up to this size are hashed on the connection's own task while
+/// the image write runs on its I/O thread; larger ones on the blocking
+/// pool, so one 32 MiB request cannot stall other connections for ms.
+/// Measured (4 GiB nbdcopy into qcow2, 2 vCPUs): hashing 256 KiB payloads
+/// on the blocking pool instead cost 7 % more throughput than inline, and
+/// a second network worker thread cost more than it gained. 2 MiB covers
+/// qemu-img's requests (~0.3 ms of hashing).
+const INLINE_HASH_MAX: usize = 2 << 20;
 
 /// Why finishing a digest failed.
 #[derive(Debug, thiserror::Error)]

@@ -463,3 +463,65 @@ async fn a_damaged_or_replaced_parent_is_never_a_base() {
     assert_eq!(r.json()["error"]["code"], "bad_image");
     hub.stop().await;
 }
+
+/// Flip one byte of `img` at virtual `offset`, which `img` itself holds
+/// (qemu-img map: depth 0, data); returns false if it holds none there.
+async fn flip_own_byte(img: &Path, offset: u64) -> bool {
+    let map = run_ok(
+        "qemu-img",
+        &["map", "--output=json", "-f", "qcow2", img.to_str().unwrap()],
+    )
+    .await;
+    let map: Value = serde_json::from_str(&map).unwrap();
+    let Some(e) = map.as_array().unwrap().iter().find(|e| {
+        let (s, l) = (e["start"].as_u64().unwrap(), e["length"].as_u64().unwrap());
+        e["data"] == true && e["depth"] == 0 && s <= offset && offset < s + l
+    }) else {
+        return false;
+    };
+    let host = e["offset"].as_u64().unwrap() + offset - e["start"].as_u64().unwrap();
+    use std::os::unix::fs::FileExt;
+    let fh = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(img)
+        .unwrap();
+    let mut b = [0u8; 1];
+    fh.read_exact_at(&mut b, host).unwrap();
+    fh.write_all_at(&[b[0] ^ 0x01], host).unwrap();
+    true
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_finds_a_flipped_byte_in_an_incremental_layer() {
+    if !require("nbdcopy") || !require("qemu-io") || !require("qemu-img") {
+        return;
+    }
+    let mut hub = Hub::start().await;
+    hub.register("vm", &[8 * MIB]).await;
+    let src = write_file(hub.dir.path(), "s.raw", &data(21, 8 * MIB as usize));
+    let b = hub.backup("vm", "full").await;
+    let full_id = b["backup_id"].as_str().unwrap().to_owned();
+    copy(&src, &uris(&b)[0]).await;
+    hub.complete(&full_id).await;
+    let b = hub.backup("vm", "incremental").await;
+    let inc_id = b["backup_id"].as_str().unwrap().to_owned();
+    run_ok(
+        "qemu-io",
+        &["-f", "raw", &uris(&b)[0], "-c", "write -P 0x3c 3M 128k"],
+    )
+    .await;
+    let inc = hub.complete(&inc_id).await;
+    assert!(flip_own_byte(&image(&hub, &inc, 0), 3 * MIB + 70_000).await);
+    hub.post(&format!("/api/v1/backups/{inc_id}/verify"), json!({}))
+        .await;
+    let v = wait_verified(&hub, &inc_id).await;
+    assert_eq!(v["verify_status"], "corrupt", "{v}");
+    let r = &v["disks"][0]["verify"]["bad_ranges"];
+    assert_eq!(r[0]["offset"], 3 * MIB + 65536, "{r}");
+    assert_eq!(r[0]["held_by"], inc_id.as_str());
+    // The full it builds on is intact.
+    let f = hub.get(&format!("/api/v1/backups/{full_id}")).await.json();
+    assert_eq!(f["verify_status"], "ok", "{f}");
+    hub.stop().await;
+}

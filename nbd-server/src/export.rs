@@ -181,6 +181,7 @@ pub struct ExportStats {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     last_activity_ms: AtomicU64,
+    last_request_ms: AtomicU64,
     write_errors: AtomicU64,
     last_write_error: Mutex<Option<String>>,
 }
@@ -202,6 +203,9 @@ pub struct ExportStatsSnapshot {
     pub bytes_written: u64,
     /// Unix time in milliseconds of the last request or connection, 0 if none.
     pub last_activity_ms: u64,
+    /// Unix time in milliseconds of the last request, 0 if none (what an
+    /// idle watchdog should look at: connecting is not progress).
+    pub last_request_ms: u64,
     /// WRITE, WRITE_ZEROES, TRIM and FLUSH requests answered with an error
     /// (refused or failed): the image may not hold what the client sent.
     pub write_errors: u64,
@@ -218,6 +222,7 @@ impl ExportStats {
             bytes_read: self.bytes_read.load(Ordering::Relaxed),
             bytes_written: self.bytes_written.load(Ordering::Relaxed),
             last_activity_ms: self.last_activity_ms.load(Ordering::Relaxed),
+            last_request_ms: self.last_request_ms.load(Ordering::Relaxed),
             write_errors: self.write_errors.load(Ordering::Relaxed),
         }
     }
@@ -262,15 +267,17 @@ impl ExportStats {
         if written > 0 {
             self.bytes_written.fetch_add(written, Ordering::Relaxed);
         }
-        self.touch();
+        let now = self.touch();
+        self.last_request_ms.store(now, Ordering::Relaxed);
     }
 
-    fn touch(&self) {
+    fn touch(&self) -> u64 {
         let now = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
         self.last_activity_ms.store(now, Ordering::Relaxed);
+        now
     }
 }
 

@@ -1,8 +1,8 @@
 //! Fails a backup whose exports see no request for the configured time (an
 //! SNA that crashed, hung or never came must not hold ports and images
-//! forever). Time counts from the last request (or connection opened or
-//! closed) on any of the backup's exports: an open connection that sends
-//! nothing does not keep the backup alive.
+//! forever). Time counts from the backup's start or the last request on
+//! any of its exports: neither an open connection that sends nothing nor
+//! one that keeps reconnecting keeps the backup alive.
 
 use std::sync::{Arc, Weak};
 use std::time::Duration;
@@ -52,7 +52,9 @@ fn is_idle(service: &Arc<Backups>, id: &str, created_ms: i64, timeout: Duration)
     for d in &job.disks {
         if let Some(p) = &d.published {
             let s = p.export.stats().snapshot();
-            last = last.max(s.last_activity_ms as i64);
+            // Requests only: a client that keeps reconnecting without
+            // sending anything is as idle as one that never came.
+            last = last.max(s.last_request_ms as i64);
         }
     }
     now_ms().saturating_sub(last) > timeout.as_millis() as i64
