@@ -12,18 +12,23 @@ use integration_tests::client::Client;
 
 const MIB: u64 = 1 << 20;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_silent_connection_does_not_keep_a_backup_alive() {
-    let idle = Duration::from_secs(2);
-    let mut hub = Hub::start_with(8, 0, idle).await;
+/// A hub with a one-disk backup running: (hub, backup id, NBD address,
+/// export name).
+async fn one_disk_backup(idle: Duration) -> (Hub, String, SocketAddr, String) {
+    let hub = Hub::start_with(8, 0, idle).await;
     hub.register("vm", &[MIB]).await;
     let b = hub.backup("vm", "full").await;
     let id = b["backup_id"].as_str().unwrap().to_owned();
     let targets = parse_targets(b["nbd_targets_string"].as_str().unwrap());
     let uri = targets[0].1.trim_start_matches("nbd://").to_owned();
     let (addr, name) = uri.split_once('/').unwrap();
-    let addr: SocketAddr = addr.parse().unwrap();
-    let name = name.to_owned();
+    (hub, id, addr.parse().unwrap(), name.to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_connection_does_not_keep_a_backup_alive() {
+    let idle = Duration::from_secs(2);
+    let (mut hub, id, addr, name) = one_disk_backup(idle).await;
 
     // The SNA finishes the handshake, does one request, then sends nothing.
     let mut client = tokio::task::spawn_blocking(move || {
@@ -70,15 +75,7 @@ async fn a_silent_connection_does_not_keep_a_backup_alive() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reconnecting_without_requests_does_not_keep_a_backup_alive() {
     let idle = Duration::from_secs(2);
-    let mut hub = Hub::start_with(8, 0, idle).await;
-    hub.register("vm", &[MIB]).await;
-    let b = hub.backup("vm", "full").await;
-    let id = b["backup_id"].as_str().unwrap().to_owned();
-    let targets = parse_targets(b["nbd_targets_string"].as_str().unwrap());
-    let uri = targets[0].1.trim_start_matches("nbd://").to_owned();
-    let (addr, name) = uri.split_once('/').unwrap();
-    let addr: SocketAddr = addr.parse().unwrap();
-    let name = name.to_owned();
+    let (mut hub, id, addr, name) = one_disk_backup(idle).await;
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let stop2 = std::sync::Arc::clone(&stop);
     let churn = tokio::task::spawn_blocking(move || {
