@@ -303,27 +303,12 @@ async fn incremental_chain_and_point_in_time_restore() {
         hub.get(&format!("/api/v1/backups/{full_id}")).await.status,
         404
     );
-    let leftover: Vec<_> = walk(&hub.repo());
+    let leftover: Vec<_> = common::files_under(&hub.repo());
     assert!(
         leftover.is_empty(),
         "files left after deleting every backup: {leftover:?}"
     );
     hub.stop().await;
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -368,24 +368,9 @@ async fn a_full_filesystem_never_completes() {
     assert_eq!(b["status"], "failed");
     assert!(b["error"].as_str().unwrap().contains("disk 0"));
     assert!(b["disks"][0]["write_errors"].as_u64().unwrap() > 0);
-    let files: Vec<_> = walk(&repo);
+    let files: Vec<_> = common::files_under(&repo);
     assert!(files.is_empty(), "files left: {files:?}");
     hub.stop().await;
-}
-
-fn walk(dir: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    if let Ok(rd) = std::fs::read_dir(dir) {
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                out.extend(walk(&p));
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
