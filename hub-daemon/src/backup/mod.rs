@@ -29,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use tokio_util::sync::CancellationToken;
 
 use disk_digest::{DigestBackend, DigestChain, Hash};
+use qcow_backend::{BackingPolicy, OpenOptions};
 
 use crate::catalog::{Catalog, DiskCompletion, DiskFailure};
 use crate::config::Config;
@@ -354,6 +355,29 @@ impl Backups {
             .fail_job(job, DaemonError::Incomplete(reason.to_owned()), seen)
             .await;
         self.record(id).await
+    }
+
+    /// A repository's layout and the options to open its restore points
+    /// the way every reader must: read-only, strict backing policy inside
+    /// the repository.
+    async fn reader_of(&self, repository_id: &str) -> Result<(Layout, OpenOptions)> {
+        let repo = self
+            .catalog
+            .repository(repository_id)
+            .await?
+            .ok_or_else(|| DaemonError::NotFound {
+                what: "repository",
+                id: repository_id.to_owned(),
+            })?;
+        let layout = Layout::new(&repo.path);
+        let root = layout
+            .root()
+            .canonicalize()
+            .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
+        let opts = OpenOptions::new()
+            .read_only(true)
+            .policy(BackingPolicy::strict_within([root]));
+        Ok((layout, opts))
     }
 
     /// A backup as recorded, with live figures while it runs.

@@ -4,9 +4,9 @@
 use std::sync::Arc;
 
 use nbd_server::Export;
-use qcow_backend::{BackingPolicy, OpenOptions, QcowBackend};
+use qcow_backend::QcowBackend;
 
-use super::{Backups, Layout};
+use super::Backups;
 use crate::error::{DaemonError, Result};
 use crate::model::{DiskResult, RestoreStarted};
 use crate::nbd::Published;
@@ -32,28 +32,13 @@ impl Backups {
                 "images of backup {id:?} are missing"
             )));
         }
-        let repo = self
-            .catalog
-            .repository(&b.repository_id)
-            .await?
-            .ok_or_else(|| DaemonError::NotFound {
-                what: "repository",
-                id: b.repository_id.clone(),
-            })?;
+        let (layout, opts) = self.reader_of(&b.repository_id).await?;
         let mut restores = self.restores.lock().await;
         if restores.contains_key(id) {
             return Err(DaemonError::Conflict(format!(
                 "backup {id:?} is already being restored"
             )));
         }
-        let layout = Layout::new(&repo.path);
-        let root = layout
-            .root()
-            .canonicalize()
-            .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
-        let opts = OpenOptions::new()
-            .read_only(true)
-            .policy(BackingPolicy::strict_within([root]));
         let leases = self.nbd.pool().allocate(b.disks.len())?;
         let mut published: Vec<Published> = Vec::with_capacity(b.disks.len());
         let mut results = Vec::with_capacity(b.disks.len());

@@ -12,7 +12,7 @@ use std::sync::Arc;
 use disk_digest::verify::{block_runs, verify_chain, LayerReport, VerifyLayer};
 use disk_digest::{Hash, Sidecar, BLOCK_SIZE};
 use nbd_server::BlockBackend;
-use qcow_backend::{BackingPolicy, OpenOptions, QcowBackend};
+use qcow_backend::{OpenOptions, QcowBackend};
 use serde_json::json;
 
 use super::{Backups, Layout};
@@ -78,22 +78,7 @@ impl Backups {
     }
 
     async fn run_verify(&self, b: &BackupRecord) -> Result<Vec<DiskVerified>> {
-        let repo = self
-            .catalog
-            .repository(&b.repository_id)
-            .await?
-            .ok_or_else(|| DaemonError::NotFound {
-                what: "repository",
-                id: b.repository_id.clone(),
-            })?;
-        let layout = Layout::new(&repo.path);
-        let root = layout
-            .root()
-            .canonicalize()
-            .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
-        let opts = OpenOptions::new()
-            .read_only(true)
-            .policy(BackingPolicy::strict_within([root]));
+        let (layout, opts) = self.reader_of(&b.repository_id).await?;
         let mut out = Vec::new();
         for d in &b.disks {
             let mut chain = self
