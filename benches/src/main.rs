@@ -62,7 +62,8 @@ struct Opts {
     /// Seconds per fio random test.
     #[arg(long, default_value_t = 15)]
     fio_runtime: u64,
-    /// Servers to compare (ours, ours-digest, qemu-nbd).
+    /// Servers to compare (ours, ours-digest, qemu-nbd, ours-tls,
+    /// qemu-nbd-tls).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
     /// Scratch directory (images, data, logs).
@@ -277,10 +278,16 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             "ours-digest" => kinds.push(Kind::OursDigest),
             "qemu-nbd" if tool("qemu-nbd") => kinds.push(Kind::QemuNbd),
             "qemu-nbd" => eprintln!("qemu-nbd not installed: skipped"),
+            "ours-tls" => kinds.push(Kind::OursTls),
+            "qemu-nbd-tls" if tool("qemu-nbd") => kinds.push(Kind::QemuNbdTls),
+            "qemu-nbd-tls" => eprintln!("qemu-nbd not installed: skipped"),
             other => bail!("unknown server {other}"),
         }
     }
     let has = |t: &str| opts.tests.iter().any(|x| x == t);
+    if kinds.iter().any(|k| k.tls()) {
+        servers::init_tls(&opts.workdir)?;
+    }
     let fio = tool("fio");
     let nbdkit = tool("nbdkit");
     let wd = opts.workdir.clone();
@@ -360,7 +367,8 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
                 run.write(k, rep)
                     .with_context(|| format!("{} write", k.name()))?;
             }
-            if has("overlay") {
+            // The overlay writer and fio speak plaintext NBD only.
+            if has("overlay") && !k.tls() {
                 run.overlay(k, rep, &payload)
                     .with_context(|| format!("{} overlay", k.name()))?;
             }
@@ -368,7 +376,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
                 run.multi(k, rep)
                     .with_context(|| format!("{} multi", k.name()))?;
             }
-            if has("random") && fio {
+            if has("random") && fio && !k.tls() {
                 run.random(k, rep)
                     .with_context(|| format!("{} random", k.name()))?;
             }
@@ -388,7 +396,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         }
         if rep == 1 && has("idle") {
             for &n in &opts.idle {
-                for &k in &kinds {
+                for &k in kinds.iter().filter(|k| !k.tls()) {
                     run.idle(k, n)
                         .with_context(|| format!("{} idle {n}", k.name()))?;
                 }
@@ -412,6 +420,8 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     let figs = report::figures(&run.samples, |test| {
         if test.starts_with("null_") {
             "nbdkit-null"
+        } else if test.starts_with("tls_") {
+            "qemu-nbd-tls"
         } else if test.starts_with("digest_") {
             "sha256sum"
         } else {

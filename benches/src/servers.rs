@@ -18,6 +18,11 @@ pub enum Kind {
     OursDigest,
     /// One qemu-nbd process per export, as deployed today.
     QemuNbd,
+    /// Ours as the hub runs a backup export over TLS: digests on,
+    /// `--tls require` with the credentials of [`tls_dir`].
+    OursTls,
+    /// qemu-nbd with `--tls-creds` (x509, same credentials).
+    QemuNbdTls,
     /// nbdkit's null plugin (protocol ceiling).
     NbdkitNull,
 }
@@ -29,9 +34,50 @@ impl Kind {
             Kind::Ours => "ours",
             Kind::OursDigest => "ours-digest",
             Kind::QemuNbd => "qemu-nbd",
+            Kind::OursTls => "ours-tls",
+            Kind::QemuNbdTls => "qemu-nbd-tls",
             Kind::NbdkitNull => "nbdkit-null",
         }
     }
+}
+
+impl Kind {
+    /// Whether clients reach it over TLS.
+    pub fn tls(self) -> bool {
+        matches!(self, Kind::OursTls | Kind::QemuNbdTls)
+    }
+
+    /// Whether it records digests (and prints them on exit).
+    pub fn digest(self) -> bool {
+        matches!(self, Kind::OursDigest | Kind::OursTls)
+    }
+}
+
+static TLS_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// Make TLS credentials (`hub-daemon tls init`) under `workdir` once; the
+/// TLS servers and every client use them.
+pub fn init_tls(workdir: &Path) -> anyhow::Result<()> {
+    let dir = workdir.join("tls");
+    if !dir.join("server-key.pem").exists() {
+        let _ = std::fs::remove_dir_all(&dir);
+        hub_daemon::tls::init(&dir, &[]).map_err(anyhow::Error::msg)?;
+    }
+    let _ = TLS_DIR.set(dir);
+    Ok(())
+}
+
+/// The TLS credentials directory ([`init_tls`] first).
+pub fn tls_dir() -> anyhow::Result<&'static Path> {
+    TLS_DIR
+        .get()
+        .map(PathBuf::as_path)
+        .context("TLS credentials not initialised")
+}
+
+/// `uri` as a libnbd client with our credentials uses it.
+fn with_creds(uri: String) -> anyhow::Result<String> {
+    Ok(format!("{uri}?tls-certificates={}", tls_dir()?.display()))
 }
 
 /// One export to serve: a name and an image (or a size for nbdkit/pseudo).
@@ -108,13 +154,17 @@ fn log_file(log: &Path) -> anyhow::Result<std::fs::File> {
 pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::Result<Running> {
     let t0 = Instant::now();
     match kind {
-        Kind::Ours | Kind::OursDigest => {
+        Kind::Ours | Kind::OursDigest | Kind::OursTls => {
             let exe = std::env::current_exe()?;
             let mut cmd = Command::new(exe);
             cmd.arg("__export").arg("--listen").arg("127.0.0.1:0");
             // Digests record writes; a read-only export has none.
-            if kind == Kind::OursDigest && !opts.readonly {
+            if kind.digest() && !opts.readonly {
                 cmd.arg("--digest");
+            }
+            if kind.tls() {
+                cmd.args(["--tls", "require", "--tls-certificates"])
+                    .arg(tls_dir()?);
             }
             if opts.port_per_export {
                 cmd.arg("--port-per-export");
@@ -144,12 +194,16 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
                     });
                 }
                 if let Some(uri) = line.split_whitespace().nth(2) {
-                    uris.push(uri.to_owned());
+                    uris.push(if kind.tls() {
+                        with_creds(uri.to_owned())?
+                    } else {
+                        uri.to_owned()
+                    });
                 }
             }
             bail!("our server exited before ready (see {})", log.display())
         }
-        Kind::QemuNbd => {
+        Kind::QemuNbd | Kind::QemuNbdTls => {
             let mut children = Vec::with_capacity(specs.len());
             let mut uris = Vec::with_capacity(specs.len());
             let mut ports = Vec::with_capacity(specs.len());
@@ -170,6 +224,14 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
                 if opts.readonly {
                     cmd.arg("-r");
                 }
+                if kind.tls() {
+                    cmd.arg("--object")
+                        .arg(format!(
+                            "tls-creds-x509,id=tls0,dir={},endpoint=server",
+                            tls_dir()?.display()
+                        ))
+                        .args(["--tls-creds", "tls0"]);
+                }
                 cmd.arg(&s.path);
                 let child = cmd
                     .stdout(log_file(log)?)
@@ -178,7 +240,11 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
                     .context("spawning qemu-nbd")?;
                 children.push(child);
                 ports.push(port);
-                uris.push(format!("nbd://127.0.0.1:{port}/{}", s.name));
+                uris.push(if kind.tls() {
+                    with_creds(format!("nbds://127.0.0.1:{port}/{}", s.name))?
+                } else {
+                    format!("nbd://127.0.0.1:{port}/{}", s.name)
+                });
             }
             for (c, p) in children.iter_mut().zip(&ports) {
                 wait_ready(*p, c)?;

@@ -340,6 +340,7 @@ pub fn handshake(data: &[u8]) {
         // The option that ended the handshake, if any, is the last one done.
         let (replied, terminal) = match &step {
             Ok(HandshakeStep::NeedMore) => (new, None),
+            Ok(HandshakeStep::StartTls) => panic!("STARTTLS accepted on a server without TLS"),
             Ok(HandshakeStep::Enter(_)) | Ok(HandshakeStep::Close) => {
                 let (last, rest) = new.split_last().expect("handshake ended without an option");
                 (rest, Some(*last))
@@ -454,7 +455,8 @@ pub fn handshake(data: &[u8]) {
                 input.extend_from_slice(&stream[fed..fed + n]);
                 fed += n;
             }
-            Ok(HandshakeStep::Enter(_) | HandshakeStep::Close) | Err(_) => {
+            Ok(HandshakeStep::Enter(_) | HandshakeStep::Close | HandshakeStep::StartTls)
+            | Err(_) => {
                 // A finished handshake stays finished.
                 let again = hs.step(&mut input, &mut out, &TestCatalog);
                 assert!(matches!(again, Err(HandshakeError::Finished)));

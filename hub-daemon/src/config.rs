@@ -86,6 +86,8 @@ pub struct Config {
     /// Directories repositories may be created under (empty: the data
     /// directory).
     pub repository_roots: Vec<PathBuf>,
+    /// NBD over TLS (default certificates directory: `<data dir>/tls`).
+    pub nbd_tls: crate::tls::NbdTls,
 }
 
 /// Memory and connection limits of the NBD server (what
@@ -175,6 +177,7 @@ impl Default for Config {
             nbd_list_exports: false,
             insecure_no_auth: false,
             repository_roots: Vec::new(),
+            nbd_tls: Default::default(),
         }
     }
 }
@@ -199,6 +202,11 @@ impl Config {
         } else {
             self.repository_roots.clone()
         }
+    }
+
+    /// Where `serve` looks for TLS credentials without `--tls-certificates`.
+    pub fn default_tls_dir(&self) -> PathBuf {
+        self.data_dir.join("tls")
     }
 
     /// Path of the default repository.
@@ -245,6 +253,12 @@ pub struct FileConfig {
     pub insecure_no_auth: Option<bool>,
     /// See [`Config::repository_roots`].
     pub repository_roots: Option<Vec<PathBuf>>,
+    /// `"off"`, `"on"` or `"require"`.
+    pub tls: Option<crate::tls::TlsSetting>,
+    /// Credentials directory (nbdkit layout).
+    pub tls_certificates: Option<PathBuf>,
+    /// Demand client certificates.
+    pub tls_verify_peer: Option<bool>,
 }
 
 impl FileConfig {
@@ -307,6 +321,15 @@ impl FileConfig {
         }
         if let Some(v) = self.repository_roots {
             c.repository_roots = v;
+        }
+        if let Some(v) = self.tls {
+            c.nbd_tls.setting = v;
+        }
+        if let Some(v) = self.tls_certificates {
+            c.nbd_tls.certificates = Some(v);
+        }
+        if let Some(v) = self.tls_verify_peer {
+            c.nbd_tls.verify_peer = v;
         }
         Ok(())
     }

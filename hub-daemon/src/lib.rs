@@ -26,3 +26,4 @@ pub mod nbd;
 pub mod ports;
 pub mod secret;
 pub mod time;
+pub mod tls;

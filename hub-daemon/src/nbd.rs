@@ -17,6 +17,8 @@ pub struct NbdHub {
     server: Server,
     pool: PortPool,
     advertise_host: String,
+    /// `nbd` or `nbds`.
+    scheme: &'static str,
     shared: Option<SocketAddr>,
     /// Counters of exports already removed, so totals never go backwards.
     finished: Mutex<Totals>,
@@ -68,6 +70,10 @@ impl NbdHub {
         let mut server_config = config.nbd_limits.server_config();
         server_config.list_exports = config.nbd_list_exports;
         server_config.exact_export_names = true;
+        server_config.tls = config
+            .nbd_tls
+            .load(Some(&config.default_tls_dir()))
+            .map_err(|e| DaemonError::Internal(format!("NBD TLS: {e}")))?;
         let server = Server::new(server_config);
         let shared = if config.nbd_shared_port != 0 {
             let addr = SocketAddr::new(config.nbd_bind, config.nbd_shared_port);
@@ -82,6 +88,7 @@ impl NbdHub {
             server,
             pool: PortPool::new(config.nbd_ports, config.nbd_bind),
             advertise_host: config.advertise_host.clone(),
+            scheme: config.nbd_tls.scheme(),
             shared,
             finished: Mutex::new(Totals::default()),
         })
@@ -97,9 +104,9 @@ impl NbdHub {
         self.shared
     }
 
-    /// `nbd://host:port/name` as clients should use it.
+    /// `nbd://host:port/name` (`nbds://` with TLS) as clients should use it.
     pub fn uri(&self, port: u16, name: &str) -> String {
-        format!("nbd://{}:{port}/{name}", self.advertise_host)
+        format!("{}://{}:{port}/{name}", self.scheme, self.advertise_host)
     }
 
     /// Register `export` and serve it on the leased port's listener.

@@ -91,6 +91,7 @@ mod export;
 mod net;
 pub mod proto;
 mod server;
+pub mod tls;
 mod zeroes;
 
 pub use backend::{
@@ -100,3 +101,4 @@ pub use backend::{
 pub use error::ServerError;
 pub use export::{Export, ExportRegistry, ExportStats, ExportStatsSnapshot};
 pub use server::{ListenerHandle, Server, ServerConfig};
+pub use tls::{ServerTls, TlsSetupError};

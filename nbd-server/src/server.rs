@@ -14,6 +14,7 @@ use crate::net::budget::MemoryBudget;
 use crate::net::listener::{accept_loop, ConnContext};
 use crate::net::registry::{ConnLimits, ConnRegistry, NO_LISTENER};
 use crate::net::transmission::TransmissionLimits;
+use crate::tls::ServerTls;
 
 /// Server-wide settings. Every limit is enforced per [`Server`]; see the
 /// crate's "Guarantees" for what they promise together.
@@ -55,6 +56,9 @@ pub struct ServerConfig {
     /// answer to other names. With unguessable names, the name is then a
     /// capability. `false` is qemu-nbd's behaviour.
     pub exact_export_names: bool,
+    /// TLS offered or required on every listener (`None`: the spec's
+    /// NOTLS mode, `STARTTLS` refused).
+    pub tls: Option<ServerTls>,
 }
 
 impl Default for ServerConfig {
@@ -70,6 +74,7 @@ impl Default for ServerConfig {
             send_timeout: Duration::from_secs(60),
             list_exports: true,
             exact_export_names: false,
+            tls: None,
         }
     }
 }
@@ -121,6 +126,7 @@ impl Server {
             }),
             budget: MemoryBudget::new(config.max_buffer_memory),
             handshake_timeout: config.handshake_timeout,
+            tls: config.tls.clone(),
             limits: TransmissionLimits {
                 max_inflight_bytes: config.max_inflight_bytes_per_connection,
                 idle_timeout: config.idle_timeout,

@@ -18,6 +18,7 @@ use qcow_backend::{
 
 use super::limits::LimitArgs;
 use super::size::parse_size;
+use super::tls::TlsArgs;
 use crate::config::NbdLimits;
 
 /// Serve image files (qcow2 detected by content, else raw) until SIGINT or
@@ -75,6 +76,9 @@ pub struct ExportArgs {
     /// NBD memory and connection limits.
     #[command(flatten)]
     limits: LimitArgs,
+    /// NBD over TLS.
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Answer NBD_OPT_LIST with an empty list (listing is on by default,
     /// as with qemu-nbd).
     #[arg(long)]
@@ -233,6 +237,10 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     args.limits.apply(&mut limits);
     let mut server_config = limits.server_config();
     server_config.list_exports = !args.no_list;
+    let mut tls = crate::tls::NbdTls::default();
+    args.tls.apply(&mut tls);
+    server_config.tls = tls.load(None).map_err(anyhow::Error::msg)?;
+    let scheme = tls.scheme();
     let server = Server::new(server_config);
     let mut exports = Vec::new();
     let mut digests = Vec::new();
@@ -272,7 +280,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
                 .with_context(|| format!("binding {addr}"))?;
             let h = server.serve_export(l, export)?;
             lines.push(format!(
-                "export {} nbd://{}/{}",
+                "export {} {scheme}://{}/{}",
                 export.name(),
                 h.local_addr(),
                 export.name()
@@ -285,7 +293,7 @@ pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
         let h = server.serve(l)?;
         for export in &exports {
             lines.push(format!(
-                "export {} nbd://{}/{}",
+                "export {} {scheme}://{}/{}",
                 export.name(),
                 h.local_addr(),
                 export.name()

@@ -6,6 +6,7 @@ pub mod export;
 pub mod limits;
 pub mod serve;
 pub mod size;
+pub mod tls;
 pub mod token;
 
 use clap::{Parser, Subcommand};
@@ -30,6 +31,8 @@ pub enum Command {
     Digest(digest::DigestArgs),
     /// Create, list and revoke API bearer tokens.
     Token(token::TokenArgs),
+    /// Make TLS credentials for NBD over TLS.
+    Tls(tls::TlsCommand),
 }
 
 /// Raise the soft open-files limit to the hard limit: every export holds a

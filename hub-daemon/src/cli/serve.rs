@@ -8,6 +8,7 @@ use anyhow::Context;
 use clap::Args;
 
 use super::limits::LimitArgs;
+use super::tls::TlsArgs;
 use crate::app::Daemon;
 use crate::config::{Config, FileConfig, PortRange};
 
@@ -44,6 +45,9 @@ pub struct ServeArgs {
     /// NBD memory and connection limits.
     #[command(flatten)]
     limits: LimitArgs,
+    /// NBD over TLS.
+    #[command(flatten)]
+    tls: TlsArgs,
     /// Let NBD clients list the exports (NBD_OPT_LIST); off by default,
     /// since export names are the capability to reach a disk.
     #[arg(long, env = "HUB_NBD_LIST_EXPORTS")]
@@ -95,6 +99,7 @@ impl ServeArgs {
             c.idle_timeout = Duration::from_secs(v);
         }
         self.limits.apply(&mut c.nbd_limits);
+        self.tls.apply(&mut c.nbd_tls);
         if self.nbd_list_exports {
             c.nbd_list_exports = true;
         }

@@ -101,7 +101,8 @@ impl Exporter {
             assert_eq!(parts[0], "export", "unexpected line {line:?}");
             let uri = parts[2].to_owned();
             let addr = uri
-                .trim_start_matches("nbd://")
+                .split_once("://")
+                .map_or(uri.as_str(), |(_, rest)| rest)
                 .split('/')
                 .next()
                 .unwrap()

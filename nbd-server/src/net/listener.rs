@@ -10,10 +10,15 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use super::budget::MemoryBudget;
-use super::negotiate::negotiate;
+use super::negotiate::{negotiate, within, Negotiation};
+use super::registry::ConnEntry;
 use super::registry::{ConnGuard, ConnRegistry};
 use super::transmission::{self, TransmissionLimits};
 use crate::export::Catalog;
+use crate::export::Export;
+use crate::proto::{Handshake, Negotiated, TlsMode};
+use crate::tls::ServerTls;
+use bytes::BytesMut;
 
 /// Everything a connection needs from its server.
 #[derive(Debug, Clone)]
@@ -24,8 +29,11 @@ pub(crate) struct ConnContext {
     pub registry: ConnRegistry,
     /// The process-wide buffer budget.
     pub budget: MemoryBudget,
-    /// Most time without progress in the handshake (per option).
+    /// Most time without progress in the handshake (per option; the TLS
+    /// handshake counts as one step).
     pub handshake_timeout: Duration,
+    /// TLS offered or required.
+    pub tls: Option<ServerTls>,
     pub limits: TransmissionLimits,
 }
 
@@ -101,7 +109,8 @@ async fn handle(
 
 /// Serve one already-connected client on any byte stream (TCP, Unix
 /// socket, an in-memory pipe in tests and fuzzing). `split` turns the
-/// stream into read and write halves once the handshake is done.
+/// plaintext stream into read and write halves once the handshake is done;
+/// a TLS stream is split with `tokio::io::split`.
 pub(crate) async fn serve_stream<S, R, W>(
     mut stream: S,
     peer: &str,
@@ -115,20 +124,92 @@ pub(crate) async fn serve_stream<S, R, W>(
     W: AsyncWrite + Unpin,
 {
     let conn = Arc::clone(guard.entry());
-    let negotiated = tokio::select! {
+    let mode = ctx.tls.as_ref().map_or(TlsMode::Off, ServerTls::mode);
+    let mut hs = Handshake::with_tls(mode);
+    let first = haggle(&mut stream, &mut hs, true, peer, &catalog, &ctx, &conn).await;
+    match first {
+        Some(Negotiation::Enter(n, leftover)) => {
+            enter(stream, split, n, leftover, peer, &ctx, guard).await
+        }
+        Some(Negotiation::StartTls) => {
+            let Some(tls) = &ctx.tls else { return };
+            // The TLS handshake is one handshake step: bounded by the same
+            // per-step deadline, and by shutdown and eviction.
+            let deadline = tokio::time::Instant::now() + ctx.handshake_timeout;
+            let accepted = tokio::select! {
+                biased;
+                _ = ctx.shutdown.cancelled() => return,
+                _ = conn.cancelled().cancelled() => return,
+                r = within(deadline, tls.acceptor().accept(stream)) => r,
+            };
+            let mut stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    tracing::debug!(peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+                Err(e) => {
+                    tracing::debug!(peer, error = %e, "TLS handshake failed");
+                    return;
+                }
+            };
+            conn.touch();
+            hs.tls_started();
+            match haggle(&mut stream, &mut hs, false, peer, &catalog, &ctx, &conn).await {
+                Some(Negotiation::Enter(n, leftover)) => {
+                    enter(stream, tokio::io::split, n, leftover, peer, &ctx, guard).await
+                }
+                // A second STARTTLS is answered ERR_INVALID by the
+                // handshake; nothing else to do.
+                Some(Negotiation::StartTls) | Some(Negotiation::Closed) | None => {}
+            }
+        }
+        Some(Negotiation::Closed) | None => {}
+    }
+}
+
+/// Option haggling on one stream, cut short by shutdown or eviction.
+async fn haggle<S>(
+    stream: &mut S,
+    hs: &mut Handshake,
+    greet: bool,
+    peer: &str,
+    catalog: &Catalog,
+    ctx: &ConnContext,
+    conn: &ConnEntry,
+) -> Option<Negotiation>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let r = tokio::select! {
         biased;
-        _ = ctx.shutdown.cancelled() => return,
-        _ = conn.cancelled().cancelled() => return,
-        r = negotiate(&mut stream, &catalog, ctx.handshake_timeout, &conn) => r,
+        _ = ctx.shutdown.cancelled() => return None,
+        _ = conn.cancelled().cancelled() => return None,
+        r = negotiate(stream, hs, greet, catalog, ctx.handshake_timeout, conn) => r,
     };
-    let (negotiated, leftover) = match negotiated {
-        Ok(Some(n)) => n,
-        Ok(None) => return,
+    match r {
+        Ok(n) => Some(n),
         Err(e) => {
             tracing::debug!(peer, error = %e, "handshake failed");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Transmission on a negotiated stream until the client leaves.
+async fn enter<S, R, W>(
+    stream: S,
+    split: impl FnOnce(S) -> (R, W),
+    negotiated: Negotiated<Arc<Export>>,
+    leftover: BytesMut,
+    peer: &str,
+    ctx: &ConnContext,
+    guard: ConnGuard,
+) where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let conn = Arc::clone(guard.entry());
     let export = Arc::clone(&negotiated.export);
     if let Err(e) = guard.assign_export(export.name()) {
         tracing::debug!(peer, export = export.name(), error = %e, "connection refused");

@@ -141,11 +141,29 @@ pub struct Negotiated<E> {
     pub contexts: Vec<MetaContext>,
 }
 
+/// Whether and how the server offers TLS (the spec's NOTLS / FORCEDTLS
+/// modes, plus nbdkit's `--tls=on`: offered, not forced).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TlsMode {
+    /// No TLS: `NBD_OPT_STARTTLS` is refused with `NBD_REP_ERR_POLICY`.
+    #[default]
+    Off,
+    /// TLS offered; plaintext clients are served too.
+    Offered,
+    /// FORCEDTLS: before TLS every option but `STARTTLS` and `ABORT` is
+    /// answered `NBD_REP_ERR_TLS_REQD`, and `EXPORT_NAME` closes.
+    Required,
+}
+
 /// What the caller should do after [`Handshake::step`].
 #[derive(Debug)]
 pub enum HandshakeStep<E> {
     /// Write the output, read more input, call again.
     NeedMore,
+    /// Write the output (the `STARTTLS` ACK), run the TLS handshake on the
+    /// connection, call [`Handshake::tls_started`], then go on stepping
+    /// with the bytes read through TLS. The input buffer is empty.
+    StartTls,
     /// Write the output, then start transmission.
     Enter(Negotiated<E>),
     /// Write the output, then close the connection (client sent ABORT).
@@ -171,6 +189,15 @@ pub enum HandshakeError {
     /// `EXPORT_NAME` after extended headers, which the spec forbids.
     #[error("EXPORT_NAME after extended headers were negotiated")]
     ExportNameAfterExtendedHeaders,
+    /// `EXPORT_NAME` before TLS on a server that requires TLS (it has no
+    /// error reply, so the connection closes).
+    #[error("EXPORT_NAME before TLS on a server that requires TLS")]
+    TlsRequired,
+    /// Bytes followed `STARTTLS` before the TLS handshake: plaintext that
+    /// would otherwise be read as if it came through TLS (the STARTTLS
+    /// injection attack), so the connection closes.
+    #[error("data sent after STARTTLS before the TLS handshake")]
+    DataAfterStartTls,
     /// `step` was called after the handshake finished.
     #[error("handshake already finished")]
     Finished,
@@ -185,6 +212,8 @@ enum Phase {
         option: u32,
         remaining: u64,
     },
+    /// STARTTLS acknowledged; waiting for [`Handshake::tls_started`].
+    AwaitTls,
     Finished,
 }
 
@@ -197,11 +226,15 @@ pub struct Handshake {
     extended: bool,
     /// Contexts chosen by the last `SET_META_CONTEXT`, and for which export.
     selection: Option<(String, Vec<MetaContext>)>,
+    tls: TlsMode,
+    /// TLS is running on this connection.
+    tls_active: bool,
 }
 
 enum OptionOutcome<E> {
     Continue,
     Enter(Negotiated<E>),
+    StartTls,
     Close,
 }
 
@@ -212,14 +245,40 @@ impl Default for Handshake {
 }
 
 impl Handshake {
-    /// A handshake waiting for the client flags (send [`Handshake::greeting`] first).
+    /// A handshake waiting for the client flags (send [`Handshake::greeting`]
+    /// first), on a server without TLS.
     pub fn new() -> Self {
+        Self::with_tls(TlsMode::Off)
+    }
+
+    /// A handshake on a server with the given TLS mode.
+    pub fn with_tls(tls: TlsMode) -> Self {
         Handshake {
             phase: Phase::ClientFlags,
             no_zeroes: false,
             structured: false,
             extended: false,
             selection: None,
+            tls,
+            tls_active: false,
+        }
+    }
+
+    /// Whether TLS runs on this connection.
+    pub fn tls_active(&self) -> bool {
+        self.tls_active
+    }
+
+    /// The TLS handshake after [`HandshakeStep::StartTls`] succeeded:
+    /// option haggling restarts inside TLS with no state kept from before
+    /// (the spec: structured replies and meta contexts must be asked again).
+    pub fn tls_started(&mut self) {
+        if matches!(self.phase, Phase::AwaitTls) {
+            self.tls_active = true;
+            self.structured = false;
+            self.extended = false;
+            self.selection = None;
+            self.phase = Phase::OptionHeader;
         }
     }
 
@@ -241,6 +300,7 @@ impl Handshake {
         loop {
             match self.phase {
                 Phase::Finished => return Err(HandshakeError::Finished),
+                Phase::AwaitTls => return Err(HandshakeError::Finished),
                 Phase::ClientFlags => {
                     if input.len() < 4 {
                         return Ok(HandshakeStep::NeedMore);
@@ -313,6 +373,17 @@ impl Handshake {
                             self.phase = Phase::Finished;
                             return Ok(HandshakeStep::Close);
                         }
+                        Ok(OptionOutcome::StartTls) => {
+                            // The client must wait for our ACK before its
+                            // TLS ClientHello; anything already here was
+                            // sent in plaintext and must not be trusted.
+                            if !input.is_empty() {
+                                self.phase = Phase::Finished;
+                                return Err(HandshakeError::DataAfterStartTls);
+                            }
+                            self.phase = Phase::AwaitTls;
+                            return Ok(HandshakeStep::StartTls);
+                        }
                         Err(e) => {
                             self.phase = Phase::Finished;
                             return Err(e);
@@ -330,6 +401,16 @@ impl Handshake {
         out: &mut BytesMut,
         catalog: &C,
     ) -> Result<OptionOutcome<C::Export>, HandshakeError> {
+        if self.tls == TlsMode::Required && !self.tls_active {
+            match option {
+                opt::STARTTLS | opt::ABORT => {}
+                opt::EXPORT_NAME => return Err(HandshakeError::TlsRequired),
+                _ => {
+                    put_error(out, option, rep::ERR_TLS_REQD, "TLS is required");
+                    return Ok(OptionOutcome::Continue);
+                }
+            }
+        }
         match option {
             opt::EXPORT_NAME => self.export_name(payload, out, catalog),
             opt::ABORT => {
@@ -348,15 +429,7 @@ impl Handshake {
                 }
                 Ok(OptionOutcome::Continue)
             }
-            opt::STARTTLS => {
-                put_error(
-                    out,
-                    option,
-                    rep::ERR_POLICY,
-                    "TLS is not configured on this server",
-                );
-                Ok(OptionOutcome::Continue)
-            }
+            opt::STARTTLS => Ok(self.starttls(payload, out)),
             opt::INFO | opt::GO => Ok(self.info_or_go(option, payload, out, catalog)),
             opt::STRUCTURED_REPLY => {
                 if !payload.is_empty() {
@@ -402,6 +475,26 @@ impl Handshake {
                 Ok(OptionOutcome::Continue)
             }
         }
+    }
+
+    fn starttls<E>(&mut self, payload: &[u8], out: &mut BytesMut) -> OptionOutcome<E> {
+        let option = opt::STARTTLS;
+        if self.tls == TlsMode::Off {
+            put_error(
+                out,
+                option,
+                rep::ERR_POLICY,
+                "TLS is not configured on this server",
+            );
+        } else if self.tls_active {
+            put_error(out, option, rep::ERR_INVALID, "TLS is already running");
+        } else if !payload.is_empty() {
+            put_error(out, option, rep::ERR_INVALID, "STARTTLS takes no data");
+        } else {
+            put_reply(out, option, rep::ACK, &[]);
+            return OptionOutcome::StartTls;
+        }
+        OptionOutcome::Continue
     }
 
     fn export_name<C: ExportCatalog>(

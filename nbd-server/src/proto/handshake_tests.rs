@@ -262,6 +262,94 @@ fn starttls_is_refused_by_policy() {
 }
 
 #[test]
+fn forced_tls_refuses_every_option_but_starttls_and_abort() {
+    for code in [
+        opt::LIST,
+        opt::INFO,
+        opt::GO,
+        opt::STRUCTURED_REPLY,
+        opt::EXTENDED_HEADERS,
+        opt::LIST_META_CONTEXT,
+        opt::SET_META_CONTEXT,
+        999,
+    ] {
+        let mut hs = Handshake::with_tls(TlsMode::Required);
+        let payload = if code == opt::GO || code == opt::INFO {
+            go_payload("disk", &[])
+        } else {
+            Vec::new()
+        };
+        let (r, out) = run(&mut hs, &with_flags(3, &option(code, &payload)));
+        assert!(matches!(r, Ok(HandshakeStep::NeedMore)), "option {code}");
+        let rs = replies(&out);
+        assert_eq!(rs.len(), 1, "option {code}: nothing leaks before TLS");
+        assert_eq!(rs[0].kind, rep::ERR_TLS_REQD, "option {code}");
+    }
+    // EXPORT_NAME cannot be answered with an error: the connection closes.
+    let mut hs = Handshake::with_tls(TlsMode::Required);
+    let (r, out) = run(&mut hs, &with_flags(3, &option(opt::EXPORT_NAME, b"disk")));
+    assert!(matches!(r, Err(HandshakeError::TlsRequired)));
+    assert!(out.is_empty());
+    // ABORT still works.
+    let mut hs = Handshake::with_tls(TlsMode::Required);
+    let (r, _) = run(&mut hs, &with_flags(3, &option(opt::ABORT, &[])));
+    assert!(matches!(r, Ok(HandshakeStep::Close)));
+}
+
+#[test]
+fn starttls_acks_then_haggling_restarts_inside_tls_without_old_state() {
+    let mut hs = Handshake::with_tls(TlsMode::Required);
+    // Structured replies asked before TLS are refused anyway in forced
+    // mode; in offered mode they are granted and must be forgotten.
+    let mut hs2 = Handshake::with_tls(TlsMode::Offered);
+    for hs in [&mut hs, &mut hs2] {
+        let mut bytes = with_flags(3, &option(opt::STRUCTURED_REPLY, &[]));
+        bytes.extend(option(opt::STARTTLS, &[]));
+        let (r, out) = run(hs, &bytes);
+        assert!(matches!(r, Ok(HandshakeStep::StartTls)));
+        let rs = replies(&out);
+        assert_eq!(rs.last().unwrap().option, opt::STARTTLS);
+        assert_eq!(rs.last().unwrap().kind, rep::ACK);
+        // Stepping before the TLS handshake is a caller bug, not a hang.
+        let (r, _) = run(hs, &[]);
+        assert!(matches!(r, Err(HandshakeError::Finished)));
+        hs.tls_started();
+        assert!(hs.tls_active());
+        // A second STARTTLS is invalid; no TLS_REQD ever inside TLS.
+        let (r, out) = run(hs, &option(opt::STARTTLS, &[]));
+        assert!(matches!(r, Ok(HandshakeStep::NeedMore)));
+        assert_eq!(replies(&out)[0].kind, rep::ERR_INVALID);
+        let (r, _) = run(hs, &option(opt::GO, &go_payload("disk", &[])));
+        let Ok(HandshakeStep::Enter(n)) = r else {
+            panic!("GO inside TLS must enter")
+        };
+        assert!(!n.structured, "structured replies from before TLS kept");
+    }
+}
+
+#[test]
+fn bytes_after_starttls_before_tls_close_the_connection() {
+    // The STARTTLS injection attack: plaintext pipelined behind STARTTLS
+    // must never be taken as if it came through TLS.
+    let mut hs = Handshake::with_tls(TlsMode::Offered);
+    let mut bytes = with_flags(3, &option(opt::STARTTLS, &[]));
+    bytes.extend(option(opt::GO, &go_payload("disk", &[])));
+    let (r, _) = run(&mut hs, &bytes);
+    assert!(matches!(r, Err(HandshakeError::DataAfterStartTls)));
+}
+
+#[test]
+fn starttls_with_data_is_invalid_and_offered_tls_serves_plaintext() {
+    let mut hs = Handshake::with_tls(TlsMode::Offered);
+    let (r, out) = run(&mut hs, &with_flags(3, &option(opt::STARTTLS, b"x")));
+    assert!(matches!(r, Ok(HandshakeStep::NeedMore)));
+    assert_eq!(replies(&out)[0].kind, rep::ERR_INVALID);
+    let (r, _) = run(&mut hs, &option(opt::GO, &go_payload("disk", &[])));
+    assert!(matches!(r, Ok(HandshakeStep::Enter(_))));
+    assert!(!hs.tls_active());
+}
+
+#[test]
 fn go_sends_export_block_size_and_ack_then_enters() {
     let mut hs = Handshake::new();
     let bytes = with_flags(

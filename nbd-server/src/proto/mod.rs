@@ -18,6 +18,7 @@ pub mod request;
 pub use errno::NbdErrno;
 pub use handshake::{
     ExportCatalog, ExportInfo, Handshake, HandshakeError, HandshakeStep, MetaContext, Negotiated,
+    TlsMode,
 };
 pub use reply::{ReplyEncoder, ReplyMode, ReplyTo, StatusDescriptor};
 pub use request::{validate, Command, FrameError, RequestHeader, Session};
