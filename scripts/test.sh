@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 declare -A pkg=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd
-  [fio]=fio [nbdkit]=nbdkit
+  [fio]=fio [nbdkit]=nbdkit [curl]=curl
 )
 missing=()
 for tool in "${!pkg[@]}"; do

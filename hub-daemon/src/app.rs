@@ -8,6 +8,7 @@ use anyhow::Context;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use crate::api::tls_listener::TlsListener;
 use crate::api::{router, AppState};
 use crate::backup::{Backups, ReconcileReport};
 use crate::catalog::Catalog;
@@ -20,6 +21,8 @@ use crate::nbd::NbdHub;
 pub struct Daemon {
     /// Where the API listens.
     pub api_addr: SocketAddr,
+    /// `http` or `https`.
+    pub api_scheme: &'static str,
     /// The shared NBD port, if any.
     pub nbd_shared_addr: Option<SocketAddr>,
     /// What startup reconciliation did.
@@ -78,14 +81,39 @@ impl Daemon {
         let stop = CancellationToken::new();
         let app = router(AppState::new(Arc::clone(&backups)));
         let stop2 = stop.clone();
-        let http = tokio::spawn(async move {
-            axum::serve(listener, app)
-                .with_graceful_shutdown(async move { stop2.cancelled().await })
-                .await
-        });
+        let shutdown = async move { stop2.cancelled().await };
+        let http = if config.api_tls {
+            let dir = config.tls_dir();
+            let tls = nbd_server::ServerTls::from_dir(&dir, true, false).with_context(|| {
+                format!(
+                    "--api-tls: loading {} (make it with `hub-daemon tls init {}`)",
+                    dir.display(),
+                    dir.display()
+                )
+            })?;
+            let mut rustls_config = (*tls.rustls_config()).clone();
+            rustls_config.alpn_protocols = vec![b"http/1.1".to_vec()];
+            let listener = TlsListener::new(
+                listener,
+                Arc::new(rustls_config),
+                config.nbd_limits.handshake_timeout,
+            )?;
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            })
+        } else {
+            tokio::spawn(async move {
+                axum::serve(listener, app)
+                    .with_graceful_shutdown(shutdown)
+                    .await
+            })
+        };
         tracing::info!(%api_addr, nbd_shared = ?nbd_shared_addr, data_dir = %config.data_dir.display(), "hub daemon serving");
         Ok(Daemon {
             api_addr,
+            api_scheme: config.api_scheme(),
             nbd_shared_addr,
             reconciled,
             backups,

@@ -88,6 +88,9 @@ pub struct Config {
     pub repository_roots: Vec<PathBuf>,
     /// NBD over TLS (default certificates directory: `<data dir>/tls`).
     pub nbd_tls: crate::tls::NbdTls,
+    /// Serve the API over HTTPS with the server certificate of the same
+    /// certificates directory.
+    pub api_tls: bool,
 }
 
 /// Memory and connection limits of the NBD server (what
@@ -178,6 +181,7 @@ impl Default for Config {
             insecure_no_auth: false,
             repository_roots: Vec::new(),
             nbd_tls: Default::default(),
+            api_tls: false,
         }
     }
 }
@@ -207,6 +211,23 @@ impl Config {
     /// Where `serve` looks for TLS credentials without `--tls-certificates`.
     pub fn default_tls_dir(&self) -> PathBuf {
         self.data_dir.join("tls")
+    }
+
+    /// The TLS credentials directory in use.
+    pub fn tls_dir(&self) -> PathBuf {
+        self.nbd_tls
+            .certificates
+            .clone()
+            .unwrap_or_else(|| self.default_tls_dir())
+    }
+
+    /// `http` or `https`, as the API is served.
+    pub fn api_scheme(&self) -> &'static str {
+        if self.api_tls {
+            "https"
+        } else {
+            "http"
+        }
     }
 
     /// Path of the default repository.
@@ -259,6 +280,8 @@ pub struct FileConfig {
     pub tls_certificates: Option<PathBuf>,
     /// Demand client certificates.
     pub tls_verify_peer: Option<bool>,
+    /// See [`Config::api_tls`].
+    pub api_tls: Option<bool>,
 }
 
 impl FileConfig {
@@ -330,6 +353,9 @@ impl FileConfig {
         }
         if let Some(v) = self.tls_verify_peer {
             c.nbd_tls.verify_peer = v;
+        }
+        if let Some(v) = self.api_tls {
+            c.api_tls = v;
         }
         Ok(())
     }

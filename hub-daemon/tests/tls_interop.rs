@@ -397,3 +397,62 @@ async fn hub_backup_over_required_tls_uses_nbds_targets() {
     }
     daemon.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_over_https_with_the_same_certificates() {
+    if !require("curl") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let creds = tmp.path().join("creds");
+    init(&creds);
+    let mut c = config(&data, 4, 0, Duration::from_secs(3600));
+    c.api_tls = true;
+    c.nbd_tls.certificates = Some(creds.clone());
+    let daemon = Daemon::start(c).await.unwrap();
+    assert_eq!(daemon.api_scheme, "https");
+    let port = daemon.api_addr.port();
+    // A client that says nothing does not hold up the others.
+    let _silent = tokio::net::TcpStream::connect(daemon.api_addr)
+        .await
+        .unwrap();
+    let ca = creds.join("ca-cert.pem");
+    let body = run_ok(
+        "curl",
+        &[
+            "-sS",
+            "--fail",
+            "--cacert",
+            ca.to_str().unwrap(),
+            &format!("https://localhost:{port}/api/v1/vms"),
+        ],
+    )
+    .await;
+    assert!(body.starts_with('['), "{body}");
+    // Plain HTTP to the HTTPS port gets no API answer.
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://127.0.0.1:{port}/api/v1/vms"),
+        ],
+    )
+    .await;
+    assert!(!out.status.success() || !String::from_utf8_lossy(&out.stdout).starts_with('['));
+    // A client that does not trust the CA refuses the hub.
+    let out = run(
+        "curl",
+        &[
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("https://localhost:{port}/healthz"),
+        ],
+    )
+    .await;
+    assert!(!out.status.success());
+    daemon.shutdown().await.unwrap();
+}

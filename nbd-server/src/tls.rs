@@ -94,6 +94,12 @@ impl ServerTls {
         ServerTls { config, required }
     }
 
+    /// The rustls configuration (e.g. to serve HTTPS with the same
+    /// credentials).
+    pub fn rustls_config(&self) -> Arc<rustls::ServerConfig> {
+        Arc::clone(&self.config)
+    }
+
     /// Whether plaintext clients are refused.
     pub fn required(&self) -> bool {
         self.required

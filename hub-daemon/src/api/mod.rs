@@ -7,6 +7,7 @@ mod error;
 mod json;
 mod ops;
 mod repositories;
+pub mod tls_listener;
 mod vms;
 
 use std::sync::Arc;

@@ -48,6 +48,10 @@ pub struct ServeArgs {
     /// NBD over TLS.
     #[command(flatten)]
     tls: TlsArgs,
+    /// Serve the API over HTTPS with server-cert.pem and server-key.pem of
+    /// the TLS certificates directory.
+    #[arg(long, env = "HUB_API_TLS")]
+    api_tls: bool,
     /// Let NBD clients list the exports (NBD_OPT_LIST); off by default,
     /// since export names are the capability to reach a disk.
     #[arg(long, env = "HUB_NBD_LIST_EXPORTS")]
@@ -100,6 +104,9 @@ impl ServeArgs {
         }
         self.limits.apply(&mut c.nbd_limits);
         self.tls.apply(&mut c.nbd_tls);
+        if self.api_tls {
+            c.api_tls = true;
+        }
         if self.nbd_list_exports {
             c.nbd_list_exports = true;
         }
@@ -118,7 +125,7 @@ pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
     let signals = super::Signals::listen()?;
     let daemon = Daemon::start(config).await.context("starting the hub")?;
-    println!("api http://{}", daemon.api_addr);
+    println!("api {}://{}", daemon.api_scheme, daemon.api_addr);
     if let Some(a) = daemon.nbd_shared_addr {
         println!("nbd-shared {a}");
     }
