@@ -456,3 +456,89 @@ async fn api_over_https_with_the_same_certificates() {
     assert!(!out.status.success());
     daemon.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_client_speaks_tls_to_our_server_and_qemu_nbd_and_never_falls_back() {
+    if !require("qemu-nbd") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let creds = tmp.path().join("tls");
+    init(&creds);
+    let data = disk_like(3, 2 * MIB);
+    let image = write_file(tmp.path(), "disk.raw", &data);
+    let spec = format!("d={}", image.display());
+    let ours = Exporter::start(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--tls",
+        "require",
+        "--tls-certificates",
+        creds.to_str().unwrap(),
+        "--tls-verify-peer",
+        &spec,
+    ]);
+    let uri = tls_uri(&ours.exports[0].2, &creds);
+    let c = nbd_client::connect_uri(&uri).await.unwrap();
+    assert_eq!(c.size(), data.len() as u64);
+    let got = c.read_bytes(MIB as u64, 65536).await.unwrap();
+    assert_eq!(&got[..], &data[MIB..MIB + 65536]);
+    c.write(0, bytes::Bytes::from(vec![9u8; 4096]), true)
+        .await
+        .unwrap();
+    c.disconnect().await.unwrap();
+    // Without the client certificate the verifying server refuses us.
+    let ca_only = client_dir(&tmp.path().join("ca-only"), &creds, None);
+    assert!(
+        nbd_client::connect_uri(&tls_uri(&ours.exports[0].2, &ca_only))
+            .await
+            .is_err()
+    );
+    assert_eq!(ours.terminate(), 0);
+
+    // qemu-nbd with x509 credentials.
+    let port = common::hub::free_port();
+    let mut q = tokio::process::Command::new("qemu-nbd")
+        .args([
+            "-f",
+            "raw",
+            "-x",
+            "q",
+            "-p",
+            &port.to_string(),
+            "-b",
+            "127.0.0.1",
+            "-t",
+            "--object",
+            &format!(
+                "tls-creds-x509,id=tls0,dir={},endpoint=server",
+                creds.display()
+            ),
+            "--tls-creds",
+            "tls0",
+            image.to_str().unwrap(),
+        ])
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let quri = tls_uri(&format!("nbds://127.0.0.1:{port}/q"), &creds);
+    let c = common::hub::eventually(20, || {
+        let quri = quri.clone();
+        async move { nbd_client::connect_uri(&quri).await.ok() }
+    })
+    .await;
+    let got = c.read_bytes(4096, 4096).await.unwrap();
+    assert_eq!(&got[..], &data[4096..8192]);
+    c.disconnect().await.unwrap();
+    // A plaintext-only server: nbds:// fails instead of sending in clear.
+    // (Another file: qemu-nbd holds a lock on the first.)
+    let other = write_file(tmp.path(), "other.raw", &data);
+    let plain = Exporter::start(&["--listen", "127.0.0.1:0", &format!("d={}", other.display())]);
+    let p = plain.exports[0].2.replacen("nbd://", "nbds://", 1);
+    let e = nbd_client::connect_uri(&tls_uri(&p, &creds))
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("refused"), "{e}");
+    assert_eq!(plain.terminate(), 0);
+    q.kill().await.unwrap();
+}

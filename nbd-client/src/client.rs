@@ -17,15 +17,14 @@ use nbd_server::proto::consts::{cmd, cmd_flags, tx_flags};
 use nbd_server::proto::reply::MAX_COMPACT_EXTENT;
 use nbd_server::proto::{ReplyMode, RequestHeader};
 use nbd_server::ReadChunk;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, BufWriter};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufWriter};
 use tokio::net::{TcpStream, ToSocketAddrs};
 use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinHandle;
 
 use crate::assemble::{Assembly, Output};
 use crate::error::{ClientError, ProtocolError};
-use crate::handshake::{handshake, ConnectOptions, ExportInfo};
+use crate::handshake::{greet, haggle, handshake, starttls, ConnectOptions, ExportInfo};
 use crate::reply::{decode_reply, Decoded, Extent};
 
 /// One request on its way to the socket.
@@ -108,14 +107,54 @@ impl Client {
         Self::from_stream(s, opts).await
     }
 
-    /// Negotiate on an already connected socket.
-    pub async fn from_stream(
+    /// Connect over TCP to `host:port` and negotiate; with
+    /// [`ConnectOptions::tls`], the server's certificate must name `host`.
+    pub async fn connect_host(
+        host: &str,
+        port: u16,
+        opts: &ConnectOptions,
+    ) -> Result<Client, ClientError> {
+        let s = TcpStream::connect((host, port)).await?;
+        Self::from_stream_named(s, host, opts).await
+    }
+
+    /// Negotiate on an already connected socket (TLS, if asked for, checks
+    /// the certificate against the peer's IP address).
+    pub async fn from_stream(s: TcpStream, opts: &ConnectOptions) -> Result<Client, ClientError> {
+        let host = s.peer_addr()?.ip().to_string();
+        Self::from_stream_named(s, &host, opts).await
+    }
+
+    async fn from_stream_named(
         mut s: TcpStream,
+        host: &str,
         opts: &ConnectOptions,
     ) -> Result<Client, ClientError> {
         s.set_nodelay(true)?;
-        let info = handshake(&mut s, opts).await?;
-        let (rd, wr) = s.into_split();
+        match &opts.tls {
+            None => {
+                let info = handshake(&mut s, opts).await?;
+                let (rd, wr) = s.into_split();
+                Ok(Self::start(rd, wr, info, opts))
+            }
+            Some(tls) => {
+                let no_zeroes = greet(&mut s).await?;
+                starttls(&mut s).await?;
+                let name = crate::tls::server_name(host)
+                    .map_err(|e| ClientError::Io(Arc::new(std::io::Error::other(e))))?;
+                let mut t = tls.connector().connect(name, s).await?;
+                let info = haggle(&mut t, opts, no_zeroes).await?;
+                let (rd, wr) = tokio::io::split(t);
+                Ok(Self::start(rd, wr, info, opts))
+            }
+        }
+    }
+
+    fn start<R, W>(rd: R, wr: W, info: ExportInfo, opts: &ConnectOptions) -> Client
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let table: Shared = Arc::default();
         let (tx, rx) = mpsc::unbounded_channel();
         let writer = tokio::spawn(write_loop(wr, rx, Arc::clone(&table)));
@@ -124,7 +163,7 @@ impl Client {
             .max_in_flight_bytes
             .max(info.max_payload as usize)
             .min(u32::MAX as usize) as u32;
-        Ok(Client {
+        Client {
             inner: Arc::new(Inner {
                 info,
                 tx,
@@ -136,7 +175,7 @@ impl Client {
                 reader,
                 writer: Mutex::new(Some(writer)),
             }),
-        })
+        }
     }
 
     /// What the handshake settled.
@@ -434,7 +473,11 @@ pub struct ZeroOptions {
     pub fast: bool,
 }
 
-async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing>, table: Shared) {
+async fn write_loop<W: AsyncWrite + Unpin>(
+    wr: W,
+    mut rx: mpsc::UnboundedReceiver<Outgoing>,
+    table: Shared,
+) {
     let mut w = BufWriter::with_capacity(256 << 10, wr);
     let result: std::io::Result<()> = async {
         while let Some(first) = rx.recv().await {
@@ -461,7 +504,7 @@ async fn write_loop(wr: OwnedWriteHalf, mut rx: mpsc::UnboundedReceiver<Outgoing
     }
 }
 
-async fn read_loop(mut rd: OwnedReadHalf, mode: ReplyMode, table: Shared) {
+async fn read_loop<R: AsyncRead + Unpin>(mut rd: R, mode: ReplyMode, table: Shared) {
     let mut buf = BytesMut::with_capacity(256 << 10);
     loop {
         let decoded = {

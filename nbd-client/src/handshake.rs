@@ -29,6 +29,9 @@ pub struct ConnectOptions {
     /// Most payload bytes (write data sent plus read data expected) in
     /// flight; raised to the maximum payload if smaller.
     pub max_in_flight_bytes: usize,
+    /// Upgrade to TLS with `STARTTLS` before anything else (a server that
+    /// refuses fails the connection: no silent plaintext fallback).
+    pub tls: Option<crate::tls::ClientTls>,
 }
 
 impl ConnectOptions {
@@ -41,6 +44,7 @@ impl ConnectOptions {
             block_status: true,
             max_in_flight: 64,
             max_in_flight_bytes: 64 << 20,
+            tls: None,
         }
     }
 }
@@ -181,11 +185,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<'_, S> {
     }
 }
 
-/// Negotiate on `s` up to transmission.
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+/// Read the greeting and send our flags; returns whether the server
+/// omits the export-name padding.
+pub(crate) async fn greet<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
-    opts: &ConnectOptions,
-) -> Result<ExportInfo, ClientError> {
+) -> Result<bool, ClientError> {
     let mut g = [0u8; GREETING_LEN];
     s.read_exact(&mut g).await?;
     let server_flags = wire::parse_greeting(&g)?;
@@ -195,6 +199,45 @@ pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
         cflags |= client_flags::NO_ZEROES;
     }
     s.write_all(&cflags.to_be_bytes()).await?;
+    Ok(no_zeroes)
+}
+
+/// `STARTTLS`: `Ok` once the server acknowledged (run the TLS handshake
+/// next); a refusal is an error, never a fallback to plaintext.
+pub(crate) async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+) -> Result<(), ClientError> {
+    let mut d = Driver { s };
+    let option = opt::STARTTLS;
+    d.send(option, &[]).await?;
+    let (reply, p) = d.reply(option).await?;
+    match reply {
+        rep::ACK => Ok(()),
+        r if wire::is_error(r) => Err(HandshakeError::Refused {
+            option,
+            reply: r,
+            message: String::from_utf8_lossy(&p).into_owned(),
+        }
+        .into()),
+        r => Err(HandshakeError::UnexpectedReply { option, reply: r }.into()),
+    }
+}
+
+/// Negotiate on `s` up to transmission (greeting included).
+pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    opts: &ConnectOptions,
+) -> Result<ExportInfo, ClientError> {
+    let no_zeroes = greet(s).await?;
+    haggle(s, opts, no_zeroes).await
+}
+
+/// Option haggling after the greeting (and after STARTTLS, inside TLS).
+pub(crate) async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
+    s: &mut S,
+    opts: &ConnectOptions,
+    no_zeroes: bool,
+) -> Result<ExportInfo, ClientError> {
     let mut d = Driver { s };
     let extended = opts.extended_headers && d.simple_option(opt::EXTENDED_HEADERS).await?;
     let structured =

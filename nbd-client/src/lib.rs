@@ -43,6 +43,7 @@ mod error;
 mod handshake;
 pub mod option_wire;
 pub mod reply;
+mod tls;
 mod uri;
 
 pub use backend::{to_backend_error, NbdBackend};
@@ -50,13 +51,29 @@ pub use client::{Client, ZeroOptions};
 pub use error::{ClientError, HandshakeError, ProtocolError};
 pub use handshake::{ConnectOptions, ExportInfo};
 pub use reply::Extent;
+pub use tls::{ClientTls, TlsConfigError};
 pub use uri::{NbdUri, UriError, DEFAULT_PORT};
 
-/// Connect to an `nbd://host:port/export` URI with default options.
+/// Connect to an `nbd://host:port/export` URI with default options, or
+/// to `nbds://…?tls-certificates=DIR` over TLS with DIR's credentials.
 pub async fn connect_uri(uri: &str) -> Result<Client, ConnectError> {
     let u = NbdUri::parse(uri)?;
-    let c = Client::connect(u.authority(), &ConnectOptions::new(u.export)).await?;
-    Ok(c)
+    let opts = options_for(&u)?;
+    Ok(Client::connect_host(&u.host, u.port, &opts).await?)
+}
+
+/// Default options for a parsed URI (TLS credentials loaded for `nbds://`).
+pub fn options_for(u: &NbdUri) -> Result<ConnectOptions, ConnectError> {
+    let mut opts = ConnectOptions::new(u.export.clone());
+    if u.tls {
+        let dir = u.tls_certificates.as_deref().ok_or_else(|| {
+            TlsConfigError::new(
+                "nbds:// needs ?tls-certificates=DIR (the directory with ca-cert.pem)",
+            )
+        })?;
+        opts.tls = Some(ClientTls::from_dir(std::path::Path::new(dir))?);
+    }
+    Ok(opts)
 }
 
 /// Why [`connect_uri`] failed.
@@ -68,4 +85,7 @@ pub enum ConnectError {
     /// The connection or handshake.
     #[error(transparent)]
     Client(#[from] ClientError),
+    /// TLS credentials.
+    #[error(transparent)]
+    Tls(#[from] TlsConfigError),
 }

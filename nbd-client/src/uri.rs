@@ -1,5 +1,6 @@
-//! `nbd://host[:port]/export` addresses (the subset of the NBD URI
-//! specification without TLS or Unix sockets).
+//! `nbd://host[:port]/export` and `nbds://…` addresses (the NBD URI
+//! specification without Unix sockets; of the query, libnbd's
+//! `tls-certificates=DIR`).
 
 /// Default NBD port.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -13,13 +14,17 @@ pub struct NbdUri {
     pub port: u16,
     /// Export name (percent-decoded; "" is the default export).
     pub export: String,
+    /// `nbds://`: TLS required.
+    pub tls: bool,
+    /// `tls-certificates=DIR` from the query (percent-decoded).
+    pub tls_certificates: Option<String>,
 }
 
 /// Why a URI was refused.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UriError {
-    /// Not `nbd://`.
-    #[error("not an nbd:// URI (TLS and Unix sockets are not supported)")]
+    /// Not `nbd://` or `nbds://`.
+    #[error("not an nbd:// or nbds:// URI (Unix sockets are not supported)")]
     Scheme,
     /// Empty host, bad port or bad escape.
     #[error("malformed nbd:// URI: {0}")]
@@ -27,9 +32,13 @@ pub enum UriError {
 }
 
 impl NbdUri {
-    /// Parse `nbd://host[:port][/export]`.
+    /// Parse `nbd[s]://host[:port][/export][?tls-certificates=DIR]`.
     pub fn parse(s: &str) -> Result<NbdUri, UriError> {
-        let rest = s.strip_prefix("nbd://").ok_or(UriError::Scheme)?;
+        let (tls, rest) = if let Some(r) = s.strip_prefix("nbds://") {
+            (true, r)
+        } else {
+            (false, s.strip_prefix("nbd://").ok_or(UriError::Scheme)?)
+        };
         let (authority, path) = rest.split_once('/').unwrap_or((rest, ""));
         let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
             let (h, tail) = v6
@@ -49,11 +58,21 @@ impl NbdUri {
             Some(p) => p.parse().map_err(|_| UriError::Malformed("bad port"))?,
             None => DEFAULT_PORT,
         };
-        let path = path.split(['?', '#']).next().unwrap_or("");
+        let (path, query) = path.split_once('?').unwrap_or((path, ""));
+        let path = path.split('#').next().unwrap_or("");
+        let query = query.split('#').next().unwrap_or("");
+        let mut tls_certificates = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            if let Some(v) = pair.strip_prefix("tls-certificates=") {
+                tls_certificates = Some(percent_decode(v)?);
+            }
+        }
         Ok(NbdUri {
             host: host.to_owned(),
             port,
             export: percent_decode(path)?,
+            tls,
+            tls_certificates,
         })
     }
 
@@ -101,7 +120,12 @@ mod tests {
             (u.host.as_str(), u.port, u.export.as_str()),
             ("::1", 99, "a b")
         );
-        assert_eq!(NbdUri::parse("nbds://h/x"), Err(UriError::Scheme));
+        assert_eq!(NbdUri::parse("nbdx://h/x"), Err(UriError::Scheme));
+        let u = NbdUri::parse("nbds://h:1/x?tls-certificates=/etc/a%20b&x=1").unwrap();
+        assert!(u.tls);
+        assert_eq!(u.export, "x");
+        assert_eq!(u.tls_certificates.as_deref(), Some("/etc/a b"));
+        assert!(!NbdUri::parse("nbd://h/x?y").unwrap().tls);
         assert!(NbdUri::parse("nbd://:1/x").is_err());
         assert!(NbdUri::parse("nbd://h:99999/x").is_err());
         assert!(NbdUri::parse("nbd://h/%zz").is_err());
