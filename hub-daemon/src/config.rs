@@ -464,4 +464,23 @@ mod tests {
         f.apply(&mut c).unwrap();
         assert!(c.open_without_tokens());
     }
+
+    #[test]
+    fn tls_keys_from_the_file() {
+        let c = Config::default();
+        assert!(!c.nbd_tls.enabled() && !c.api_tls, "TLS is opt-in");
+        assert_eq!(c.tls_dir(), c.data_dir.join("tls"));
+        let f: FileConfig = toml::from_str(
+            "tls = \"require\"\ntls_certificates = \"/etc/hub/tls\"\n\
+             tls_verify_peer = true\napi_tls = true",
+        )
+        .unwrap();
+        let mut c = Config::default();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.nbd_tls.setting, crate::tls::TlsSetting::Require);
+        assert!(c.nbd_tls.verify_peer && c.api_tls);
+        assert_eq!(c.tls_dir(), PathBuf::from("/etc/hub/tls"));
+        assert_eq!(c.api_scheme(), "https");
+        assert!(toml::from_str::<FileConfig>("tls = \"maybe\"").is_err());
+    }
 }
