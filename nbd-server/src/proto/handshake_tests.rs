@@ -648,3 +648,57 @@ fn fast_zero_is_dropped_without_write_zeroes() {
     info.flags &= !tx_flags::SEND_WRITE_ZEROES;
     assert_eq!(info.negotiated_flags(false) & tx_flags::SEND_FAST_ZERO, 0);
 }
+
+mod forced_tls_props {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn any_option() -> impl Strategy<Value = (u32, Vec<u8>)> {
+        (
+            prop_oneof![
+                Just(opt::EXPORT_NAME),
+                Just(opt::LIST),
+                Just(opt::INFO),
+                Just(opt::GO),
+                Just(opt::STRUCTURED_REPLY),
+                Just(opt::LIST_META_CONTEXT),
+                Just(opt::SET_META_CONTEXT),
+                Just(opt::EXTENDED_HEADERS),
+                Just(opt::STARTTLS),
+                0u32..64,
+            ],
+            prop_oneof![
+                Just(go_payload("disk", &[])),
+                Just(meta_payload("disk", &["base:allocation"])),
+                proptest::collection::vec(any::<u8>(), 0..40),
+            ],
+        )
+    }
+
+    proptest! {
+        /// Whatever a client sends before TLS, a FORCEDTLS server never
+        /// enters transmission and never answers with anything but
+        /// TLS_REQD (or the STARTTLS/ABORT answers, or a size refusal).
+        #[test]
+        fn nothing_but_starttls_gets_through(opts in proptest::collection::vec(any_option(), 1..12)) {
+            let mut hs = Handshake::with_tls(TlsMode::Required);
+            let mut bytes = 3u32.to_be_bytes().to_vec();
+            for (code, data) in &opts {
+                bytes.extend(option(*code, data));
+            }
+            let (r, out) = run(&mut hs, &bytes);
+            match r {
+                Ok(HandshakeStep::Enter(_)) => prop_assert!(false, "entered transmission before TLS"),
+                Ok(HandshakeStep::StartTls) | Ok(HandshakeStep::NeedMore) | Ok(HandshakeStep::Close) => {}
+                Err(HandshakeError::TlsRequired) | Err(HandshakeError::DataAfterStartTls) => {}
+                Err(e) => prop_assert!(false, "unexpected {e:?}"),
+            }
+            for rep in replies(&out) {
+                let ok = rep.kind == rep::ERR_TLS_REQD
+                    || (rep.option == opt::STARTTLS && matches!(rep.kind, rep::ACK | rep::ERR_INVALID))
+                    || (rep.option == opt::ABORT && rep.kind == rep::ACK);
+                prop_assert!(ok, "option {} got reply {:#x} before TLS", rep.option, rep.kind);
+            }
+        }
+    }
+}
