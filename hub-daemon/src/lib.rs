@@ -20,6 +20,7 @@ pub mod cli;
 pub mod config;
 pub mod confined;
 pub mod error;
+pub mod lifecycle;
 pub mod model;
 pub mod names;
 pub mod nbd;
