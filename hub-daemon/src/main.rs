@@ -1,20 +1,26 @@
 //! `hub-daemon` binary: parse the command line, set up logging, run.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
-use hub_daemon::cli::{Cli, Command};
+use hub_daemon::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
 
 fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            // rustls warns about every client that sends an IP address as
-            // SNI (qemu does); that is the client's quirk, not news.
-            EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| EnvFilter::new("info,rustls=error")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
     let cli = Cli::parse();
+    // rustls warns about every client that sends an IP address as SNI
+    // (qemu does); that is the client's quirk, not news.
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info,rustls=error"));
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        // One JSON object per line, for log collectors.
+        LogFormat::Json => logs.json().with_current_span(false).init(),
+        // Colour only for a person at a terminal, never in log files.
+        LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
+    }
     hub_daemon::cli::raise_fd_limit();
     let rt = hub_daemon::cli::runtime()?;
     rt.block_on(async move {
