@@ -86,6 +86,34 @@ pub struct Config {
     /// Directories repositories may be created under (empty: the data
     /// directory).
     pub repository_roots: Vec<PathBuf>,
+    /// The backup appliance (hand-off contract) and how to reach it.
+    pub sna: SnaConfig,
+}
+
+/// The hub's side of the appliance hand-off (`docs/sna-contract.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnaConfig {
+    /// Default appliance for VMs registered without one (none: backups of
+    /// such VMs are driven by the client, as without an appliance).
+    pub url: Option<String>,
+    /// Sent to the appliance as `Authorization: Bearer`.
+    pub token: Option<crate::sna::SnaToken>,
+    /// Longest wait for each prepare or start answer.
+    pub timeout: Duration,
+    /// Base URL the appliance reaches this hub's API at (default
+    /// `http://{listen address}`).
+    pub public_url: Option<String>,
+}
+
+impl Default for SnaConfig {
+    fn default() -> Self {
+        SnaConfig {
+            url: None,
+            token: None,
+            timeout: Duration::from_secs(30),
+            public_url: None,
+        }
+    }
 }
 
 /// Memory and connection limits of the NBD server (what
@@ -175,6 +203,7 @@ impl Default for Config {
             nbd_list_exports: false,
             insecure_no_auth: false,
             repository_roots: Vec::new(),
+            sna: SnaConfig::default(),
         }
     }
 }
@@ -245,6 +274,14 @@ pub struct FileConfig {
     pub insecure_no_auth: Option<bool>,
     /// See [`Config::repository_roots`].
     pub repository_roots: Option<Vec<PathBuf>>,
+    /// See [`SnaConfig::url`].
+    pub sna_url: Option<String>,
+    /// See [`SnaConfig::token`].
+    pub sna_token: Option<String>,
+    /// Seconds; see [`SnaConfig::timeout`].
+    pub sna_timeout_secs: Option<u64>,
+    /// See [`SnaConfig::public_url`].
+    pub public_url: Option<String>,
 }
 
 impl FileConfig {
@@ -307,6 +344,41 @@ impl FileConfig {
         }
         if let Some(v) = self.repository_roots {
             c.repository_roots = v;
+        }
+        c.sna.apply(
+            self.sna_url,
+            self.sna_token,
+            self.sna_timeout_secs,
+            self.public_url,
+        )?;
+        Ok(())
+    }
+}
+
+impl SnaConfig {
+    /// Set what is given (from a file, or flags and environment), checking
+    /// the URLs.
+    pub fn apply(
+        &mut self,
+        url: Option<String>,
+        token: Option<String>,
+        timeout_secs: Option<u64>,
+        public_url: Option<String>,
+    ) -> Result<(), String> {
+        if let Some(v) = url {
+            self.url = Some(crate::sna::check_url("sna_url", &v)?);
+        }
+        if let Some(v) = token {
+            self.token = Some(crate::sna::SnaToken::new(v)?);
+        }
+        if let Some(v) = timeout_secs {
+            if v == 0 {
+                return Err("sna_timeout must be at least 1 second".into());
+            }
+            self.timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = public_url {
+            self.public_url = Some(crate::sna::check_url("public_url", &v)?);
         }
         Ok(())
     }
@@ -414,5 +486,32 @@ mod tests {
         };
         f.apply(&mut c).unwrap();
         assert!(c.open_without_tokens());
+    }
+
+    #[test]
+    fn file_sets_the_appliance() {
+        let mut c = Config::default();
+        assert_eq!(c.sna, SnaConfig::default());
+        let f: FileConfig = toml::from_str(
+            "sna_url = \"http://sna.example:8443/\"\nsna_token = \"s3cret\"\n\
+             sna_timeout_secs = 7\npublic_url = \"http://10.0.0.5:8082\"",
+        )
+        .unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.sna.url.as_deref(), Some("http://sna.example:8443"));
+        assert_eq!(c.sna.timeout, Duration::from_secs(7));
+        assert_eq!(c.sna.public_url.as_deref(), Some("http://10.0.0.5:8082"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token is never shown"
+        );
+        for bad in [
+            "sna_url = \"ftp://x\"",
+            "sna_timeout_secs = 0",
+            "public_url = \"http://x/?q\"",
+        ] {
+            let f: FileConfig = toml::from_str(bad).unwrap();
+            assert!(f.apply(&mut Config::default()).is_err(), "{bad}");
+        }
     }
 }

@@ -62,6 +62,26 @@ pub struct ServeArgs {
         value_delimiter = ':'
     )]
     repository_roots: Vec<PathBuf>,
+    /// Backup appliance (SNA) for VMs registered without their own, as
+    /// http://HOST:PORT; see docs/sna-contract.md [default: none].
+    #[arg(long, env = "HUB_SNA_URL", value_name = "URL")]
+    sna_url: Option<String>,
+    /// Bearer token the hub sends to the appliance.
+    #[arg(
+        long,
+        env = "HUB_SNA_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    sna_token: Option<String>,
+    /// Longest wait for the appliance's prepare and start answers, seconds
+    /// [default: 30].
+    #[arg(long, env = "HUB_SNA_TIMEOUT", value_name = "SECS")]
+    sna_timeout: Option<u64>,
+    /// URL the appliance reaches this hub's API at, for its callbacks
+    /// [default: http://{listen address}].
+    #[arg(long, env = "HUB_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
 }
 
 impl ServeArgs {
@@ -104,6 +124,14 @@ impl ServeArgs {
         if !self.repository_roots.is_empty() {
             c.repository_roots = self.repository_roots.clone();
         }
+        c.sna
+            .apply(
+                self.sna_url.clone(),
+                self.sna_token.clone(),
+                self.sna_timeout,
+                self.public_url.clone(),
+            )
+            .map_err(anyhow::Error::msg)?;
         Ok(c)
     }
 }
