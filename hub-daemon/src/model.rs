@@ -163,8 +163,8 @@ pub struct BackupStarted {
 }
 
 /// `POST /api/v1/backups/{id}/complete` body.
+/// Unknown fields are ignored (the appliance contract, `sna_contract`).
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
     /// Per-disk change ids reported by the SNA.
     #[serde(default)]
@@ -172,8 +172,8 @@ pub struct CompleteRequest {
 }
 
 /// What the sender reports for one disk at `complete`.
+/// Unknown fields are ignored (the appliance contract, `sna_contract`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DiskChange {
     /// Disk index.
     pub disk_id: u32,
@@ -187,8 +187,8 @@ pub struct DiskChange {
 }
 
 /// `POST /api/v1/backups/{id}/abort` body.
+/// Unknown fields are ignored (the appliance contract, `sna_contract`).
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AbortRequest {
     /// Why.
     #[serde(default)]
