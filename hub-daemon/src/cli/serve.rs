@@ -191,4 +191,29 @@ mod tests {
         assert_eq!(l.send_timeout, Duration::from_secs(5));
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
     }
+
+    #[test]
+    fn appliance_flags() {
+        let c = Wrap::try_parse_from(["x"]).unwrap().serve.config().unwrap();
+        assert_eq!(c.sna, crate::config::SnaConfig::default());
+        let args = Wrap::try_parse_from([
+            "x",
+            "--sna-url",
+            "http://sna.local:8443/",
+            "--sna-token",
+            "tok",
+            "--sna-timeout",
+            "5",
+            "--public-url",
+            "http://10.0.0.5:8082",
+        ])
+        .unwrap();
+        let c = args.serve.config().unwrap();
+        assert_eq!(c.sna.url.as_deref(), Some("http://sna.local:8443"));
+        assert_eq!(c.sna.timeout, Duration::from_secs(5));
+        assert_eq!(c.sna.public_url.as_deref(), Some("http://10.0.0.5:8082"));
+        assert!(c.sna.token.is_some());
+        let bad = Wrap::try_parse_from(["x", "--sna-url", "https://sna"]).unwrap();
+        assert!(bad.serve.config().is_err());
+    }
 }
