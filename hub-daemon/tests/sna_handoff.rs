@@ -672,6 +672,27 @@ async fn a_hanging_appliance_is_504() {
     })
     .await;
     assert_eq!(cancels.len(), 1);
+
+    // A client that hangs up while the hub waits for the appliance does
+    // not cut the start in half: it still times out and releases all.
+    let starts = sna.calls("/start").len();
+    let body = json!({"vm_name": "vm", "backup_type": "full", "repository_id": "default"});
+    let gone = tokio::time::timeout(
+        Duration::from_millis(150),
+        call_as(hub.addr, None, "POST", "/api/v1/backups", Some(&body)),
+    )
+    .await;
+    assert!(gone.is_err(), "the hub answered before the appliance did");
+    eventually(10, || async {
+        Some(()).filter(|_| sna.calls("/start").len() > starts)
+    })
+    .await;
+    let id = sna.last_start().backup_id;
+    eventually(10, || async {
+        Some(()).filter(|_| !sna.calls(&format!("{id}/cancel")).is_empty())
+    })
+    .await;
+    assert_nothing_left(&hub).await;
     hub.stop().await;
 }
 

@@ -10,6 +10,7 @@ use super::auth::CallbackCaller;
 use super::error::ApiError;
 use super::json::{AppJson, AppPath, AppQuery, OptionalJson};
 use super::AppState;
+use crate::error::DaemonError;
 use crate::model::{
     AbortRequest, BackupRecord, BackupRequest, BackupStarted, CompleteRequest, RestoreStarted,
 };
@@ -24,7 +25,13 @@ pub async fn start(
     State(st): State<AppState>,
     AppJson(req): AppJson<BackupRequest>,
 ) -> Result<(StatusCode, Json<BackupStarted>), ApiError> {
-    let started = st.backups().start(req).await?;
+    // In its own task: a client that hangs up while the appliance is
+    // being asked must not cut a start in half (it either completes or
+    // releases everything).
+    let backups = std::sync::Arc::clone(st.backups());
+    let started = tokio::spawn(async move { backups.start(req).await })
+        .await
+        .map_err(|e| DaemonError::Internal(format!("backup start task: {e}")))??;
     Ok((StatusCode::CREATED, Json(started)))
 }
 

@@ -264,9 +264,16 @@ impl Backups {
             .collect::<Vec<_>>()
             .join(",");
 
-        // The job is in the table before the appliance hears of it: its
-        // first callback may come before its answer to start does.
+        // The job is in the table (and watched) before the appliance hears
+        // of it: its first callback may come before its answer to start.
         self.jobs().insert(id.clone(), job);
+        watchdog::spawn(
+            Arc::downgrade(self),
+            id.clone(),
+            created_ms,
+            self.config.idle_timeout,
+            stop,
+        );
         let mut appliance_job_id = None;
         if let (Some(url), Some(token), Some(callback_url)) = (&appliance, handoff, callback_url) {
             let start = StartRequest {
@@ -307,13 +314,6 @@ impl Backups {
                 }
             }
         }
-        watchdog::spawn(
-            Arc::downgrade(self),
-            id.clone(),
-            created_ms,
-            self.config.idle_timeout,
-            stop,
-        );
         tracing::info!(backup = %id, vm = %vm.vm_name, disks = results.len(), appliance = appliance.as_deref().unwrap_or("none"), "backup started");
         Ok(BackupStarted {
             backup_id: id,
