@@ -24,6 +24,7 @@ use sna_contract::{
     ApplianceError, Mode, PrepareDisk, PrepareRequest, PrepareResponse, StartRequest,
     StartResponse, CANCEL_PATH, PREPARE_PATH, START_PATH,
 };
+use tokio_util::task::TaskTracker;
 
 use crate::error::{DaemonError, Result};
 
@@ -95,6 +96,8 @@ pub struct SnaClient {
     http: Client<HttpConnector, Full<Bytes>>,
     token: Option<SnaToken>,
     timeout: Duration,
+    /// Cancels on their way (waited for when the daemon stops).
+    cancels: TaskTracker,
 }
 
 impl fmt::Debug for SnaClient {
@@ -119,6 +122,7 @@ impl SnaClient {
             http,
             token,
             timeout,
+            cancels: TaskTracker::new(),
         }
     }
 
@@ -209,7 +213,7 @@ impl SnaClient {
     /// Best-effort cancel, in the background; the answer is ignored.
     pub fn cancel_in_background(&self, base: String, backup_id: String) {
         let me = self.clone();
-        tokio::spawn(async move {
+        self.cancels.spawn(async move {
             let path = CANCEL_PATH.replace("{backup_id}", &backup_id);
             let body =
                 serde_json::json!({ "contract": sna_contract::CONTRACT, "backup_id": backup_id });
@@ -222,6 +226,14 @@ impl SnaClient {
                 }
             }
         });
+    }
+}
+
+impl SnaClient {
+    /// Wait for every cancel sent so far (each bounded by the timeout).
+    pub async fn drain(&self) {
+        self.cancels.close();
+        self.cancels.wait().await;
     }
 }
 

@@ -989,3 +989,77 @@ async fn appliance_urls_are_checked_at_registration() {
     );
     hub.stop().await;
 }
+
+/// The `serve` process: appliance settings from flags and environment,
+/// the callback address from `--public-url`, and a cancel for a backup
+/// the hub aborts when it stops.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_process_hands_off_with_its_flags_and_environment() {
+    let sna = Appliance::start(Script {
+        hold: true,
+        ..Script::default()
+    })
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let d = common::DaemonProcess::start(
+        &[
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--nbd-ports",
+            "0",
+            "--nbd-shared-port",
+            "0",
+            "--sna-url",
+            &sna.url,
+            "--sna-timeout",
+            "5",
+        ],
+        &[
+            ("HUB_SNA_TOKEN", SNA_TOKEN),
+            ("HUB_PUBLIC_URL", "http://hub.example:9999/"),
+        ],
+    );
+    let disks = json!([{"disk_id": 0, "size_bytes": MIB}]);
+    let r = call_as(
+        d.api,
+        None,
+        "PUT",
+        "/api/v1/vms/vm",
+        Some(&json!({"vm_context_id": "c", "disks": disks})),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let body = json!({"vm_name": "vm", "backup_type": "full", "repository_id": "default"});
+    let r = call_as(d.api, None, "POST", "/api/v1/backups", Some(&body)).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["backup_id"].as_str().unwrap().to_owned();
+    let st = sna.last_start();
+    assert_eq!(
+        st.callback.url,
+        format!("http://hub.example:9999/api/v1/backups/{id}")
+    );
+    let start = sna.calls("/start").pop().unwrap();
+    assert_eq!(start.auth.as_deref(), Some(&*format!("Bearer {SNA_TOKEN}")));
+    // The token reaches the real process's API too.
+    let r = call_as(
+        d.api,
+        Some(&st.callback.token),
+        "GET",
+        &format!("/api/v1/backups/{id}"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(d.terminate(), 0);
+    // Stopping aborted the backup, and the appliance heard of it first.
+    let cancels = sna.calls("/cancel");
+    assert_eq!(cancels.len(), 1);
+    assert_eq!(cancels[0].path, format!("/v1/backups/{id}/cancel"));
+    assert_eq!(
+        cancels[0].body,
+        json!({"contract": sna_contract::CONTRACT, "backup_id": id})
+    );
+}

@@ -603,6 +603,8 @@ impl Backups {
                 tracing::error!(backup = %id, error = %e, "abort on shutdown failed");
             }
         }
+        // Appliances of the aborted backups hear of it before we go.
+        self.sna.drain().await;
         let restores: Vec<String> = self.restores.lock().await.keys().cloned().collect();
         for id in restores {
             let _ = self.stop_restore(&id).await;
