@@ -265,6 +265,10 @@ mod tests {
         assert_eq!(r("GET", "/api/v1/backups/x"), need(Role::Reader));
         assert_eq!(r("POST", "/api/v1/backups"), need(Role::Operator));
         assert_eq!(r("POST", "/api/v1/backups/x/restore"), need(Role::Operator));
+        assert_eq!(
+            r("POST", "/api/v1/backups/x/progress"),
+            need(Role::Operator)
+        );
         assert_eq!(r("DELETE", "/api/v1/backups/x"), need(Role::Operator));
         assert_eq!(r("PUT", "/api/v1/vms/vm1"), need(Role::Admin));
         assert_eq!(r("POST", "/api/v1/repositories"), need(Role::Admin));

@@ -13,6 +13,13 @@
 //! deletes every file and leaves no catalog row. `complete` drains and
 //! flushes every export, renames and syncs the files, then commits the
 //! catalog in one transaction.
+//!
+//! With a backup appliance for the VM (`sna_url`, or the hub's default),
+//! `start` also agrees each disk's mode with it (prepare) before creating
+//! the images and hands the targets over (start) before answering; the
+//! appliance then reports with a callback token scoped to the backup, and
+//! is sent a best-effort cancel when the backup fails on the hub side.
+//! The client of the contract is [`crate::sna`].
 
 mod layout;
 mod reconcile;
@@ -135,7 +142,9 @@ impl Backups {
     /// Where the API listens: the appliances' callback base URL, unless
     /// `public_url` is configured.
     pub fn set_api_addr(&self, addr: std::net::SocketAddr) {
-        let _ = self.public_url.set(format!("http://{addr}"));
+        if self.public_url.set(format!("http://{addr}")).is_ok() && addr.ip().is_unspecified() {
+            tracing::warn!(%addr, "the API listens on every address: appliances cannot call back to it; set --public-url");
+        }
     }
 
     /// The base URL appliances call back to.
