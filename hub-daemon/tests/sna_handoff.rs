@@ -38,6 +38,8 @@ struct Script {
     answer: Vec<(u32, Option<Answer>)>,
     /// Prepare: never answer.
     hang_prepare: bool,
+    /// Prepare: answer 200 with exactly these bytes.
+    prepare_raw: Option<Vec<u8>>,
     /// Start: refuse with this status and message.
     refuse_start: Option<(u16, String)>,
     /// Start: never answer.
@@ -172,6 +174,9 @@ async fn prepare(
     let script = fake.script.lock().unwrap().clone();
     if script.hang_prepare {
         std::future::pending::<()>().await;
+    }
+    if let Some(raw) = script.prepare_raw {
+        return ([(header::CONTENT_TYPE, "application/json")], raw).into_response();
     }
     let req: PrepareRequest = serde_json::from_value(body).unwrap();
     assert_eq!(req.contract, sna_contract::CONTRACT);
@@ -731,6 +736,34 @@ async fn an_incremental_the_hub_did_not_offer_is_a_contract_violation() {
         r.text()
     );
     assert_nothing_left(&hub).await;
+
+    // Hostile bytes: not the contract's body, or more than 1 MiB of it.
+    let mut huge = b"{\"disks\": [".to_vec();
+    huge.resize(2 << 20, b' ');
+    for (raw, says) in [
+        (b"<html>502</html>".to_vec(), "not the contract"),
+        (
+            b"{\"disks\": [{\"disk_key\": 2000, \"mode\": \"diff\"}]}".to_vec(),
+            "not the contract",
+        ),
+        (huge, "at most 1048576 bytes"),
+    ] {
+        sna.script(|s| {
+            s.answer.clear();
+            s.prepare_raw = Some(raw);
+        });
+        let r = start_backup(&hub, "vm", "full").await;
+        assert_error(&r, 502, "appliance_error");
+        assert!(
+            r.json()["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(says),
+            "{}",
+            r.text()
+        );
+        assert_nothing_left(&hub).await;
+    }
     hub.stop().await;
 }
 
