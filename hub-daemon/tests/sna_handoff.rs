@@ -1096,3 +1096,44 @@ async fn the_daemon_process_hands_off_with_its_flags_and_environment() {
         json!({"contract": sna_contract::CONTRACT, "backup_id": id})
     );
 }
+
+/// An appliance that accepted and then never wrote: the idle watchdog
+/// fails the backup and the appliance is told to cancel.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_handed_off_backup_fails_and_the_appliance_is_told() {
+    let sna = Appliance::start(Script {
+        hold: true,
+        ..Script::default()
+    })
+    .await;
+    let mut hub = Hub::start_configured(|c| c.idle_timeout = Duration::from_millis(300)).await;
+    register(&hub, "vm", &[MIB], Some(&sna.url)).await;
+    let r = start_backup(&hub, "vm", "full").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["backup_id"].as_str().unwrap().to_owned();
+    let token = sna.last_start().callback.token;
+    eventually(20, || async {
+        Some(()).filter(|_| !sna.calls(&format!("{id}/cancel")).is_empty())
+    })
+    .await;
+    let b = hub.get(&format!("/api/v1/backups/{id}")).await.json();
+    assert_eq!(b["status"], "failed");
+    assert!(
+        b["error"]
+            .as_str()
+            .unwrap()
+            .contains("no NBD client activity"),
+        "{b}"
+    );
+    // Its token is void: a late complete is refused.
+    let r = call_as(
+        hub.addr,
+        Some(&token),
+        "POST",
+        &format!("/api/v1/backups/{id}/complete"),
+        Some(&json!({})),
+    )
+    .await;
+    assert_error(&r, 401, "unauthorized");
+    hub.stop().await;
+}

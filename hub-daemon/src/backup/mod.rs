@@ -405,13 +405,14 @@ impl Backups {
             appliance,
             ..
         } = job;
-        if let Some(url) = appliance {
-            self.sna.cancel_in_background(url, id.clone());
-        }
         Self::remove_files(disks).await;
         let reason = err.to_string();
         if let Err(e) = self.catalog.fail(&id, &reason, seen).await {
             tracing::error!(backup = %id, error = %e, "cannot record failure");
+        }
+        // Told once the backup is failed and its token void.
+        if let Some(url) = appliance {
+            self.sna.cancel_in_background(url, id.clone());
         }
         tracing::warn!(backup = %id, reason, "backup failed");
         err
