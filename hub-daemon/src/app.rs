@@ -78,6 +78,7 @@ impl Daemon {
             .await
             .with_context(|| format!("binding API address {}", config.listen))?;
         let api_addr = listener.local_addr()?;
+        backups.set_api_addr(api_addr);
         let stop = CancellationToken::new();
         let app = router(AppState::new(Arc::clone(&backups)));
         let stop2 = stop.clone();

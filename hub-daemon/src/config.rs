@@ -91,6 +91,34 @@ pub struct Config {
     /// Serve the API over HTTPS with the server certificate of the same
     /// certificates directory.
     pub api_tls: bool,
+    /// The backup appliance (hand-off contract) and how to reach it.
+    pub sna: SnaConfig,
+}
+
+/// The hub's side of the appliance hand-off (`docs/sna-contract.md`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SnaConfig {
+    /// Default appliance for VMs registered without one (none: backups of
+    /// such VMs are driven by the client, as without an appliance).
+    pub url: Option<String>,
+    /// Sent to the appliance as `Authorization: Bearer`.
+    pub token: Option<crate::sna::SnaToken>,
+    /// Longest wait for each prepare or start answer.
+    pub timeout: Duration,
+    /// Base URL the appliance reaches this hub's API at (default
+    /// `http://{listen address}`).
+    pub public_url: Option<String>,
+}
+
+impl Default for SnaConfig {
+    fn default() -> Self {
+        SnaConfig {
+            url: None,
+            token: None,
+            timeout: Duration::from_secs(30),
+            public_url: None,
+        }
+    }
 }
 
 /// Memory and connection limits of the NBD server (what
@@ -182,6 +210,7 @@ impl Default for Config {
             repository_roots: Vec::new(),
             nbd_tls: Default::default(),
             api_tls: false,
+            sna: SnaConfig::default(),
         }
     }
 }
@@ -282,6 +311,14 @@ pub struct FileConfig {
     pub tls_verify_peer: Option<bool>,
     /// See [`Config::api_tls`].
     pub api_tls: Option<bool>,
+    /// See [`SnaConfig::url`].
+    pub sna_url: Option<String>,
+    /// See [`SnaConfig::token`].
+    pub sna_token: Option<String>,
+    /// Seconds; see [`SnaConfig::timeout`].
+    pub sna_timeout_secs: Option<u64>,
+    /// See [`SnaConfig::public_url`].
+    pub public_url: Option<String>,
 }
 
 impl FileConfig {
@@ -356,6 +393,41 @@ impl FileConfig {
         }
         if let Some(v) = self.api_tls {
             c.api_tls = v;
+        }
+        c.sna.apply(
+            self.sna_url,
+            self.sna_token,
+            self.sna_timeout_secs,
+            self.public_url,
+        )?;
+        Ok(())
+    }
+}
+
+impl SnaConfig {
+    /// Set what is given (from a file, or flags and environment), checking
+    /// the URLs.
+    pub fn apply(
+        &mut self,
+        url: Option<String>,
+        token: Option<String>,
+        timeout_secs: Option<u64>,
+        public_url: Option<String>,
+    ) -> Result<(), String> {
+        if let Some(v) = url {
+            self.url = Some(crate::sna::check_url("sna_url", &v)?);
+        }
+        if let Some(v) = token {
+            self.token = Some(crate::sna::SnaToken::new(v)?);
+        }
+        if let Some(v) = timeout_secs {
+            if v == 0 {
+                return Err("sna_timeout must be at least 1 second".into());
+            }
+            self.timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = public_url {
+            self.public_url = Some(crate::sna::check_url("public_url", &v)?);
         }
         Ok(())
     }
@@ -482,5 +554,32 @@ mod tests {
         assert_eq!(c.tls_dir(), PathBuf::from("/etc/hub/tls"));
         assert_eq!(c.api_scheme(), "https");
         assert!(toml::from_str::<FileConfig>("tls = \"maybe\"").is_err());
+    }
+
+    #[test]
+    fn file_sets_the_appliance() {
+        let mut c = Config::default();
+        assert_eq!(c.sna, SnaConfig::default());
+        let f: FileConfig = toml::from_str(
+            "sna_url = \"http://sna.example:8443/\"\nsna_token = \"s3cret\"\n\
+             sna_timeout_secs = 7\npublic_url = \"http://10.0.0.5:8082\"",
+        )
+        .unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.sna.url.as_deref(), Some("http://sna.example:8443"));
+        assert_eq!(c.sna.timeout, Duration::from_secs(7));
+        assert_eq!(c.sna.public_url.as_deref(), Some("http://10.0.0.5:8082"));
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "the token is never shown"
+        );
+        for bad in [
+            "sna_url = \"ftp://x\"",
+            "sna_timeout_secs = 0",
+            "public_url = \"http://x/?q\"",
+        ] {
+            let f: FileConfig = toml::from_str(bad).unwrap();
+            assert!(f.apply(&mut Config::default()).is_err(), "{bad}");
+        }
     }
 }

@@ -37,6 +37,14 @@ pub enum DaemonError {
     /// [`DaemonError::unless_no_space`], from ENOSPC/EDQUOT or SQLITE_FULL.
     #[error("no space left: {0}")]
     NoSpace(String),
+    /// The backup appliance refused, was unreachable, or broke the
+    /// contract; everything the backup held has been released.
+    #[error("appliance: {0}")]
+    Appliance(String),
+    /// The backup appliance did not answer in time; everything the backup
+    /// held has been released.
+    #[error("appliance: {0}")]
+    ApplianceTimeout(String),
     /// The catalog failed.
     #[error("catalog: {0}")]
     Catalog(rusqlite::Error),

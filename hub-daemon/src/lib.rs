@@ -8,6 +8,7 @@
 //! * [`catalog`]: SQLite store of VMs, repositories and backups.
 //! * [`nbd`]: the NBD server, per-export ports and the shared port.
 //! * [`ports`]: NBD port allocation with RAII leases.
+//! * [`sna`]: the client of a backup appliance (the hand-off contract).
 //! * [`config`], [`model`], [`names`], [`error`], [`time`], [`secret`]: plumbing.
 //! * [`app`]: assembling and running it all; [`cli`]: the binary's commands.
 #![deny(missing_docs)]
@@ -26,5 +27,6 @@ pub mod names;
 pub mod nbd;
 pub mod ports;
 pub mod secret;
+pub mod sna;
 pub mod time;
 pub mod tls;

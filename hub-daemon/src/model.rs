@@ -32,6 +32,10 @@ pub struct VmRequest {
     pub vm_context_id: String,
     /// Every disk of the VM.
     pub disks: Vec<DiskSpec>,
+    /// Backup appliance (SNA) that sends this VM's disks, `http://host:port`
+    /// (overrides the hub's `--sna-url`; absent: the hub's default, if any).
+    #[serde(default)]
+    pub sna_url: Option<String>,
 }
 
 /// A registered VM.
@@ -43,6 +47,9 @@ pub struct Vm {
     pub vm_context_id: String,
     /// Disks, by disk_id, disk_key resolved.
     pub disks: Vec<DiskSpec>,
+    /// The VM's own backup appliance, if registered with one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sna_url: Option<String>,
     /// Last registration (RFC 3339).
     pub updated_at: String,
 }
@@ -150,11 +157,14 @@ pub struct BackupStarted {
     pub created_at: String,
     /// Port serving every export by name (one tunnel for the whole VM).
     pub nbd_shared_port: Option<u16>,
+    /// The appliance's job id, when an appliance accepted the backup.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub appliance_job_id: Option<String>,
 }
 
 /// `POST /api/v1/backups/{id}/complete` body.
+/// Unknown fields are ignored (the appliance contract, `sna_contract`).
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct CompleteRequest {
     /// Per-disk change ids reported by the SNA.
     #[serde(default)]
@@ -162,8 +172,8 @@ pub struct CompleteRequest {
 }
 
 /// What the sender reports for one disk at `complete`.
+/// Unknown fields are ignored (the appliance contract, `sna_contract`).
 #[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct DiskChange {
     /// Disk index.
     pub disk_id: u32,
@@ -177,8 +187,8 @@ pub struct DiskChange {
 }
 
 /// `POST /api/v1/backups/{id}/abort` body.
+/// Unknown fields are ignored (the appliance contract, `sna_contract`).
 #[derive(Debug, Clone, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct AbortRequest {
     /// Why.
     #[serde(default)]
@@ -233,6 +243,18 @@ pub struct BackupDisk {
     /// Live: last client request (RFC 3339).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub last_activity: Option<String>,
+    /// Live: the sender's latest progress report for this disk.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub progress: Option<Progress>,
+}
+
+/// A sender's progress on one disk (`POST /api/v1/backups/{id}/progress`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Progress {
+    /// Bytes handled so far.
+    pub bytes_done: u64,
+    /// Bytes to handle in total.
+    pub bytes_total: u64,
 }
 
 /// A backup as recorded.

@@ -91,7 +91,7 @@ async fn kill_9_mid_backup_then_restart_reconciles() {
         d.api,
         "POST",
         &format!("/api/v1/backups/{full_id}/complete"),
-        None,
+        Some(&json!({"disks": [{"disk_id": 0, "change_id": "c0"}, {"disk_id": 1, "change_id": "c1"}]})),
     )
     .await;
     assert_eq!(r.status, 200);

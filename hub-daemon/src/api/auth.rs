@@ -10,6 +10,11 @@
 //! * Tokens are read from the catalog on every request, so creating or
 //!   revoking one (even from the CLI, in another process) takes effect at
 //!   once. The token itself is never logged; only its name is.
+//! * A backup's callback token (`hcb_…`, given to its appliance at start)
+//!   is no API token: it opens exactly `GET /api/v1/backups/{id}` and
+//!   `POST /api/v1/backups/{id}/progress|complete|abort` of its own backup,
+//!   while that runs, whether API tokens exist or not; anything else with
+//!   it is 401.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -22,7 +27,7 @@ use axum::response::{IntoResponse, Response};
 
 use super::error::ApiError;
 use super::AppState;
-use crate::catalog::Role;
+use crate::catalog::{Role, CALLBACK_PREFIX};
 
 /// What a route needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,6 +58,11 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     (
         "POST",
         "/api/v1/backups/*/abort",
+        Access::Role(Role::Operator),
+    ),
+    (
+        "POST",
+        "/api/v1/backups/*/progress",
         Access::Role(Role::Operator),
     ),
     (
@@ -176,9 +186,57 @@ async fn authenticate(st: &AppState, headers: &HeaderMap) -> Result<Option<Role>
     }
 }
 
+/// Set on a request authenticated by the callback token of the backup in
+/// its path (the appliance's own call).
+#[derive(Debug, Clone)]
+pub struct CallbackCaller;
+
+/// The backup a callback token may act on with `method path`: its id, if
+/// the route is one of the callbacks (or the backup's GET).
+fn callback_scope<'a>(method: &Method, path: &'a str) -> Option<&'a str> {
+    let rest = path.strip_prefix("/api/v1/backups/")?;
+    let (id, tail) = match rest.split_once('/') {
+        Some((id, tail)) => (id, Some(tail)),
+        None => (rest, None),
+    };
+    let allowed = match (method.as_str(), tail) {
+        ("GET" | "HEAD", None) => true,
+        ("POST", Some(t)) => matches!(t, "progress" | "complete" | "abort"),
+        _ => false,
+    };
+    (allowed && !id.is_empty()).then_some(id)
+}
+
+/// A request bearing a callback token: through, marked, if it is the
+/// running backup's own on one of its callback routes; otherwise 401.
+async fn callback(st: &AppState, mut req: Request, next: Next, token: String) -> Response {
+    let Some(id) = callback_scope(req.method(), req.uri().path()).map(str::to_owned) else {
+        return ApiError::Unauthorized("a callback token opens only its own backup's callbacks")
+            .into_response();
+    };
+    match st.catalog().check_callback_token(&id, &token).await {
+        Ok(true) => {
+            tracing::debug!(backup = %id, "authenticated by callback token");
+            req.extensions_mut().insert(CallbackCaller);
+            next.run(req).await
+        }
+        Ok(false) => ApiError::Unauthorized(
+            "callback token invalid, of another backup, or of a backup that has ended",
+        )
+        .into_response(),
+        Err(e) => ApiError::from(e).into_response(),
+    }
+}
+
 /// The middleware: decide the route's access, check the token, pass on or
 /// refuse in the JSON error shape.
 pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if let Ok(Some(t)) = bearer(req.headers()) {
+        if t.starts_with(CALLBACK_PREFIX) {
+            let t = t.to_owned();
+            return callback(&st, req, next, t).await;
+        }
+    }
     let need = match required(req.method(), req.uri().path()) {
         Access::Open => return next.run(req).await,
         Access::Role(r) => r,
@@ -207,6 +265,10 @@ mod tests {
         assert_eq!(r("GET", "/api/v1/backups/x"), need(Role::Reader));
         assert_eq!(r("POST", "/api/v1/backups"), need(Role::Operator));
         assert_eq!(r("POST", "/api/v1/backups/x/restore"), need(Role::Operator));
+        assert_eq!(
+            r("POST", "/api/v1/backups/x/progress"),
+            need(Role::Operator)
+        );
         assert_eq!(r("DELETE", "/api/v1/backups/x"), need(Role::Operator));
         assert_eq!(r("PUT", "/api/v1/vms/vm1"), need(Role::Admin));
         assert_eq!(r("POST", "/api/v1/repositories"), need(Role::Admin));
@@ -215,6 +277,32 @@ mod tests {
         assert_eq!(r("PUT", "/api/v1/vms/"), need(Role::Admin));
         assert_eq!(r("PATCH", "/api/v1/backups/x"), need(Role::Admin));
         assert_eq!(r("GET", "/healthz/x"), need(Role::Reader));
+    }
+
+    #[test]
+    fn callback_tokens_reach_only_the_callbacks() {
+        let s = |m: &str, p: &str| callback_scope(&m.parse().unwrap(), p).map(str::to_owned);
+        let b1 = Some("b1".to_owned());
+        assert_eq!(s("GET", "/api/v1/backups/b1"), b1);
+        assert_eq!(s("HEAD", "/api/v1/backups/b1"), b1);
+        for t in ["progress", "complete", "abort"] {
+            assert_eq!(s("POST", &format!("/api/v1/backups/b1/{t}")), b1, "{t}");
+        }
+        for (m, p) in [
+            ("DELETE", "/api/v1/backups/b1"),
+            ("POST", "/api/v1/backups/b1/restore"),
+            ("POST", "/api/v1/backups/b1/verify"),
+            ("GET", "/api/v1/backups/b1/complete"),
+            ("POST", "/api/v1/backups/b1/../b2/complete"),
+            ("POST", "/api/v1/backups//complete"),
+            ("GET", "/api/v1/backups"),
+            ("GET", "/api/v1/backups/"),
+            ("POST", "/api/v1/backups"),
+            ("PUT", "/api/v1/vms/vm1"),
+            ("GET", "/metrics"),
+        ] {
+            assert_eq!(s(m, p), None, "{m} {p}");
+        }
     }
 
     #[test]

@@ -2,12 +2,15 @@
 
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::Json;
+use axum::{Extension, Json};
 use serde::Deserialize;
+use sna_contract::ProgressRequest;
 
+use super::auth::CallbackCaller;
 use super::error::ApiError;
 use super::json::{AppJson, AppPath, AppQuery, OptionalJson};
 use super::AppState;
+use crate::error::DaemonError;
 use crate::model::{
     AbortRequest, BackupRecord, BackupRequest, BackupStarted, CompleteRequest, RestoreStarted,
 };
@@ -22,7 +25,13 @@ pub async fn start(
     State(st): State<AppState>,
     AppJson(req): AppJson<BackupRequest>,
 ) -> Result<(StatusCode, Json<BackupStarted>), ApiError> {
-    let started = st.backups().start(req).await?;
+    // In its own task: a client that hangs up while the appliance is
+    // being asked must not cut a start in half (it either completes or
+    // releases everything).
+    let backups = std::sync::Arc::clone(st.backups());
+    let started = tokio::spawn(async move { backups.start(req).await })
+        .await
+        .map_err(|e| DaemonError::Internal(format!("backup start task: {e}")))??;
     Ok((StatusCode::CREATED, Json(started)))
 }
 
@@ -102,16 +111,38 @@ pub async fn complete(
     Ok(Json(st.backups().complete(&id, req).await?))
 }
 
-/// `POST /api/v1/backups/{id}/abort`.
+/// `POST /api/v1/backups/{id}/abort` (by an operator, or by the appliance
+/// with the backup's callback token: then it is not sent a cancel).
 pub async fn abort(
     State(st): State<AppState>,
+    caller: Option<Extension<CallbackCaller>>,
     AppPath(id): AppPath<String>,
     OptionalJson(req): OptionalJson<AbortRequest>,
 ) -> Result<Json<BackupRecord>, ApiError> {
     check_id(&id)?;
-    let reason = req.reason.unwrap_or_else(|| "aborted by request".into());
+    let by_appliance = caller.is_some();
+    let default = if by_appliance {
+        "aborted by the appliance"
+    } else {
+        "aborted by request"
+    };
+    let reason = req.reason.unwrap_or_else(|| default.into());
     let reason: String = reason.chars().take(1024).collect();
-    Ok(Json(st.backups().abort(&id, &reason).await?))
+    Ok(Json(
+        st.backups().abort_as(&id, &reason, by_appliance).await?,
+    ))
+}
+
+/// `POST /api/v1/backups/{id}/progress`: the sender's latest figures per
+/// disk, shown by `GET /api/v1/backups/{id}` while it runs.
+pub async fn progress(
+    State(st): State<AppState>,
+    AppPath(id): AppPath<String>,
+    AppJson(req): AppJson<ProgressRequest>,
+) -> Result<StatusCode, ApiError> {
+    check_id(&id)?;
+    st.backups().progress(&id, req).await?;
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// `POST /api/v1/backups/{id}/verify`: re-read the chain of every disk in

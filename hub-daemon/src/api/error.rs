@@ -15,7 +15,9 @@
 //! | 415 | `unsupported_media_type` | a body whose Content-Type is not JSON |
 //! | 422 | `bad_image` | an image is corrupt, unsupported or refused by policy |
 //! | 500 | `internal` | our fault; details only in the log |
+//! | 502 | `appliance_error` | the backup appliance refused, was unreachable or broke the contract |
 //! | 503 | `unavailable` | out of NBD ports, or shutting down |
+//! | 504 | `appliance_timeout` | the backup appliance did not answer in time (`--sna-timeout`) |
 //! | 507 | `insufficient_storage` | repository or catalog filesystem full (ENOSPC, EDQUOT) |
 //!
 //! Two sources of errors meet here: the daemon's own ([`DaemonError`]) and
@@ -93,6 +95,10 @@ impl ApiError {
                 DaemonError::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "unavailable"),
                 DaemonError::BadImage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_image"),
                 DaemonError::Incomplete(_) => (StatusCode::UNPROCESSABLE_ENTITY, "backup_failed"),
+                DaemonError::Appliance(_) => (StatusCode::BAD_GATEWAY, "appliance_error"),
+                DaemonError::ApplianceTimeout(_) => {
+                    (StatusCode::GATEWAY_TIMEOUT, "appliance_timeout")
+                }
                 DaemonError::NoSpace(_) => {
                     (StatusCode::INSUFFICIENT_STORAGE, "insufficient_storage")
                 }

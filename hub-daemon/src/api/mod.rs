@@ -112,6 +112,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/api/v1/backups/{id}/complete", post(backups::complete))
         .route("/api/v1/backups/{id}/abort", post(backups::abort))
+        .route("/api/v1/backups/{id}/progress", post(backups::progress))
         .route("/api/v1/backups/{id}/verify", post(backups::verify))
         .route(
             "/api/v1/backups/{id}/restore",

@@ -92,9 +92,15 @@ pub async fn put(
         return Err(ApiError::bad_request("vm_context_id too long"));
     }
     validate_disks(&mut req.disks)?;
+    let sna_url = req
+        .sna_url
+        .as_deref()
+        .map(|u| crate::sna::check_url("sna_url", u))
+        .transpose()
+        .map_err(ApiError::bad_request)?;
     Ok(Json(
         st.catalog()
-            .put_vm(&name, &req.vm_context_id, req.disks)
+            .put_vm(&name, &req.vm_context_id, req.disks, sna_url)
             .await?,
     ))
 }

@@ -13,6 +13,13 @@
 //! deletes every file and leaves no catalog row. `complete` drains and
 //! flushes every export, renames and syncs the files, then commits the
 //! catalog in one transaction.
+//!
+//! With a backup appliance for the VM (`sna_url`, or the hub's default),
+//! `start` also agrees each disk's mode with it (prepare) before creating
+//! the images and hands the targets over (start) before answering; the
+//! appliance then reports with a callback token scoped to the backup, and
+//! is sent a best-effort cancel when the backup fails on the hub side.
+//! The client of the contract is [`crate::sna`].
 
 mod layout;
 mod reconcile;
@@ -24,7 +31,7 @@ mod watchdog;
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 
 use tokio_util::sync::CancellationToken;
 
@@ -34,7 +41,7 @@ use qcow_backend::{BackingPolicy, OpenOptions};
 use crate::catalog::{Catalog, DiskCompletion, DiskFailure};
 use crate::config::Config;
 use crate::error::{DaemonError, Result};
-use crate::model::{BackupRecord, CompleteRequest};
+use crate::model::{BackupRecord, CompleteRequest, Progress};
 use crate::nbd::{NbdHub, Published};
 
 pub use layout::Layout;
@@ -55,6 +62,8 @@ struct DiskJob {
     parent_sidecars: Vec<PathBuf>,
     /// `None` once the export has been stopped.
     published: Option<Published>,
+    /// An overlay on a parent (its `complete` must bring a change id).
+    incremental: bool,
 }
 
 impl DiskJob {
@@ -69,6 +78,10 @@ pub(crate) struct Job {
     id: String,
     disks: Vec<DiskJob>,
     watchdog: CancellationToken,
+    /// The appliance this backup was handed to (told when it fails here).
+    appliance: Option<String>,
+    /// The sender's latest progress, per disk id.
+    progress: HashMap<u32, Progress>,
 }
 
 /// The backup service: owns running jobs and restore exports.
@@ -83,12 +96,23 @@ pub struct Backups {
     verifying: Mutex<std::collections::HashSet<String>>,
     shutting_down: AtomicBool,
     seq: AtomicU32,
+    /// Client of the backup appliances.
+    sna: crate::sna::SnaClient,
+    /// Base URL of the API for appliance callbacks (set once it listens).
+    public_url: OnceLock<String>,
 }
 
 impl Backups {
     /// A service over an open catalog and a started NBD hub.
     pub fn new(catalog: Catalog, nbd: NbdHub, config: Config) -> Arc<Backups> {
+        let sna = crate::sna::SnaClient::new(config.sna.token.clone(), config.sna.timeout);
+        let public_url = OnceLock::new();
+        if let Some(u) = &config.sna.public_url {
+            let _ = public_url.set(u.clone());
+        }
         Arc::new(Backups {
+            sna,
+            public_url,
             catalog,
             nbd,
             config,
@@ -115,6 +139,23 @@ impl Backups {
         &self.nbd
     }
 
+    /// Where the API listens: the appliances' callback base URL, unless
+    /// `public_url` is configured.
+    pub fn set_api_addr(&self, addr: std::net::SocketAddr) {
+        let url = format!("{}://{addr}", self.config.api_scheme());
+        if self.public_url.set(url).is_ok() && addr.ip().is_unspecified() {
+            tracing::warn!(%addr, "the API listens on every address: appliances cannot call back to it; set --public-url");
+        }
+    }
+
+    /// The base URL appliances call back to.
+    fn public_url(&self) -> Result<&str> {
+        self.public_url
+            .get()
+            .map(String::as_str)
+            .ok_or_else(|| DaemonError::Internal("the API address is not known yet".into()))
+    }
+
     fn jobs(&self) -> std::sync::MutexGuard<'_, HashMap<String, Job>> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -131,15 +172,18 @@ impl Backups {
         if let Some(job) = job {
             return Ok(job);
         }
-        match self.catalog.backup(id).await? {
-            Some(b) => Err(DaemonError::Conflict(format!(
-                "backup {id:?} is {}",
-                b.status
-            ))),
-            None => Err(DaemonError::NotFound {
+        Err(self.not_running(id).await)
+    }
+
+    /// Why backup `id` has no running job: 409 with its status, or 404.
+    async fn not_running(&self, id: &str) -> DaemonError {
+        match self.catalog.backup(id).await {
+            Ok(Some(b)) => DaemonError::Conflict(format!("backup {id:?} is {}", b.status)),
+            Ok(None) => DaemonError::NotFound {
                 what: "backup",
                 id: id.to_owned(),
-            }),
+            },
+            Err(e) => e,
         }
     }
 
@@ -216,6 +260,26 @@ impl Backups {
             let msg = format!("backup {id:?} has no disk {}", bad.disk_id);
             self.jobs().insert(id.to_owned(), job);
             return Err(DaemonError::BadRequest(msg));
+        }
+        // Lineage: an incremental is only worth keeping if the next one can
+        // build on it, and only the sender knows the change id to build on.
+        let no_change_id: Vec<String> = job
+            .disks
+            .iter()
+            .filter(|d| d.incremental)
+            .filter(|d| {
+                !req.disks.iter().any(|c| {
+                    c.disk_id == d.disk_id && c.change_id.as_deref().is_some_and(|s| !s.is_empty())
+                })
+            })
+            .map(|d| d.disk_id.to_string())
+            .collect();
+        if !no_change_id.is_empty() {
+            let e = DaemonError::Incomplete(format!(
+                "lineage: incremental disk(s) {} completed without a change id",
+                no_change_id.join(", ")
+            ));
+            return Err(self.fail_job(job, e, Vec::new()).await);
         }
         let (seen, flush_err) = self.stop_exports(&mut job).await;
         let failed: Vec<String> = seen
@@ -336,11 +400,20 @@ impl Backups {
     ) -> DaemonError {
         let (more, _) = self.stop_exports(&mut job).await;
         let seen = if seen.is_empty() { more } else { seen };
-        let Job { id, disks, .. } = job;
+        let Job {
+            id,
+            disks,
+            appliance,
+            ..
+        } = job;
         Self::remove_files(disks).await;
         let reason = err.to_string();
         if let Err(e) = self.catalog.fail(&id, &reason, seen).await {
             tracing::error!(backup = %id, error = %e, "cannot record failure");
+        }
+        // Told once the backup is failed and its token void.
+        if let Some(url) = appliance {
+            self.sna.cancel_in_background(url, id.clone());
         }
         tracing::warn!(backup = %id, reason, "backup failed");
         err
@@ -349,7 +422,21 @@ impl Backups {
     /// Abort a running backup: stop its exports, delete its images, mark it
     /// failed with `reason`.
     pub async fn abort(&self, id: &str, reason: &str) -> Result<BackupRecord> {
+        self.abort_as(id, reason, false).await
+    }
+
+    /// [`Backups::abort`]; `by_appliance`: the appliance itself aborts (so
+    /// it is not sent a cancel).
+    pub async fn abort_as(
+        &self,
+        id: &str,
+        reason: &str,
+        by_appliance: bool,
+    ) -> Result<BackupRecord> {
         let mut job = self.take_job(id).await?;
+        if by_appliance {
+            job.appliance = None;
+        }
         let (seen, _) = self.stop_exports(&mut job).await;
         let _ = self
             .fail_job(job, DaemonError::Incomplete(reason.to_owned()), seen)
@@ -394,12 +481,54 @@ impl Backups {
         Ok(b)
     }
 
+    /// Record a sender's progress on a running backup (the latest per
+    /// disk is kept, in memory).
+    pub async fn progress(&self, id: &str, req: sna_contract::ProgressRequest) -> Result<()> {
+        {
+            let mut jobs = self.jobs();
+            if let Some(job) = jobs.get_mut(id) {
+                for p in &req.disks {
+                    if !job.disks.iter().any(|d| d.disk_id == p.disk_id) {
+                        return Err(DaemonError::BadRequest(format!(
+                            "backup {id:?} has no disk {}",
+                            p.disk_id
+                        )));
+                    }
+                    if p.bytes_done > p.bytes_total {
+                        return Err(DaemonError::BadRequest(format!(
+                            "disk {}: bytes_done exceeds bytes_total",
+                            p.disk_id
+                        )));
+                    }
+                }
+                for p in req.disks {
+                    job.progress.insert(
+                        p.disk_id,
+                        Progress {
+                            bytes_done: p.bytes_done,
+                            bytes_total: p.bytes_total,
+                        },
+                    );
+                }
+                return Ok(());
+            }
+        }
+        // Not running: say why, as for complete.
+        Err(self.not_running(id).await)
+    }
+
     /// Fill per-disk live counters of a running backup.
     pub fn add_live_stats(&self, b: &mut BackupRecord) {
         if b.status != "running" {
             return;
         }
+        let progress = self
+            .jobs()
+            .get(&b.backup_id)
+            .map(|j| j.progress.clone())
+            .unwrap_or_default();
         for d in &mut b.disks {
+            d.progress = progress.get(&d.disk_id).copied();
             if let Some(e) = self
                 .nbd
                 .exports()
@@ -485,6 +614,8 @@ impl Backups {
                 tracing::error!(backup = %id, error = %e, "abort on shutdown failed");
             }
         }
+        // Appliances of the aborted backups hear of it before we go.
+        self.sna.drain().await;
         let restores: Vec<String> = self.restores.lock().await.keys().cloned().collect();
         for id in restores {
             let _ = self.stop_restore(&id).await;

@@ -16,6 +16,7 @@ use crate::error::{DaemonError, Result};
 use crate::model::{BackupRequest, BackupStarted, BackupType, DiskResult, DiskSpec};
 use crate::names;
 use crate::time::{now_ms, rfc3339};
+use sna_contract::{Callback, Mode, PrepareDisk, PrepareRequest, StartRequest, StartTarget};
 
 /// Most tags on a backup, and the longest tag key or value.
 const MAX_TAGS: usize = 64;
@@ -35,6 +36,42 @@ struct Planned {
     export_name: String,
 }
 
+impl Planned {
+    fn mode(&self) -> BackupType {
+        if self.parent.is_some() {
+            BackupType::Incremental
+        } else {
+            BackupType::Full
+        }
+    }
+
+    fn contract_mode(&self) -> Mode {
+        contract_mode(self.mode())
+    }
+
+    /// The catalog's view of this disk.
+    fn record(&self) -> NewBackupDisk {
+        NewBackupDisk {
+            disk_id: self.disk_id,
+            disk_key: self.disk_key,
+            size_bytes: self.size,
+            backup_mode: self.mode().as_str().into(),
+            parent_backup_id: self.parent.as_ref().map(|x| x.backup_id.clone()),
+            mode_reason: self.mode_reason.clone(),
+            file: self.relative.clone(),
+            export_name: self.export_name.clone(),
+            nbd_port: None,
+        }
+    }
+}
+
+fn contract_mode(t: BackupType) -> Mode {
+    match t {
+        BackupType::Full => Mode::Full,
+        BackupType::Incremental => Mode::Incremental,
+    }
+}
+
 /// A parent that passed every check.
 #[derive(Debug, Clone)]
 struct ParentPlan {
@@ -44,6 +81,8 @@ struct ParentPlan {
     backup_id: String,
     /// Sidecars of the parent and its ancestors, newest first.
     sidecars: Vec<PathBuf>,
+    /// The sender's change id at the parent: the base of this incremental.
+    change_id: String,
 }
 
 fn validate(req: &BackupRequest) -> Result<()> {
@@ -146,6 +185,12 @@ impl Backups {
             });
         }
 
+        let appliance = vm.sna_url.clone().or_else(|| self.config.sna.url.clone());
+        let callback_url = match &appliance {
+            Some(_) => Some(format!("{}/api/v1/backups/{id}", self.public_url()?)),
+            None => None,
+        };
+
         // Recording first makes the catalog the arbiter of "one running
         // backup per VM" (409 here, before any file or port exists).
         self.catalog
@@ -157,47 +202,46 @@ impl Backups {
                 policy_id: req.policy_id.clone(),
                 tags: req.tags.clone(),
                 created_ms,
-                disks: plan
-                    .iter()
-                    .map(|p| NewBackupDisk {
-                        disk_id: p.disk_id,
-                        disk_key: p.disk_key,
-                        size_bytes: p.size,
-                        backup_mode: if p.parent.is_some() {
-                            "incremental"
-                        } else {
-                            "full"
-                        }
-                        .into(),
-                        parent_backup_id: p.parent.as_ref().map(|x| x.backup_id.clone()),
-                        mode_reason: p.mode_reason.clone(),
-                        file: p.relative.clone(),
-                        export_name: p.export_name.clone(),
-                        nbd_port: None,
-                    })
-                    .collect(),
+                disks: plan.iter().map(Planned::record).collect(),
             })
             .await?;
 
+        // From here on, any failure releases everything: ports, exports,
+        // files, the catalog row (and tells the appliance, once told).
+        let mut handoff = None;
+        if let Some(url) = &appliance {
+            match self
+                .prepare(&id, &vm, req.backup_type, url, &mut plan)
+                .await
+            {
+                Ok(h) => handoff = Some(h),
+                Err(e) => return Err(self.discard(&id, None, appliance, e).await),
+            }
+        }
+
         let disks = match self.bring_up(&layout, &plan).await {
             Ok(d) => d,
-            Err(e) => {
-                if let Err(ce) = self.catalog.delete_backup(&id).await {
-                    tracing::error!(backup = %id, error = %ce, "cannot remove the row of a backup that failed to start");
-                }
-                tracing::warn!(backup = %id, error = %e, "backup failed to start; everything released");
-                return Err(e);
-            }
+            Err(e) => return Err(self.discard(&id, None, appliance, e).await),
         };
         let ports: Vec<(u32, u16)> = disks
             .iter()
             .filter_map(|d| d.published.as_ref().map(|p| (d.disk_id, p.port)))
             .collect();
-        self.catalog.set_ports(&id, ports).await?;
+        let stop = CancellationToken::new();
+        let job = Job {
+            id: id.clone(),
+            disks,
+            watchdog: stop.clone(),
+            appliance: appliance.clone(),
+            progress: Default::default(),
+        };
+        if let Err(e) = self.catalog.set_ports(&id, ports).await {
+            return Err(self.discard(&id, Some(job), appliance, e).await);
+        }
 
         let results: Vec<DiskResult> = plan
             .iter()
-            .zip(&disks)
+            .zip(&job.disks)
             .map(|(p, d)| {
                 let port = d.published.as_ref().map_or(0, |x| x.port);
                 DiskResult {
@@ -208,12 +252,7 @@ impl Backups {
                     nbd_uri: self.nbd.uri(port, &p.export_name),
                     qcow2_path: d.final_path.display().to_string(),
                     status: "exporting".into(),
-                    backup_mode: if p.parent.is_some() {
-                        "incremental"
-                    } else {
-                        "full"
-                    }
-                    .into(),
+                    backup_mode: p.mode().as_str().into(),
                     parent_backup_id: p.parent.as_ref().map(|x| x.backup_id.clone()),
                     mode_reason: p.mode_reason.clone(),
                 }
@@ -225,15 +264,9 @@ impl Backups {
             .collect::<Vec<_>>()
             .join(",");
 
-        let stop = CancellationToken::new();
-        self.jobs().insert(
-            id.clone(),
-            Job {
-                id: id.clone(),
-                disks,
-                watchdog: stop.clone(),
-            },
-        );
+        // The job is in the table (and watched) before the appliance hears
+        // of it: its first callback may come before its answer to start.
+        self.jobs().insert(id.clone(), job);
         watchdog::spawn(
             Arc::downgrade(self),
             id.clone(),
@@ -241,7 +274,47 @@ impl Backups {
             self.config.idle_timeout,
             stop,
         );
-        tracing::info!(backup = %id, vm = %vm.vm_name, disks = results.len(), targets = %targets, "backup started");
+        let mut appliance_job_id = None;
+        if let (Some(url), Some(token), Some(callback_url)) = (&appliance, handoff, callback_url) {
+            let start = StartRequest {
+                contract: sna_contract::CONTRACT.into(),
+                backup_id: id.clone(),
+                vm_name: vm.vm_name.clone(),
+                vm_context_id: vm.vm_context_id.clone(),
+                backup_type: contract_mode(req.backup_type),
+                nbd_targets_string: targets.clone(),
+                targets: plan
+                    .iter()
+                    .zip(&results)
+                    .map(|(p, r)| StartTarget {
+                        disk_id: p.disk_id,
+                        disk_key: p.disk_key,
+                        size_bytes: p.size,
+                        mode: p.contract_mode(),
+                        parent_change_id: p.parent.as_ref().map(|x| x.change_id.clone()),
+                        nbd_uri: r.nbd_uri.clone(),
+                    })
+                    .collect(),
+                callback: Callback {
+                    url: callback_url,
+                    token,
+                },
+            };
+            match self.sna.start(url, &start).await {
+                Ok(r) => appliance_job_id = r.job_id.map(|j| j.chars().take(256).collect()),
+                Err(e) => {
+                    let job = self.jobs().remove(&id);
+                    if job.is_none() {
+                        // Completed or aborted by a callback while start
+                        // was in flight: that outcome stands.
+                        tracing::warn!(backup = %id, error = %e, "appliance start failed after the backup had ended");
+                        return Err(e);
+                    }
+                    return Err(self.discard(&id, job, appliance, e).await);
+                }
+            }
+        }
+        tracing::info!(backup = %id, vm = %vm.vm_name, disks = results.len(), appliance = appliance.as_deref().unwrap_or("none"), "backup started");
         Ok(BackupStarted {
             backup_id: id,
             vm_name: vm.vm_name,
@@ -251,7 +324,81 @@ impl Backups {
             status: "started".into(),
             created_at: rfc3339(created_ms),
             nbd_shared_port: self.nbd.shared_addr().map(|a| a.port()),
+            appliance_job_id,
         })
+    }
+
+    /// Ask the appliance how it sends each disk, make the plan say so (an
+    /// incremental it downgrades loses its parent and gets its reason), and
+    /// record the outcome. Returns the callback token for start.
+    async fn prepare(
+        &self,
+        id: &str,
+        vm: &crate::model::Vm,
+        backup_type: BackupType,
+        url: &str,
+        plan: &mut [Planned],
+    ) -> Result<String> {
+        let offered: Vec<PrepareDisk> = plan
+            .iter()
+            .map(|p| PrepareDisk {
+                disk_id: p.disk_id,
+                disk_key: p.disk_key,
+                size_bytes: p.size,
+                mode: p.contract_mode(),
+                parent_change_id: p.parent.as_ref().map(|x| x.change_id.clone()),
+                reason: p.mode_reason.clone(),
+            })
+            .collect();
+        let req = PrepareRequest {
+            contract: sna_contract::CONTRACT.into(),
+            backup_id: id.to_owned(),
+            vm_name: vm.vm_name.clone(),
+            vm_context_id: vm.vm_context_id.clone(),
+            backup_type: contract_mode(backup_type),
+            disks: offered.clone(),
+        };
+        let answer = self.sna.prepare(url, &req).await?;
+        let agreed = crate::sna::agree(&offered, &answer)?;
+        let mut changed = false;
+        for (p, a) in plan.iter_mut().zip(agreed) {
+            if a.mode == Mode::Full && p.parent.is_some() {
+                tracing::info!(backup = %id, disk_id = p.disk_id, reason = a.reason.as_deref().unwrap_or(""), "the appliance sends a full");
+                p.parent = None;
+                p.mode_reason = a.reason;
+                changed = true;
+            }
+        }
+        if changed {
+            self.catalog
+                .set_disk_modes(id, plan.iter().map(Planned::record).collect())
+                .await?;
+        }
+        self.catalog.create_callback_token(id).await
+    }
+
+    /// Undo a start that failed after its catalog row was written: stop
+    /// the exports of `job`, delete its files, delete the row, tell the
+    /// appliance (if it was asked anything); returns `err` to report.
+    async fn discard(
+        &self,
+        id: &str,
+        job: Option<Job>,
+        appliance: Option<String>,
+        err: DaemonError,
+    ) -> DaemonError {
+        if let Some(mut job) = job {
+            let _ = self.stop_exports(&mut job).await;
+            Self::remove_files(std::mem::take(&mut job.disks)).await;
+        }
+        if let Err(ce) = self.catalog.delete_backup(id).await {
+            tracing::error!(backup = %id, error = %ce, "cannot remove the row of a backup that failed to start");
+        }
+        if let Some(url) = appliance {
+            self.sna.cancel_in_background(url, id.to_owned());
+        }
+        tracing::warn!(backup = %id, error = %err, "backup failed to start; everything released");
+        err
     }
 
     /// Choose and check the parent of one disk of an incremental. `Ok(Err)`
@@ -284,6 +431,12 @@ impl Backups {
         if p.verify_status.as_deref() == Some("corrupt") {
             return Ok(Err(format!("parent {} failed verification", p.backup_id)));
         }
+        let Some(change_id) = p.change_id.clone().filter(|c| !c.is_empty()) else {
+            return Ok(Err(format!(
+                "lineage lost: parent {} has no change id",
+                p.backup_id
+            )));
+        };
         let Some(root) = p.digest.as_deref().and_then(Hash::from_hex) else {
             return Ok(Err(format!(
                 "parent {} has no recorded digest",
@@ -341,6 +494,7 @@ impl Backups {
                 path,
                 backup_id: p.backup_id,
                 sidecars,
+                change_id,
             }),
             Err(why) => Err(format!("parent {} unusable: {why}", p.backup_id)),
         })
@@ -403,6 +557,7 @@ impl Backups {
                         .map(|x| x.sidecars.clone())
                         .unwrap_or_default(),
                     published: Some(published),
+                    incremental: p.parent.is_some(),
                 });
             }
             Ok(())

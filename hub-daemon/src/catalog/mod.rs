@@ -6,6 +6,8 @@
 //!   unit_number, disk_key, label)`: what a backup of the VM covers.
 //! * `api_tokens(name, role, salt, token_hash, created_ms, last_used_ms)`:
 //!   API bearer tokens, stored only as salted hashes (`tokens`).
+//! * `callback_tokens(backup_id, salt, token_hash)`: the token an appliance
+//!   reports a running backup with, also only hashed; gone when it ends.
 //! * `backups(id, vm_name, repository_id, backup_type, status, ...)` with
 //!   `backup_disks(backup_id, disk_id, backup_mode, parent_backup_id, file,
 //!   ...)`. A backup is `running`, `completed` or `failed`; a partial
@@ -25,7 +27,7 @@
 mod schema;
 mod tokens;
 
-pub use tokens::{Role, TokenInfo};
+pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -160,6 +162,8 @@ pub struct ParentImage {
     pub digest: Option<String>,
     /// Last verification outcome.
     pub verify_status: Option<String>,
+    /// Change id the sender reported at completion.
+    pub change_id: Option<String>,
 }
 
 fn is_unique_violation(e: &rusqlite::Error) -> bool {
@@ -268,6 +272,7 @@ impl Catalog {
         name: &str,
         vm_context_id: &str,
         disks: Vec<DiskSpec>,
+        sna_url: Option<String>,
     ) -> Result<Vm> {
         let (name, ctx) = (name.to_owned(), vm_context_id.to_owned());
         self.with(move |c| {
@@ -282,9 +287,10 @@ impl Catalog {
             }
             let now = now_ms();
             tx.execute(
-                "INSERT INTO vms (name, vm_context_id, updated_ms) VALUES (?1, ?2, ?3)
-                 ON CONFLICT(name) DO UPDATE SET vm_context_id = excluded.vm_context_id, updated_ms = excluded.updated_ms",
-                params![name, ctx, now],
+                "INSERT INTO vms (name, vm_context_id, updated_ms, sna_url) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT(name) DO UPDATE SET vm_context_id = excluded.vm_context_id, updated_ms = excluded.updated_ms,
+                   sna_url = excluded.sna_url",
+                params![name, ctx, now, sna_url],
             )?;
             tx.execute("DELETE FROM vm_disks WHERE vm_name = ?1", [&name])?;
             for d in &disks {
@@ -298,6 +304,7 @@ impl Catalog {
                 vm_name: name,
                 vm_context_id: ctx,
                 disks,
+                sna_url,
                 updated_at: rfc3339(now),
             })
         })
@@ -305,14 +312,14 @@ impl Catalog {
     }
 
     fn read_vm(c: &Connection, name: &str) -> Result<Option<Vm>> {
-        let row: Option<(String, i64)> = c
+        let row: Option<(String, i64, Option<String>)> = c
             .query_row(
-                "SELECT vm_context_id, updated_ms FROM vms WHERE name = ?1",
+                "SELECT vm_context_id, updated_ms, sna_url FROM vms WHERE name = ?1",
                 [name],
-                |r| Ok((r.get(0)?, r.get(1)?)),
+                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
             )
             .optional()?;
-        let Some((ctx, updated)) = row else {
+        let Some((ctx, updated, sna_url)) = row else {
             return Ok(None);
         };
         let mut st = c.prepare(
@@ -333,6 +340,7 @@ impl Catalog {
             vm_name: name.to_owned(),
             vm_context_id: ctx,
             disks,
+            sna_url,
             updated_at: rfc3339(updated),
         }))
     }
@@ -416,6 +424,25 @@ impl Catalog {
         .await
     }
 
+    /// Re-record the mode, parent and reason of a running backup's disks
+    /// (after the appliance chose full for some).
+    pub async fn set_disk_modes(&self, id: &str, disks: Vec<NewBackupDisk>) -> Result<()> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for d in &disks {
+                tx.execute(
+                    "UPDATE backup_disks SET backup_mode = ?3, parent_backup_id = ?4, mode_reason = ?5
+                     WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![id, d.disk_id, d.backup_mode, d.parent_backup_id, d.mode_reason],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
     /// Set the ports of a running backup's disks once they are bound.
     pub async fn set_ports(&self, id: &str, ports: Vec<(u32, u16)>) -> Result<()> {
         let id = id.to_owned();
@@ -452,6 +479,7 @@ impl Catalog {
             if n != 1 {
                 return Err(DaemonError::Conflict(format!("backup {id:?} is not running")));
             }
+            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [&id])?;
             tx.commit()?;
             Ok(())
         })
@@ -474,6 +502,7 @@ impl Catalog {
                 "UPDATE backups SET status = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
                 params![id, reason, now_ms()],
             )?;
+            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [&id])?;
             tx.commit()?;
             Ok(())
         })
@@ -485,6 +514,7 @@ impl Catalog {
         let id = id.to_owned();
         self.with(move |c| {
             let tx = c.transaction()?;
+            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [&id])?;
             tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", [&id])?;
             tx.execute("DELETE FROM backups WHERE id = ?1", [&id])?;
             tx.commit()?;
@@ -575,7 +605,7 @@ impl Catalog {
         let (vm, repo) = (vm.to_owned(), repo.to_owned());
         self.with(move |c| {
             Ok(c.query_row(
-                "SELECT b.id, d.file, d.size_bytes, d.format, d.digest, d.verify_status FROM backups b JOIN backup_disks d ON d.backup_id = b.id
+                "SELECT b.id, d.file, d.size_bytes, d.format, d.digest, d.verify_status, d.change_id FROM backups b JOIN backup_disks d ON d.backup_id = b.id
                  WHERE b.vm_name = ?1 AND b.repository_id = ?2 AND b.status = 'completed' AND b.files_missing = 0
                    AND d.disk_id = ?3
                  ORDER BY b.completed_ms DESC, b.created_ms DESC LIMIT 1",
@@ -588,6 +618,7 @@ impl Catalog {
                         format: r.get(3)?,
                         digest: r.get(4)?,
                         verify_status: r.get(5)?,
+                        change_id: r.get(6)?,
                     })
                 },
             )
@@ -673,6 +704,7 @@ impl Catalog {
                         .and_then(|t| serde_json::from_str(&t).ok()),
                     connections: None,
                     last_activity: None,
+                    progress: None,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;

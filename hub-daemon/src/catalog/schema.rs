@@ -26,6 +26,15 @@ const MIGRATIONS: &[&str] = &[
          created_ms    BIGINT NOT NULL,
          last_used_ms  BIGINT
      );",
+    // 3: the appliance hand-off — a VM's own appliance, and the callback
+    // token of each running backup started through one (a salted hash
+    // only; the row goes when the backup ends).
+    "ALTER TABLE vms ADD COLUMN sna_url TEXT;
+     CREATE TABLE callback_tokens (
+         backup_id   TEXT PRIMARY KEY REFERENCES backups(id) ON DELETE CASCADE,
+         salt        TEXT NOT NULL,
+         token_hash  TEXT NOT NULL
+     );",
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

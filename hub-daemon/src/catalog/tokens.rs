@@ -9,7 +9,7 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rusqlite::params;
+use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
 use super::{is_unique_violation, Catalog};
@@ -75,6 +75,9 @@ pub struct TokenInfo {
 
 /// Prefix of every token (helps secret scanners recognise leaked ones).
 const TOKEN_PREFIX: &str = "hub_";
+/// Prefix of every callback token: a token with it is never an API token,
+/// only the key to its own backup's callbacks.
+pub const CALLBACK_PREFIX: &str = "hcb_";
 
 fn keyed_hash(salt: &[u8; 32], token: &str) -> blake3::Hash {
     blake3::keyed_hash(salt, token.as_bytes())
@@ -204,6 +207,58 @@ impl Catalog {
         .await
     }
 
+    /// Make the callback token of running backup `backup_id` (replacing
+    /// any); returns the secret, which exists nowhere else afterwards.
+    pub async fn create_callback_token(&self, backup_id: &str) -> Result<String> {
+        let rand = |what: &str| {
+            secret::random_bytes::<32>()
+                .map_err(|e| DaemonError::io(format!("reading random bytes for {what}"), e))
+        };
+        let token = format!(
+            "{CALLBACK_PREFIX}{}",
+            secret::hex(&rand("the callback token")?)
+        );
+        let salt = rand("the salt")?;
+        let hash = keyed_hash(&salt, &token).to_hex().to_string();
+        let salt = secret::hex(&salt);
+        let id = backup_id.to_owned();
+        self.with(move |c| {
+            c.execute(
+                "INSERT INTO callback_tokens (backup_id, salt, token_hash) VALUES (?1, ?2, ?3)
+                 ON CONFLICT(backup_id) DO UPDATE SET salt = excluded.salt, token_hash = excluded.token_hash",
+                params![id, salt, hash],
+            )?;
+            Ok(())
+        })
+        .await?;
+        Ok(token)
+    }
+
+    /// Whether `presented` is the callback token of `backup_id` and that
+    /// backup is running (constant-time comparison).
+    pub async fn check_callback_token(&self, backup_id: &str, presented: &str) -> Result<bool> {
+        let (id, presented) = (backup_id.to_owned(), presented.to_owned());
+        self.with(move |c| {
+            let row: Option<(String, String)> = c
+                .query_row(
+                    "SELECT t.salt, t.token_hash FROM callback_tokens t JOIN backups b ON b.id = t.backup_id
+                     WHERE t.backup_id = ?1 AND b.status = 'running'",
+                    [&id],
+                    |r| Ok((r.get(0)?, r.get(1)?)),
+                )
+                .optional()?;
+            let Some((salt, hash)) = row else {
+                return Ok(false);
+            };
+            let (Some(salt), Ok(hash)) = (parse_salt(&salt), blake3::Hash::from_hex(&hash)) else {
+                tracing::error!(backup = %id, "stored callback token hash is malformed");
+                return Ok(false);
+            };
+            Ok(keyed_hash(&salt, &presented) == hash)
+        })
+        .await
+    }
+
     /// Record that token `name` was used now.
     pub async fn touch_token(&self, name: &str) -> Result<()> {
         let name = name.to_owned();
@@ -265,5 +320,42 @@ mod tests {
             cat.revoke_token("ci").await,
             Err(DaemonError::NotFound { .. })
         ));
+    }
+
+    #[tokio::test]
+    async fn callback_tokens_hold_for_one_running_backup() {
+        let dir = tempfile::tempdir().unwrap();
+        let cat = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
+        cat.ensure_repository(crate::model::Repository {
+            id: "default".into(),
+            path: dir.path().display().to_string(),
+        })
+        .await
+        .unwrap();
+        for id in ["b1", "b2"] {
+            cat.insert_running(crate::catalog::NewBackup {
+                id: id.into(),
+                vm_name: format!("vm-{id}"),
+                repository_id: "default".into(),
+                backup_type: "full".into(),
+                policy_id: None,
+                tags: Default::default(),
+                created_ms: 1,
+                disks: vec![],
+            })
+            .await
+            .unwrap();
+        }
+        let t1 = cat.create_callback_token("b1").await.unwrap();
+        let t2 = cat.create_callback_token("b2").await.unwrap();
+        assert!(t1.starts_with(CALLBACK_PREFIX) && t1 != t2);
+        assert!(cat.check_callback_token("b1", &t1).await.unwrap());
+        assert!(!cat.check_callback_token("b2", &t1).await.unwrap());
+        assert!(!cat.check_callback_token("b1", "hcb_00").await.unwrap());
+        assert!(!cat.check_callback_token("nope", &t1).await.unwrap());
+        // Ending the backup revokes its token.
+        cat.fail("b1", "x", vec![]).await.unwrap();
+        assert!(!cat.check_callback_token("b1", &t1).await.unwrap());
+        assert!(cat.check_callback_token("b2", &t2).await.unwrap());
     }
 }

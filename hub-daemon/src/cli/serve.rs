@@ -70,6 +70,26 @@ pub struct ServeArgs {
         value_delimiter = ':'
     )]
     repository_roots: Vec<PathBuf>,
+    /// Backup appliance (SNA) for VMs registered without their own, as
+    /// http://HOST:PORT; see docs/sna-contract.md [default: none].
+    #[arg(long, env = "HUB_SNA_URL", value_name = "URL")]
+    sna_url: Option<String>,
+    /// Bearer token the hub sends to the appliance.
+    #[arg(
+        long,
+        env = "HUB_SNA_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
+    sna_token: Option<String>,
+    /// Longest wait for the appliance's prepare and start answers, seconds
+    /// [default: 30].
+    #[arg(long, env = "HUB_SNA_TIMEOUT", value_name = "SECS")]
+    sna_timeout: Option<u64>,
+    /// URL the appliance reaches this hub's API at, for its callbacks
+    /// [default: http://{listen address}].
+    #[arg(long, env = "HUB_PUBLIC_URL", value_name = "URL")]
+    public_url: Option<String>,
 }
 
 impl ServeArgs {
@@ -116,6 +136,14 @@ impl ServeArgs {
         if !self.repository_roots.is_empty() {
             c.repository_roots = self.repository_roots.clone();
         }
+        c.sna
+            .apply(
+                self.sna_url.clone(),
+                self.sna_token.clone(),
+                self.sna_timeout,
+                self.public_url.clone(),
+            )
+            .map_err(anyhow::Error::msg)?;
         Ok(c)
     }
 }
@@ -174,5 +202,30 @@ mod tests {
         assert_eq!(l.max_buffer_memory, 256 << 20);
         assert_eq!(l.send_timeout, Duration::from_secs(5));
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn appliance_flags() {
+        let c = Wrap::try_parse_from(["x"]).unwrap().serve.config().unwrap();
+        assert_eq!(c.sna, crate::config::SnaConfig::default());
+        let args = Wrap::try_parse_from([
+            "x",
+            "--sna-url",
+            "http://sna.local:8443/",
+            "--sna-token",
+            "tok",
+            "--sna-timeout",
+            "5",
+            "--public-url",
+            "http://10.0.0.5:8082",
+        ])
+        .unwrap();
+        let c = args.serve.config().unwrap();
+        assert_eq!(c.sna.url.as_deref(), Some("http://sna.local:8443"));
+        assert_eq!(c.sna.timeout, Duration::from_secs(5));
+        assert_eq!(c.sna.public_url.as_deref(), Some("http://10.0.0.5:8082"));
+        assert!(c.sna.token.is_some());
+        let bad = Wrap::try_parse_from(["x", "--sna-url", "https://sna"]).unwrap();
+        assert!(bad.serve.config().is_err());
     }
 }

@@ -57,6 +57,21 @@ impl Hub {
         Self::start_in(tempfile::tempdir().unwrap(), capacity, shared_port, idle).await
     }
 
+    /// Start with the test configuration changed by `f` first.
+    pub async fn start_configured(f: impl FnOnce(&mut Config)) -> Hub {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = config(&dir.path().join("data"), 64, 0, Duration::from_secs(3600));
+        f(&mut c);
+        let daemon = Daemon::start(c).await.unwrap();
+        let addr = daemon.api_addr;
+        Hub {
+            daemon: Some(daemon),
+            addr,
+            dir,
+            token: None,
+        }
+    }
+
     /// Start with `dir/data` as the data directory (which may exist, e.g.
     /// as a mount point).
     pub async fn start_in(
@@ -134,10 +149,13 @@ impl Hub {
         r.json()
     }
 
-    /// Complete a backup; must be 200 and completed.
+    /// Complete a backup, reporting a change id for every disk (as a
+    /// sender must, for the next incremental to build on it); must be 200
+    /// and completed.
     pub async fn complete(&self, id: &str) -> Value {
+        let b = self.get(&format!("/api/v1/backups/{id}")).await.json();
         let r = self
-            .post(&format!("/api/v1/backups/{id}/complete"), json!({}))
+            .post(&format!("/api/v1/backups/{id}/complete"), change_ids(&b))
             .await;
         assert_eq!(r.status, 200, "{}", r.text());
         let v = r.json();
@@ -160,6 +178,20 @@ impl Hub {
             d.shutdown().await.unwrap();
         }
     }
+}
+
+/// A complete body giving every disk of backup record `b` a change id
+/// (`cid-{backup}-{disk}`).
+pub fn change_ids(b: &Value) -> Value {
+    let id = b["backup_id"].as_str().unwrap_or("?");
+    let disks: Vec<Value> = b["disks"]
+        .as_array()
+        .map(|d| d.iter().map(|d| d["disk_id"].clone()).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .map(|d| json!({"disk_id": d, "change_id": format!("cid-{id}-{d}")}))
+        .collect();
+    json!({ "disks": disks })
 }
 
 /// `disk_key:nbd://host:port/export,...` → [(disk_key, uri)].
