@@ -537,6 +537,25 @@ mod tests {
         assert!(c.open_without_tokens());
     }
 
+    /// `dist/hub-daemon.toml` names every key (so none is undocumented)
+    /// and every value in it parses.
+    #[test]
+    fn the_example_config_has_every_key() {
+        let text: String = include_str!("../../dist/hub-daemon.toml")
+            .lines()
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.contains(" = ") && !l.starts_with('#'))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        let f: FileConfig = toml::from_str(&text).unwrap_or_else(|e| panic!("{e}\n{text}"));
+        let shown = format!("{f:?}");
+        assert!(
+            !shown.contains("None"),
+            "a key is missing from the example: {shown}"
+        );
+        f.apply(&mut Config::default()).unwrap();
+    }
+
     #[test]
     fn tls_keys_from_the_file() {
         let c = Config::default();

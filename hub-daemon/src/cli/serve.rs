@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// the TLS certificates directory.
     #[arg(long, env = "HUB_API_TLS")]
     api_tls: bool,
+    /// Check the configuration (file, environment, flags, TLS credentials,
+    /// directories) and exit: 0 if the hub would start with it.
+    #[arg(long)]
+    check_config: bool,
     /// Let NBD clients list the exports (NBD_OPT_LIST); off by default,
     /// since export names are the capability to reach a disk.
     #[arg(long, env = "HUB_NBD_LIST_EXPORTS")]
@@ -93,6 +97,11 @@ pub struct ServeArgs {
 }
 
 impl ServeArgs {
+    /// Whether to only check the configuration.
+    pub fn check_only(&self) -> bool {
+        self.check_config
+    }
+
     /// Resolve the configuration.
     pub fn config(&self) -> anyhow::Result<Config> {
         let mut c = Config::default();
@@ -148,9 +157,38 @@ impl ServeArgs {
     }
 }
 
+/// Everything `serve` would refuse at start-up that can be known without
+/// starting: credentials load, directories exist or can be made.
+pub fn check(c: &Config) -> anyhow::Result<()> {
+    c.nbd_tls
+        .load(Some(&c.default_tls_dir()))
+        .map_err(anyhow::Error::msg)?;
+    if c.api_tls {
+        nbd_server::ServerTls::from_dir(&c.tls_dir(), true, false)
+            .with_context(|| format!("api_tls: {}", c.tls_dir().display()))?;
+    }
+    if c.data_dir.exists() && !c.data_dir.is_dir() {
+        anyhow::bail!("data_dir {} is not a directory", c.data_dir.display());
+    }
+    for root in &c.repository_roots {
+        if !root.is_dir() {
+            anyhow::bail!("repository_roots: {} is not a directory", root.display());
+        }
+    }
+    if !c.open_without_tokens() {
+        tracing::warn!(listen = %c.listen, "the API is not on loopback: it will start only once an API token exists");
+    }
+    Ok(())
+}
+
 /// Run until SIGINT/SIGTERM, then drain.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
+    if args.check_only() {
+        check(&config)?;
+        println!("config ok");
+        return Ok(());
+    }
     let signals = super::Signals::listen()?;
     let daemon = Daemon::start(config).await.context("starting the hub")?;
     println!("api {}://{}", daemon.api_scheme, daemon.api_addr);
