@@ -1,0 +1,413 @@
+//! The appliance's HTTP side of the hand-off contract: `prepare`, `start`
+//! and `cancel` (see `sna_contract`). A started backup runs as a background
+//! job that pushes every disk, then calls the hub back with `complete` (and
+//! commits change tracking only if the hub accepted it) or `abort`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use axum::body::Bytes;
+use axum::extract::{Path, Request, State};
+use axum::http::{header::AUTHORIZATION, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::{Json, Router};
+use serde::de::DeserializeOwned;
+use sna_contract::{
+    ApplianceError, CompleteRequest, CompletedDisk, DiskProgress, Mode, PrepareRequest,
+    PrepareResponse, PreparedDisk, ProgressRequest, StartRequest, StartResponse, CONTRACT,
+    PREPARE_PATH, START_PATH,
+};
+use tokio::task::JoinHandle;
+
+use crate::callback::Callbacks;
+use crate::push::{commit_states, push_disks, DiskRequest};
+use crate::source::SourceSpec;
+use crate::stream::StreamOptions;
+use crate::tracking;
+
+/// How often progress is reported at most.
+const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+
+/// What the service needs to know.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Where change tracking lives.
+    pub state_dir: PathBuf,
+    /// Bearer token the hub must send (none: no check).
+    pub token: Option<String>,
+    /// Sources by (VM name, disk key).
+    pub sources: BTreeMap<(String, u32), SourceSpec>,
+    /// Stream tuning.
+    pub stream: StreamOptions,
+}
+
+/// A running backup.
+#[derive(Debug)]
+struct Job {
+    handle: JoinHandle<()>,
+}
+
+/// The service state.
+#[derive(Debug)]
+pub struct Agent {
+    cfg: AgentConfig,
+    jobs: Mutex<HashMap<String, Job>>,
+    /// State names of disks being pushed: one push per disk at a time, so
+    /// two commits never race.
+    busy: Arc<Mutex<HashSet<String>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Every critical section is a single map update: poisoning leaves
+    // nothing half done.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Releases busy disks when a job ends, however it ends (cancel drops it).
+#[derive(Debug)]
+struct BusyGuard {
+    set: Arc<Mutex<HashSet<String>>>,
+    names: Vec<String>,
+}
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let mut s = lock(&self.set);
+        for n in &self.names {
+            s.remove(n);
+        }
+    }
+}
+
+/// An error answer with the contract's body.
+#[derive(Debug)]
+pub struct ApiError(StatusCode, String);
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApplianceError { message: self.1 })).into_response()
+    }
+}
+
+fn bad(msg: impl Into<String>) -> ApiError {
+    ApiError(StatusCode::BAD_REQUEST, msg.into())
+}
+
+fn parse<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body).map_err(|e| bad(format!("malformed request body: {e}")))
+}
+
+fn check_contract(c: &str) -> Result<(), ApiError> {
+    if c == CONTRACT {
+        Ok(())
+    } else {
+        Err(bad(format!(
+            "unsupported contract {c:?} (this appliance speaks {CONTRACT})"
+        )))
+    }
+}
+
+/// State name of a disk: `VM/KEY`.
+pub fn state_name(vm: &str, disk_key: u32) -> String {
+    format!("{vm}/{disk_key}")
+}
+
+impl Agent {
+    /// A service with no jobs.
+    pub fn new(cfg: AgentConfig) -> Arc<Agent> {
+        Arc::new(Agent {
+            cfg,
+            jobs: Mutex::default(),
+            busy: Arc::default(),
+        })
+    }
+
+    fn source(&self, vm: &str, disk_key: u32) -> Result<&SourceSpec, ApiError> {
+        if !self.cfg.sources.keys().any(|(v, _)| v == vm) {
+            return Err(ApiError(
+                StatusCode::NOT_FOUND,
+                format!("this appliance has no VM {vm:?}"),
+            ));
+        }
+        self.cfg
+            .sources
+            .get(&(vm.to_owned(), disk_key))
+            .ok_or_else(|| {
+                ApiError(
+                    StatusCode::NOT_FOUND,
+                    format!("VM {vm:?} has no disk with key {disk_key} here"),
+                )
+            })
+    }
+
+    /// Whether any backup job is running.
+    pub fn running_jobs(&self) -> usize {
+        lock(&self.jobs).len()
+    }
+}
+
+/// The router: the three contract routes, behind the Bearer check.
+pub fn router(agent: Arc<Agent>) -> Router {
+    Router::new()
+        .route(PREPARE_PATH, post(prepare))
+        .route(START_PATH, post(start))
+        .route("/v1/backups/{backup_id}/cancel", post(cancel))
+        .layer(middleware::from_fn_with_state(Arc::clone(&agent), auth))
+        .with_state(agent)
+}
+
+/// Serve until `shutdown` resolves.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    agent: Arc<Agent>,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(agent))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn ct_eq(a: &[u8], b: &[u8]) -> bool {
+    // Length is not secret; the content comparison does not stop early.
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Response {
+    if let Some(token) = &agent.cfg.token {
+        let sent = req
+            .headers()
+            .get(AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        if !sent.is_some_and(|s| ct_eq(s.as_bytes(), token.as_bytes())) {
+            return ApiError(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong bearer token".into(),
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn prepare(
+    State(agent): State<Arc<Agent>>,
+    body: Bytes,
+) -> Result<Json<PrepareResponse>, ApiError> {
+    let req: PrepareRequest = parse(&body)?;
+    check_contract(&req.contract)?;
+    let mut disks = Vec::with_capacity(req.disks.len());
+    for d in &req.disks {
+        agent.source(&req.vm_name, d.disk_key)?;
+        let name = state_name(&req.vm_name, d.disk_key);
+        let (mode, reason) = match (d.mode, &d.parent_change_id) {
+            (Mode::Incremental, Some(parent)) => {
+                match tracking::base_for(&agent.cfg.state_dir, &name, parent, d.size_bytes) {
+                    Ok(_) => (Mode::Incremental, None),
+                    Err(why) => (Mode::Full, Some(why)),
+                }
+            }
+            (Mode::Incremental, None) => (
+                Mode::Full,
+                Some("the hub offered an incremental without a parent change id".into()),
+            ),
+            (Mode::Full, _) => (Mode::Full, None),
+        };
+        disks.push(PreparedDisk {
+            disk_key: d.disk_key,
+            mode,
+            reason,
+        });
+    }
+    Ok(Json(PrepareResponse { disks }))
+}
+
+async fn start(
+    State(agent): State<Arc<Agent>>,
+    body: Bytes,
+) -> Result<(StatusCode, Json<StartResponse>), ApiError> {
+    let req: StartRequest = parse(&body)?;
+    check_contract(&req.contract)?;
+    if req.targets.is_empty() {
+        return Err(bad("start names no targets"));
+    }
+    let mut disks = Vec::with_capacity(req.targets.len());
+    let mut totals = Vec::with_capacity(req.targets.len());
+    for t in &req.targets {
+        let source = agent.source(&req.vm_name, t.disk_key)?.clone();
+        nbd_client::NbdUri::parse(&t.nbd_uri)
+            .map_err(|e| bad(format!("disk key {}: target: {e}", t.disk_key)))?;
+        let name = state_name(&req.vm_name, t.disk_key);
+        let base = match t.mode {
+            Mode::Full => None,
+            Mode::Incremental => {
+                let parent = t.parent_change_id.as_deref().ok_or_else(|| {
+                    bad(format!(
+                        "disk key {}: incremental without parent change id",
+                        t.disk_key
+                    ))
+                })?;
+                let st = tracking::base_for(&agent.cfg.state_dir, &name, parent, t.size_bytes)
+                    .map_err(|why| {
+                        ApiError(
+                            StatusCode::CONFLICT,
+                            format!("disk key {}: cannot send an incremental: {why}", t.disk_key),
+                        )
+                    })?;
+                Some(Arc::new(st))
+            }
+        };
+        let done = Arc::new(AtomicU64::new(0));
+        totals.push((t.disk_id, t.size_bytes, Arc::clone(&done)));
+        disks.push(DiskRequest {
+            disk_id: t.disk_id,
+            disk_key: t.disk_key,
+            state_name: name,
+            source,
+            target_uri: t.nbd_uri.clone(),
+            base,
+            done,
+        });
+    }
+    let job_id = format!("job-{}", req.backup_id);
+    let mut jobs = lock(&agent.jobs);
+    if jobs.contains_key(&req.backup_id) {
+        return Err(ApiError(
+            StatusCode::CONFLICT,
+            format!("backup {} is already running", req.backup_id),
+        ));
+    }
+    let guard = {
+        let mut busy = lock(&agent.busy);
+        if let Some(d) = disks.iter().find(|d| busy.contains(&d.state_name)) {
+            return Err(ApiError(
+                StatusCode::CONFLICT,
+                format!("disk key {} is being backed up by another job", d.disk_key),
+            ));
+        }
+        let names: Vec<String> = disks.iter().map(|d| d.state_name.clone()).collect();
+        busy.extend(names.iter().cloned());
+        BusyGuard {
+            set: Arc::clone(&agent.busy),
+            names,
+        }
+    };
+    let callbacks = Callbacks::new(&req.callback);
+    let backup_id = req.backup_id.clone();
+    // Spawned while `jobs` is locked, so the job cannot remove its entry
+    // before it exists.
+    let handle = tokio::spawn({
+        let agent = Arc::clone(&agent);
+        let backup_id = backup_id.clone();
+        async move {
+            let _guard = guard;
+            run_job(&agent, &backup_id, disks, totals, callbacks).await;
+            lock(&agent.jobs).remove(&backup_id);
+        }
+    });
+    jobs.insert(backup_id, Job { handle });
+    tracing::info!(backup_id = %req.backup_id, disks = req.targets.len(), "backup started");
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(StartResponse {
+            job_id: Some(job_id),
+        }),
+    ))
+}
+
+type Totals = Vec<(u32, u64, Arc<AtomicU64>)>;
+
+async fn run_job(
+    agent: &Agent,
+    backup_id: &str,
+    disks: Vec<DiskRequest>,
+    totals: Totals,
+    cb: Callbacks,
+) {
+    let pushed = tokio::select! {
+        r = push_disks(disks, agent.cfg.stream) => r,
+        () = report_progress(&cb, &totals) => return,
+    };
+    match pushed {
+        Ok(results) => {
+            let req = CompleteRequest {
+                disks: results
+                    .iter()
+                    .map(|r| CompletedDisk {
+                        disk_id: r.disk_id,
+                        change_id: Some(r.change_id.clone()),
+                        digest: Some(r.digest.clone()),
+                    })
+                    .collect(),
+            };
+            match cb.complete(&req).await {
+                Ok(()) => match commit_states(&agent.cfg.state_dir, &results) {
+                    Ok(()) => tracing::info!(backup_id, "backup completed"),
+                    // The backup stands; the next one of these disks is a full.
+                    Err(e) => tracing::error!(backup_id, error = %e, "committing change tracking"),
+                },
+                Err(e) => tracing::error!(backup_id, error = %e, "hub refused complete"),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(backup_id, error = %e, "backup failed");
+            if let Err(ce) = cb.abort(&e.to_string()).await {
+                tracing::error!(backup_id, error = %ce, "posting abort");
+            }
+        }
+    }
+}
+
+/// Report progress every [`PROGRESS_EVERY`] while something changed; never
+/// returns (the job drops it when the push ends).
+async fn report_progress(cb: &Callbacks, totals: &Totals) {
+    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    let mut last: Vec<u64> = vec![0; totals.len()];
+    loop {
+        tick.tick().await;
+        let now: Vec<u64> = totals
+            .iter()
+            .map(|(_, _, d)| d.load(Ordering::Relaxed))
+            .collect();
+        if now != last {
+            let req = ProgressRequest {
+                disks: totals
+                    .iter()
+                    .zip(&now)
+                    .map(|((id, total, _), done)| DiskProgress {
+                        disk_id: *id,
+                        bytes_done: *done,
+                        bytes_total: *total,
+                    })
+                    .collect(),
+            };
+            cb.progress(&req).await;
+            last = now;
+        }
+    }
+}
+
+async fn cancel(
+    State(agent): State<Arc<Agent>>,
+    Path(backup_id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let job = lock(&agent.jobs).remove(&backup_id);
+    let Some(job) = job else {
+        return Err(ApiError(
+            StatusCode::NOT_FOUND,
+            format!("no running backup {backup_id}"),
+        ));
+    };
+    job.handle.abort();
+    // Wait until it has stopped, so "cancelled" means no more writes.
+    let _ = job.handle.await;
+    tracing::info!(backup_id, "backup cancelled");
+    Ok(StatusCode::OK)
+}
