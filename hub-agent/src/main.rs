@@ -4,7 +4,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use clap::{Args, Parser, Subcommand};
@@ -12,7 +11,7 @@ use hub_agent::config;
 use hub_agent::push::{commit_states, push_disks, DiskRequest};
 use hub_agent::serve::{serve, Agent, AgentConfig};
 use hub_agent::source::SourceSpec;
-use hub_agent::stream::StreamOptions;
+use hub_agent::stream::{DiskCounter, StreamOptions};
 use hub_agent::targets::{parse_key_source, parse_targets};
 use hub_agent::{progress, tracking};
 
@@ -245,19 +244,11 @@ async fn run_push(a: PushArgs) -> Result<(), String> {
             source: SourceSpec::parse(src),
             target_uri: t.uri.clone(),
             base,
-            done: Arc::new(AtomicU64::new(0)),
+            progress: Arc::new(DiskCounter::default()),
         });
     }
-    // Sizes are known only once sources are open; the bar's total is a
-    // best effort from what the stream reports as it goes.
-    let mut total = 0u64;
-    for d in &disks {
-        if let SourceSpec::Path(p) = &d.source {
-            total += file_size(p);
-        }
-    }
-    let counters: Vec<Arc<AtomicU64>> = disks.iter().map(|d| Arc::clone(&d.done)).collect();
-    let bar = progress::spawn_bar(counters, total);
+    let counters: Vec<Arc<DiskCounter>> = disks.iter().map(|d| Arc::clone(&d.progress)).collect();
+    let bar = progress::spawn_bar(counters);
     let opts = a.tuning.options(None, None);
     let pushed = push_disks(disks, opts).await;
     if let Some(b) = bar {
@@ -283,12 +274,4 @@ async fn run_push(a: PushArgs) -> Result<(), String> {
         .map_err(|e| e.to_string())?;
     println!("{text}");
     Ok(())
-}
-
-/// Size of a file or block device (0 if unknown: only the bar uses it).
-fn file_size(p: &std::path::Path) -> u64 {
-    use std::io::{Seek, SeekFrom};
-    std::fs::File::open(p)
-        .and_then(|mut f| f.seek(SeekFrom::End(0)))
-        .unwrap_or(0)
 }

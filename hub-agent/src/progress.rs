@@ -2,9 +2,11 @@
 //! a terminal (so logs and pipes stay clean).
 
 use std::io::{IsTerminal, Write};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use crate::stream::DiskCounter;
 
 /// Redraw interval.
 const EVERY: Duration = Duration::from_millis(250);
@@ -43,7 +45,7 @@ fn human(b: f64) -> String {
 
 /// Draw the bar until the returned handle is aborted (or dropped by the
 /// caller's select); `None` when stderr is not a terminal.
-pub fn spawn_bar(counters: Vec<Arc<AtomicU64>>, total: u64) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn_bar(counters: Vec<Arc<DiskCounter>>) -> Option<tokio::task::JoinHandle<()>> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
@@ -52,7 +54,14 @@ pub fn spawn_bar(counters: Vec<Arc<AtomicU64>>, total: u64) -> Option<tokio::tas
         let mut tick = tokio::time::interval(EVERY);
         loop {
             tick.tick().await;
-            let done: u64 = counters.iter().map(|c| c.load(Ordering::Relaxed)).sum();
+            let done: u64 = counters
+                .iter()
+                .map(|c| c.done.load(Ordering::Relaxed))
+                .sum();
+            let total: u64 = counters
+                .iter()
+                .map(|c| c.total.load(Ordering::Relaxed))
+                .sum();
             let mut e = std::io::stderr().lock();
             let _ = write!(e, "\r{}", render(done, total, start.elapsed()));
             let _ = e.flush();

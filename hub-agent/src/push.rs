@@ -5,7 +5,6 @@
 //! the caller does that once the push counts (the hub said complete).
 
 use std::path::Path;
-use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 
 use futures_util::future::try_join_all;
@@ -13,7 +12,9 @@ use serde::Serialize;
 use sna_contract::Mode;
 
 use crate::source::{SourceError, SourceSpec};
-use crate::stream::{stream_disk, DiskStream, StreamError, StreamOptions, StreamStats};
+use crate::stream::{
+    stream_disk, DiskCounter, DiskStream, StreamError, StreamOptions, StreamStats,
+};
 use crate::tracking::{self, DiskState};
 
 /// One disk of a push.
@@ -31,8 +32,8 @@ pub struct DiskRequest {
     pub target_uri: String,
     /// Base of an incremental (from [`tracking::base_for`]); `None` = full.
     pub base: Option<Arc<DiskState>>,
-    /// Bytes handled so far, updated while it streams.
-    pub done: Arc<AtomicU64>,
+    /// Progress, updated while it streams.
+    pub progress: Arc<DiskCounter>,
 }
 
 /// What one disk's push produced.
@@ -128,7 +129,7 @@ async fn push_one(
             source,
             target: target.clone(),
             base: d.base,
-            done: d.done,
+            progress: d.progress,
         },
         opts,
     )

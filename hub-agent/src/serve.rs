@@ -5,7 +5,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -27,7 +27,7 @@ use tokio::task::JoinHandle;
 use crate::callback::Callbacks;
 use crate::push::{commit_states, push_disks, DiskRequest};
 use crate::source::SourceSpec;
-use crate::stream::StreamOptions;
+use crate::stream::{DiskCounter, StreamOptions};
 use crate::tracking;
 
 /// How often progress is reported at most.
@@ -262,8 +262,8 @@ async fn start(
                 Some(Arc::new(st))
             }
         };
-        let done = Arc::new(AtomicU64::new(0));
-        totals.push((t.disk_id, t.size_bytes, Arc::clone(&done)));
+        let progress = Arc::new(DiskCounter::default());
+        totals.push((t.disk_id, t.size_bytes, Arc::clone(&progress)));
         disks.push(DiskRequest {
             disk_id: t.disk_id,
             disk_key: t.disk_key,
@@ -271,7 +271,7 @@ async fn start(
             source,
             target_uri: t.nbd_uri.clone(),
             base,
-            done,
+            progress,
         });
     }
     let job_id = format!("job-{}", req.backup_id);
@@ -320,7 +320,7 @@ async fn start(
     ))
 }
 
-type Totals = Vec<(u32, u64, Arc<AtomicU64>)>;
+type Totals = Vec<(u32, u64, Arc<DiskCounter>)>;
 
 async fn run_job(
     agent: &Agent,
@@ -374,7 +374,7 @@ async fn report_progress(cb: &Callbacks, totals: &Totals) {
         tick.tick().await;
         let now: Vec<u64> = totals
             .iter()
-            .map(|(_, _, d)| d.load(Ordering::Relaxed))
+            .map(|(_, _, d)| d.done.load(Ordering::Relaxed))
             .collect();
         if now != last {
             let req = ProgressRequest {

@@ -130,8 +130,17 @@ pub struct DiskStream {
     pub target: Client,
     /// Base of an incremental; `None` for a full.
     pub base: Option<Arc<DiskState>>,
-    /// Bytes handled so far (read and sent or skipped), for progress.
-    pub done: Arc<AtomicU64>,
+    /// Progress of this disk.
+    pub progress: Arc<DiskCounter>,
+}
+
+/// Progress of one disk, shared with whoever reports it.
+#[derive(Debug, Default)]
+pub struct DiskCounter {
+    /// Bytes handled so far (read and sent or skipped).
+    pub done: AtomicU64,
+    /// Disk size, once the source is open (0 before).
+    pub total: AtomicU64,
 }
 
 /// What to do with a run of blocks.
@@ -154,6 +163,7 @@ fn action(b: &BlockInfo, base: Option<&Hash>) -> Action {
 /// Stream the whole disk; the target is flushed before this returns.
 pub async fn stream_disk(d: DiskStream, opts: StreamOptions) -> Result<StreamOutcome, StreamError> {
     let size = d.source.size();
+    d.progress.total.store(size, Ordering::Relaxed);
     if d.target.size() != size {
         return Err(StreamError::SizeMismatch {
             source_size: size,
@@ -185,7 +195,7 @@ pub async fn stream_disk(d: DiskStream, opts: StreamOptions) -> Result<StreamOut
     while let Some((l, s, bytes)) = results.try_next().await? {
         leaves.extend(l);
         stats.add(&s);
-        d.done.fetch_add(bytes, Ordering::Relaxed);
+        d.progress.done.fetch_add(bytes, Ordering::Relaxed);
     }
     drop(results);
     if d.target.info().has(tx_flags::SEND_FLUSH) {
