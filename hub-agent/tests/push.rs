@@ -103,7 +103,9 @@ async fn incremental_sends_only_changed_blocks_and_new_zero_blocks_as_write_zero
 
     // The hub's overlay reads as the parent until written.
     let t1 = Counting::holding(&t0.contents().await).await;
-    s.server.add_export(nbd_server::Export::new("t1", t1.clone())).unwrap();
+    s.server
+        .add_export(nbd_server::Export::new("t1", t1.clone()))
+        .unwrap();
     let base = tracking::base_for(&state_dir, "vm/2000", &full[0].change_id, SIZE as u64).unwrap();
     let mut r = request(2000, SourceSpec::Path(path), s.uri("t1"));
     r.base = Some(Arc::new(base));
@@ -117,15 +119,26 @@ async fn incremental_sends_only_changed_blocks_and_new_zero_blocks_as_write_zero
     assert_eq!(zeroed, 2 * B as u64);
     assert!(zero_reqs >= 1);
     assert_eq!(
-        s.server.export("t1").unwrap().stats().snapshot().bytes_written,
+        s.server
+            .export("t1")
+            .unwrap()
+            .stats()
+            .snapshot()
+            .bytes_written,
         written
     );
     // Unchanged source, next incremental: nothing at all is sent.
     commit_states(&state_dir, &inc).unwrap();
     let t2 = Counting::holding(&src).await;
-    s.server.add_export(nbd_server::Export::new("t2", t2.clone())).unwrap();
+    s.server
+        .add_export(nbd_server::Export::new("t2", t2.clone()))
+        .unwrap();
     let base = tracking::base_for(&state_dir, "vm/2000", &inc[0].change_id, SIZE as u64).unwrap();
-    let mut r = request(2000, SourceSpec::Path(dir.path().join("d0.raw")), s.uri("t2"));
+    let mut r = request(
+        2000,
+        SourceSpec::Path(dir.path().join("d0.raw")),
+        s.uri("t2"),
+    );
     r.base = Some(Arc::new(base));
     let again = push_disks(vec![r], opts()).await.unwrap();
     assert_eq!(t2.counts(), (0, 0, 0, 0));
@@ -139,9 +152,12 @@ async fn lost_or_corrupt_state_gives_no_base() {
     let path = write_file(dir.path(), "d0.raw", &src);
     let t = Counting::new(1 << 20);
     let s = nbd(vec![("t", t.clone())]).await;
-    let res = push_disks(vec![request(2000, SourceSpec::Path(path), s.uri("t"))], opts())
-        .await
-        .unwrap();
+    let res = push_disks(
+        vec![request(2000, SourceSpec::Path(path), s.uri("t"))],
+        opts(),
+    )
+    .await
+    .unwrap();
     commit_states(dir.path(), &res).unwrap();
     let id = &res[0].change_id;
     assert!(tracking::base_for(dir.path(), "vm/2000", id, 1 << 20).is_ok());
@@ -151,7 +167,10 @@ async fn lost_or_corrupt_state_gives_no_base() {
     bytes[n / 2] ^= 0xff;
     std::fs::write(&file, &bytes).unwrap();
     let why = tracking::base_for(dir.path(), "vm/2000", id, 1 << 20).unwrap_err();
-    assert!(why.contains(&format!("no state for change id {id}")), "{why}");
+    assert!(
+        why.contains(&format!("no state for change id {id}")),
+        "{why}"
+    );
     std::fs::remove_file(&file).unwrap();
     assert!(tracking::base_for(dir.path(), "vm/2000", id, 1 << 20).is_err());
 }
@@ -167,12 +186,23 @@ async fn qcow2_and_nbd_sources_push_like_raw_and_several_disks_run_together() {
     src_b.write(0, bytes::Bytes::from(b.clone())).await.unwrap();
     let ta = Counting::new(a.len() as u64);
     let tb = Counting::new(b.len() as u64);
-    let s = nbd(vec![("ta", ta.clone()), ("tb", tb.clone()), ("src-b", src_b)]).await;
+    let s = nbd(vec![
+        ("ta", ta.clone()),
+        ("tb", tb.clone()),
+        ("src-b", src_b),
+    ])
+    .await;
     let source_a = if require("qemu-img") {
         let q = dir.path().join("a.qcow2");
         run_ok(
             "qemu-img",
-            &["convert", "-O", "qcow2", raw_a.to_str().unwrap(), q.to_str().unwrap()],
+            &[
+                "convert",
+                "-O",
+                "qcow2",
+                raw_a.to_str().unwrap(),
+                q.to_str().unwrap(),
+            ],
         )
         .await;
         SourceSpec::Path(q)
@@ -201,9 +231,12 @@ async fn a_target_of_another_size_is_refused() {
     let path = write_file(dir.path(), "d.raw", &disk(6, 1 << 20));
     let t = Counting::new(2 << 20);
     let s = nbd(vec![("t", t.clone())]).await;
-    let e = push_disks(vec![request(2000, SourceSpec::Path(path), s.uri("t"))], opts())
-        .await
-        .unwrap_err();
+    let e = push_disks(
+        vec![request(2000, SourceSpec::Path(path), s.uri("t"))],
+        opts(),
+    )
+    .await
+    .unwrap_err();
     assert!(e.to_string().contains("target export is"), "{e}");
     assert_eq!(t.counts(), (0, 0, 0, 0));
 }
@@ -220,7 +253,11 @@ async fn cli(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     // stderr is not a terminal here: no progress bar.
-    assert!(out.stderr.is_empty(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).unwrap()
 }
 
@@ -252,7 +289,15 @@ async fn push_command_full_then_incremental_then_full_after_corruption() {
     std::fs::write(&pa, &a).unwrap();
     let before = ta.counts().0;
     let v = cli(&[
-        "push", "--targets", &targets, &sa, &sb, "--state-dir", st, "--base-change-id", &id,
+        "push",
+        "--targets",
+        &targets,
+        &sa,
+        &sb,
+        "--state-dir",
+        st,
+        "--base-change-id",
+        &id,
     ])
     .await;
     assert_eq!(v["disks"][0]["mode"], "incremental");
@@ -265,12 +310,23 @@ async fn push_command_full_then_incremental_then_full_after_corruption() {
     let id2 = v["disks"][0]["change_id"].as_str().unwrap().to_owned();
     std::fs::write(tracking::state_path(&state, "2000"), b"garbage").unwrap();
     let v = cli(&[
-        "push", "--targets", &targets, &sa, &sb, "--state-dir", st, "--base-change-id", &id2,
+        "push",
+        "--targets",
+        &targets,
+        &sa,
+        &sb,
+        "--state-dir",
+        st,
+        "--base-change-id",
+        &id2,
     ])
     .await;
     assert_eq!(v["disks"][0]["mode"], "full");
     assert!(
-        v["disks"][0]["reason"].as_str().unwrap().contains("no state for change id"),
+        v["disks"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("no state for change id"),
         "{v}"
     );
     assert_eq!(v["disks"][1]["mode"], "incremental");

@@ -11,7 +11,7 @@ use bytes::Bytes;
 use disk_digest::BLOCK_SIZE;
 use integration_tests::support::TestServer;
 use nbd_server::{
-    BackendError, BackendErrorKind, BlockBackend, Caps, Extent, Export, MemoryBackend, ReadChunk,
+    BackendError, BackendErrorKind, BlockBackend, Caps, Export, Extent, MemoryBackend, ReadChunk,
     ZeroFlags,
 };
 use tokio::sync::{mpsc, Semaphore};
@@ -43,7 +43,10 @@ impl Counting {
     /// Like a hub overlay: already reads as `data`, counters at zero.
     pub async fn holding(data: &[u8]) -> Arc<Self> {
         let c = Self::new(data.len() as u64);
-        c.inner.write(0, Bytes::copy_from_slice(data)).await.unwrap();
+        c.inner
+            .write(0, Bytes::copy_from_slice(data))
+            .await
+            .unwrap();
         c
     }
 
@@ -142,7 +145,10 @@ impl BlockBackend for Faulty {
         Err(BackendError::new(BackendErrorKind::ReadOnly, "write"))
     }
     async fn write_zeroes(&self, _: u64, _: u64, _: ZeroFlags) -> Result<(), BackendError> {
-        Err(BackendError::new(BackendErrorKind::ReadOnly, "write_zeroes"))
+        Err(BackendError::new(
+            BackendErrorKind::ReadOnly,
+            "write_zeroes",
+        ))
     }
     async fn trim(&self, _: u64, _: u64) -> Result<(), BackendError> {
         Ok(())
