@@ -59,13 +59,23 @@ pub struct Callbacks {
 }
 
 impl Callbacks {
-    /// For the callback the hub sent with start.
-    pub fn new(cb: &Callback) -> Self {
-        Callbacks {
-            client: Client::builder(TokioExecutor::new()).build_http(),
-            url: cb.url.trim_end_matches('/').to_owned(),
-            token: cb.token.clone(),
+    /// For the callback the hub sent with start. Checked here, so a bad
+    /// URL is refused at start instead of after streaming every disk.
+    pub fn new(cb: &Callback) -> Result<Self, CallbackError> {
+        let url = cb.url.trim_end_matches('/').to_owned();
+        let uri: hyper::Uri = format!("{url}/complete")
+            .parse()
+            .map_err(|e| CallbackError::Request(format!("callback URL: {e}")))?;
+        if uri.scheme_str() != Some("http") {
+            return Err(CallbackError::Request(
+                "callback URL must be http:// (https is not supported yet)".into(),
+            ));
         }
+        Ok(Callbacks {
+            client: Client::builder(TokioExecutor::new()).build_http(),
+            url,
+            token: cb.token.clone(),
+        })
     }
 
     async fn post_once(&self, what: &str, body: &[u8]) -> Result<(), CallbackError> {

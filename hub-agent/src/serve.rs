@@ -236,6 +236,7 @@ async fn start(
     if req.targets.is_empty() {
         return Err(bad("start names no targets"));
     }
+    let callbacks = Callbacks::new(&req.callback).map_err(|e| bad(e.to_string()))?;
     let mut disks = Vec::with_capacity(req.targets.len());
     let mut totals = Vec::with_capacity(req.targets.len());
     for t in &req.targets {
@@ -297,7 +298,6 @@ async fn start(
             names,
         }
     };
-    let callbacks = Callbacks::new(&req.callback);
     let backup_id = req.backup_id.clone();
     // Spawned while `jobs` is locked, so the job cannot remove its entry
     // before it exists.

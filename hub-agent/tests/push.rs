@@ -331,3 +331,63 @@ async fn push_command_full_then_incremental_then_full_after_corruption() {
     );
     assert_eq!(v["disks"][1]["mode"], "incremental");
 }
+
+/// What the hub does: a fresh qcow2 for the full, an overlay on it for the
+/// incremental; `qemu-img compare` then sees each equal to the source.
+#[tokio::test]
+async fn qcow2_targets_full_then_overlay_match_the_source_by_qemu_img_compare() {
+    use integration_tests::support::assert_identical;
+    use qcow_backend::{CreateOptions, OpenOptions, QcowBackend};
+    if !require("qemu-img") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let size = 16 << 20;
+    let mut src = disk(9, size);
+    let path = write_file(dir.path(), "src.raw", &src);
+    let full_img = dir.path().join("full.qcow2");
+    let q = QcowBackend::create(
+        &full_img,
+        &CreateOptions::fresh(size as u64),
+        &OpenOptions::new(),
+    )
+    .await
+    .unwrap();
+    let s = nbd(vec![("full", Arc::new(q))]).await;
+    let full = push_disks(
+        vec![request(2000, SourceSpec::Path(path.clone()), s.uri("full"))],
+        opts(),
+    )
+    .await
+    .unwrap();
+    s.server.remove_export("full").await.unwrap();
+    let p = path.to_str().unwrap();
+    assert_identical("raw", p, "qcow2", full_img.to_str().unwrap()).await;
+
+    src[9 * B + 7] ^= 0x11;
+    let zero_at = (1..size / B)
+        .find(|b| src[b * B..(b + 1) * B].iter().any(|x| *x != 0))
+        .unwrap();
+    src[zero_at * B..(zero_at + 1) * B].fill(0);
+    std::fs::write(&path, &src).unwrap();
+    let inc_img = dir.path().join("inc.qcow2");
+    let q = QcowBackend::create(
+        &inc_img,
+        &CreateOptions::overlay(&full_img),
+        &OpenOptions::new(),
+    )
+    .await
+    .unwrap();
+    s.server
+        .add_export(nbd_server::Export::new("inc", Arc::new(q)))
+        .unwrap();
+    let mut r = request(2000, SourceSpec::Path(path.clone()), s.uri("inc"));
+    r.base = Some(full[0].state.clone());
+    let inc = push_disks(vec![r], opts()).await.unwrap();
+    assert_eq!(inc[0].stats.bytes_written, B as u64);
+    assert_eq!(inc[0].stats.bytes_zeroed, B as u64);
+    s.server.remove_export("inc").await.unwrap();
+    assert_identical("raw", p, "qcow2", inc_img.to_str().unwrap()).await;
+    // The untouched parent still holds the first push.
+    assert_eq!(inc[0].digest, digest_of_bytes(&src).to_hex());
+}
