@@ -4,8 +4,8 @@
 //! listen = "0.0.0.0:8090"
 //! state_dir = "/var/lib/hub-agent"
 //! token = "change-me"          # optional: the hub must send it as Bearer
-//! chunk_mib = 4                # optional: bytes per source read
-//! in_flight = 4                # optional: reads in flight per disk
+//! chunk_mib = 1                # optional: MiB per source read
+//! in_flight = 32               # optional: reads in flight per disk
 //!
 //! [sources]                    # "VM/DISK_KEY" = raw file, device, qcow2 or nbd://
 //! "vm1/2000" = "/dev/vg0/vm1-disk0"

@@ -34,10 +34,13 @@ pub struct StreamOptions {
 }
 
 impl Default for StreamOptions {
+    /// 1 MiB × 32 (32 MiB per disk): against qemu-nbd on tmpfs, 2 GiB full
+    /// pushes ran fastest with many smallish requests in flight (1×32 beat
+    /// 2×8, 2×16 and 4×4 in alternating runs on a loaded 2-core machine).
     fn default() -> Self {
         StreamOptions {
-            chunk: 4 << 20,
-            in_flight: 4,
+            chunk: 1 << 20,
+            in_flight: 32,
         }
     }
 }
