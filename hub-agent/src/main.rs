@@ -115,6 +115,7 @@ fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
@@ -170,7 +171,8 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         .await
         .map_err(|e| format!("binding {listen}: {e}"))?;
     let addr = listener.local_addr().map_err(|e| e.to_string())?;
-    tracing::info!(%addr, disks = sources.len(), "serving");
+    // The address line is for people and scripts (with --listen …:0).
+    tracing::info!(disks = sources.len(), "listening on {addr}");
     let agent = Agent::new(AgentConfig {
         state_dir,
         token,
