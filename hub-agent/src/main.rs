@@ -42,6 +42,9 @@ struct Tuning {
     /// Reads in flight per disk.
     #[arg(long)]
     in_flight: Option<usize>,
+    /// Largest WRITE request in KiB.
+    #[arg(long)]
+    max_write_kib: Option<u64>,
 }
 
 impl Tuning {
@@ -57,6 +60,9 @@ impl Tuning {
                 .or(file_in_flight)
                 .unwrap_or(d.in_flight)
                 .clamp(1, 64),
+            max_write: self
+                .max_write_kib
+                .map_or(d.max_write, |k| k.clamp(4, 32 << 10) << 10),
         }
     }
 }

@@ -36,6 +36,7 @@ fn opts() -> StreamOptions {
     StreamOptions {
         chunk: 1 << 20,
         in_flight: 3,
+        max_write: 256 << 10,
     }
 }
 

@@ -118,6 +118,7 @@ async fn appliance(sources: Vec<(&str, u32, SourceSpec)>) -> Appliance {
         stream: StreamOptions {
             chunk: 1 << 20,
             in_flight: 3,
+            max_write: 1 << 20,
         },
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
