@@ -184,6 +184,7 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         token,
         sources,
         stream,
+        progress_every: hub_agent::serve::PROGRESS_EVERY,
     });
     let shutdown = async {
         let _ = tokio::signal::ctrl_c().await;

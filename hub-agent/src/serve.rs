@@ -30,8 +30,8 @@ use crate::source::SourceSpec;
 use crate::stream::{DiskCounter, StreamOptions};
 use crate::tracking;
 
-/// How often progress is reported at most.
-const PROGRESS_EVERY: Duration = Duration::from_secs(1);
+/// How often progress is reported at most, by default.
+pub const PROGRESS_EVERY: Duration = Duration::from_secs(1);
 
 /// What the service needs to know.
 #[derive(Debug, Clone)]
@@ -44,6 +44,8 @@ pub struct AgentConfig {
     pub sources: BTreeMap<(String, u32), SourceSpec>,
     /// Stream tuning.
     pub stream: StreamOptions,
+    /// Least time between two progress reports of a job.
+    pub progress_every: Duration,
 }
 
 /// A running backup.
@@ -331,7 +333,7 @@ async fn run_job(
 ) {
     let pushed = tokio::select! {
         r = push_disks(disks, agent.cfg.stream) => r,
-        () = report_progress(&cb, &totals) => return,
+        () = report_progress(&cb, &totals, agent.cfg.progress_every) => return,
     };
     match pushed {
         Ok(results) => {
@@ -363,10 +365,10 @@ async fn run_job(
     }
 }
 
-/// Report progress every [`PROGRESS_EVERY`] while something changed; never
-/// returns (the job drops it when the push ends).
-async fn report_progress(cb: &Callbacks, totals: &Totals) {
-    let mut tick = tokio::time::interval(PROGRESS_EVERY);
+/// Report progress every `every` while something changed; never returns
+/// (the job drops it when the push ends).
+async fn report_progress(cb: &Callbacks, totals: &Totals, every: Duration) {
+    let mut tick = tokio::time::interval(every.max(Duration::from_millis(1)));
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
     let mut last: Vec<u64> = vec![0; totals.len()];

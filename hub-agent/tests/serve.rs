@@ -120,6 +120,8 @@ async fn appliance(sources: Vec<(&str, u32, SourceSpec)>) -> Appliance {
             in_flight: 3,
             max_write: 1 << 20,
         },
+        // Tests wait for reports as events; no need to wait a second.
+        progress_every: std::time::Duration::from_millis(10),
     });
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = l.local_addr().unwrap();
@@ -459,4 +461,38 @@ async fn cancel_stops_the_job_and_frees_its_disks() {
     // Its disk is free again.
     assert_eq!(app.post("/v1/backups/start", &body2).await.0, 202);
     assert_eq!(app.post("/v1/backups/b2/cancel", &json!({})).await.0, 200);
+}
+
+#[tokio::test]
+async fn progress_is_reported_while_a_job_runs() {
+    let gate = Arc::new(Semaphore::new(2));
+    let (src, _entered) = faulty_source(Some(Arc::clone(&gate))).await;
+    let (_hub, hub_addr, mut rx) = fake_hub().await;
+    let app = appliance(vec![("vm1", 2000, SourceSpec::parse(&src.uri("src")))]).await;
+    let t = Counting::new(4 << 20);
+    let nbd = nbd(vec![("t", t.clone())]).await;
+    let body = start_body(
+        "b1",
+        hub_addr,
+        vec![(3, 2000, 4 << 20, "full", None, nbd.uri("t"))],
+    );
+    assert_eq!(app.post("/v1/backups/start", &body).await.0, 202);
+    // Two 1 MiB chunks get through, then the source stalls: reports rise
+    // to 2 MiB (one may catch the first chunk alone) and no further.
+    loop {
+        let c = rx.recv().await.unwrap();
+        assert_eq!(c.what, "progress");
+        assert_eq!(c.auth, "Bearer cb-b1");
+        let d = &c.body["disks"][0];
+        assert_eq!(
+            (d["disk_id"].as_u64(), d["bytes_total"].as_u64()),
+            (Some(3), Some(4 << 20))
+        );
+        let done = d["bytes_done"].as_u64().unwrap();
+        assert!(done == 1 << 20 || done == 2 << 20, "{c:?}");
+        if done == 2 << 20 {
+            break;
+        }
+    }
+    assert_eq!(app.post("/v1/backups/b1/cancel", &json!({})).await.0, 200);
 }
