@@ -392,3 +392,49 @@ async fn qcow2_targets_full_then_overlay_match_the_source_by_qemu_img_compare() 
     // The untouched parent still holds the first push.
     assert_eq!(inc[0].digest, digest_of_bytes(&src).to_hex());
 }
+
+/// Detaches a loop device however the test ends.
+struct Loop(String);
+
+impl Drop for Loop {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("losetup")
+            .args(["-d", &self.0])
+            .status();
+    }
+}
+
+#[tokio::test]
+async fn a_block_device_source_is_read_with_its_size_from_seeking() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = disk(10, 8 << 20);
+    let file = write_file(dir.path(), "dev.img", &src);
+    // Needs root and loop devices; skip (saying so) where there are none.
+    let out = std::process::Command::new("losetup")
+        .args(["-f", "--show", file.to_str().unwrap()])
+        .output();
+    let dev = match out {
+        Ok(o) if o.status.success() => Loop(String::from_utf8(o.stdout).unwrap().trim().to_owned()),
+        _ => {
+            eprintln!("SKIP: no loop device");
+            return;
+        }
+    };
+    let meta = std::fs::metadata(&dev.0).unwrap();
+    assert_eq!(
+        meta.len(),
+        0,
+        "a block device reports no length in metadata"
+    );
+    let t = Counting::new(src.len() as u64);
+    let s = nbd(vec![("t", t.clone())]).await;
+    let res = push_disks(
+        vec![request(2000, SourceSpec::parse(&dev.0), s.uri("t"))],
+        opts(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(res[0].size_bytes, src.len() as u64);
+    assert_eq!(res[0].digest, digest_of_bytes(&src).to_hex());
+    assert_eq!(t.contents().await, src);
+}
