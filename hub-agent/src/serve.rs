@@ -25,7 +25,7 @@ use sna_contract::{
 use tokio::task::JoinHandle;
 
 use crate::callback::Callbacks;
-use crate::push::{commit_states, push_disks, DiskRequest};
+use crate::push::{commit_states, push_disks, DiskRequest, DiskResult};
 use crate::source::SourceSpec;
 use crate::stream::{DiskCounter, StreamOptions};
 use crate::tracking;
@@ -197,6 +197,24 @@ async fn auth(State(agent): State<Arc<Agent>>, req: Request, next: Next) -> Resp
     next.run(req).await
 }
 
+/// [`tracking::base_for`] off the async threads: a state file is 32 bytes
+/// per 64 KiB block (512 MiB for a TiB), read and checksummed whole.
+async fn load_base(
+    agent: &Agent,
+    name: &str,
+    parent: &str,
+    size: u64,
+) -> Result<tracking::DiskState, String> {
+    let (dir, name, parent) = (
+        agent.cfg.state_dir.clone(),
+        name.to_owned(),
+        parent.to_owned(),
+    );
+    tokio::task::spawn_blocking(move || tracking::base_for(&dir, &name, &parent, size))
+        .await
+        .unwrap_or_else(|e| Err(format!("reading change tracking state: {e}")))
+}
+
 async fn prepare(
     State(agent): State<Arc<Agent>>,
     body: Bytes,
@@ -209,7 +227,7 @@ async fn prepare(
         let name = state_name(&req.vm_name, d.disk_key);
         let (mode, reason) = match (d.mode, &d.parent_change_id) {
             (Mode::Incremental, Some(parent)) => {
-                match tracking::base_for(&agent.cfg.state_dir, &name, parent, d.size_bytes) {
+                match load_base(&agent, &name, parent, d.size_bytes).await {
                     Ok(_) => (Mode::Incremental, None),
                     Err(why) => (Mode::Full, Some(why)),
                 }
@@ -255,7 +273,8 @@ async fn start(
                         t.disk_key
                     ))
                 })?;
-                let st = tracking::base_for(&agent.cfg.state_dir, &name, parent, t.size_bytes)
+                let st = load_base(&agent, &name, parent, t.size_bytes)
+                    .await
                     .map_err(|why| {
                         ApiError(
                             StatusCode::CONFLICT,
@@ -348,7 +367,7 @@ async fn run_job(
                     .collect(),
             };
             match cb.complete(&req).await {
-                Ok(()) => match commit_states(&agent.cfg.state_dir, &results) {
+                Ok(()) => match commit_off_thread(agent, results).await {
                     Ok(()) => tracing::info!(backup_id, "backup completed"),
                     // The backup stands; the next one of these disks is a full.
                     Err(e) => tracing::error!(backup_id, error = %e, "committing change tracking"),
@@ -363,6 +382,14 @@ async fn run_job(
             }
         }
     }
+}
+
+/// Commit change tracking (write, fsync, rename) on the blocking pool.
+async fn commit_off_thread(agent: &Agent, results: Vec<DiskResult>) -> std::io::Result<()> {
+    let dir = agent.cfg.state_dir.clone();
+    tokio::task::spawn_blocking(move || commit_states(&dir, &results))
+        .await
+        .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// Report progress every `every` while something changed; never returns
