@@ -13,7 +13,7 @@
 //! * [`stream`]: one disk: read, hash, send what the target lacks.
 //! * [`blocks`]: per-block leaves and zero detection of one read.
 //! * [`tracking`]: the change-tracking state files.
-//! * [`source`]: opening sources; [`targets`]: command-line formats.
+//! * [`source`]: opening sources ([`rawfile`]: raw files and devices); [`targets`]: command-line formats.
 //! * [`callback`]: complete / abort / progress calls to the hub.
 //! * [`config`]: the `serve` configuration file; [`progress`]: the
 //!   terminal progress bar of `push`.
@@ -24,6 +24,7 @@ pub mod callback;
 pub mod config;
 pub mod progress;
 pub mod push;
+pub mod rawfile;
 pub mod serve;
 pub mod source;
 pub mod stream;

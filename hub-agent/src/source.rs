@@ -6,7 +6,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use nbd_server::BlockBackend;
-use qcow_backend::{open_image, OpenOptions};
+use qcow_backend::{OpenOptions, QcowBackend};
+
+use crate::rawfile::RawFile;
 
 /// A configured source, not yet opened (opening an NBD source connects).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +29,14 @@ pub enum SourceError {
         path: String,
         /// Why it failed.
         source: qcow_backend::ImageError,
+    },
+    /// A raw file or device.
+    #[error("opening {path}: {source}")]
+    Raw {
+        /// What was opened.
+        path: String,
+        /// Why it failed.
+        source: std::io::Error,
     },
     /// The NBD connection (the URI itself stays out of the message: its
     /// export name may be a capability).
@@ -59,18 +69,24 @@ impl SourceSpec {
     pub async fn open(&self) -> Result<Arc<dyn BlockBackend>, SourceError> {
         match self {
             SourceSpec::Path(p) => {
-                // Backing files may live only next to the image (the
-                // backend's default policy): a source is configured by the
-                // operator, its chain is not.
-                let opts = OpenOptions::new().read_only(true);
-                let (b, _format) =
-                    open_image(p, &opts)
-                        .await
-                        .map_err(|source| SourceError::Image {
-                            path: p.display().to_string(),
-                            source,
-                        })?;
-                Ok(b)
+                let image = |source| SourceError::Image {
+                    path: p.display().to_string(),
+                    source,
+                };
+                if qcow_backend::chain::is_qcow2(p).map_err(image)? {
+                    // Backing files may live only next to the image (the
+                    // backend's default policy): a source is configured by
+                    // the operator, its chain is not.
+                    let opts = OpenOptions::new().read_only(true);
+                    let q = QcowBackend::open(p, &opts).await.map_err(image)?;
+                    Ok(Arc::new(q))
+                } else {
+                    let f = RawFile::open(p).map_err(|source| SourceError::Raw {
+                        path: p.display().to_string(),
+                        source,
+                    })?;
+                    Ok(Arc::new(f))
+                }
             }
             SourceSpec::Nbd(u) => {
                 let c = nbd_client::connect_uri(u).await?;
