@@ -186,8 +186,15 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         stream,
         progress_every: hub_agent::serve::PROGRESS_EVERY,
     });
-    let shutdown = async {
-        let _ = tokio::signal::ctrl_c().await;
+    // Ctrl-C or SIGTERM (what service managers send) stop it cleanly.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| format!("installing the SIGTERM handler: {e}"))?;
+    let shutdown = async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        tracing::info!("shutting down");
     };
     serve(listener, agent, shutdown)
         .await

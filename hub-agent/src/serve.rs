@@ -52,6 +52,8 @@ pub struct AgentConfig {
 #[derive(Debug)]
 struct Job {
     handle: JoinHandle<()>,
+    /// To tell the hub when the agent stops the job itself (shutdown).
+    callbacks: Callbacks,
 }
 
 /// The service state.
@@ -147,6 +149,20 @@ impl Agent {
             })
     }
 
+    /// Stop every running job and tell the hub each was aborted (the
+    /// hub would otherwise wait for a complete that never comes).
+    pub async fn shutdown(&self) {
+        let jobs: Vec<(String, Job)> = lock(&self.jobs).drain().collect();
+        for (backup_id, job) in jobs {
+            job.handle.abort();
+            let _ = job.handle.await;
+            tracing::warn!(%backup_id, "backup stopped by shutdown");
+            if let Err(e) = job.callbacks.abort("the appliance is shutting down").await {
+                tracing::error!(%backup_id, error = %e, "posting abort");
+            }
+        }
+    }
+
     /// Whether any backup job is running.
     pub fn running_jobs(&self) -> usize {
         lock(&self.jobs).len()
@@ -163,15 +179,18 @@ pub fn router(agent: Arc<Agent>) -> Router {
         .with_state(agent)
 }
 
-/// Serve until `shutdown` resolves.
+/// Serve until `shutdown` resolves; then stop running jobs, posting abort
+/// for each.
 pub async fn serve(
     listener: tokio::net::TcpListener,
     agent: Arc<Agent>,
     shutdown: impl std::future::Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(agent))
+    let r = axum::serve(listener, router(Arc::clone(&agent)))
         .with_graceful_shutdown(shutdown)
-        .await
+        .await;
+    agent.shutdown().await;
+    r
 }
 
 fn ct_eq(a: &[u8], b: &[u8]) -> bool {
@@ -322,16 +341,17 @@ async fn start(
     let backup_id = req.backup_id.clone();
     // Spawned while `jobs` is locked, so the job cannot remove its entry
     // before it exists.
+    let job_callbacks = callbacks.clone();
     let handle = tokio::spawn({
         let agent = Arc::clone(&agent);
         let backup_id = backup_id.clone();
         async move {
             let _guard = guard;
-            run_job(&agent, &backup_id, disks, totals, callbacks).await;
+            run_job(&agent, &backup_id, disks, totals, job_callbacks).await;
             lock(&agent.jobs).remove(&backup_id);
         }
     });
-    jobs.insert(backup_id, Job { handle });
+    jobs.insert(backup_id, Job { handle, callbacks });
     tracing::info!(backup_id = %req.backup_id, disks = req.targets.len(), "backup started");
     Ok((
         StatusCode::ACCEPTED,

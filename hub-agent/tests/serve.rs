@@ -496,3 +496,28 @@ async fn progress_is_reported_while_a_job_runs() {
     }
     assert_eq!(app.post("/v1/backups/b1/cancel", &json!({})).await.0, 200);
 }
+
+#[tokio::test]
+async fn shutdown_stops_running_jobs_and_posts_abort() {
+    let gate = Arc::new(Semaphore::new(0));
+    let (src, mut entered) = faulty_source(Some(gate)).await;
+    let (_hub, hub_addr, mut rx) = fake_hub().await;
+    let app = appliance(vec![("vm1", 2000, SourceSpec::parse(&src.uri("src")))]).await;
+    let t = Counting::new(4 << 20);
+    let nbd = nbd(vec![("t", t.clone())]).await;
+    let body = start_body(
+        "b1",
+        hub_addr,
+        vec![(0, 2000, 4 << 20, "full", None, nbd.uri("t"))],
+    );
+    assert_eq!(app.post("/v1/backups/start", &body).await.0, 202);
+    entered.recv().await.unwrap();
+    app.agent.shutdown().await;
+    assert_eq!(app.agent.running_jobs(), 0);
+    let c = next_final(&mut rx).await;
+    assert_eq!(c.what, "abort");
+    assert!(
+        c.body["reason"].as_str().unwrap().contains("shutting down"),
+        "{c:?}"
+    );
+}
