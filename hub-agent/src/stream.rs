@@ -186,7 +186,8 @@ pub async fn stream_disk(d: DiskStream, opts: StreamOptions) -> Result<StreamOut
         }
     }
     let g = Geometry::new(size);
-    let chunk = opts.chunk.max(BLOCK_SIZE) / BLOCK_SIZE * BLOCK_SIZE;
+    // Whole blocks, and at most 32 MiB so one read's length fits its u32.
+    let chunk = opts.chunk.clamp(BLOCK_SIZE, 32 << 20) / BLOCK_SIZE * BLOCK_SIZE;
     let per = chunk / BLOCK_SIZE;
     let n_chunks = g.blocks().div_ceil(per);
     let mut leaves = Vec::with_capacity(g.blocks() as usize);
@@ -229,7 +230,7 @@ async fn chunk_job(
 ) -> Result<(Vec<Hash>, StreamStats, u64), StreamError> {
     let offset = g.block_offset(first);
     let len = g.block_offset(first + n).min(g.size()) - offset;
-    // len ≤ chunk, far below u32::MAX.
+    // len ≤ chunk ≤ 32 MiB.
     let chunks = d
         .source
         .read(offset, len as u32)
