@@ -3,6 +3,20 @@
 //! and digest. The library entry point for the CLI, the HTTP service and
 //! in-process benchmarks. Change-tracking state is *not* committed here:
 //! the caller does that once the push counts (the hub said complete).
+//!
+//! ```no_run
+//! # async fn f() -> Result<(), hub_agent::push::PushError> {
+//! use hub_agent::push::{push_disks, DiskRequest};
+//! use hub_agent::source::SourceSpec;
+//! let disks = vec![
+//!     DiskRequest::full(0, 2000, SourceSpec::parse("/images/a.raw"), "nbd://127.0.0.1:10105/a"),
+//!     DiskRequest::full(1, 2001, SourceSpec::parse("/images/b.qcow2"), "nbd://127.0.0.1:10106/b"),
+//! ];
+//! for d in push_disks(disks, Default::default()).await? {
+//!     println!("{} {} {}", d.disk_key, d.change_id, d.digest);
+//! }
+//! # Ok(()) }
+//! ```
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,6 +48,27 @@ pub struct DiskRequest {
     pub base: Option<Arc<DiskState>>,
     /// Progress, updated while it streams.
     pub progress: Arc<DiskCounter>,
+}
+
+impl DiskRequest {
+    /// A full push of `source` to `target_uri`, state named after the disk
+    /// key (what a benchmark or a one-off copy needs).
+    pub fn full(
+        disk_id: u32,
+        disk_key: u32,
+        source: SourceSpec,
+        target_uri: impl Into<String>,
+    ) -> Self {
+        DiskRequest {
+            disk_id,
+            disk_key,
+            state_name: disk_key.to_string(),
+            source,
+            target_uri: target_uri.into(),
+            base: None,
+            progress: Arc::new(DiskCounter::default()),
+        }
+    }
 }
 
 /// What one disk's push produced.
