@@ -3,9 +3,9 @@
 //! job that pushes every disk, then calls the hub back with `complete` (and
 //! commits change tracking only if the hub accepted it) or `abort`.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
@@ -22,6 +22,7 @@ use sna_contract::{
     PrepareResponse, PreparedDisk, ProgressRequest, StartRequest, StartResponse, CONTRACT,
     PREPARE_PATH, START_PATH,
 };
+use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::callback::Callbacks;
@@ -61,9 +62,23 @@ struct Job {
 pub struct Agent {
     cfg: AgentConfig,
     jobs: Mutex<HashMap<String, Job>>,
-    /// State names of disks being pushed: one push per disk at a time, so
-    /// two commits never race.
-    busy: Arc<Mutex<HashSet<String>>>,
+    /// State names of disks being pushed, with their job's phase: one push
+    /// per disk at a time, so two commits never race.
+    busy: Arc<Mutex<HashMap<String, watch::Receiver<Phase>>>>,
+    /// Requests waiting in [`settle`] (observable for tests and logs).
+    settling: AtomicUsize,
+}
+
+/// Where a job is; a closed channel means it ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Reading and writing disks.
+    Streaming,
+    /// Pushed; reporting complete and committing change tracking. A prepare
+    /// or start for its disks waits for this to end: the hub may plan the
+    /// next incremental the moment it has answered complete, before the
+    /// state it will name is committed here.
+    Finishing,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -73,10 +88,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// Releases busy disks when a job ends, however it ends (cancel drops it).
+/// The entries go first, then `phase` is dropped, waking waiters: by then
+/// the disks are free.
 #[derive(Debug)]
 struct BusyGuard {
-    set: Arc<Mutex<HashSet<String>>>,
+    set: Arc<Mutex<HashMap<String, watch::Receiver<Phase>>>>,
     names: Vec<String>,
+    phase: watch::Sender<Phase>,
 }
 
 impl Drop for BusyGuard {
@@ -84,6 +102,22 @@ impl Drop for BusyGuard {
         let mut s = lock(&self.set);
         for n in &self.names {
             s.remove(n);
+        }
+    }
+}
+
+/// Wait until no job is finishing on any of `names`.
+async fn settle(agent: &Agent, names: &[String]) {
+    let waits: Vec<watch::Receiver<Phase>> = {
+        let busy = lock(&agent.busy);
+        names.iter().filter_map(|n| busy.get(n).cloned()).collect()
+    };
+    for mut rx in waits {
+        if *rx.borrow() == Phase::Finishing {
+            agent.settling.fetch_add(1, Ordering::Relaxed);
+            // Err: the job ended, which is what we wait for.
+            let _ = rx.wait_for(|p| *p != Phase::Finishing).await;
+            agent.settling.fetch_sub(1, Ordering::Relaxed);
         }
     }
 }
@@ -128,6 +162,7 @@ impl Agent {
             cfg,
             jobs: Mutex::default(),
             busy: Arc::default(),
+            settling: AtomicUsize::new(0),
         })
     }
 
@@ -161,6 +196,11 @@ impl Agent {
                 tracing::error!(%backup_id, error = %e, "posting abort");
             }
         }
+    }
+
+    /// Requests now waiting for a finishing job's commit.
+    pub fn waiting_for_commits(&self) -> usize {
+        self.settling.load(Ordering::Relaxed)
     }
 
     /// Whether any backup job is running.
@@ -240,9 +280,17 @@ async fn prepare(
 ) -> Result<Json<PrepareResponse>, ApiError> {
     let req: PrepareRequest = parse(&body)?;
     check_contract(&req.contract)?;
-    let mut disks = Vec::with_capacity(req.disks.len());
     for d in &req.disks {
         agent.source(&req.vm_name, d.disk_key)?;
+    }
+    let names: Vec<String> = req
+        .disks
+        .iter()
+        .map(|d| state_name(&req.vm_name, d.disk_key))
+        .collect();
+    settle(&agent, &names).await;
+    let mut disks = Vec::with_capacity(req.disks.len());
+    for d in &req.disks {
         let name = state_name(&req.vm_name, d.disk_key);
         let (mode, reason) = match (d.mode, &d.parent_change_id) {
             (Mode::Incremental, Some(parent)) => {
@@ -276,6 +324,12 @@ async fn start(
         return Err(bad("start names no targets"));
     }
     let callbacks = Callbacks::new(&req.callback).map_err(|e| bad(e.to_string()))?;
+    let names: Vec<String> = req
+        .targets
+        .iter()
+        .map(|t| state_name(&req.vm_name, t.disk_key))
+        .collect();
+    settle(&agent, &names).await;
     let mut disks = Vec::with_capacity(req.targets.len());
     let mut totals = Vec::with_capacity(req.targets.len());
     for t in &req.targets {
@@ -325,17 +379,19 @@ async fn start(
     }
     let guard = {
         let mut busy = lock(&agent.busy);
-        if let Some(d) = disks.iter().find(|d| busy.contains(&d.state_name)) {
+        if let Some(d) = disks.iter().find(|d| busy.contains_key(&d.state_name)) {
             return Err(ApiError(
                 StatusCode::CONFLICT,
                 format!("disk key {} is being backed up by another job", d.disk_key),
             ));
         }
         let names: Vec<String> = disks.iter().map(|d| d.state_name.clone()).collect();
-        busy.extend(names.iter().cloned());
+        let (phase, rx) = watch::channel(Phase::Streaming);
+        busy.extend(names.iter().map(|n| (n.clone(), rx.clone())));
         BusyGuard {
             set: Arc::clone(&agent.busy),
             names,
+            phase,
         }
     };
     let backup_id = req.backup_id.clone();
@@ -346,8 +402,16 @@ async fn start(
         let agent = Arc::clone(&agent);
         let backup_id = backup_id.clone();
         async move {
-            let _guard = guard;
-            run_job(&agent, &backup_id, disks, totals, job_callbacks).await;
+            run_job(
+                &agent,
+                &backup_id,
+                disks,
+                totals,
+                job_callbacks,
+                &guard.phase,
+            )
+            .await;
+            drop(guard);
             lock(&agent.jobs).remove(&backup_id);
         }
     });
@@ -369,6 +433,7 @@ async fn run_job(
     disks: Vec<DiskRequest>,
     totals: Totals,
     cb: Callbacks,
+    phase: &watch::Sender<Phase>,
 ) {
     let pushed = tokio::select! {
         r = push_disks(disks, agent.cfg.stream) => r,
@@ -376,6 +441,7 @@ async fn run_job(
     };
     match pushed {
         Ok(results) => {
+            phase.send_replace(Phase::Finishing);
             let req = CompleteRequest {
                 disks: results
                     .iter()

@@ -44,6 +44,9 @@ struct Hub {
     tx: mpsc::UnboundedSender<Call>,
     /// Status answered to complete.
     complete_status: Arc<AtomicU16>,
+    /// Complete is answered only once a permit is here (tests that hold
+    /// the answer back add none at first).
+    complete_gate: Arc<Semaphore>,
 }
 
 async fn record(
@@ -66,6 +69,9 @@ async fn record(
     h.calls.lock().unwrap().push(c.clone());
     let _ = h.tx.send(c);
     if what == "complete" {
+        if let Ok(p) = h.complete_gate.acquire().await {
+            p.forget();
+        }
         StatusCode::from_u16(h.complete_status.load(Ordering::Relaxed)).unwrap()
     } else {
         StatusCode::OK
@@ -79,6 +85,7 @@ async fn fake_hub() -> (Hub, SocketAddr, mpsc::UnboundedReceiver<Call>) {
         calls: Arc::default(),
         tx,
         complete_status: Arc::new(AtomicU16::new(200)),
+        complete_gate: Arc::new(Semaphore::new(1000)),
     };
     let app = Router::new()
         .route("/api/v1/backups/{backup}/{what}", post(record))
@@ -520,4 +527,50 @@ async fn shutdown_stops_running_jobs_and_posts_abort() {
         c.body["reason"].as_str().unwrap().contains("shutting down"),
         "{c:?}"
     );
+}
+
+/// The hub may plan the next incremental the moment it has answered
+/// complete; a prepare arriving before the agent committed that state must
+/// wait for it, not answer "full".
+#[tokio::test]
+async fn prepare_right_after_complete_waits_for_the_commit() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = disk(14, 2 << 20);
+    let pa = write_file(dir.path(), "a.raw", &a);
+    let (hub, hub_addr, mut rx) = fake_hub().await;
+    hub.complete_gate.forget_permits(1000);
+    let app = appliance(vec![("vm1", 2000, SourceSpec::Path(pa))]).await;
+    let t = Counting::new(a.len() as u64);
+    let nbd = nbd(vec![("t", t.clone())]).await;
+    let body = start_body(
+        "b1",
+        hub_addr,
+        vec![(0, 2000, a.len() as u64, "full", None, nbd.uri("t"))],
+    );
+    assert_eq!(app.post("/v1/backups/start", &body).await.0, 202);
+    let c = next_final(&mut rx).await;
+    assert_eq!(c.what, "complete");
+    let id = c.body["disks"][0]["change_id"].as_str().unwrap().to_owned();
+    // The hub has not answered yet; its next prepare is already on its way.
+    let disks = json!([{"disk_id": 0, "disk_key": 2000, "size_bytes": a.len(),
+                        "mode": "incremental", "parent_change_id": id}]);
+    let prepare = tokio::spawn({
+        let addr = app.addr;
+        let body = prepare_body("vm1", disks);
+        async move {
+            call_as(
+                addr,
+                Some(TOKEN),
+                "POST",
+                "/v1/backups/prepare",
+                Some(&body),
+            )
+            .await
+        }
+    });
+    until(|| app.agent.waiting_for_commits() == 1).await;
+    hub.complete_gate.add_permits(1);
+    let r = prepare.await.unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["disks"][0]["mode"], "incremental", "{}", r.text());
 }
