@@ -329,6 +329,16 @@ async fn start(
         .iter()
         .map(|t| state_name(&req.vm_name, t.disk_key))
         .collect();
+    if let Some((i, _)) = names
+        .iter()
+        .enumerate()
+        .find(|(i, n)| names[..*i].contains(n))
+    {
+        return Err(bad(format!(
+            "disk key {} appears twice in the targets",
+            req.targets[i].disk_key
+        )));
+    }
     settle(&agent, &names).await;
     let mut disks = Vec::with_capacity(req.targets.len());
     let mut totals = Vec::with_capacity(req.targets.len());

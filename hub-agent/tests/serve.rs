@@ -352,6 +352,17 @@ async fn start_streams_every_disk_completes_with_digests_then_incremental() {
     );
     let (s, v) = app.post("/v1/backups/start", &body).await;
     assert_eq!(s, 409, "{v}");
+    // So is a disk named twice.
+    let body = start_body(
+        "b5",
+        hub_addr,
+        vec![
+            (0, 2000, a.len() as u64, "full", None, nbd.uri("t2")),
+            (1, 2000, a.len() as u64, "full", None, nbd.uri("t2")),
+        ],
+    );
+    let (s, v) = app.post("/v1/backups/start", &body).await;
+    assert_eq!(s, 400, "{v}");
     // So is a callback the agent cannot call.
     let mut body = start_body(
         "b4",
