@@ -6,8 +6,8 @@
 //! way.
 //!
 //! # Layout
-//! * [`serve`]: the hub-facing HTTP service (prepare / start / cancel) and
-//!   its background jobs.
+//! * [`serve`]: the hub-facing HTTP service (prepare / start / cancel);
+//!   [`job`]: a started backup's life (push, progress, complete or abort).
 //! * [`push`]: pushing a set of disks concurrently — the library entry
 //!   point ([`push::push_disks`]) for the CLI, the service and benchmarks.
 //! * [`stream`]: one disk: read, hash, send what the target lacks.
@@ -22,6 +22,7 @@
 pub mod blocks;
 pub mod callback;
 pub mod config;
+pub mod job;
 pub mod progress;
 pub mod push;
 pub mod rawfile;
