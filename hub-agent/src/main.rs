@@ -268,8 +268,7 @@ async fn run_push(a: PushArgs) -> Result<(), String> {
     let opts = a.tuning.options(None, None);
     let pushed = push_disks(disks, opts).await;
     if let Some(b) = bar {
-        b.abort();
-        progress::finish_bar();
+        b.finish();
     }
     let results = pushed.map_err(|e| e.to_string())?;
     if let Some(dir) = &a.state_dir {

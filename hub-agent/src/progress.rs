@@ -43,35 +43,56 @@ fn human(b: f64) -> String {
     format!("{v:.1} {}", UNITS[u])
 }
 
-/// Draw the bar until the returned handle is aborted (or dropped by the
-/// caller's select); `None` when stderr is not a terminal.
-pub fn spawn_bar(counters: Vec<Arc<DiskCounter>>) -> Option<tokio::task::JoinHandle<()>> {
+/// A bar being drawn.
+#[derive(Debug)]
+pub struct Bar {
+    task: tokio::task::JoinHandle<()>,
+    counters: Vec<Arc<DiskCounter>>,
+    start: Instant,
+}
+
+fn draw(counters: &[Arc<DiskCounter>], start: Instant) {
+    let done: u64 = counters
+        .iter()
+        .map(|c| c.done.load(Ordering::Relaxed))
+        .sum();
+    let total: u64 = counters
+        .iter()
+        .map(|c| c.total.load(Ordering::Relaxed))
+        .sum();
+    let mut e = std::io::stderr().lock();
+    let _ = write!(e, "\r{}", render(done, total, start.elapsed()));
+    let _ = e.flush();
+}
+
+/// Start drawing the bar; `None` when stderr is not a terminal.
+pub fn spawn_bar(counters: Vec<Arc<DiskCounter>>) -> Option<Bar> {
     if !std::io::stderr().is_terminal() {
         return None;
     }
     let start = Instant::now();
-    Some(tokio::spawn(async move {
-        let mut tick = tokio::time::interval(EVERY);
-        loop {
-            tick.tick().await;
-            let done: u64 = counters
-                .iter()
-                .map(|c| c.done.load(Ordering::Relaxed))
-                .sum();
-            let total: u64 = counters
-                .iter()
-                .map(|c| c.total.load(Ordering::Relaxed))
-                .sum();
-            let mut e = std::io::stderr().lock();
-            let _ = write!(e, "\r{}", render(done, total, start.elapsed()));
-            let _ = e.flush();
+    let task = tokio::spawn({
+        let counters = counters.clone();
+        async move {
+            let mut tick = tokio::time::interval(EVERY);
+            loop {
+                tick.tick().await;
+                draw(&counters, start);
+            }
         }
-    }))
+    });
+    Some(Bar {
+        task,
+        counters,
+        start,
+    })
 }
 
-/// End the bar's line (after aborting it).
-pub fn finish_bar() {
-    if std::io::stderr().is_terminal() {
+impl Bar {
+    /// Stop, draw the final state and end the line.
+    pub fn finish(self) {
+        self.task.abort();
+        draw(&self.counters, self.start);
         eprintln!();
     }
 }
