@@ -67,6 +67,14 @@ fn file_name(disk: &str) -> String {
             s.push_str(&format!("_{b:02X}"));
         }
     }
+    // File names are limited to 255 bytes: long ones keep a readable
+    // prefix and end in a hash of the whole name.
+    if s.len() > 160 {
+        let h = blake3::hash(disk.as_bytes()).to_hex();
+        s.truncate(96);
+        s.push('~');
+        s.push_str(&h[..32]);
+    }
     s.push_str(".state");
     s
 }
@@ -244,6 +252,10 @@ mod tests {
     fn names_do_not_collide_and_ids_differ() {
         assert_ne!(file_name("vm/1"), file_name("vm_1"));
         assert_ne!(file_name("vm/1"), file_name("vm_2F1"));
+        let long_a = format!("{}/2000", "v".repeat(300));
+        let long_b = format!("{}/2001", "v".repeat(300));
+        assert!(file_name(&long_a).len() < 160);
+        assert_ne!(file_name(&long_a), file_name(&long_b));
         let a = new_change_id();
         assert_eq!(a.len(), 35);
         assert_ne!(a, new_change_id());
