@@ -246,7 +246,7 @@ async fn run_push(a: PushArgs) -> Result<(), String> {
                 Err(why) => (
                     None,
                     Some(format!(
-                        "change tracking has no state for change id {p}: {why}"
+                        "change tracking has no state for change id {p} ({why})"
                     )),
                 ),
             },

@@ -166,11 +166,11 @@ fn decode(v: &[u8]) -> Result<DiskState, &'static str> {
 pub fn load(dir: &Path, disk: &str) -> Result<DiskState, String> {
     let p = state_path(dir, disk);
     match fs::read(&p) {
-        Ok(v) => decode(&v).map_err(|why| format!("change tracking state is unusable ({why})")),
+        Ok(v) => decode(&v).map_err(|why| format!("its state file is unusable: {why}")),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            Err("change tracking has no state for this disk".to_owned())
+            Err("no state file for this disk".to_owned())
         }
-        Err(e) => Err(format!("change tracking state is unreadable ({e})")),
+        Err(e) => Err(format!("its state file is unreadable: {e}")),
     }
 }
 
@@ -183,7 +183,7 @@ pub fn base_for(
     size: u64,
 ) -> Result<DiskState, String> {
     let no_state = || format!("change tracking has no state for change id {parent_change_id}");
-    let st = load(dir, disk).map_err(|why| format!("{}: {why}", no_state()))?;
+    let st = load(dir, disk).map_err(|why| format!("{} ({why})", no_state()))?;
     if st.change_id != parent_change_id {
         return Err(no_state());
     }
