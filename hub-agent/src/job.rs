@@ -88,7 +88,7 @@ pub(crate) async fn run_job(
     phase: &watch::Sender<Phase>,
 ) {
     let pushed = tokio::select! {
-        r = push_disks(disks, agent.cfg.stream) => r,
+        r = push_disks(disks, agent.cfg.stream.clone()) => r,
         () = report_progress(&cb, &totals, agent.cfg.progress_every) => return,
     };
     match pushed {

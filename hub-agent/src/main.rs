@@ -45,12 +45,24 @@ struct Tuning {
     /// Largest WRITE request in KiB.
     #[arg(long)]
     max_write_kib: Option<u64>,
+    /// Directory with the hub's CA (ca-cert.pem) and, when the hub verifies
+    /// peers, client-cert.pem and client-key.pem: needed for nbds:// targets.
+    #[arg(long, env = "HUB_AGENT_TLS_CERTIFICATES", value_name = "DIR")]
+    tls_certificates: Option<PathBuf>,
 }
 
 impl Tuning {
-    fn options(&self, file_chunk: Option<u64>, file_in_flight: Option<usize>) -> StreamOptions {
+    fn options(
+        &self,
+        file_chunk: Option<u64>,
+        file_in_flight: Option<usize>,
+    ) -> Result<StreamOptions, String> {
         let d = StreamOptions::default();
-        StreamOptions {
+        let tls = match &self.tls_certificates {
+            Some(dir) => Some(nbd_client::ClientTls::from_dir(dir).map_err(|e| e.to_string())?),
+            None => None,
+        };
+        Ok(StreamOptions {
             chunk: self
                 .chunk_mib
                 .or(file_chunk)
@@ -63,7 +75,8 @@ impl Tuning {
             max_write: self
                 .max_write_kib
                 .map_or(d.max_write, |k| k.clamp(4, 32 << 10) << 10),
-        }
+            tls,
+        })
     }
 }
 
@@ -168,7 +181,7 @@ async fn run_serve(a: ServeArgs) -> Result<(), String> {
         .or(file.state_dir)
         .ok_or("no state directory (--state-dir or state_dir =)")?;
     std::fs::create_dir_all(&state_dir).map_err(|e| format!("{}: {e}", state_dir.display()))?;
-    let stream = a.tuning.options(file.chunk_mib, file.in_flight);
+    let stream = a.tuning.options(file.chunk_mib, file.in_flight)?;
     let token = a.token.or(file.token).filter(|t| !t.is_empty());
     if token.is_none() {
         tracing::warn!("no token configured: anyone who can reach the port can start backups");
@@ -265,7 +278,7 @@ async fn run_push(a: PushArgs) -> Result<(), String> {
     }
     let counters: Vec<Arc<DiskCounter>> = disks.iter().map(|d| Arc::clone(&d.progress)).collect();
     let bar = progress::spawn_bar(counters);
-    let opts = a.tuning.options(None, None);
+    let opts = a.tuning.options(None, None)?;
     let pushed = push_disks(disks, opts).await;
     if let Some(b) = bar {
         b.finish();

@@ -130,6 +130,7 @@ pub async fn push_disks(
     let change_id = tracking::new_change_id();
     try_join_all(disks.into_iter().map(|d| {
         let change_id = change_id.clone();
+        let opts = opts.clone();
         async move {
             let disk_key = d.disk_key;
             push_one(d, change_id, opts)
@@ -140,6 +141,34 @@ pub async fn push_disks(
     .await
 }
 
+/// Connect to a target: `nbds://` with the URI's own `tls-certificates=`
+/// or else the agent's credentials (never in plaintext).
+async fn connect_target(
+    uri: &str,
+    tls: Option<&nbd_client::ClientTls>,
+) -> Result<nbd_client::Client, PushErrorKind> {
+    let u = nbd_client::NbdUri::parse(uri)
+        .map_err(|e| PushErrorKind::Target(nbd_client::ConnectError::Uri(e)))?;
+    let mut opts = if u.tls && u.tls_certificates.is_none() {
+        let Some(t) = tls else {
+            return Err(PushErrorKind::Target(nbd_client::ConnectError::Tls(
+                nbd_client::TlsConfigError::new(
+                    "an nbds:// target needs --tls-certificates DIR (the hub's CA)",
+                ),
+            )));
+        };
+        let mut o = nbd_client::ConnectOptions::new(u.export.clone());
+        o.tls = Some(t.clone());
+        o
+    } else {
+        nbd_client::options_for(&u).map_err(PushErrorKind::Target)?
+    };
+    opts.max_in_flight = opts.max_in_flight.max(1);
+    nbd_client::Client::connect_host(&u.host, u.port, &opts)
+        .await
+        .map_err(|e| PushErrorKind::Target(e.into()))
+}
+
 async fn push_one(
     d: DiskRequest,
     change_id: String,
@@ -147,11 +176,7 @@ async fn push_one(
 ) -> Result<DiskResult, PushErrorKind> {
     let (source, target) = tokio::try_join!(
         async { d.source.open().await.map_err(PushErrorKind::Source) },
-        async {
-            nbd_client::connect_uri(&d.target_uri)
-                .await
-                .map_err(PushErrorKind::Target)
-        },
+        async { connect_target(&d.target_uri, opts.tls.as_ref()).await },
     )?;
     let size = source.size();
     let mode = if d.base.is_some() {

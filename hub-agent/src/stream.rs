@@ -25,7 +25,7 @@ use crate::blocks::{classify, slice_of, BlockInfo};
 use crate::tracking::DiskState;
 
 /// Tuning of one disk's stream.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct StreamOptions {
     /// Bytes per source read (a multiple of the 64 KiB block).
     pub chunk: u64,
@@ -33,6 +33,9 @@ pub struct StreamOptions {
     pub in_flight: usize,
     /// Largest WRITE request (also capped by the target's maximum payload).
     pub max_write: u64,
+    /// Credentials for `nbds://` targets (the hub's CA, and a client
+    /// certificate when the hub verifies peers).
+    pub tls: Option<nbd_client::ClientTls>,
 }
 
 impl Default for StreamOptions {
@@ -45,6 +48,7 @@ impl Default for StreamOptions {
             chunk: 1 << 20,
             in_flight: 32,
             max_write: 256 << 10,
+            tls: None,
         }
     }
 }

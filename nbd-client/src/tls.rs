@@ -26,7 +26,8 @@ pub struct ClientTls {
 pub struct TlsConfigError(String);
 
 impl TlsConfigError {
-    pub(crate) fn new(msg: &str) -> Self {
+    /// An error with this message.
+    pub fn new(msg: &str) -> Self {
         TlsConfigError(msg.to_owned())
     }
 }
