@@ -37,6 +37,7 @@ fn opts() -> StreamOptions {
         chunk: 1 << 20,
         in_flight: 3,
         max_write: 256 << 10,
+        tls: None,
     }
 }
 

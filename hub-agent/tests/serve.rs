@@ -126,6 +126,7 @@ async fn appliance(sources: Vec<(&str, u32, SourceSpec)>) -> Appliance {
             chunk: 1 << 20,
             in_flight: 3,
             max_write: 1 << 20,
+            tls: None,
         },
         // Tests wait for reports as events; no need to wait a second.
         progress_every: std::time::Duration::from_millis(10),
