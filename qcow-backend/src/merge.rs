@@ -13,7 +13,7 @@
 //!
 //! Speed: the top chain's allocation status (metadata only) decides what
 //! to copy (see [`crate::merge_plan`]); data moves in large cluster-aligned
-//! pieces, several in flight, on the [`crate::IoPool`] threads through
+//! pieces (just under 1 MiB), several in flight, on the [`crate::IoPool`] threads through
 //! [`QcowBackend`]'s own read and write paths. Data clusters that turn out
 //! to be all zeroes are not written (left unallocated without a backing,
 //! zeroed in metadata with one), like `qemu-img convert` does.
@@ -35,8 +35,11 @@ use crate::pool::IoPool;
 use crate::qcow::{CreateOptions, OpenOptions, QcowBackend};
 use crate::ImageFormat;
 
-/// Default size of one copy piece.
-pub const DEFAULT_MERGE_CHUNK: u64 = 4 << 20;
+/// Default size of one copy piece: just under the size at which read
+/// buffers become memory maps of their own ([`nbd_server::buffer`]), whose
+/// fresh pages fault in on every piece (measured: 4 MiB pieces were ~15 %
+/// slower than 960 KiB ones on the merge benchmark).
+pub const DEFAULT_MERGE_CHUNK: u64 = (nbd_server::buffer::MAP_THRESHOLD - (64 << 10)) as u64;
 /// Default pieces in flight.
 pub const DEFAULT_MERGE_INFLIGHT: usize = 8;
 
@@ -46,7 +49,8 @@ pub struct MergeOptions {
     /// Where the chain's files may live; a backup repository passes a
     /// strict policy ([`BackingPolicy::strict_within`]).
     pub policy: BackingPolicy,
-    /// Bytes per copy piece (rounded to whole clusters of the top).
+    /// Bytes per copy piece (rounded down to whole clusters of the top, at
+    /// least one).
     pub chunk_size: u64,
     /// Pieces in flight.
     pub inflight: usize,
@@ -139,7 +143,7 @@ pub async fn merge(
     let dst = Arc::new(QcowBackend::create(out, &create, &rw).await?);
     let result = async {
         check_new_chain(&dst, &chain[kept..], out)?;
-        let chunk = opts.chunk_size.div_ceil(cluster).max(1) * cluster;
+        let chunk = (opts.chunk_size / cluster).max(1) * cluster;
         let counts = copy(&src, &dst, kept, backing.is_some(), chunk, opts.inflight).await;
         let counts = counts.map_err(|e| backend_err(out, e))?;
         dst.close().await.map_err(|e| backend_err(out, e))?;

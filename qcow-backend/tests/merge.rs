@@ -175,9 +175,12 @@ async fn dropping_the_direct_parent_only_and_merging_two_of_three() {
     let files = chain(dir.path());
     for (top, x, backing) in [(3, 2, 1), (3, 1, 0), (1, 0, usize::MAX)] {
         let out = dir.path().join(format!("m{top}{x}.qcow2"));
-        let rep = merge(&files[top], &files[x], &out, &opts(dir.path()))
-            .await
-            .unwrap();
+        // Small pieces, few in flight: many pieces per run, all completing
+        // out of order.
+        let mut o = opts(dir.path());
+        o.chunk_size = 3 * 64 * 1024 + 1;
+        o.inflight = 3;
+        let rep = merge(&files[top], &files[x], &out, &o).await.unwrap();
         assert_eq!(
             rep.backing,
             files.get(backing).map(|b| b.canonicalize().unwrap())

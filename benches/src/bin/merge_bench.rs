@@ -54,7 +54,7 @@ struct Opts {
     #[arg(long, default_value_t = qcow_backend::DEFAULT_MERGE_INFLIGHT)]
     inflight: usize,
     /// Our copy piece size.
-    #[arg(long, default_value = "4M", value_parser = data::parse_size)]
+    #[arg(long, default_value_t = qcow_backend::DEFAULT_MERGE_CHUNK, value_parser = data::parse_size)]
     chunk: u64,
     /// Scratch directory.
     #[arg(long, default_value = "/tmp/merge-bench")]
@@ -148,6 +148,7 @@ fn main() -> anyhow::Result<()> {
             &mut drop1,
         ),
     ] {
+        eprintln!("{name}: ours {a:.2?} s, qemu-img {b:.2?} s");
         let (a, b) = (median(a), median(b));
         let mb = *bytes as f64 / 1e6;
         println!(
