@@ -12,9 +12,9 @@
 //! with a rename.
 //!
 //! Speed: the top chain's allocation status (metadata only) decides what
-//! to copy (see [`crate::merge_plan`]); data moves in large cluster-aligned
-//! pieces (just under 1 MiB), several in flight, on the [`crate::IoPool`] threads through
-//! [`QcowBackend`]'s own read and write paths. Data clusters that turn out
+//! to copy (see `merge_plan`); data moves in cluster-aligned pieces of
+//! just under 1 MiB, several in flight, on the [`crate::IoPool`] threads
+//! through [`QcowBackend`]'s own read and write paths. Data clusters that turn out
 //! to be all zeroes are not written (left unallocated without a backing,
 //! zeroed in metadata with one), like `qemu-img convert` does.
 
