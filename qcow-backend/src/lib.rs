@@ -9,6 +9,8 @@
 //! * [`open_image`]: pick the backend by file content.
 //! * [`header`]: our own qcow2 header validation (pure, fuzzed).
 //! * [`chain`]: backing-chain resolution under a [`BackingPolicy`].
+//! * [`merge`]: fold layers of a chain into a new image (retention:
+//!   removing a restore point others depend on, synthetic fulls).
 //! * [`IoPool`]: the threads imago runs on.
 //! * `lock`, `buf`: OFD image locks and page-aligned buffers.
 //!
@@ -43,6 +45,8 @@ pub mod chain;
 mod error;
 pub mod header;
 mod lock;
+mod merge;
+mod merge_plan;
 mod open;
 mod pool;
 mod qcow;
@@ -52,6 +56,7 @@ mod writeback;
 pub use chain::{BackingPolicy, DEFAULT_MAX_DEPTH};
 pub use error::{ImageError, ImageErrorKind};
 pub use lock::{lock_file, LockMode};
+pub use merge::{merge, MergeOptions, MergeReport, DEFAULT_MERGE_CHUNK, DEFAULT_MERGE_INFLIGHT};
 pub use open::{open_image, ImageFormat};
 pub use pool::{IoPool, PoolGone};
 pub use qcow::{CreateOptions, OpenOptions, QcowBackend, DEFAULT_CLUSTER_SIZE, MAX_INFLIGHT};

@@ -150,7 +150,8 @@ pub struct QcowBackend {
     path: PathBuf,
     size: u64,
     cluster_size: u64,
-    depth: usize,
+    /// The layers opened, top first.
+    chain: Vec<Layer>,
     read_only: bool,
 }
 
@@ -247,6 +248,7 @@ impl QcowBackend {
             .and_then(|l| l.header.clone())
             .ok_or_else(|| ImageError::InvalidParameters("empty chain".into()))?;
         let depth = layers.len();
+        let chain = layers.clone();
         let writable = !opts.read_only;
         let nofollow = opts.policy.strict;
         let (access, dup) = pool
@@ -261,7 +263,7 @@ impl QcowBackend {
             path,
             top.size,
             top.cluster_size(),
-            depth,
+            chain,
             opts.read_only,
         ))
     }
@@ -274,7 +276,7 @@ impl QcowBackend {
         path: &Path,
         size: u64,
         cluster_size: u64,
-        depth: usize,
+        chain: Vec<Layer>,
         read_only: bool,
     ) -> Self {
         QcowBackend {
@@ -289,7 +291,7 @@ impl QcowBackend {
             path: path.to_owned(),
             size,
             cluster_size,
-            depth,
+            chain,
             read_only,
         }
     }
@@ -326,7 +328,10 @@ impl QcowBackend {
         if size == 0 || size > crate::header::MAX_VIRTUAL_SIZE {
             return Err(ImageError::InvalidParameters(format!("size {size}")));
         }
-        let depth = parent.as_ref().map_or(0, |p| p.depth) + 1;
+        let below = parent
+            .as_ref()
+            .map(|p| p.layers.clone())
+            .unwrap_or_default();
         let file = StdFile::options()
             .read(true)
             .write(true)
@@ -365,7 +370,15 @@ impl QcowBackend {
             .map_err(|e| ImageError::io(path, io_err(e)))?
             .map_err(|e| ImageError::engine(path, e))?;
         sync_dir_of(path).map_err(|e| ImageError::io(path, e))?;
+        let canonical = path.canonicalize().map_err(|e| ImageError::io(path, e))?;
         made.keep();
+        let mut chain = vec![Layer {
+            path: canonical,
+            format: Format::Qcow2,
+            header: None,
+        }];
+        chain.extend(below);
+        let depth = chain.len();
         tracing::debug!(path = %path.display(), size, depth, "created qcow2 image");
         Ok(Self::assemble(
             pool,
@@ -374,7 +387,7 @@ impl QcowBackend {
             path,
             size,
             u64::from(cs),
-            depth,
+            chain,
             false,
         ))
     }
@@ -391,7 +404,13 @@ impl QcowBackend {
 
     /// Layers in the chain, the top included.
     pub fn chain_depth(&self) -> usize {
-        self.depth
+        self.chain.len()
+    }
+
+    /// The layers this backend opened, top first, with canonical paths (a
+    /// top made by [`QcowBackend::create`] carries no parsed header).
+    pub fn chain(&self) -> &[Layer] {
+        &self.chain
     }
 
     /// Account written bytes; start write-behind on an I/O thread when due.
@@ -437,7 +456,8 @@ struct Parent {
     name: String,
     format: String,
     size: u64,
-    depth: usize,
+    /// Its validated layers, top first.
+    layers: Vec<Layer>,
 }
 
 /// Validate and open `parent` (and its chain) read-only.
@@ -496,7 +516,7 @@ async fn open_parent(
                 .len(),
         ),
     };
-    let depth = layers.len();
+    let chain = layers.clone();
     let nofollow = policy.strict;
     let (access, _) = pool
         .run(0, move || open_layers(layers, false, nofollow))
@@ -507,7 +527,7 @@ async fn open_parent(
         name,
         format: format.to_owned(),
         size,
-        depth,
+        layers: chain,
     })
 }
 
