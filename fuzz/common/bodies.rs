@@ -1144,3 +1144,48 @@ async fn exercise(b: &QcowBackend) {
     let _ = b.block_status(0, size).await;
     let _ = b.flush().await;
 }
+
+// ---------------------------------------------------------------------------
+// nbd_reply: our client's reply decoder on server bytes
+// ---------------------------------------------------------------------------
+
+/// Decode whatever a hostile server sends. The first byte picks the reply
+/// mode and what the pending request expects. Invariants: no panic; a
+/// `Need(n)` asks for more than is there and never more than a bounded
+/// amount (the decoder validates lengths before asking to buffer them);
+/// every decoded reply consumed bytes.
+pub fn reply(data: &[u8]) {
+    use nbd_client::reply::{decode_reply, Decoded, Expect, MAX_STATUS_PAYLOAD};
+    use nbd_server::proto::ReplyMode;
+    let Some((&sel, rest)) = data.split_first() else {
+        return;
+    };
+    let mode = match sel % 3 {
+        0 => ReplyMode::Simple,
+        1 => ReplyMode::Structured,
+        _ => ReplyMode::Extended,
+    };
+    let expect = match (sel / 3) % 3 {
+        0 => Expect::Read {
+            len: 1 << (sel % 17),
+        },
+        1 => Expect::BlockStatus,
+        _ => Expect::Other,
+    };
+    // Largest buffer the decoder may ask for: a header plus a READ payload
+    // of at most 64 KiB here, or the largest status/error payload.
+    let bound = 64 + (1usize << 16).max(MAX_STATUS_PAYLOAD as usize);
+    let mut buf = BytesMut::from(rest);
+    for _ in 0..10_000 {
+        let before = buf.len();
+        match decode_reply(&mut buf, mode, |_| Some(expect)) {
+            Ok(Decoded::Reply(_)) => assert!(buf.len() < before, "a reply consumed nothing"),
+            Ok(Decoded::Need(n)) => {
+                assert!(n > buf.len(), "asked for {n} bytes with {} there", buf.len());
+                assert!(n <= bound, "asked to buffer {n} bytes");
+                return;
+            }
+            Err(_) => return,
+        }
+    }
+}

@@ -78,3 +78,8 @@ fn qcow2_header_corpus() {
 fn qcow2_open_corpus() {
     replay("qcow2_open", bodies::qcow2_open);
 }
+
+#[test]
+fn nbd_reply_corpus() {
+    replay("nbd_reply", bodies::reply);
+}
