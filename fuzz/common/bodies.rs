@@ -1181,7 +1181,11 @@ pub fn reply(data: &[u8]) {
         match decode_reply(&mut buf, mode, |_| Some(expect)) {
             Ok(Decoded::Reply(_)) => assert!(buf.len() < before, "a reply consumed nothing"),
             Ok(Decoded::Need(n)) => {
-                assert!(n > buf.len(), "asked for {n} bytes with {} there", buf.len());
+                assert!(
+                    n > buf.len(),
+                    "asked for {n} bytes with {} there",
+                    buf.len()
+                );
                 assert!(n <= bound, "asked to buffer {n} bytes");
                 return;
             }

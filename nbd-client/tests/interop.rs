@@ -233,3 +233,57 @@ async fn nbdkit_memory_without_extended_headers() {
     ));
     c.disconnect().await.unwrap();
 }
+
+/// Several connections when the server allows multi-conn (nbdkit's memory
+/// plugin does); writes spread over them are all there after one flush.
+#[tokio::test]
+async fn multi_conn_spreads_requests_over_several_connections() {
+    if !require("nbdkit") {
+        return;
+    }
+    let d = Daemon::nbdkit(&["memory", "size=16M"]);
+    let m = nbd_client::MultiConn::connect("127.0.0.1", d.port, &ConnectOptions::new(""), 4)
+        .await
+        .unwrap();
+    assert_ne!(m.info().flags & tx_flags::CAN_MULTI_CONN, 0);
+    assert_eq!(m.connections(), 4);
+    let data = Bytes::from(pattern(11, 4 * MIB as usize));
+    let writes = (0..16u64).map(|i| {
+        let d = data.slice((i * 256 * 1024) as usize..((i + 1) * 256 * 1024) as usize);
+        let m = &m;
+        async move { m.write(i * 256 * 1024, d, false).await }
+    });
+    futures_util::future::try_join_all(writes).await.unwrap();
+    m.flush().await.unwrap();
+    // Read back through a fresh single connection.
+    let c = Client::connect(d.addr(), &ConnectOptions::new(""))
+        .await
+        .unwrap();
+    let got = c.read_bytes(0, 4 * MIB as u32).await.unwrap();
+    assert_eq!(&got[..], &data[..]);
+    m.disconnect().await.unwrap();
+}
+
+/// A server without multi-conn gets one connection, whatever was asked.
+#[tokio::test]
+async fn no_multi_conn_means_one_connection() {
+    if !require("qemu-nbd") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (path, want) = sparse_raw(dir.path());
+    // qemu-nbd without --shared allows one client: no multi-conn.
+    let d = Daemon::qemu_nbd(&path, "raw", "d", &[]);
+    let m = nbd_client::MultiConn::connect("127.0.0.1", d.port, &ConnectOptions::new("d"), 4)
+        .await
+        .unwrap();
+    if m.info().flags & tx_flags::CAN_MULTI_CONN == 0 {
+        assert_eq!(m.connections(), 1);
+    }
+    let got = m.read(MIB, 4096).await.unwrap();
+    let n: u64 = got.iter().map(|c| c.len()).sum();
+    assert_eq!(n, 4096);
+    let all = m.pick().read_bytes(MIB, 4096).await.unwrap();
+    assert_eq!(&all[..], &want[MIB as usize..MIB as usize + 4096]);
+    m.disconnect().await.unwrap();
+}
