@@ -93,6 +93,9 @@ pub struct Config {
     pub api_tls: bool,
     /// The backup appliance (hand-off contract) and how to reach it.
     pub sna: SnaConfig,
+    /// Bytes a repository must keep free beyond a backup's estimate
+    /// (`None`: 1 % of the filesystem, at most 1 GiB); see [`crate::space`].
+    pub space_reserve: Option<u64>,
 }
 
 /// The hub's side of the appliance hand-off (`docs/sna-contract.md`).
@@ -211,6 +214,7 @@ impl Default for Config {
             nbd_tls: Default::default(),
             api_tls: false,
             sna: SnaConfig::default(),
+            space_reserve: None,
         }
     }
 }
@@ -319,6 +323,8 @@ pub struct FileConfig {
     pub sna_timeout_secs: Option<u64>,
     /// See [`SnaConfig::public_url`].
     pub public_url: Option<String>,
+    /// Bytes, or a size such as `"10G"`; see [`Config::space_reserve`].
+    pub space_reserve: Option<SizeValue>,
 }
 
 impl FileConfig {
@@ -393,6 +399,9 @@ impl FileConfig {
         }
         if let Some(v) = self.api_tls {
             c.api_tls = v;
+        }
+        if let Some(v) = &self.space_reserve {
+            c.space_reserve = Some(v.bytes()?);
         }
         c.sna.apply(
             self.sna_url,

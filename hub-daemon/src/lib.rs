@@ -28,5 +28,6 @@ pub mod nbd;
 pub mod ports;
 pub mod secret;
 pub mod sna;
+pub mod space;
 pub mod time;
 pub mod tls;

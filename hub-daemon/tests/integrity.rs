@@ -510,3 +510,85 @@ async fn verify_finds_a_flipped_byte_in_an_incremental_layer() {
     assert_eq!(f["verify_status"], "ok", "{f}");
     hub.stop().await;
 }
+
+/// Space (issue "Lifecycle", part 4): the repository reports its space and
+/// what its restore points hold; a backup that cannot fit by its history
+/// is refused up front with 507 and leaves nothing, while one that fits
+/// still starts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_that_cannot_fit_is_refused_up_front() {
+    if !require("nbdcopy") {
+        return;
+    }
+    let mut hub = Hub::start().await;
+    let Some(fs) = Tmpfs::mount(hub.dir.path().join("space"), 40) else {
+        return;
+    };
+    let repo = fs.0.join("repo");
+    let r = hub
+        .post(
+            "/api/v1/repositories",
+            json!({"id": "tight", "path": repo.to_str().unwrap()}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    hub.register("vm", &[16 * MIB]).await;
+    let start = |kind: &'static str| {
+        let hub = &hub;
+        async move {
+            hub.post(
+                "/api/v1/backups",
+                json!({"vm_name": "vm", "backup_type": kind, "repository_id": "tight"}),
+            )
+            .await
+        }
+    };
+    // A first full: no history, only the reserve is checked.
+    let r = start("full").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let started = r.json();
+    let id = started["backup_id"].as_str().unwrap().to_owned();
+    let src = write_file(
+        hub.dir.path(),
+        "src.raw",
+        &integration_tests::support::pattern(3, 12 * MIB as usize),
+    );
+    copy(&src, &uris(&started)[0]).await;
+    let done = hub.complete(&id).await;
+    let image = done["disks"][0]["image_bytes"].as_u64().unwrap();
+    assert!(image >= 12 * MIB, "{done}");
+
+    let r = hub.get("/api/v1/repositories/tight").await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let s = r.json();
+    assert_eq!(s["backup_bytes"], image, "{s}");
+    assert_eq!(s["capacity_bytes"], 40 * MIB, "{s}");
+    assert!(s["free_bytes"].as_u64().unwrap() < 28 * MIB, "{s}");
+    assert!(hub
+        .get("/metrics")
+        .await
+        .text()
+        .contains("hub_repository_free_bytes{repository=\"tight\"}"));
+    assert_eq!(hub.get("/api/v1/repositories/nope").await.status, 404);
+
+    // Something else fills the filesystem: another full (~12 MiB by its
+    // history) no longer fits, and is refused before anything is made.
+    let junk = fs.0.join("junk");
+    std::fs::write(&junk, vec![1u8; 20 * MIB as usize]).unwrap();
+    let before = common::files_under(&repo);
+    let r = start("full").await;
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert!(r.text().contains("expected to write"), "{}", r.text());
+    assert_eq!(common::files_under(&repo), before);
+    assert_eq!(hub.metric("hub_nbd_ports_in_use").await, 0);
+    // An incremental (a tenth of the full, by history) still fits.
+    let r = start("incremental").await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let id = r.json()["backup_id"].as_str().unwrap().to_owned();
+    let r = hub
+        .post(&format!("/api/v1/backups/{id}/abort"), json!({}))
+        .await;
+    assert!(r.status < 300, "{}", r.text());
+    std::fs::remove_file(&junk).unwrap();
+    hub.stop().await;
+}

@@ -105,6 +105,7 @@ pub fn router(state: AppState) -> Router {
             "/api/v1/repositories",
             get(repositories::list).post(repositories::create),
         )
+        .route("/api/v1/repositories/{id}", get(repositories::get))
         .route("/api/v1/backups", post(backups::start).get(backups::list))
         .route(
             "/api/v1/backups/{id}",

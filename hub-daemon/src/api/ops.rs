@@ -119,5 +119,32 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         "gauge",
         &[(String::new(), backups.restoring().await as u64)],
     );
+    let (mut cap, mut free, mut held) = (Vec::new(), Vec::new(), Vec::new());
+    for r in st.catalog().repositories().await? {
+        let label = format!("{{repository=\"{}\"}}", r.id);
+        if let Ok(fs) = crate::space::fs_space(std::path::Path::new(&r.path)) {
+            cap.push((label.clone(), fs.capacity_bytes));
+            free.push((label.clone(), fs.free_bytes));
+        }
+        held.push((label, st.catalog().repository_backup_bytes(&r.id).await?));
+    }
+    gauge(
+        "hub_repository_capacity_bytes",
+        "Size of the filesystem holding the repository.",
+        "gauge",
+        &cap,
+    );
+    gauge(
+        "hub_repository_free_bytes",
+        "Bytes free for the hub on the repository's filesystem.",
+        "gauge",
+        &free,
+    );
+    gauge(
+        "hub_repository_backup_bytes",
+        "Bytes of completed restore points' images in the repository.",
+        "gauge",
+        &held,
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

@@ -16,6 +16,34 @@ pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Repository>>, A
     Ok(Json(st.catalog().repositories().await?))
 }
 
+/// `GET /api/v1/repositories/{id}`: the repository with its space.
+pub async fn get(
+    State(st): State<AppState>,
+    axum::extract::Path(id): axum::extract::Path<String>,
+) -> Result<Json<serde_json::Value>, ApiError> {
+    let repo = st
+        .catalog()
+        .repository(&id)
+        .await?
+        .ok_or_else(|| ApiError::not_found("repository", id.clone()))?;
+    let path = std::path::PathBuf::from(&repo.path);
+    let fs = tokio::task::spawn_blocking(move || crate::space::fs_space(&path))
+        .await
+        .map_err(|e| DaemonError::Internal(format!("statvfs task failed: {e}")))?
+        .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
+    let backup_bytes = st.catalog().repository_backup_bytes(&repo.id).await?;
+    let reserve = crate::space::reserve(st.backups().config().space_reserve, fs.capacity_bytes);
+    Ok(Json(serde_json::json!({
+        "id": repo.id,
+        "path": repo.path,
+        "capacity_bytes": fs.capacity_bytes,
+        "free_bytes": fs.free_bytes,
+        "used_bytes": fs.used_bytes,
+        "backup_bytes": backup_bytes,
+        "reserve_bytes": reserve,
+    })))
+}
+
 /// `POST /api/v1/repositories`: register a directory under a configured
 /// repository root (created if missing; see [`names::repository_dir`] for
 /// what is refused).

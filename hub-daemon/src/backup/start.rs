@@ -191,6 +191,9 @@ impl Backups {
             None => None,
         };
 
+        self.check_space(&vm.vm_name, &repo.id, &layout, &plan)
+            .await?;
+
         // Recording first makes the catalog the arbiter of "one running
         // backup per VM" (409 here, before any file or port exists).
         self.catalog
@@ -399,6 +402,32 @@ impl Backups {
         }
         tracing::warn!(backup = %id, error = %err, "backup failed to start; everything released");
         err
+    }
+
+    /// Refuse up front (507) a backup whose estimated size plus the
+    /// reserve does not fit in the repository's free space.
+    async fn check_space(
+        &self,
+        vm: &str,
+        repo: &str,
+        layout: &Layout,
+        plan: &[Planned],
+    ) -> Result<()> {
+        let fs = crate::space::fs_space(layout.root())
+            .map_err(|e| DaemonError::io(format!("repository {}", layout.root().display()), e))?;
+        let mut need: u64 = 0;
+        for p in plan {
+            let h = self.catalog.disk_history(vm, repo, p.disk_id).await?;
+            need = need.saturating_add(crate::space::estimate(p.parent.is_none(), &h));
+        }
+        let reserve = crate::space::reserve(self.config.space_reserve, fs.capacity_bytes);
+        if need.saturating_add(reserve) > fs.free_bytes {
+            return Err(DaemonError::NoSpace(format!(
+                "repository {repo:?} has {} bytes free; this backup is expected to write about {need} bytes and {reserve} must stay free",
+                fs.free_bytes
+            )));
+        }
+        Ok(())
     }
 
     /// Choose and check the parent of one disk of an incremental. `Ok(Err)`

@@ -25,8 +25,10 @@
 //! `synchronous=FULL` so a committed backup survives power loss.
 
 mod schema;
+mod space;
 mod tokens;
 
+pub use space::DiskHistory;
 pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
 
 use std::collections::BTreeMap;

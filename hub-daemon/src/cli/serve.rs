@@ -52,6 +52,10 @@ pub struct ServeArgs {
     /// the TLS certificates directory.
     #[arg(long, env = "HUB_API_TLS")]
     api_tls: bool,
+    /// Space a repository must keep free beyond a backup's estimate, e.g.
+    /// 10G [default: 1 % of the filesystem, at most 1G].
+    #[arg(long, env = "HUB_SPACE_RESERVE", value_name = "SIZE", value_parser = super::size::parse_size)]
+    space_reserve: Option<u64>,
     /// Check the configuration (file, environment, flags, TLS credentials,
     /// directories) and exit: 0 if the hub would start with it.
     #[arg(long)]
@@ -135,6 +139,9 @@ impl ServeArgs {
         self.tls.apply(&mut c.nbd_tls);
         if self.api_tls {
             c.api_tls = true;
+        }
+        if let Some(v) = self.space_reserve {
+            c.space_reserve = Some(v);
         }
         if self.nbd_list_exports {
             c.nbd_list_exports = true;

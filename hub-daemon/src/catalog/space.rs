@@ -1,0 +1,58 @@
+//! What the catalog knows about space: bytes held by restore points, and
+//! the history a start uses to estimate what a new backup will take.
+
+use rusqlite::{params, OptionalExtension};
+
+use super::Catalog;
+use crate::error::Result;
+
+/// Past image sizes of one disk, newest first per kind.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DiskHistory {
+    /// Image bytes of the newest completed full of the disk.
+    pub last_full: Option<u64>,
+    /// Image bytes of the newest completed incremental of the disk.
+    pub last_incremental: Option<u64>,
+}
+
+impl Catalog {
+    /// Bytes of every completed restore point's images in a repository.
+    pub async fn repository_backup_bytes(&self, repo: &str) -> Result<u64> {
+        let repo = repo.to_owned();
+        self.with(move |c| {
+            let n: Option<i64> = c.query_row(
+                "SELECT SUM(d.image_bytes) FROM backups b JOIN backup_disks d ON d.backup_id = b.id
+                 WHERE b.repository_id = ?1 AND b.status = 'completed'",
+                params![repo],
+                |r| r.get(0),
+            )?;
+            Ok(n.map_or(0, |v| v.max(0) as u64))
+        })
+        .await
+    }
+
+    /// Newest full and incremental image sizes of one disk.
+    pub async fn disk_history(&self, vm: &str, repo: &str, disk_id: u32) -> Result<DiskHistory> {
+        let (vm, repo) = (vm.to_owned(), repo.to_owned());
+        self.with(move |c| {
+            let newest = |mode: &str| -> Result<Option<u64>> {
+                let v: Option<Option<i64>> = c
+                    .query_row(
+                        "SELECT d.image_bytes FROM backups b JOIN backup_disks d ON d.backup_id = b.id
+                         WHERE b.vm_name = ?1 AND b.repository_id = ?2 AND b.status = 'completed'
+                           AND d.disk_id = ?3 AND d.backup_mode = ?4
+                         ORDER BY b.completed_ms DESC LIMIT 1",
+                        params![vm, repo, disk_id, mode],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                Ok(v.flatten().map(|b| b.max(0) as u64))
+            };
+            Ok(DiskHistory {
+                last_full: newest("full")?,
+                last_incremental: newest("incremental")?,
+            })
+        })
+        .await
+    }
+}
