@@ -57,7 +57,12 @@ where
         let step = hs.step(&mut input, &mut out, catalog);
         if !out.is_empty() {
             // Best effort on the error path: the client may already be gone.
-            let written = within(deadline, stream.write_all(&out)).await;
+            // Flushed too: TLS holds records back until flushed.
+            let written = within(deadline, async {
+                stream.write_all(&out).await?;
+                stream.flush().await
+            })
+            .await;
             out.clear();
             if step.is_ok() {
                 written??;

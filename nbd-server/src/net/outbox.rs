@@ -32,6 +32,11 @@ pub(crate) struct Outbox {
     queued: u64,
     written: u64,
     frames: VecDeque<(u64, Held)>,
+    /// Bytes were written since the last flush. A TLS stream keeps
+    /// encrypted records it could not send yet until it is flushed (a
+    /// plain socket's flush is a no-op), so an empty queue is not done
+    /// until it has been flushed.
+    unflushed: bool,
 }
 
 impl Outbox {
@@ -46,8 +51,9 @@ impl Outbox {
         self.frames.push_back((self.queued, held));
     }
 
+    /// Nothing left to write or flush.
     pub fn is_empty(&self) -> bool {
-        self.frames.is_empty()
+        self.frames.is_empty() && self.segments.is_empty() && !self.unflushed
     }
 
     /// Frames whose bytes are all written (an empty frame is done at once).
@@ -68,12 +74,15 @@ impl Outbox {
     /// return the budget it held.
     pub fn discard(&mut self) -> Vec<Held> {
         self.segments.clear();
+        self.unflushed = false;
         self.written = self.queued;
         self.take_done()
     }
 
-    /// Write some of the queued bytes. Cancel-safe: the queue advances only
-    /// by what a completed write reported. Returns the bytes written.
+    /// Write some of the queued bytes, or flush once the queue is empty.
+    /// Cancel-safe: the queue advances only by what a completed write
+    /// reported, and the flush is owed until one completes. Returns the
+    /// bytes written (0 for a flush).
     pub async fn write_some<W: AsyncWrite + Unpin>(
         &mut self,
         wr: &mut W,
@@ -85,9 +94,14 @@ impl Outbox {
             .map(|b| IoSlice::new(b))
             .collect();
         if slices.is_empty() {
+            if self.unflushed {
+                wr.flush().await?;
+                self.unflushed = false;
+            }
             return Ok(0);
         }
         let written = wr.write_vectored(&slices).await?;
+        self.unflushed = true;
         if written == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
@@ -106,5 +120,72 @@ impl Outbox {
             }
         }
         Ok(written)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::pin::Pin;
+    use std::task::{Context, Poll};
+
+    use super::*;
+
+    /// A writer like a TLS stream: it accepts bytes into a buffer and sends
+    /// them only when flushed.
+    #[derive(Default)]
+    struct HoldsUntilFlush {
+        held: Vec<u8>,
+        sent: Vec<u8>,
+    }
+
+    impl AsyncWrite for HoldsUntilFlush {
+        fn poll_write(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            buf: &[u8],
+        ) -> Poll<std::io::Result<usize>> {
+            self.held.extend_from_slice(buf);
+            Poll::Ready(Ok(buf.len()))
+        }
+        fn poll_flush(mut self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            let held = std::mem::take(&mut self.held);
+            self.sent.extend(held);
+            Poll::Ready(Ok(()))
+        }
+        fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    /// Regression: replies written into a TLS stream sat in its buffer
+    /// because nothing flushed it, and the client waited forever.
+    #[tokio::test]
+    async fn an_emptied_queue_is_flushed_before_it_counts_as_empty() {
+        let mut o = Outbox::default();
+        let held = Held {
+            conn: 0,
+            _grant: None,
+        };
+        o.push(
+            Frame {
+                segments: vec![
+                    Bytes::from_static(b"reply one"),
+                    Bytes::from_static(b"+two"),
+                ],
+            },
+            held,
+        );
+        let mut w = HoldsUntilFlush::default();
+        let mut rounds = 0;
+        let mut done = 0;
+        // As the connection loop does: write, collect finished frames.
+        while !o.is_empty() {
+            o.write_some(&mut w).await.unwrap();
+            done += o.take_done().len();
+            rounds += 1;
+            assert!(rounds < 10);
+        }
+        assert_eq!(w.sent, b"reply one+two", "queue empty but bytes never sent");
+        assert_eq!(done, 1);
     }
 }
