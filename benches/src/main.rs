@@ -298,7 +298,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         std::fs::create_dir_all(wd.join(d))?;
     }
     let src = wd.join("data").join(format!("src-{}.raw", opts.size));
-    if !src.exists() {
+    // The handoff workload makes its own sources; alone it needs no other.
+    let needs_src = opts.tests.iter().any(|t| t != "handoff");
+    if needs_src && !src.exists() {
         eprintln!("generating {} bytes of disk-like data", opts.size);
         data::generate(&src, opts.size, 1)?;
     }
