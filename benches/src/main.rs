@@ -12,6 +12,7 @@
 mod client;
 mod data;
 mod digest;
+mod handoff;
 mod report;
 mod servers;
 mod verify;
@@ -40,7 +41,9 @@ struct Opts {
     /// Repetitions (median reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest.
+    /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
+    /// handoff (opt-in: a VM of --disks × --disk-size backed up through hub
+    /// + agent, full then a 10 % incremental, against qemu-nbd + nbdcopy).
     #[arg(
         long,
         default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
@@ -295,7 +298,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         std::fs::create_dir_all(wd.join(d))?;
     }
     let src = wd.join("data").join(format!("src-{}.raw", opts.size));
-    if !src.exists() {
+    // The handoff workload makes its own sources; alone it needs no other.
+    let needs_src = opts.tests.iter().any(|t| t != "handoff");
+    if needs_src && !src.exists() {
         eprintln!("generating {} bytes of disk-like data", opts.size);
         data::generate(&src, opts.size, 1)?;
     }
@@ -385,6 +390,10 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
                     .with_context(|| format!("{} read", k.name()))?;
             }
         }
+        if has("handoff") {
+            run.handoff(rep, kinds.contains(&Kind::QemuNbd))
+                .context("handoff")?;
+        }
         if has("digest") {
             run.digest(rep, !opts.no_cold).context("digest")?;
         }
@@ -422,6 +431,14 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             "nbdkit-null"
         } else if test.starts_with("tls_") {
             "qemu-nbd-tls"
+        } else if test.starts_with("handoff_") {
+            // MB/s of the full against qemu-nbd's; seconds and the
+            // incremental/full ratio are read as they are.
+            if test.ends_with("_secs") || test.contains("incremental") {
+                "none"
+            } else {
+                "qemu-nbd"
+            }
         } else if test.starts_with("digest_") {
             "sha256sum"
         } else {

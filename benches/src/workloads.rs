@@ -161,7 +161,7 @@ impl Run {
             .join(format!("{}-{name}", kind.name()))
     }
 
-    fn record(&mut self, kind: Kind, test: &str, rep: usize, value: f64, unit: &str) {
+    pub fn record(&mut self, kind: Kind, test: &str, rep: usize, value: f64, unit: &str) {
         // TLS figures are their own rows, compared with qemu-nbd over TLS.
         let test = if kind.tls() {
             format!("tls_{test}")
@@ -182,12 +182,20 @@ impl Run {
     }
 
     /// Record `bytes` moved in `secs` as decimal MB/s.
-    fn record_mbps(&mut self, kind: Kind, test: &str, rep: usize, bytes: u64, secs: f64) {
+    pub fn record_mbps(&mut self, kind: Kind, test: &str, rep: usize, bytes: u64, secs: f64) {
         self.record(kind, test, rep, bytes as f64 / 1e6 / secs, "MB/s");
     }
 
     /// Verify a qcow2/raw image against a raw source: compare and (qcow2) check.
-    fn verify(&mut self, kind: Kind, test: &str, rep: usize, fmt: &str, img: &Path, src: &Path) {
+    pub fn verify(
+        &mut self,
+        kind: Kind,
+        test: &str,
+        rep: usize,
+        fmt: &str,
+        img: &Path,
+        src: &Path,
+    ) {
         let cmp = qemu_img(&[
             "compare",
             "-q",
@@ -437,9 +445,29 @@ impl Run {
     /// N disks written in parallel, to N exports.
     pub fn multi(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
         self.progress(format!("{}: {} disks in parallel", kind.name(), self.disks));
+        let srcs = self.md_src.clone();
+        let test = format!("multi{}", self.disks);
+        let (secs, rss) = self.parallel_copy(kind, &srcs, &test, rep)?;
+        let total = self.disk_size * self.disks as u64;
+        self.record_mbps(kind, &format!("{test}_aggregate_write"), rep, total, secs);
+        self.record(kind, &format!("{test}_server_rss"), rep, rss as f64, "KiB");
+        Ok(())
+    }
+
+    /// The original design's path for a VM: one export per source on fresh
+    /// qcow2 images (a port each) and one `nbdcopy --flush` per disk, all in
+    /// parallel. Verifies every image (as `{test}_disk{i}`) and removes it;
+    /// returns the wall time of the copies and the server RSS at their end.
+    pub fn parallel_copy(
+        &mut self,
+        kind: Kind,
+        srcs: &[PathBuf],
+        test: &str,
+        rep: usize,
+    ) -> anyhow::Result<(f64, u64)> {
         let mut specs = Vec::new();
-        for i in 0..self.disks {
-            let img = self.img(kind, &format!("md{i}.qcow2"));
+        for i in 0..srcs.len() {
+            let img = self.img(kind, &format!("{test}-{i}.qcow2"));
             self.fresh(&img, self.disk_size)?;
             specs.push(Spec {
                 name: format!("disk{i}"),
@@ -455,10 +483,10 @@ impl Run {
         let srv = servers::start(kind, &specs, opts, &self.log(kind))?;
         let t = Instant::now();
         let mut children = Vec::new();
-        for (i, uri) in srv.uris.iter().enumerate() {
+        for (src, uri) in srcs.iter().zip(&srv.uris) {
             children.push(
                 Command::new("nbdcopy")
-                    .args(["--flush", self.md_src[i].to_str().unwrap_or(""), uri])
+                    .args(["--flush", src.to_str().unwrap_or(""), uri])
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
                     .spawn()?,
@@ -466,40 +494,24 @@ impl Run {
         }
         for mut c in children {
             if !c.wait()?.success() {
-                bail!("nbdcopy failed in the multi-disk test");
+                bail!("nbdcopy failed in {test}");
             }
         }
         let secs = t.elapsed().as_secs_f64();
-        let total = self.disk_size * self.disks as u64;
-        self.record_mbps(
-            kind,
-            &format!("multi{}_aggregate_write", self.disks),
-            rep,
-            total,
-            secs,
-        );
         let (rss, _, _) = servers::memory(&srv.pids());
-        self.record(
-            kind,
-            &format!("multi{}_server_rss", self.disks),
-            rep,
-            rss as f64,
-            "KiB",
-        );
         srv.stop()?;
         for (i, s) in specs.iter().enumerate() {
-            let src = self.md_src[i].clone();
             self.verify(
                 kind,
-                &format!("multi{}_disk{i}", self.disks),
+                &format!("{test}_disk{i}"),
                 rep,
                 "qcow2",
                 &s.path,
-                &src,
+                &srcs[i],
             );
             let _ = std::fs::remove_file(&s.path);
         }
-        Ok(())
+        Ok((secs, rss))
     }
 
     fn fio(&self, kind: Kind, uri: &str, job: FioJob) -> anyhow::Result<(f64, f64)> {
