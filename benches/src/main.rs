@@ -252,7 +252,7 @@ fn serve_export(args: &[String]) -> anyhow::Result<()> {
         .init();
     hub_daemon::cli::raise_fd_limit();
     let e = Export::parse_from(std::iter::once("export".to_owned()).chain(args.iter().cloned()));
-    let rt = hub_daemon::cli::runtime()?;
+    let rt = hub_daemon::cli::runtime_for(e.args.tls_enabled())?;
     rt.block_on(hub_daemon::cli::export::run(e.args))
 }
 

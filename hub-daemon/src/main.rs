@@ -22,7 +22,7 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }
     hub_daemon::cli::raise_fd_limit();
-    let rt = hub_daemon::cli::runtime()?;
+    let rt = hub_daemon::cli::runtime_for(cli.command.serves_tls())?;
     rt.block_on(async move {
         match cli.command {
             Command::Serve(args) => hub_daemon::cli::serve::run(args).await,

@@ -229,6 +229,15 @@ async fn prepare(
     Ok((backend, format))
 }
 
+impl ExportArgs {
+    /// Whether `--tls` offers or requires TLS.
+    pub fn tls_enabled(&self) -> bool {
+        let mut t = crate::tls::NbdTls::default();
+        self.tls.apply(&mut t);
+        t.enabled()
+    }
+}
+
 /// Run the command.
 pub async fn run(args: ExportArgs) -> anyhow::Result<()> {
     let _ = (args.persistent, args.shared);
