@@ -24,9 +24,11 @@
 //! One connection behind a mutex, used from tokio's blocking pool; WAL and
 //! `synchronous=FULL` so a committed backup survives power loss.
 
+mod policies;
 mod schema;
 mod tokens;
 
+pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit};
 pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
 
 use std::collections::BTreeMap;
