@@ -350,3 +350,210 @@ async fn prune_merges_a_chain_into_a_synthetic_full() {
     .await;
     hub.stop().await;
 }
+
+async fn call_ok(
+    api: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
+    let r = integration_tests::http::call(api, method, path, body.as_ref()).await;
+    assert!(
+        r.status / 100 == 2,
+        "{method} {path}: {} {}",
+        r.status,
+        r.text()
+    );
+    r.json()
+}
+
+/// kill -9 at states one can observe during a prune (request sent, a
+/// `.merging` file written, the first removed image gone, answered): after
+/// a restart every restore point in the catalog reads back exactly as
+/// before, its files are all there and check clean, the removed ones are
+/// either all still listed or all gone with their files, and nothing
+/// `.merging` is left. A second prune then finishes the job.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_9_during_prune_leaves_catalog_and_files_consistent() {
+    if !require("nbdcopy") || !require("qemu-io") || !require("qemu-img") {
+        return;
+    }
+    for seed in 0..4u64 {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("data");
+        let args: Vec<String> = [
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data.to_str().unwrap(),
+            "--nbd-ports",
+            "0",
+            "--nbd-shared-port",
+            "0",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
+        let d = common::DaemonProcess::start(&argv, &[]);
+        let size = 48 * MIB;
+        call_ok(
+            d.api,
+            "PUT",
+            "/api/v1/vms/vm",
+            Some(json!({"vm_context_id": "c", "disks": [{"disk_id": 0, "size_bytes": size, "unit_number": 0}]})),
+        )
+        .await;
+        call_ok(
+            d.api,
+            "PUT",
+            "/api/v1/policies/p",
+            Some(json!({"keep_last": 2})),
+        )
+        .await;
+        let src = write_file(
+            dir.path(),
+            "s.raw",
+            &support::disk_like(seed, size as usize),
+        );
+        let mut ids = Vec::new();
+        for i in 0..4u64 {
+            let kind = if i == 0 { "full" } else { "incremental" };
+            let b = call_ok(
+                d.api,
+                "POST",
+                "/api/v1/backups",
+                Some(json!({"vm_name": "vm", "backup_type": kind, "repository_id": "default", "policy_id": "p"})),
+            )
+            .await;
+            let uri = parse_targets(b["nbd_targets_string"].as_str().unwrap())[0]
+                .1
+                .clone();
+            if i == 0 {
+                run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await;
+            } else {
+                let w = format!("write -P {} {}M 1M", 0x10 + i, 5 * i);
+                change(&uri, &[&w, "flush"]).await;
+            }
+            let id = id_of(&b);
+            let rec = call_ok(d.api, "GET", &format!("/api/v1/backups/{id}"), None).await;
+            call_ok(
+                d.api,
+                "POST",
+                &format!("/api/v1/backups/{id}/complete"),
+                Some(common::hub::change_ids(&rec)),
+            )
+            .await;
+            ids.push(id);
+        }
+        let repo = data.join("repository").canonicalize().unwrap();
+        let img_of = |id: &str| repo.join(format!("vm/disk0/{id}.qcow2"));
+        let mut saved = Vec::new();
+        for id in &ids {
+            let out = dir.path().join(format!("saved-{id}.raw"));
+            run_ok(
+                "qemu-img",
+                &[
+                    "convert",
+                    "-O",
+                    "raw",
+                    img_of(id).to_str().unwrap(),
+                    out.to_str().unwrap(),
+                ],
+            )
+            .await;
+            saved.push(out);
+        }
+
+        let api = d.api;
+        let req = tokio::spawn(async move {
+            integration_tests::http::call(
+                api,
+                "POST",
+                "/api/v1/prune",
+                Some(&json!({"dry_run": false})),
+            )
+            .await
+        });
+        let merging = {
+            let mut s = img_of(&ids[2]).into_os_string();
+            s.push(".merging");
+            PathBuf::from(s)
+        };
+        match seed {
+            0 => {}
+            1 => {
+                while !merging.exists() && !req.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            2 => {
+                while img_of(&ids[0]).exists() && !req.is_finished() {
+                    tokio::task::yield_now().await;
+                }
+            }
+            _ => {
+                let r = req.await.unwrap();
+                assert_eq!(r.status, 200, "{}", r.text());
+            }
+        }
+        d.kill9();
+        let d = common::DaemonProcess::start(&argv, &[]);
+        let listed = call_ok(d.api, "GET", "/api/v1/backups", None).await;
+        let listed: Vec<String> = listed
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|b| b["backup_id"].as_str().unwrap().to_owned())
+            .collect();
+        let removed_listed = [&ids[0], &ids[1]]
+            .iter()
+            .filter(|i| listed.contains(i))
+            .count();
+        assert!(
+            removed_listed == 0 || removed_listed == 2,
+            "seed {seed}: half a prune: {listed:?}"
+        );
+        if seed >= 3 {
+            assert_eq!(removed_listed, 0, "answered before the kill");
+        }
+        for (id, raw) in ids.iter().zip(&saved) {
+            let img = img_of(id);
+            if listed.contains(id) {
+                assert_check_clean(&img, false).await;
+                assert_identical("qcow2", img.to_str().unwrap(), "raw", raw.to_str().unwrap())
+                    .await;
+                let rec = call_ok(d.api, "GET", &format!("/api/v1/backups/{id}"), None).await;
+                assert_eq!(rec["files_missing"], false, "seed {seed}: {rec}");
+            } else {
+                assert!(
+                    !img.exists(),
+                    "seed {seed}: {id} gone from the catalog, not from disk"
+                );
+            }
+        }
+        assert!(
+            !all_files(&repo)
+                .iter()
+                .any(|p| p.to_string_lossy().ends_with(".merging")),
+            "seed {seed}: merging files left"
+        );
+        // Whatever state it died in, a new prune completes the job.
+        call_ok(
+            d.api,
+            "POST",
+            "/api/v1/prune",
+            Some(json!({"dry_run": false})),
+        )
+        .await;
+        for (id, raw) in ids.iter().zip(&saved).skip(2) {
+            let img = img_of(id);
+            assert_check_clean(&img, false).await;
+            assert_identical("qcow2", img.to_str().unwrap(), "raw", raw.to_str().unwrap()).await;
+        }
+        for id in &ids[..2] {
+            assert!(!img_of(id).exists(), "seed {seed}");
+        }
+        d.terminate();
+    }
+}
