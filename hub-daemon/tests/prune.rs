@@ -557,3 +557,134 @@ async fn kill_9_during_prune_leaves_catalog_and_files_consistent() {
         d.terminate();
     }
 }
+
+/// F ← I1 ← I2 ← I3 of VM `app` (one 8 MiB disk) under policy `p`.
+async fn chain_of_four(hub: &Hub) -> Vec<String> {
+    let size = 8 * MIB;
+    hub.register("app", &[size]).await;
+    let r = hub.put("/api/v1/policies/p", json!({"keep_last": 2})).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let src = write_file(
+        hub.dir.path(),
+        "src.raw",
+        &support::disk_like(3, size as usize),
+    );
+    let mut ids = Vec::new();
+    for i in 0..4u64 {
+        let kind = if i == 0 { "full" } else { "incremental" };
+        let b = start_backup(hub, "app", kind, "p").await;
+        let uri = parse_targets(b["nbd_targets_string"].as_str().unwrap())[0]
+            .1
+            .clone();
+        if i == 0 {
+            run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await;
+        } else {
+            let w = format!("write -P {} {}M 64k", 0x20 + i, 2 * i);
+            change(&uri, &[&w, "flush"]).await;
+        }
+        hub.complete(&id_of(&b)).await;
+        ids.push(id_of(&b));
+    }
+    ids
+}
+
+/// The state a kill right after the prune's catalog commit leaves (new
+/// catalog with its journal, old images, merge results still `.merging`)
+/// is built by hand; the next start must finish the file work from the
+/// journal, not sweep the merge result away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn start_up_finishes_a_committed_prune_from_its_journal() {
+    if !require("nbdcopy") || !require("qemu-io") || !require("qemu-img") {
+        return;
+    }
+    let mut hub = Hub::start().await;
+    let ids = chain_of_four(&hub).await;
+    let disk_dir = hub.repo().join("app/disk0");
+    let rel = |id: &str| format!("app/disk0/{id}.qcow2");
+    let mut saved = Vec::new();
+    for id in &ids {
+        let img = hub.repo().join(rel(id));
+        let out = hub.dir.path().join(format!("saved-{id}.raw"));
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                img.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ],
+        )
+        .await;
+        saved.push(out);
+    }
+    let pre = hub.dir.path().join("pre");
+    std::fs::create_dir(&pre).unwrap();
+    for f in std::fs::read_dir(&disk_dir).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), pre.join(f.file_name())).unwrap();
+    }
+    let r = hub.post("/api/v1/prune", json!({"dry_run": false})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    hub.stop().await;
+
+    // Back to "committed, no file work done".
+    let merged = disk_dir.join(format!("{}.qcow2", ids[2]));
+    for suffix in ["", ".digest"] {
+        let from = PathBuf::from(format!("{}{suffix}", merged.display()));
+        std::fs::rename(&from, format!("{}.merging", from.display())).unwrap();
+    }
+    for f in std::fs::read_dir(&pre).unwrap() {
+        let f = f.unwrap();
+        std::fs::copy(f.path(), disk_dir.join(f.file_name())).unwrap();
+    }
+    {
+        let db = rusqlite::Connection::open(hub.dir.path().join("data/catalog.sqlite")).unwrap();
+        let add = |path: String, action: &str| {
+            db.execute(
+                "INSERT INTO prune_journal (repository_id, path, action) VALUES ('default', ?1, ?2)",
+                rusqlite::params![path, action],
+            )
+            .unwrap();
+        };
+        add(rel(&ids[2]), "rename");
+        add(format!("{}.digest", rel(&ids[2])), "rename");
+        for id in &ids[..2] {
+            add(rel(id), "remove");
+            add(format!("{}.digest", rel(id)), "remove");
+        }
+    }
+
+    let dir = hub.dir;
+    let hub = Hub::start_in(dir, 64, 0, std::time::Duration::from_secs(3600)).await;
+    let names: Vec<String> = all_files(&hub.repo())
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    let mut want: Vec<String> = ids[2..]
+        .iter()
+        .flat_map(|id| [format!("{id}.qcow2"), format!("{id}.qcow2.digest")])
+        .collect();
+    want.sort();
+    let mut got = names.clone();
+    got.sort();
+    assert_eq!(got, want);
+    for (id, raw) in ids.iter().zip(&saved).skip(2) {
+        let img = hub.repo().join(rel(id));
+        assert_check_clean(&img, false).await;
+        assert_identical("qcow2", img.to_str().unwrap(), "raw", raw.to_str().unwrap()).await;
+    }
+    let info = run_ok("qemu-img", &["info", merged.to_str().unwrap()]).await;
+    assert!(!info.contains("backing file"), "{info}");
+    let r = hub
+        .post(&format!("/api/v1/backups/{}/verify", ids[2]), Value::Null)
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text());
+    let v = eventually(60, || async {
+        let b = hub.get(&format!("/api/v1/backups/{}", ids[2])).await.json();
+        let s = b["verify_status"].as_str().unwrap_or("").to_owned();
+        (s != "verifying" && !s.is_empty()).then_some(b)
+    })
+    .await;
+    assert_eq!(v["verify_status"], "ok", "{v}");
+}
