@@ -25,7 +25,10 @@
 //! served (a rename whose `.merging` is gone was done; a removal of a
 //! missing file was done), so it never acts twice. Between 2 and 3 in a
 //! live daemon the old files still exist and hold the same guest data;
-//! restores of the VM are held off until 3 is done.
+//! restores of the VM are held off until 3 is done. (A backup starting
+//! in that short window finds the old chain disagreeing with the catalog
+//! and goes full; a verify started after the idle check may see files go
+//! and report them; neither loses data.)
 //!
 //! # Digests
 //! A merged image's guest contents are unchanged, so its recorded root
@@ -259,8 +262,8 @@ impl Backups {
         if req.dry_run {
             return Ok(reports.into_iter().map(|r| r.0).collect());
         }
-        // Refuse before changing anything if any group is busy.
-        for (r, group) in &reports {
+        // Refuse before changing anything if any group with work is busy.
+        for (r, group) in reports.iter().filter(|r| !r.0.remove.is_empty()) {
             self.check_idle(r, group).await?;
         }
         for (r, group) in &reports {
