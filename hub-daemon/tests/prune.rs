@@ -688,3 +688,41 @@ async fn start_up_finishes_a_committed_prune_from_its_journal() {
     .await;
     assert_eq!(v["verify_status"], "ok", "{v}");
 }
+
+/// Admin writes policies, readers read them, operators prune.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policy_and_prune_roles() {
+    use hub_daemon::catalog::Role;
+    let mut hub = Hub::start().await;
+    let catalog = hub.daemon.as_ref().unwrap().backups().catalog().clone();
+    let admin = catalog.create_token("root", Role::Admin).await.unwrap();
+    let operator = catalog.create_token("op", Role::Operator).await.unwrap();
+    let reader = catalog.create_token("ro", Role::Reader).await.unwrap();
+    let body = json!({"keep_daily": 7});
+    let prune = json!({"dry_run": true});
+
+    hub.token = Some(reader);
+    assert_eq!(
+        hub.put("/api/v1/policies/d", body.clone()).await.status,
+        403
+    );
+    assert_eq!(hub.post("/api/v1/prune", prune.clone()).await.status, 403);
+    assert_eq!(hub.get("/api/v1/policies").await.status, 200);
+    assert_eq!(hub.get("/api/v1/policies/d").await.status, 404);
+
+    hub.token = Some(operator);
+    assert_eq!(
+        hub.put("/api/v1/policies/d", body.clone()).await.status,
+        403
+    );
+    assert_eq!(hub.delete("/api/v1/policies/d").await.status, 403);
+    assert_eq!(hub.post("/api/v1/prune", prune.clone()).await.status, 200);
+
+    hub.token = Some(admin);
+    assert_eq!(hub.put("/api/v1/policies/d", body).await.status, 201);
+    assert_eq!(hub.delete("/api/v1/policies/d").await.status, 204);
+
+    hub.token = None;
+    assert_eq!(hub.get("/api/v1/policies").await.status, 401);
+    hub.stop().await;
+}
