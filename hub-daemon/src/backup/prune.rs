@@ -495,3 +495,76 @@ impl Backups {
         self.catalog.clear_journal(done).await
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cand(id: &str, policy: Option<&str>, t: i64, parent: Option<&str>) -> PruneCandidate {
+        PruneCandidate {
+            backup_id: id.into(),
+            vm_name: "vm".into(),
+            repository_id: "r".into(),
+            policy_id: policy.map(Into::into),
+            created_ms: t,
+            disks: vec![(
+                0,
+                parent.map(Into::into),
+                format!("vm/disk0/{id}.qcow2"),
+                None,
+            )],
+        }
+    }
+
+    fn policies() -> HashMap<String, Policy> {
+        let p = Policy {
+            id: "p".into(),
+            keep_last: 1,
+            ..Policy::default()
+        };
+        HashMap::from([("p".to_owned(), p)])
+    }
+
+    #[test]
+    fn unpoliced_backups_stay_and_chains_cross_policies() {
+        // F has no policy; I1, I2 are under keep_last 1.
+        let c = [
+            cand("F", None, 1, None),
+            cand("I1", Some("p"), 2, Some("F")),
+            cand("I2", Some("p"), 3, Some("I1")),
+        ];
+        let refs: Vec<&PruneCandidate> = c.iter().collect();
+        let r = plan_group("vm", "r", &refs, &policies(), 10)
+            .unwrap()
+            .unwrap();
+        assert_eq!(r.remove, vec!["I1".to_owned()]);
+        assert_eq!(r.keep.len(), 1);
+        assert_eq!(
+            (r.keep[0].backup_id.as_str(), r.keep[0].rule.as_str()),
+            ("I2", "last")
+        );
+        assert_eq!(r.merges.len(), 1);
+        assert_eq!(r.merges[0].into, "I2");
+        assert_eq!(r.merges[0].drop, vec!["I1".to_owned()]);
+        assert_eq!(r.merges[0].new_parent.as_deref(), Some("F"));
+    }
+
+    #[test]
+    fn no_known_policy_no_plan() {
+        let c = [
+            cand("F", None, 1, None),
+            cand("I1", Some("gone"), 2, Some("F")),
+        ];
+        let refs: Vec<&PruneCandidate> = c.iter().collect();
+        assert!(plan_group("vm", "r", &refs, &policies(), 10)
+            .unwrap()
+            .is_none());
+    }
+
+    #[test]
+    fn a_missing_parent_is_an_error_not_a_guess() {
+        let c = [cand("I1", Some("p"), 2, Some("F"))];
+        let refs: Vec<&PruneCandidate> = c.iter().collect();
+        assert!(plan_group("vm", "r", &refs, &policies(), 10).is_err());
+    }
+}
