@@ -726,3 +726,82 @@ async fn policy_and_prune_roles() {
     assert_eq!(hub.get("/api/v1/policies").await.status, 401);
     hub.stop().await;
 }
+
+/// Two disks: one merge per disk, each reading back as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prune_merges_every_disk() {
+    if !require("nbdcopy") || !require("qemu-io") || !require("qemu-img") {
+        return;
+    }
+    let mut hub = Hub::start().await;
+    let size = 4 * MIB;
+    hub.register("two", &[size, size]).await;
+    let r = hub
+        .put("/api/v1/policies/one", json!({"keep_last": 1}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let mut ids = Vec::new();
+    for i in 0..3u64 {
+        let kind = if i == 0 { "full" } else { "incremental" };
+        let b = start_backup(&hub, "two", kind, "one").await;
+        for (d, (_, uri)) in parse_targets(b["nbd_targets_string"].as_str().unwrap())
+            .iter()
+            .enumerate()
+        {
+            if i == 0 {
+                let src = write_file(
+                    hub.dir.path(),
+                    &format!("d{d}.raw"),
+                    &support::disk_like(40 + d as u64, size as usize),
+                );
+                run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), uri]).await;
+            } else {
+                let w = format!(
+                    "write -P {} {}k 8k",
+                    0x30 + i + d as u64,
+                    512 * i + 64 * d as u64
+                );
+                change(uri, &[&w, "flush"]).await;
+            }
+        }
+        hub.complete(&id_of(&b)).await;
+        ids.push(id_of(&b));
+    }
+    let last = &ids[2];
+    let mut saved = Vec::new();
+    for d in 0..2 {
+        let img = hub.repo().join(format!("two/disk{d}/{last}.qcow2"));
+        let out = hub.dir.path().join(format!("saved-{d}.raw"));
+        run_ok(
+            "qemu-img",
+            &[
+                "convert",
+                "-O",
+                "raw",
+                img.to_str().unwrap(),
+                out.to_str().unwrap(),
+            ],
+        )
+        .await;
+        saved.push((img, out));
+    }
+    let r = hub
+        .post("/api/v1/prune", json!({"vm_name": "two", "dry_run": false}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let merges = r.json()[0]["merges"].clone();
+    assert_eq!(
+        merges,
+        json!([
+            {"disk_id": 0, "into": last, "drop": [&ids[1], &ids[0]], "new_parent": null},
+            {"disk_id": 1, "into": last, "drop": [&ids[1], &ids[0]], "new_parent": null}
+        ])
+    );
+    for (img, raw) in &saved {
+        assert_check_clean(img, false).await;
+        assert_identical("qcow2", img.to_str().unwrap(), "raw", raw.to_str().unwrap()).await;
+    }
+    let names: Vec<PathBuf> = all_files(&hub.repo());
+    assert_eq!(names.len(), 4, "{names:?}");
+    hub.stop().await;
+}
