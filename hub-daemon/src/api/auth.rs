@@ -48,6 +48,9 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ("PUT", "/api/v1/vms/*", Access::Role(Role::Admin)),
     ("DELETE", "/api/v1/vms/*", Access::Role(Role::Admin)),
     ("POST", "/api/v1/repositories", Access::Role(Role::Admin)),
+    ("PUT", "/api/v1/policies/*", Access::Role(Role::Admin)),
+    ("DELETE", "/api/v1/policies/*", Access::Role(Role::Admin)),
+    ("POST", "/api/v1/prune", Access::Role(Role::Operator)),
     ("POST", "/api/v1/backups", Access::Role(Role::Operator)),
     ("DELETE", "/api/v1/backups/*", Access::Role(Role::Operator)),
     (

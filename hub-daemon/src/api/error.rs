@@ -7,7 +7,7 @@
 //! | 400 | `bad_request` | malformed or invalid request: JSON, names, sizes, paths, query |
 //! | 401 | `unauthorized` | no, a malformed, unknown or revoked bearer token (with `WWW-Authenticate: Bearer`) |
 //! | 403 | `forbidden` | the token's role may not do this |
-//! | 404 | `not_found` | unknown VM, repository, backup or route |
+//! | 404 | `not_found` | unknown VM, repository, backup, policy or route |
 //! | 405 | `method_not_allowed` | known route, other method |
 //! | 409 | `conflict` | state forbids it (backup running, already finished, dependents) |
 //! | 413 | `payload_too_large` | body over 2 MiB |

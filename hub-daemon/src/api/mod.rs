@@ -6,6 +6,7 @@ mod backups;
 mod error;
 mod json;
 mod ops;
+mod policies;
 mod repositories;
 pub mod tls_listener;
 mod vms;
@@ -106,6 +107,14 @@ pub fn router(state: AppState) -> Router {
             get(repositories::list).post(repositories::create),
         )
         .route("/api/v1/repositories/{id}", get(repositories::get))
+        .route("/api/v1/policies", get(policies::list))
+        .route(
+            "/api/v1/policies/{id}",
+            put(policies::put)
+                .get(policies::get)
+                .delete(policies::delete),
+        )
+        .route("/api/v1/prune", post(policies::prune))
         .route("/api/v1/backups", post(backups::start).get(backups::list))
         .route(
             "/api/v1/backups/{id}",

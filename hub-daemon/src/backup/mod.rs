@@ -22,6 +22,7 @@
 //! The client of the contract is [`crate::sna`].
 
 mod layout;
+mod prune;
 mod reconcile;
 mod restore;
 mod start;
@@ -45,6 +46,7 @@ use crate::model::{BackupRecord, CompleteRequest, Progress};
 use crate::nbd::{NbdHub, Published};
 
 pub use layout::Layout;
+pub use prune::{KeptPoint, MergeStep, PruneReport, PruneRequest};
 pub use reconcile::ReconcileReport;
 pub use restore::Restore;
 

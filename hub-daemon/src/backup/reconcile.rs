@@ -30,7 +30,9 @@ fn remove_if_exists(layout: &Layout, p: &Path) {
 
 /// Whether `name` is one of the hub's own in-progress files for VM `vm`:
 /// `backup-<vm>-<digits>-<digits>.qcow2.partial` or
-/// `...qcow2.digest.partial`.
+/// `...qcow2.digest.partial`, or a prune's uncommitted merge result
+/// `...qcow2.merging` / `...qcow2.digest.merging` (committed ones were
+/// renamed by the journal first).
 fn is_own_partial(vm: &str, name: &str) -> bool {
     let Some(rest) = name
         .strip_prefix("backup-")
@@ -42,6 +44,8 @@ fn is_own_partial(vm: &str, name: &str) -> bool {
     let Some(stamp) = rest
         .strip_suffix(".qcow2.partial")
         .or_else(|| rest.strip_suffix(".qcow2.digest.partial"))
+        .or_else(|| rest.strip_suffix(".qcow2.merging"))
+        .or_else(|| rest.strip_suffix(".qcow2.digest.merging"))
     else {
         return false;
     };
@@ -109,6 +113,10 @@ impl Backups {
     /// Reconcile catalog and files (call once, before serving).
     pub async fn reconcile(&self) -> Result<ReconcileReport> {
         let mut report = ReconcileReport::default();
+        // A prune that committed owes its file work; finish it before
+        // anything looks at the files (and before the sweep below would
+        // take its `.merging` files for litter).
+        self.finish_prune_journal().await?;
         let repos = self.catalog.repositories().await?;
         let layout_of = |repo_id: &str| {
             repos
@@ -176,6 +184,8 @@ mod tests {
         for ok in [
             "backup-vm1-1700000000000-0001.qcow2.partial",
             "backup-vm1-1-2.qcow2.digest.partial",
+            "backup-vm1-1-2.qcow2.merging",
+            "backup-vm1-1-2.qcow2.digest.merging",
         ] {
             assert!(is_own_partial("vm1", ok), "{ok}");
         }

@@ -131,6 +131,16 @@ impl Backups {
                 what: "repository",
                 id: req.repository_id.clone(),
             })?;
+        // A backup naming a policy that does not exist would never be
+        // pruned: refuse it rather than store a dangling reference.
+        if let Some(p) = &req.policy_id {
+            if self.catalog.policy(p).await?.is_none() {
+                return Err(DaemonError::NotFound {
+                    what: "policy",
+                    id: p.clone(),
+                });
+            }
+        }
         if vm.disks.is_empty() {
             return Err(DaemonError::BadRequest(format!(
                 "VM {:?} has no disks",

@@ -8,6 +8,10 @@
 //!   API bearer tokens, stored only as salted hashes (`tokens`).
 //! * `callback_tokens(backup_id, salt, token_hash)`: the token an appliance
 //!   reports a running backup with, also only hashed; gone when it ends.
+//! * `policies(id, keep_last, …, min_retention_days, verify_every_days)`:
+//!   retention policies a backup's `policy_id` names (`policies`).
+//! * `prune_journal(repository_id, path, action)`: file work a committed
+//!   prune still owes, finished at start-up after a crash.
 //! * `backups(id, vm_name, repository_id, backup_type, status, ...)` with
 //!   `backup_disks(backup_id, disk_id, backup_mode, parent_backup_id, file,
 //!   ...)`. A backup is `running`, `completed` or `failed`; a partial
@@ -24,11 +28,13 @@
 //! One connection behind a mutex, used from tokio's blocking pool; WAL and
 //! `synchronous=FULL` so a committed backup survives power loss.
 
+mod policies;
 mod schema;
 mod space;
 mod tokens;
 
 pub use space::DiskHistory;
+pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit};
 pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
 
 use std::collections::BTreeMap;

@@ -35,6 +35,29 @@ const MIGRATIONS: &[&str] = &[
          salt        TEXT NOT NULL,
          token_hash  TEXT NOT NULL
      );",
+    // 4: retention policies (0 = option off), and the prune journal: file
+    // work a committed prune still owes (finished at start-up if the
+    // daemon died before doing it). `action` is 'rename' (`<path>.merging`
+    // over `<path>`) or 'remove'.
+    "CREATE TABLE policies (
+         id                  TEXT PRIMARY KEY,
+         keep_last           INTEGER NOT NULL DEFAULT 0,
+         keep_hourly         INTEGER NOT NULL DEFAULT 0,
+         keep_daily          INTEGER NOT NULL DEFAULT 0,
+         keep_weekly         INTEGER NOT NULL DEFAULT 0,
+         keep_monthly        INTEGER NOT NULL DEFAULT 0,
+         keep_yearly         INTEGER NOT NULL DEFAULT 0,
+         max_chain_length    INTEGER NOT NULL DEFAULT 0,
+         min_retention_days  INTEGER NOT NULL DEFAULT 0,
+         verify_every_days   INTEGER NOT NULL DEFAULT 0,
+         updated_ms          BIGINT NOT NULL
+     );
+     CREATE TABLE prune_journal (
+         repository_id  TEXT NOT NULL,
+         path           TEXT NOT NULL,
+         action         TEXT NOT NULL,
+         PRIMARY KEY (repository_id, path)
+     );",
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

@@ -1,0 +1,293 @@
+//! Retention policies, what prune reads, and prune's one commit.
+
+use rusqlite::{params, Connection, OptionalExtension};
+use serde::{Deserialize, Serialize};
+
+use super::Catalog;
+use crate::error::{DaemonError, Result};
+use crate::time::now_ms;
+
+/// A retention policy (every option 0 = off).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Policy {
+    /// Id.
+    pub id: String,
+    /// The N newest.
+    pub keep_last: u32,
+    /// Newest of each of the N most recent hours.
+    pub keep_hourly: u32,
+    /// … days.
+    pub keep_daily: u32,
+    /// … ISO weeks.
+    pub keep_weekly: u32,
+    /// … months.
+    pub keep_monthly: u32,
+    /// … years.
+    pub keep_yearly: u32,
+    /// Longest image chain before a forced full (stored, not yet enforced).
+    pub max_chain_length: u32,
+    /// Nothing younger is removed.
+    pub min_retention_days: u32,
+    /// Re-verify interval (stored, not yet enforced).
+    pub verify_every_days: u32,
+}
+
+const COLUMNS: &str =
+    "id, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, \
+                       max_chain_length, min_retention_days, verify_every_days";
+
+fn read_policy(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
+    Ok(Policy {
+        id: r.get(0)?,
+        keep_last: r.get(1)?,
+        keep_hourly: r.get(2)?,
+        keep_daily: r.get(3)?,
+        keep_weekly: r.get(4)?,
+        keep_monthly: r.get(5)?,
+        keep_yearly: r.get(6)?,
+        max_chain_length: r.get(7)?,
+        min_retention_days: r.get(8)?,
+        verify_every_days: r.get(9)?,
+    })
+}
+
+/// One completed, policy-governed or not, restore point prune looks at.
+#[derive(Debug, Clone)]
+pub struct PruneCandidate {
+    /// Backup id.
+    pub backup_id: String,
+    /// VM.
+    pub vm_name: String,
+    /// Repository.
+    pub repository_id: String,
+    /// Policy (`None`: never pruned, but its chains still count).
+    pub policy_id: Option<String>,
+    /// When it was taken (unix ms).
+    pub created_ms: i64,
+    /// Disks: (disk id, parent backup, file relative to the repository,
+    /// root digest).
+    pub disks: Vec<(u32, Option<String>, String, Option<String>)>,
+}
+
+/// What one executed prune of one VM/repository changes in the catalog.
+#[derive(Debug, Clone, Default)]
+pub struct PruneCommit {
+    /// VM (refused if a backup of it runs by now).
+    pub vm_name: String,
+    /// Repository of every path below.
+    pub repository_id: String,
+    /// (backup, disk, new parent) of every merged image.
+    pub reparent: Vec<(String, u32, Option<String>)>,
+    /// Backups whose rows go.
+    pub remove: Vec<String>,
+    /// File work owed once committed (see [`JournalEntry`]).
+    pub journal: Vec<JournalEntry>,
+}
+
+/// File work a committed prune owes, relative to its repository.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JournalEntry {
+    /// Repository.
+    pub repository_id: String,
+    /// File relative to the repository.
+    pub path: String,
+    /// "rename" (`<path>.merging` over `<path>`) or "remove".
+    pub action: String,
+}
+
+impl Catalog {
+    /// Create or replace a policy; true if it was created.
+    pub async fn put_policy(&self, p: Policy) -> Result<bool> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let exists: bool = tx
+                .query_row("SELECT 1 FROM policies WHERE id = ?1", [&p.id], |_| Ok(()))
+                .optional()?
+                .is_some();
+            tx.execute("DELETE FROM policies WHERE id = ?1", [&p.id])?;
+            tx.execute(
+                &format!(
+                    "INSERT INTO policies ({COLUMNS}, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                ),
+                params![
+                    p.id,
+                    p.keep_last,
+                    p.keep_hourly,
+                    p.keep_daily,
+                    p.keep_weekly,
+                    p.keep_monthly,
+                    p.keep_yearly,
+                    p.max_chain_length,
+                    p.min_retention_days,
+                    p.verify_every_days,
+                    now_ms()
+                ],
+            )?;
+            tx.commit()?;
+            Ok(!exists)
+        })
+        .await
+    }
+
+    fn read_policy(c: &Connection, id: &str) -> Result<Option<Policy>> {
+        Ok(c.query_row(
+            &format!("SELECT {COLUMNS} FROM policies WHERE id = ?1"),
+            [id],
+            read_policy,
+        )
+        .optional()?)
+    }
+
+    /// One policy.
+    pub async fn policy(&self, id: &str) -> Result<Option<Policy>> {
+        let id = id.to_owned();
+        self.with(move |c| Self::read_policy(c, &id)).await
+    }
+
+    /// Every policy, by id.
+    pub async fn policies(&self) -> Result<Vec<Policy>> {
+        self.with(|c| {
+            let mut st = c.prepare(&format!("SELECT {COLUMNS} FROM policies ORDER BY id"))?;
+            let rows = st.query_map([], read_policy)?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// Delete a policy: `NotFound`, or `Conflict` while any backup names it
+    /// (the backups would silently stop being pruned).
+    pub async fn delete_policy(&self, id: &str) -> Result<()> {
+        let id = id.to_owned();
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let users: i64 = tx.query_row(
+                "SELECT count(*) FROM backups WHERE policy_id = ?1",
+                [&id],
+                |r| r.get(0),
+            )?;
+            if users > 0 {
+                return Err(DaemonError::Conflict(format!(
+                    "policy {id:?} governs {users} backup(s)"
+                )));
+            }
+            if tx.execute("DELETE FROM policies WHERE id = ?1", [&id])? == 0 {
+                return Err(DaemonError::NotFound { what: "policy", id });
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Completed backups (optionally of one VM / repository), oldest first.
+    pub async fn prune_candidates(
+        &self,
+        vm: Option<String>,
+        repo: Option<String>,
+    ) -> Result<Vec<PruneCandidate>> {
+        self.with(move |c| {
+            let mut st = c.prepare(
+                "SELECT id, vm_name, repository_id, policy_id, created_ms FROM backups
+                 WHERE status = 'completed' AND (?1 IS NULL OR vm_name = ?1) AND (?2 IS NULL OR repository_id = ?2)
+                 ORDER BY created_ms, id",
+            )?;
+            let mut out: Vec<PruneCandidate> = st
+                .query_map(params![vm, repo], |r| {
+                    Ok(PruneCandidate {
+                        backup_id: r.get(0)?,
+                        vm_name: r.get(1)?,
+                        repository_id: r.get(2)?,
+                        policy_id: r.get(3)?,
+                        created_ms: r.get(4)?,
+                        disks: Vec::new(),
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            let mut st = c.prepare(
+                "SELECT disk_id, parent_backup_id, file, digest FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
+            )?;
+            for b in &mut out {
+                b.disks = st
+                    .query_map([&b.backup_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
+                    .collect::<rusqlite::Result<_>>()?;
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    /// Commit one prune in one transaction: merged images get their new
+    /// parents, removed backups' rows go, and the file work still owed is
+    /// journalled. `Conflict` if a backup of the VM started meanwhile (it
+    /// may have picked a parent that is going).
+    pub async fn commit_prune(&self, p: PruneCommit) -> Result<()> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            let running: i64 = tx.query_row(
+                "SELECT count(*) FROM backups WHERE vm_name = ?1 AND status = 'running'",
+                [&p.vm_name],
+                |r| r.get(0),
+            )?;
+            if running > 0 {
+                return Err(DaemonError::Conflict(format!(
+                    "a backup of VM {:?} is running",
+                    p.vm_name
+                )));
+            }
+            for (id, disk, parent) in &p.reparent {
+                tx.execute(
+                    "UPDATE backup_disks SET parent_backup_id = ?3 WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![id, disk, parent],
+                )?;
+            }
+            for id in &p.remove {
+                tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [id])?;
+                tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", [id])?;
+                tx.execute("DELETE FROM backups WHERE id = ?1", [id])?;
+            }
+            for j in &p.journal {
+                tx.execute(
+                    "INSERT INTO prune_journal (repository_id, path, action) VALUES (?1, ?2, ?3)",
+                    params![j.repository_id, j.path, j.action],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// File work committed prunes still owe.
+    pub async fn prune_journal(&self) -> Result<Vec<JournalEntry>> {
+        self.with(|c| {
+            let mut st = c.prepare(
+                "SELECT repository_id, path, action FROM prune_journal ORDER BY repository_id, path",
+            )?;
+            let rows = st.query_map([], |r| {
+                Ok(JournalEntry {
+                    repository_id: r.get(0)?,
+                    path: r.get(1)?,
+                    action: r.get(2)?,
+                })
+            })?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
+        })
+        .await
+    }
+
+    /// Forget journal entries once their file work is done.
+    pub async fn clear_journal(&self, done: Vec<JournalEntry>) -> Result<()> {
+        self.with(move |c| {
+            let tx = c.transaction()?;
+            for j in &done {
+                tx.execute(
+                    "DELETE FROM prune_journal WHERE repository_id = ?1 AND path = ?2",
+                    params![j.repository_id, j.path],
+                )?;
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+}
