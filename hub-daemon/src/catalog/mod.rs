@@ -33,8 +33,8 @@ mod schema;
 mod space;
 mod tokens;
 
-pub use space::DiskHistory;
 pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit};
+pub use space::DiskHistory;
 pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
 
 use std::collections::BTreeMap;
