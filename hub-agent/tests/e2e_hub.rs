@@ -20,7 +20,7 @@ use bytes::Bytes;
 use hub_daemon::app::Daemon;
 use hub_daemon::config::{Config, PortRange};
 use integration_tests::http::call;
-use integration_tests::support::{disk_like, pattern, require, run_ok};
+use integration_tests::support::{assert_identical, disk_like, pattern, require, run_ok};
 use nbd_server::{
     BackendError, BlockBackend, Caps, Export, Extent, MemoryBackend, ReadChunk, Server,
     ServerConfig, ZeroFlags,
@@ -70,6 +70,31 @@ async fn agent_with(state: &Path, sources: &[String], extra: &[&str]) -> Agent {
     Agent { child, addr }
 }
 
+/// The VM's disks as registered (disk_id = unit = index).
+fn vm_disks() -> Vec<Value> {
+    SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, s)| json!({"disk_id": i, "size_bytes": s, "unit_number": i}))
+        .collect()
+}
+
+/// One source file per disk of disk-like data (seeds from `seed`), and
+/// the agent's arguments for them.
+fn sources(dir: &Path, seed: u64) -> (Vec<PathBuf>, Vec<String>) {
+    let paths: Vec<PathBuf> = SIZES
+        .iter()
+        .enumerate()
+        .map(|(i, &s)| {
+            let p = dir.join(format!("src{i}.raw"));
+            std::fs::write(&p, disk_like(seed + i as u64, s)).unwrap();
+            p
+        })
+        .collect();
+    let args = paths.iter().map(|p| p.display().to_string()).collect();
+    (paths, args)
+}
+
 async fn hub(dir: &Path, sna: SocketAddr, idle: Duration) -> Daemon {
     hub_with(dir, sna, idle, |_| {}).await
 }
@@ -91,16 +116,11 @@ async fn hub_with(
     c.sna.url = Some(format!("http://{sna}"));
     tweak(&mut c);
     let d = Daemon::start(c).await.unwrap();
-    let disks: Vec<Value> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json!({"disk_id": i, "size_bytes": s, "unit_number": i}))
-        .collect();
     let r = call(
         d.api_addr,
         "PUT",
         "/api/v1/vms/vm1",
-        Some(&json!({"vm_context_id": "ctx-1", "disks": disks})),
+        Some(&json!({"vm_context_id": "ctx-1", "disks": vm_disks()})),
     )
     .await;
     assert!(r.status < 300, "{}", r.text());
@@ -190,16 +210,7 @@ async fn a_vm_through_hub_and_agent_full_incrementals_and_lost_state() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();
-    let sources: Vec<PathBuf> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| {
-            let p = tmp.path().join(format!("src{i}.raw"));
-            std::fs::write(&p, disk_like(10 + i as u64, s)).unwrap();
-            p
-        })
-        .collect();
-    let src_args: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
+    let (sources, src_args) = sources(tmp.path(), 10);
     let state = tmp.path().join("agent-state");
     let mut ag = agent(&state, &src_args).await;
     let hubd = hub(tmp.path(), ag.addr, Duration::from_secs(3600)).await;
@@ -259,16 +270,11 @@ async fn a_vm_through_hub_and_agent_full_incrementals_and_lost_state() {
     assert_eq!(ag2.addr.ip(), ag.addr.ip());
     // The VM names no appliance of its own: point the default at the new
     // agent by re-registering with an sna_url.
-    let disks: Vec<Value> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, s)| json!({"disk_id": i, "size_bytes": s, "unit_number": i}))
-        .collect();
     let r = call(
         api,
         "PUT",
         "/api/v1/vms/vm1",
-        Some(&json!({"vm_context_id": "ctx-1", "disks": disks, "sna_url": format!("http://{}", ag2.addr)})),
+        Some(&json!({"vm_context_id": "ctx-1", "disks": vm_disks(), "sna_url": format!("http://{}", ag2.addr)})),
     )
     .await;
     assert!(r.status < 300, "{}", r.text());
@@ -285,17 +291,11 @@ async fn a_vm_through_hub_and_agent_full_incrementals_and_lost_state() {
         for (i, d) in b["disks"].as_array().unwrap().iter().enumerate() {
             let img = repo.join(d["file"].as_str().unwrap());
             run_ok("qemu-img", &["check", img.to_str().unwrap()]).await;
-            run_ok(
-                "qemu-img",
-                &[
-                    "compare",
-                    "-f",
-                    "raw",
-                    "-F",
-                    "qcow2",
-                    truth[i].to_str().unwrap(),
-                    img.to_str().unwrap(),
-                ],
+            assert_identical(
+                "raw",
+                truth[i].to_str().unwrap(),
+                "qcow2",
+                img.to_str().unwrap(),
             )
             .await;
         }
@@ -450,16 +450,7 @@ async fn a_vm_over_tls_with_client_certificates() {
     let tmp = tempfile::tempdir().unwrap();
     let creds = tmp.path().join("tls");
     hub_daemon::tls::init(&creds, &[]).unwrap();
-    let sources: Vec<PathBuf> = SIZES
-        .iter()
-        .enumerate()
-        .map(|(i, &s)| {
-            let p = tmp.path().join(format!("src{i}.raw"));
-            std::fs::write(&p, disk_like(50 + i as u64, s)).unwrap();
-            p
-        })
-        .collect();
-    let src_args: Vec<String> = sources.iter().map(|p| p.display().to_string()).collect();
+    let (sources, src_args) = sources(tmp.path(), 50);
     let ag = agent_with(
         &tmp.path().join("state"),
         &src_args,
@@ -485,17 +476,11 @@ async fn a_vm_over_tls_with_client_certificates() {
         for (i, d) in b["disks"].as_array().unwrap().iter().enumerate() {
             assert_eq!(d["backup_mode"], *kind, "{d}");
             let img = repo.join(d["file"].as_str().unwrap());
-            run_ok(
-                "qemu-img",
-                &[
-                    "compare",
-                    "-f",
-                    "raw",
-                    "-F",
-                    "qcow2",
-                    sources[i].to_str().unwrap(),
-                    img.to_str().unwrap(),
-                ],
+            assert_identical(
+                "raw",
+                sources[i].to_str().unwrap(),
+                "qcow2",
+                img.to_str().unwrap(),
             )
             .await;
         }

@@ -22,14 +22,28 @@ fn main() -> anyhow::Result<()> {
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }
     hub_daemon::cli::raise_fd_limit();
-    let rt = hub_daemon::cli::runtime_for(cli.command.serves_tls())?;
+    // `serve` resolves its configuration once, here: whether NBD runs over
+    // TLS decides the runtime's size.
+    let serve = match &cli.command {
+        Command::Serve(args) => Some((args.config()?, args.check_only())),
+        _ => None,
+    };
+    let tls = match (&serve, &cli.command) {
+        (Some((config, _)), _) => config.nbd_tls.enabled(),
+        (None, Command::Export(args)) => args.tls_enabled(),
+        _ => false,
+    };
+    let rt = hub_daemon::cli::runtime_for(tls)?;
     rt.block_on(async move {
-        match cli.command {
-            Command::Serve(args) => hub_daemon::cli::serve::run(args).await,
-            Command::Export(args) => hub_daemon::cli::export::run(args).await,
-            Command::Digest(args) => hub_daemon::cli::digest::run(args).await,
-            Command::Token(args) => hub_daemon::cli::token::run(args).await,
-            Command::Tls(args) => hub_daemon::cli::tls::run(args),
+        match (cli.command, serve) {
+            (Command::Serve(_), Some((config, check))) => {
+                hub_daemon::cli::serve::run_with(config, check).await
+            }
+            (Command::Serve(args), None) => hub_daemon::cli::serve::run(args).await,
+            (Command::Export(args), _) => hub_daemon::cli::export::run(args).await,
+            (Command::Digest(args), _) => hub_daemon::cli::digest::run(args).await,
+            (Command::Token(args), _) => hub_daemon::cli::token::run(args).await,
+            (Command::Tls(args), _) => hub_daemon::cli::tls::run(args),
         }
     })
 }

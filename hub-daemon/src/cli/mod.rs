@@ -85,18 +85,6 @@ pub fn runtime_for(tls: bool) -> std::io::Result<tokio::runtime::Runtime> {
     b.enable_all().build()
 }
 
-impl Command {
-    /// Whether this command serves NBD over TLS (decides the runtime's
-    /// size before anything runs; a configuration error surfaces later).
-    pub fn serves_tls(&self) -> bool {
-        match self {
-            Command::Serve(a) => a.config().is_ok_and(|c| c.nbd_tls.enabled()),
-            Command::Export(a) => a.tls_enabled(),
-            _ => false,
-        }
-    }
-}
-
 /// Resolve on SIGINT or SIGTERM.
 pub async fn wait_for_signal() -> std::io::Result<()> {
     Signals::listen()?.wait().await

@@ -191,7 +191,13 @@ pub fn check(c: &Config) -> anyhow::Result<()> {
 /// Run until SIGINT/SIGTERM, then drain.
 pub async fn run(args: ServeArgs) -> anyhow::Result<()> {
     let config = args.config()?;
-    if args.check_only() {
+    run_with(config, args.check_only()).await
+}
+
+/// Run with a configuration already resolved (the binary resolves it once,
+/// before sizing the runtime); `check_only` is `--check-config`.
+pub async fn run_with(config: Config, check_only: bool) -> anyhow::Result<()> {
+    if check_only {
         check(&config)?;
         println!("config ok");
         return Ok(());
