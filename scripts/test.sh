@@ -31,4 +31,6 @@ export RUST_LOG=${RUST_LOG:-warn}
 
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
+# Crate docs are part of the product: a broken intra-doc link fails the run.
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace

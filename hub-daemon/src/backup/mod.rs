@@ -7,7 +7,7 @@
 //!               └─ (daemon killed) ── reconcile on start ──▶ failed
 //! ```
 //!
-//! A running backup is a [`Job`]: one qcow2 image per disk being written
+//! A running backup is a `Job`: one qcow2 image per disk being written
 //! under a `.partial` name, each served on its own NBD port. `start` is
 //! all-or-nothing: any failure part-way releases every port and export,
 //! deletes every file and leaves no catalog row. `complete` drains and

@@ -16,7 +16,7 @@ pub struct TlsArgs {
     tls: Option<TlsSetting>,
     /// Directory with ca-cert.pem, server-cert.pem, server-key.pem and an
     /// optional ca-crl.pem (nbdkit's layout; `hub-daemon tls init DIR`
-    /// makes one) [default for serve: <data dir>/tls].
+    /// makes one) [default for serve: DATA_DIR/tls].
     #[arg(long, env = "HUB_TLS_CERTIFICATES", value_name = "DIR")]
     tls_certificates: Option<PathBuf>,
     /// Demand a client certificate signed by the directory's CA.
