@@ -290,11 +290,25 @@ pub struct BackupRecord {
     pub disks: Vec<BackupDisk>,
 }
 
+/// `POST /api/v1/backups/{id}/restore` body (optional).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreRequest {
+    /// Instant restore: serve the restore point writable through a
+    /// throw-away overlay per disk (a hypervisor can boot the VM from it);
+    /// the restore point itself is never written, and the overlays are
+    /// deleted when the restore stops.
+    #[serde(default)]
+    pub writable: bool,
+}
+
 /// Restore exports of one backup.
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreStarted {
     /// Backup served.
     pub backup_id: String,
+    /// Whether the exports take writes (into throw-away overlays).
+    pub writable: bool,
     /// Per disk.
     pub disk_results: Vec<DiskResult>,
     /// Targets for a restore client.

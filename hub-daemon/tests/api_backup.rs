@@ -402,3 +402,114 @@ async fn ten_vms_of_three_disks_at_once() {
     assert_eq!(hub.metric("hub_nbd_ports_in_use").await, 0);
     hub.stop().await;
 }
+
+/// Instant restore: `{"writable": true}` serves the restore point through
+/// a throw-away overlay. Writes land in the overlay and read back; the
+/// restore point never changes; stopping the restore deletes the overlay;
+/// a leftover overlay is refused, never reused, and swept at start-up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn instant_restore_writes_land_in_a_throwaway_overlay() {
+    if !require("nbdcopy") || !require("qemu-io") || !require("qemu-img") {
+        return;
+    }
+    let mut hub = Hub::start().await;
+    let sizes = [8 * MIB];
+    hub.register("boot", &sizes).await;
+    let src = sources(hub.dir.path(), "s", &sizes, 40);
+    let full = hub.backup("boot", "full").await;
+    let id = full["backup_id"].as_str().unwrap().to_owned();
+    copy_all(full["nbd_targets_string"].as_str().unwrap(), &src).await;
+    let done = hub.complete(&id).await;
+    let image = hub.repo().join(done["disks"][0]["file"].as_str().unwrap());
+    let overlay = PathBuf::from(format!("{}.instant", image.display()));
+    let restore = format!("/api/v1/backups/{id}/restore");
+
+    // Unknown fields are a client mistake, not silently ignored.
+    let r = hub
+        .post(&restore, serde_json::json!({"writeable": true}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    for round in 0..2 {
+        let r = hub
+            .post(&restore, serde_json::json!({"writable": true}))
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        assert_eq!(r.json()["writable"], true);
+        let uri = parse_targets(r.json()["nbd_targets_string"].as_str().unwrap())
+            .remove(0)
+            .1;
+        assert!(overlay.is_file(), "overlay {} exists", overlay.display());
+        // Each round starts from the restore point, not from the last
+        // round's writes.
+        let seen = hub.dir.path().join("seen.raw");
+        run_ok("nbdcopy", &[&uri, seen.to_str().unwrap()]).await;
+        assert!(
+            std::fs::read(&seen).unwrap() == std::fs::read(&src[0]).unwrap(),
+            "round {round}: the writable restore reads as the restore point"
+        );
+        std::fs::remove_file(&seen).unwrap();
+        let out = run_ok(
+            "qemu-io",
+            &[
+                "-f",
+                "raw",
+                "-c",
+                "write -P 0x5a 1M 64k",
+                "-c",
+                "write -z 2M 1M",
+                "-c",
+                "flush",
+                "-c",
+                "read -P 0x5a 1M 64k",
+                "-c",
+                "read -P 0 2M 1M",
+                &uri,
+            ],
+        )
+        .await;
+        assert!(!out.contains("failed"), "{out}");
+        // The backup cannot go while it is served, and no prune may touch it.
+        assert_eq!(
+            hub.delete(&format!("/api/v1/backups/{id}")).await.status,
+            409
+        );
+        assert_eq!(hub.delete(&restore).await.status, 204);
+        assert!(!overlay.exists(), "the overlay goes with the restore");
+        // The restore point is untouched.
+        assert_check_clean(&image, false).await;
+        assert_identical(
+            "qcow2",
+            image.to_str().unwrap(),
+            "raw",
+            src[0].to_str().unwrap(),
+        )
+        .await;
+    }
+
+    // A leftover overlay (a crash between create and sweep) is refused,
+    // never served: it may hold anything.
+    std::fs::write(&overlay, b"left behind").unwrap();
+    let r = hub
+        .post(&restore, serde_json::json!({"writable": true}))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(hub.metric("hub_nbd_ports_in_use").await, 0);
+    assert_eq!(std::fs::read(&overlay).unwrap(), b"left behind");
+    // A read-only restore is unaffected by it.
+    let r = hub.post(&restore, Value::Null).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["writable"], false);
+    assert_eq!(hub.delete(&restore).await.status, 204);
+    // Start-up reconciliation sweeps it.
+    hub.stop().await;
+    let dir = std::mem::replace(&mut hub.dir, tempfile::tempdir().unwrap());
+    let mut hub = Hub::start_in(dir, 64, 0, std::time::Duration::from_secs(3600)).await;
+    assert!(!overlay.exists(), "start-up swept the stray overlay");
+    let r = hub
+        .post(&restore, serde_json::json!({"writable": true}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(hub.delete(&restore).await.status, 204);
+    hub.stop().await;
+}

@@ -12,7 +12,8 @@ use super::json::{AppJson, AppPath, AppQuery, OptionalJson};
 use super::AppState;
 use crate::error::DaemonError;
 use crate::model::{
-    AbortRequest, BackupRecord, BackupRequest, BackupStarted, CompleteRequest, RestoreStarted,
+    AbortRequest, BackupRecord, BackupRequest, BackupStarted, CompleteRequest, RestoreRequest,
+    RestoreStarted,
 };
 use crate::names;
 
@@ -155,15 +156,17 @@ pub async fn verify(
     Ok((StatusCode::ACCEPTED, Json(st.backups().verify(&id).await?)))
 }
 
-/// `POST /api/v1/backups/{id}/restore`.
+/// `POST /api/v1/backups/{id}/restore` (body optional: `{"writable": true}`
+/// for an instant restore through throw-away overlays).
 pub async fn restore(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
+    OptionalJson(req): OptionalJson<RestoreRequest>,
 ) -> Result<(StatusCode, Json<RestoreStarted>), ApiError> {
     check_id(&id)?;
     Ok((
         StatusCode::CREATED,
-        Json(st.backups().start_restore(&id).await?),
+        Json(st.backups().start_restore(&id, req.writable).await?),
     ))
 }
 

@@ -32,7 +32,8 @@ fn remove_if_exists(layout: &Layout, p: &Path) {
 /// `backup-<vm>-<digits>-<digits>.qcow2.partial` or
 /// `...qcow2.digest.partial`, or a prune's uncommitted merge result
 /// `...qcow2.merging` / `...qcow2.digest.merging` (committed ones were
-/// renamed by the journal first).
+/// renamed by the journal first), or an instant restore's throw-away
+/// overlay `...qcow2.instant` (no restore survives a restart).
 fn is_own_partial(vm: &str, name: &str) -> bool {
     let Some(rest) = name
         .strip_prefix("backup-")
@@ -46,6 +47,7 @@ fn is_own_partial(vm: &str, name: &str) -> bool {
         .or_else(|| rest.strip_suffix(".qcow2.digest.partial"))
         .or_else(|| rest.strip_suffix(".qcow2.merging"))
         .or_else(|| rest.strip_suffix(".qcow2.digest.merging"))
+        .or_else(|| rest.strip_suffix(".qcow2.instant"))
     else {
         return false;
     };
@@ -186,6 +188,7 @@ mod tests {
             "backup-vm1-1-2.qcow2.digest.partial",
             "backup-vm1-1-2.qcow2.merging",
             "backup-vm1-1-2.qcow2.digest.merging",
+            "backup-vm1-1-2.qcow2.instant",
         ] {
             assert!(is_own_partial("vm1", ok), "{ok}");
         }
