@@ -49,7 +49,7 @@ use qcow_backend::{BackingPolicy, MergeOptions};
 use serde::{Deserialize, Serialize};
 
 use super::{Backups, Layout};
-use crate::catalog::{JournalEntry, Policy, PruneCandidate, PruneCommit};
+use crate::catalog::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 use crate::error::{DaemonError, Result};
 use crate::lifecycle::{chains, retention};
 
@@ -234,6 +234,9 @@ impl Backups {
     /// Plan retention for every (VM, repository) with policy-governed
     /// backups and, unless `dry_run`, carry it out.
     pub async fn prune(&self, req: PruneRequest) -> Result<Vec<PruneReport>> {
+        // A dry run too: its plan should be the one a run would carry out,
+        // not one a concurrent merge is about to change.
+        let _lifecycle = self.lifecycle.lock().await;
         let cands = self
             .catalog
             .prune_candidates(req.vm_name.clone(), req.repository_id.clone())
@@ -276,7 +279,7 @@ impl Backups {
 
     /// 409 while a backup of the VM runs, or any of its backups is being
     /// restored or verified (they read the chains prune rewrites).
-    async fn check_idle(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
+    pub(super) async fn check_idle(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(DaemonError::Unavailable("daemon is shutting down".into()));
         }
@@ -309,7 +312,7 @@ impl Backups {
     }
 
     /// Merge, commit, then delete (see the module docs for the order).
-    async fn execute(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
+    pub(super) async fn execute(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
         // Held throughout: no restore of this VM starts mid-prune.
         let restores = self.restores.lock().await;
         if group.iter().any(|c| restores.contains_key(&c.backup_id)) {
@@ -335,6 +338,7 @@ impl Backups {
         };
         let mut made: Vec<PathBuf> = Vec::new();
         let mut journal = Vec::new();
+        let mut reparent = Vec::new();
         let result = async {
             let root = layout.root().canonicalize().map_err(|e| {
                 DaemonError::io(format!("repository {}", layout.root().display()), e)
@@ -363,6 +367,15 @@ impl Backups {
                 )
                 .await
                 .map_err(|e| DaemonError::BadImage(format!("merging {}: {e}", m.into)))?;
+                let image_bytes = std::fs::metadata(&out)
+                    .map_err(|e| DaemonError::io(format!("{}", out.display()), e))?
+                    .len();
+                reparent.push(Reparent {
+                    backup_id: m.into.clone(),
+                    disk_id: m.disk_id,
+                    parent: m.new_parent.clone(),
+                    image_bytes,
+                });
                 // The old chain's sidecars, newest first, down to its full.
                 let mut sidecars = Vec::new();
                 let mut next = Some(m.into.clone());
@@ -421,11 +434,7 @@ impl Backups {
                 .commit_prune(PruneCommit {
                     vm_name: r.vm_name.clone(),
                     repository_id: r.repository_id.clone(),
-                    reparent: r
-                        .merges
-                        .iter()
-                        .map(|m| (m.into.clone(), m.disk_id, m.new_parent.clone()))
-                        .collect(),
+                    reparent: reparent.clone(),
                     remove: r.remove.clone(),
                     journal: journal.clone(),
                 })
