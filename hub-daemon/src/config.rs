@@ -461,6 +461,21 @@ mod tests {
     use super::*;
 
     #[test]
+    fn prune_interval_defaults_to_an_hour_and_zero_turns_it_off() {
+        assert_eq!(
+            Config::default().prune_interval,
+            Some(Duration::from_secs(3600))
+        );
+        let mut c = Config::default();
+        let f: FileConfig = toml::from_str("prune_interval_secs = 0").unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.prune_interval, None);
+        let f: FileConfig = toml::from_str("prune_interval_secs = 60").unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.prune_interval, Some(Duration::from_secs(60)));
+    }
+
+    #[test]
     fn port_ranges() {
         assert_eq!(
             PortRange::parse("10100-10200"),

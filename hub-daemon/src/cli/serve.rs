@@ -264,6 +264,17 @@ mod tests {
     }
 
     #[test]
+    fn prune_interval_flag() {
+        let c = |args: &[&str]| Wrap::try_parse_from(args).unwrap().serve.config().unwrap();
+        assert_eq!(c(&["x"]).prune_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(c(&["x", "--prune-interval", "0"]).prune_interval, None);
+        assert_eq!(
+            c(&["x", "--prune-interval", "90"]).prune_interval,
+            Some(Duration::from_secs(90))
+        );
+    }
+
+    #[test]
     fn appliance_flags() {
         let c = Wrap::try_parse_from(["x"]).unwrap().serve.config().unwrap();
         assert_eq!(c.sna, crate::config::SnaConfig::default());
