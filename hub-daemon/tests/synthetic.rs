@@ -73,7 +73,11 @@ impl Mirror {
 
     /// Write the first restore point's contents to `uri`.
     async fn full(&self, uri: &str) {
-        run_ok("nbdcopy", &["--flush", self.expected[0].to_str().unwrap(), uri]).await;
+        run_ok(
+            "nbdcopy",
+            &["--flush", self.expected[0].to_str().unwrap(), uri],
+        )
+        .await;
     }
 
     /// Apply `cmds` to `uri` and to a copy of the newest expected contents.
@@ -251,9 +255,7 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
         assert_eq!(b["image_bytes"], image, "{id}");
         total += image;
         let metrics = hub.get("/metrics").await.text();
-        let label = format!(
-            "{{backup_id=\"{id}\",vm=\"app\",repository=\"default\",disk=\"0\"}}"
-        );
+        let label = format!("{{backup_id=\"{id}\",vm=\"app\",repository=\"default\",disk=\"0\"}}");
         assert!(
             metrics.contains(&format!("hub_backup_image_bytes{label} {image}\n")),
             "{metrics}"
@@ -277,7 +279,8 @@ async fn scheduled_prune_runs_without_a_request() {
     if !tools() {
         return;
     }
-    let mut hub = Hub::start_configured(|c| c.prune_interval = Some(Duration::from_millis(100))).await;
+    let mut hub =
+        Hub::start_configured(|c| c.prune_interval = Some(Duration::from_millis(100))).await;
     hub.register("app", &[4 * MIB]).await;
     let r = hub
         .put("/api/v1/policies/one", json!({"keep_last": 1}))
@@ -346,7 +349,12 @@ async fn check_all(
     }
 }
 
-async fn call_ok(api: std::net::SocketAddr, method: &str, path: &str, body: Option<Value>) -> Value {
+async fn call_ok(
+    api: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+) -> Value {
     let r = integration_tests::http::call(api, method, path, body.as_ref()).await;
     assert!(
         r.status / 100 == 2,

@@ -279,7 +279,11 @@ impl Backups {
 
     /// 409 while a backup of the VM runs, or any of its backups is being
     /// restored or verified (they read the chains prune rewrites).
-    pub(super) async fn check_idle(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
+    pub(super) async fn check_idle(
+        &self,
+        r: &PruneReport,
+        group: &[&PruneCandidate],
+    ) -> Result<()> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(DaemonError::Unavailable("daemon is shutting down".into()));
         }

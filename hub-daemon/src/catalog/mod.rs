@@ -726,12 +726,8 @@ impl Catalog {
             }
         }
         let image_bytes = disks.iter().filter_map(|d| d.image_bytes).sum();
-        let freed_bytes_if_deleted = is_completed.then(|| {
-            disks
-                .iter()
-                .filter_map(|d| d.freed_bytes_if_deleted)
-                .sum()
-        });
+        let freed_bytes_if_deleted =
+            is_completed.then(|| disks.iter().filter_map(|d| d.freed_bytes_if_deleted).sum());
         Ok(Some(BackupRecord {
             backup_id: id.to_owned(),
             vm_name: vm,
