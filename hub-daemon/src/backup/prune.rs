@@ -27,7 +27,7 @@
 //! live daemon the old files still exist and hold the same guest data;
 //! restores of the VM are held off until 3 is done. (A backup starting
 //! in that short window finds the old chain disagreeing with the catalog
-//! and goes full; a verify started after the idle check may see files go
+//! and goes full; a verify started after the commit's check may see files go
 //! and report them; neither loses data.)
 //!
 //! # Digests
@@ -317,14 +317,6 @@ impl Backups {
 
     /// Merge, commit, then delete (see the module docs for the order).
     pub(super) async fn execute(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
-        // Held throughout: no restore of this VM starts mid-prune.
-        let restores = self.restores.lock().await;
-        if group.iter().any(|c| restores.contains_key(&c.backup_id)) {
-            return Err(DaemonError::Conflict(format!(
-                "a backup of VM {:?} is being restored",
-                r.vm_name
-            )));
-        }
         let repo = self
             .catalog
             .repository(&r.repository_id)
@@ -434,6 +426,21 @@ impl Backups {
                     }
                 }
             }
+            // Held from here until the file work is done, not during the
+            // merges (which only read the old chains and may take minutes
+            // on big disks: restores, deletes and /metrics would queue
+            // behind them): no restore of this VM starts while the files
+            // and the catalog disagree. One that started meanwhile, or a
+            // verify, makes this a conflict (retried by the next run).
+            let restores = self.restores.lock().await;
+            for c in group {
+                if restores.contains_key(&c.backup_id) || self.is_verifying(&c.backup_id) {
+                    return Err(DaemonError::Conflict(format!(
+                        "backup {:?} of VM {:?} is being restored or verified",
+                        c.backup_id, r.vm_name
+                    )));
+                }
+            }
             self.catalog
                 .commit_prune(PruneCommit {
                     vm_name: r.vm_name.clone(),
@@ -442,24 +449,33 @@ impl Backups {
                     remove: r.remove.clone(),
                     journal: journal.clone(),
                 })
-                .await
+                .await?;
+            Ok(restores)
         }
         .await;
-        if let Err(e) = result {
-            // Nothing committed: the new files are just litter.
-            for p in &made {
-                match layout.remove(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::error!(path = %p.display(), error = %e, "cannot remove"),
+        let restores = match result {
+            Ok(guard) => guard,
+            Err(e) => {
+                // Nothing committed: the new files are just litter.
+                for p in &made {
+                    match layout.remove(p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => tracing::error!(path = %p.display(), error = %e, "cannot remove"),
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         self.finish_prune_journal().await?;
         drop(restores);
+        let what = if r.remove.is_empty() {
+            "chains rewritten"
+        } else {
+            "pruned"
+        };
         tracing::info!(vm = %r.vm_name, repository = %r.repository_id, removed = r.remove.len(),
-            merged = r.merges.len(), "pruned");
+            merged = r.merges.len(), "{what}");
         Ok(())
     }
 

@@ -24,7 +24,8 @@ pub struct Policy {
     pub keep_monthly: u32,
     /// … years.
     pub keep_yearly: u32,
-    /// Longest image chain before a forced full (stored, not yet enforced).
+    /// Chain length (restore point and ancestors) at which the newest
+    /// restore point of a disk is flattened into a synthetic full.
     pub max_chain_length: u32,
     /// Nothing younger is removed.
     pub min_retention_days: u32,
