@@ -178,6 +178,19 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
         204
     );
 
+    // Nor while a backup of the VM is being written (it may build on I2).
+    let (running, _) = start_backup(&hub, "app", "incremental", "short").await;
+    assert_eq!(backups.synthetic_pass(None).await.unwrap(), vec![]);
+    let pass = hub_daemon::lifecycle::schedule::run_pass(&backups)
+        .await
+        .unwrap();
+    assert!(pass.synthetic.is_empty(), "{pass:?}");
+    assert_eq!(record(&hub, &i2).await["disks"][0]["synthetic"], false);
+    let r = hub
+        .post(&format!("/api/v1/backups/{running}/abort"), json!({}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+
     // Now it is built (by the pass a completion triggers, or this one).
     let pass = hub_daemon::lifecycle::schedule::run_pass(&backups)
         .await
