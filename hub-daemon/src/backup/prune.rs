@@ -364,7 +364,7 @@ impl Backups {
                 .await
                 .map_err(|e| DaemonError::BadImage(format!("merging {}: {e}", m.into)))?;
                 let image_bytes = std::fs::metadata(&out)
-                    .map_err(|e| DaemonError::io(format!("{}", out.display()), e))?
+                    .map_err(|e| DaemonError::io(out.display().to_string(), e))?
                     .len();
                 reparent.push(Reparent {
                     backup_id: m.into.clone(),

@@ -684,7 +684,7 @@ impl Catalog {
                     digest, verify_status, verify_detail, synthetic
              FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
         )?;
-        let disks = st
+        let mut disks = st
             .query_map([id], |r| {
                 Ok(BackupDisk {
                     disk_id: r.get(0)?,
@@ -718,7 +718,6 @@ impl Catalog {
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut disks = disks;
         let is_completed = status == "completed";
         if is_completed {
             for d in &mut disks {
