@@ -30,6 +30,7 @@ pub struct Daemon {
     backups: Arc<Backups>,
     stop: CancellationToken,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    lifecycle: tokio::task::JoinHandle<()>,
 }
 
 impl Daemon {
@@ -111,6 +112,11 @@ impl Daemon {
                     .await
             })
         };
+        let lifecycle = tokio::spawn(crate::lifecycle::schedule::run(
+            Arc::clone(&backups),
+            config.prune_interval,
+            stop.clone(),
+        ));
         tracing::info!(%api_addr, nbd_shared = ?nbd_shared_addr, data_dir = %config.data_dir.display(), "hub daemon serving");
         Ok(Daemon {
             api_addr,
@@ -120,6 +126,7 @@ impl Daemon {
             backups,
             stop,
             http,
+            lifecycle,
         })
     }
 
@@ -132,6 +139,11 @@ impl Daemon {
     /// images removed), restore exports closed, every image flushed.
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
+        // Stopped before the backups: a pass must not start on a daemon
+        // half shut down (one in progress is abandoned, which is safe).
+        if let Err(e) = self.lifecycle.await {
+            tracing::error!(error = %e, "lifecycle task");
+        }
         self.backups.shutdown().await;
         self.http.await.context("API task")?.context("API server")?;
         Ok(())

@@ -96,6 +96,9 @@ pub struct Config {
     /// Bytes a repository must keep free beyond a backup's estimate
     /// (`None`: 1 % of the filesystem, at most 1 GiB); see [`crate::space`].
     pub space_reserve: Option<u64>,
+    /// Prune every VM with a policy and build due synthetic fulls this
+    /// often (`None`: never on a schedule; `POST /api/v1/prune` still works).
+    pub prune_interval: Option<Duration>,
 }
 
 /// The hub's side of the appliance hand-off (`docs/sna-contract.md`).
@@ -215,6 +218,7 @@ impl Default for Config {
             api_tls: false,
             sna: SnaConfig::default(),
             space_reserve: None,
+            prune_interval: Some(Duration::from_secs(3600)),
         }
     }
 }
@@ -325,6 +329,8 @@ pub struct FileConfig {
     pub public_url: Option<String>,
     /// Bytes, or a size such as `"10G"`; see [`Config::space_reserve`].
     pub space_reserve: Option<SizeValue>,
+    /// Seconds between scheduled prunes; 0 = off.
+    pub prune_interval_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -403,6 +409,9 @@ impl FileConfig {
         if let Some(v) = &self.space_reserve {
             c.space_reserve = Some(v.bytes()?);
         }
+        if let Some(v) = self.prune_interval_secs {
+            c.prune_interval = prune_interval(v);
+        }
         c.sna.apply(
             self.sna_url,
             self.sna_token,
@@ -411,6 +420,11 @@ impl FileConfig {
         )?;
         Ok(())
     }
+}
+
+/// A prune interval in seconds (0: off).
+pub fn prune_interval(secs: u64) -> Option<Duration> {
+    (secs > 0).then(|| Duration::from_secs(secs))
 }
 
 impl SnaConfig {
@@ -445,6 +459,21 @@ impl SnaConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn prune_interval_defaults_to_an_hour_and_zero_turns_it_off() {
+        assert_eq!(
+            Config::default().prune_interval,
+            Some(Duration::from_secs(3600))
+        );
+        let mut c = Config::default();
+        let f: FileConfig = toml::from_str("prune_interval_secs = 0").unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.prune_interval, None);
+        let f: FileConfig = toml::from_str("prune_interval_secs = 60").unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.prune_interval, Some(Duration::from_secs(60)));
+    }
 
     #[test]
     fn port_ranges() {

@@ -216,8 +216,19 @@ pub struct BackupDisk {
     pub nbd_port: Option<u16>,
     /// Payload bytes received.
     pub bytes_written: u64,
-    /// Image file size once completed.
+    /// Image file size once completed (after a merge: the merged file's).
     pub image_bytes: Option<u64>,
+    /// The image is a synthetic full: the hub flattened the restore point's
+    /// chain into it (`max_chain_length`, or a prune that removed every
+    /// ancestor). It reads exactly as the restore point always did.
+    pub synthetic: bool,
+    /// Bytes deleting this restore point (through prune) would give back
+    /// on this disk, once completed. Exact when nothing builds on it: its
+    /// image. When restore points build on it, deleting it merges it into
+    /// them, and they keep whatever of it they do not overwrite, which
+    /// only reading both images' allocation could tell: then it is the
+    /// figure that is certain, 0 (see docs/retention.md).
+    pub freed_bytes_if_deleted: Option<u64>,
     /// CBT change id.
     pub change_id: Option<String>,
     /// Image format ("qcow2").
@@ -286,6 +297,11 @@ pub struct BackupRecord {
     pub verify_status: Option<String>,
     /// When the last verification finished (RFC 3339).
     pub verified_at: Option<String>,
+    /// Bytes of its images, all disks (completed: the files' sizes).
+    pub image_bytes: u64,
+    /// Bytes deleting it would give back, all disks (see
+    /// [`BackupDisk::freed_bytes_if_deleted`]); once completed.
+    pub freed_bytes_if_deleted: Option<u64>,
     /// Disks.
     pub disks: Vec<BackupDisk>,
 }

@@ -294,8 +294,16 @@ async fn prune_merges_a_chain_into_a_synthetic_full() {
     }
     let b2 = hub.get(&format!("/api/v1/backups/{i2}")).await.json();
     assert_eq!(b2["disks"][0]["parent_backup_id"], Value::Null, "{b2}");
+    // Merged down to no parent: a synthetic full, whose recorded size is
+    // the merged file's.
+    assert_eq!(b2["disks"][0]["synthetic"], true, "{b2}");
+    assert_eq!(
+        b2["disks"][0]["image_bytes"].as_u64().unwrap(),
+        std::fs::metadata(&saved[2].0).unwrap().len()
+    );
     let b3 = hub.get(&format!("/api/v1/backups/{i3}")).await.json();
     assert_eq!(b3["disks"][0]["parent_backup_id"], i2.as_str());
+    assert_eq!(b3["disks"][0]["synthetic"], false, "{b3}");
     for (img, raw) in &saved[2..] {
         assert_check_clean(img, false).await;
         assert_identical("qcow2", img.to_str().unwrap(), "raw", raw.to_str().unwrap()).await;

@@ -146,5 +146,31 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         "gauge",
         &held,
     );
+    // Per restore point and disk: what it holds and what deleting it
+    // would give back (the estimate documented on the backup's
+    // `freed_bytes_if_deleted`).
+    let (mut image, mut freed) = (Vec::new(), Vec::new());
+    for b in st.catalog().backups(None, Some("completed".into())).await? {
+        for d in &b.disks {
+            let label = format!(
+                "{{backup_id=\"{}\",vm=\"{}\",repository=\"{}\",disk=\"{}\"}}",
+                b.backup_id, b.vm_name, b.repository_id, d.disk_id
+            );
+            image.push((label.clone(), d.image_bytes.unwrap_or(0)));
+            freed.push((label, d.freed_bytes_if_deleted.unwrap_or(0)));
+        }
+    }
+    gauge(
+        "hub_backup_image_bytes",
+        "Bytes of a completed restore point's image of one disk.",
+        "gauge",
+        &image,
+    );
+    gauge(
+        "hub_backup_freed_if_deleted_bytes",
+        "Bytes deleting the restore point would give back on one disk (0 when others build on it: a lower bound).",
+        "gauge",
+        &freed,
+    );
     Ok(([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], out))
 }

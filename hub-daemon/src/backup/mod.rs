@@ -26,6 +26,7 @@ mod prune;
 mod reconcile;
 mod restore;
 mod start;
+mod synthetic;
 mod verify;
 mod watchdog;
 
@@ -49,6 +50,7 @@ pub use layout::Layout;
 pub use prune::{KeptPoint, MergeStep, PruneReport, PruneRequest};
 pub use reconcile::ReconcileReport;
 pub use restore::Restore;
+pub use synthetic::SyntheticFull;
 
 /// One disk of a running backup.
 #[derive(Debug)]
@@ -102,6 +104,13 @@ pub struct Backups {
     sna: crate::sna::SnaClient,
     /// Base URL of the API for appliance callbacks (set once it listens).
     public_url: OnceLock<String>,
+    /// Held by every prune and synthetic-full run: each plans from the
+    /// catalog and then rewrites chains, so two at once could act on a
+    /// plan the other made stale.
+    lifecycle: tokio::sync::Mutex<()>,
+    /// Poked when a backup completes (its chain may now be due a synthetic
+    /// full); the lifecycle schedule waits on it.
+    lifecycle_kick: tokio::sync::Notify,
 }
 
 impl Backups {
@@ -123,6 +132,8 @@ impl Backups {
             verifying: Mutex::new(Default::default()),
             shutting_down: AtomicBool::new(false),
             seq: AtomicU32::new(0),
+            lifecycle: tokio::sync::Mutex::new(()),
+            lifecycle_kick: tokio::sync::Notify::new(),
         })
     }
 
@@ -139,6 +150,11 @@ impl Backups {
     /// The NBD hub.
     pub fn nbd(&self) -> &NbdHub {
         &self.nbd
+    }
+
+    /// Notified when a backup completes (see [`crate::lifecycle::schedule`]).
+    pub fn lifecycle_kick(&self) -> &tokio::sync::Notify {
+        &self.lifecycle_kick
     }
 
     /// Where the API listens: the appliances' callback base URL, unless
@@ -348,6 +364,7 @@ impl Backups {
             return Err(self.fail_job(job, e, seen).await);
         }
         tracing::info!(backup = id, disks = job.disks.len(), "backup completed");
+        self.lifecycle_kick.notify_one();
         self.record(id).await
     }
 

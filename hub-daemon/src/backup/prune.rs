@@ -27,7 +27,7 @@
 //! live daemon the old files still exist and hold the same guest data;
 //! restores of the VM are held off until 3 is done. (A backup starting
 //! in that short window finds the old chain disagreeing with the catalog
-//! and goes full; a verify started after the idle check may see files go
+//! and goes full; a verify started after the commit's check may see files go
 //! and report them; neither loses data.)
 //!
 //! # Digests
@@ -49,7 +49,7 @@ use qcow_backend::{BackingPolicy, MergeOptions};
 use serde::{Deserialize, Serialize};
 
 use super::{Backups, Layout};
-use crate::catalog::{JournalEntry, Policy, PruneCandidate, PruneCommit};
+use crate::catalog::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 use crate::error::{DaemonError, Result};
 use crate::lifecycle::{chains, retention};
 
@@ -234,6 +234,9 @@ impl Backups {
     /// Plan retention for every (VM, repository) with policy-governed
     /// backups and, unless `dry_run`, carry it out.
     pub async fn prune(&self, req: PruneRequest) -> Result<Vec<PruneReport>> {
+        // A dry run too: its plan should be the one a run would carry out,
+        // not one a concurrent merge is about to change.
+        let _lifecycle = self.lifecycle.lock().await;
         let cands = self
             .catalog
             .prune_candidates(req.vm_name.clone(), req.repository_id.clone())
@@ -276,7 +279,11 @@ impl Backups {
 
     /// 409 while a backup of the VM runs, or any of its backups is being
     /// restored or verified (they read the chains prune rewrites).
-    async fn check_idle(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
+    pub(super) async fn check_idle(
+        &self,
+        r: &PruneReport,
+        group: &[&PruneCandidate],
+    ) -> Result<()> {
         if self.shutting_down.load(Ordering::SeqCst) {
             return Err(DaemonError::Unavailable("daemon is shutting down".into()));
         }
@@ -309,15 +316,7 @@ impl Backups {
     }
 
     /// Merge, commit, then delete (see the module docs for the order).
-    async fn execute(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
-        // Held throughout: no restore of this VM starts mid-prune.
-        let restores = self.restores.lock().await;
-        if group.iter().any(|c| restores.contains_key(&c.backup_id)) {
-            return Err(DaemonError::Conflict(format!(
-                "a backup of VM {:?} is being restored",
-                r.vm_name
-            )));
-        }
+    pub(super) async fn execute(&self, r: &PruneReport, group: &[&PruneCandidate]) -> Result<()> {
         let repo = self
             .catalog
             .repository(&r.repository_id)
@@ -335,6 +334,7 @@ impl Backups {
         };
         let mut made: Vec<PathBuf> = Vec::new();
         let mut journal = Vec::new();
+        let mut reparent = Vec::new();
         let result = async {
             let root = layout.root().canonicalize().map_err(|e| {
                 DaemonError::io(format!("repository {}", layout.root().display()), e)
@@ -363,6 +363,15 @@ impl Backups {
                 )
                 .await
                 .map_err(|e| DaemonError::BadImage(format!("merging {}: {e}", m.into)))?;
+                let image_bytes = std::fs::metadata(&out)
+                    .map_err(|e| DaemonError::io(out.display().to_string(), e))?
+                    .len();
+                reparent.push(Reparent {
+                    backup_id: m.into.clone(),
+                    disk_id: m.disk_id,
+                    parent: m.new_parent.clone(),
+                    image_bytes,
+                });
                 // The old chain's sidecars, newest first, down to its full.
                 let mut sidecars = Vec::new();
                 let mut next = Some(m.into.clone());
@@ -417,36 +426,56 @@ impl Backups {
                     }
                 }
             }
+            // Held from here until the file work is done, not during the
+            // merges (which only read the old chains and may take minutes
+            // on big disks: restores, deletes and /metrics would queue
+            // behind them): no restore of this VM starts while the files
+            // and the catalog disagree. One that started meanwhile, or a
+            // verify, makes this a conflict (retried by the next run).
+            let restores = self.restores.lock().await;
+            for c in group {
+                if restores.contains_key(&c.backup_id) || self.is_verifying(&c.backup_id) {
+                    return Err(DaemonError::Conflict(format!(
+                        "backup {:?} of VM {:?} is being restored or verified",
+                        c.backup_id, r.vm_name
+                    )));
+                }
+            }
             self.catalog
                 .commit_prune(PruneCommit {
                     vm_name: r.vm_name.clone(),
                     repository_id: r.repository_id.clone(),
-                    reparent: r
-                        .merges
-                        .iter()
-                        .map(|m| (m.into.clone(), m.disk_id, m.new_parent.clone()))
-                        .collect(),
+                    reparent: reparent.clone(),
                     remove: r.remove.clone(),
                     journal: journal.clone(),
                 })
-                .await
+                .await?;
+            Ok(restores)
         }
         .await;
-        if let Err(e) = result {
-            // Nothing committed: the new files are just litter.
-            for p in &made {
-                match layout.remove(p) {
-                    Ok(()) => {}
-                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                    Err(e) => tracing::error!(path = %p.display(), error = %e, "cannot remove"),
+        let restores = match result {
+            Ok(guard) => guard,
+            Err(e) => {
+                // Nothing committed: the new files are just litter.
+                for p in &made {
+                    match layout.remove(p) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => tracing::error!(path = %p.display(), error = %e, "cannot remove"),
+                    }
                 }
+                return Err(e);
             }
-            return Err(e);
-        }
+        };
         self.finish_prune_journal().await?;
         drop(restores);
+        let what = if r.remove.is_empty() {
+            "chains rewritten"
+        } else {
+            "pruned"
+        };
         tracing::info!(vm = %r.vm_name, repository = %r.repository_id, removed = r.remove.len(),
-            merged = r.merges.len(), "pruned");
+            merged = r.merges.len(), "{what}");
         Ok(())
     }
 

@@ -33,7 +33,7 @@ mod schema;
 mod space;
 mod tokens;
 
-pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit};
+pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 pub use space::DiskHistory;
 pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
 
@@ -681,10 +681,10 @@ impl Catalog {
         let mut st = c.prepare(
             "SELECT disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port,
                     bytes_written, image_bytes, change_id, format, mode_reason, write_errors, last_error,
-                    digest, verify_status, verify_detail
+                    digest, verify_status, verify_detail, synthetic
              FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
         )?;
-        let disks = st
+        let mut disks = st
             .query_map([id], |r| {
                 Ok(BackupDisk {
                     disk_id: r.get(0)?,
@@ -710,12 +710,23 @@ impl Catalog {
                     verify: r
                         .get::<_, Option<String>>(17)?
                         .and_then(|t| serde_json::from_str(&t).ok()),
+                    synthetic: r.get(18)?,
+                    freed_bytes_if_deleted: None,
                     connections: None,
                     last_activity: None,
                     progress: None,
                 })
             })?
             .collect::<rusqlite::Result<Vec<_>>>()?;
+        let is_completed = status == "completed";
+        if is_completed {
+            for d in &mut disks {
+                d.freed_bytes_if_deleted = Some(space::freed_if_deleted(c, id, d)?);
+            }
+        }
+        let image_bytes = disks.iter().filter_map(|d| d.image_bytes).sum();
+        let freed_bytes_if_deleted =
+            is_completed.then(|| disks.iter().filter_map(|d| d.freed_bytes_if_deleted).sum());
         Ok(Some(BackupRecord {
             backup_id: id.to_owned(),
             vm_name: vm,
@@ -730,6 +741,8 @@ impl Catalog {
             files_missing: missing,
             verify_status: vstatus,
             verified_at: vms.map(rfc3339),
+            image_bytes,
+            freed_bytes_if_deleted,
             disks,
         }))
     }

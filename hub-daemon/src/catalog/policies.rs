@@ -24,7 +24,8 @@ pub struct Policy {
     pub keep_monthly: u32,
     /// … years.
     pub keep_yearly: u32,
-    /// Longest image chain before a forced full (stored, not yet enforced).
+    /// Chain length (restore point and ancestors) at which the newest
+    /// restore point of a disk is flattened into a synthetic full.
     pub max_chain_length: u32,
     /// Nothing younger is removed.
     pub min_retention_days: u32,
@@ -76,12 +77,26 @@ pub struct PruneCommit {
     pub vm_name: String,
     /// Repository of every path below.
     pub repository_id: String,
-    /// (backup, disk, new parent) of every merged image.
-    pub reparent: Vec<(String, u32, Option<String>)>,
+    /// Every merged image.
+    pub reparent: Vec<Reparent>,
     /// Backups whose rows go.
     pub remove: Vec<String>,
     /// File work owed once committed (see [`JournalEntry`]).
     pub journal: Vec<JournalEntry>,
+}
+
+/// A merged image as the catalog records it once its merge commits.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Reparent {
+    /// Backup.
+    pub backup_id: String,
+    /// Disk.
+    pub disk_id: u32,
+    /// Its parent afterwards (`None`: a synthetic full).
+    pub parent: Option<String>,
+    /// Size of the merged file, which replaces the old one's figure (space
+    /// accounting would otherwise go on counting the old overlay).
+    pub image_bytes: u64,
 }
 
 /// File work a committed prune owes, relative to its repository.
@@ -234,10 +249,14 @@ impl Catalog {
                     p.vm_name
                 )));
             }
-            for (id, disk, parent) in &p.reparent {
+            for r in &p.reparent {
+                // A merge down to no parent made a synthetic full; one onto
+                // a kept parent leaves the flag as it was.
                 tx.execute(
-                    "UPDATE backup_disks SET parent_backup_id = ?3 WHERE backup_id = ?1 AND disk_id = ?2",
-                    params![id, disk, parent],
+                    "UPDATE backup_disks SET parent_backup_id = ?3, image_bytes = ?4,
+                       synthetic = CASE WHEN ?3 IS NULL THEN 1 ELSE synthetic END
+                     WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![r.backup_id, r.disk_id, r.parent, r.image_bytes as i64],
                 )?;
             }
             for id in &p.remove {

@@ -58,6 +58,10 @@ const MIGRATIONS: &[&str] = &[
          action         TEXT NOT NULL,
          PRIMARY KEY (repository_id, path)
      );",
+    // 5: synthetic fulls — an image the hub flattened from its chain
+    // (max_chain_length, or a prune that removed every ancestor). 0/1, not
+    // BOOLEAN: the same type on SQLite and PostgreSQL, like files_missing.
+    "ALTER TABLE backup_disks ADD COLUMN synthetic INTEGER NOT NULL DEFAULT 0;",
 ];
 
 fn migrate(conn: &Connection) -> rusqlite::Result<()> {

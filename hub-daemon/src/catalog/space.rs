@@ -1,10 +1,28 @@
 //! What the catalog knows about space: bytes held by restore points, and
 //! the history a start uses to estimate what a new backup will take.
 
-use rusqlite::{params, OptionalExtension};
+use rusqlite::{params, Connection, OptionalExtension};
 
 use super::Catalog;
 use crate::error::Result;
+use crate::model::BackupDisk;
+
+/// What deleting completed backup `id` would give back on disk `d` (the
+/// estimate [`BackupDisk::freed_bytes_if_deleted`] documents): its image
+/// if no running or completed backup builds on it there, else 0.
+pub(super) fn freed_if_deleted(c: &Connection, id: &str, d: &BackupDisk) -> Result<u64> {
+    let dependents: i64 = c.query_row(
+        "SELECT count(*) FROM backup_disks d JOIN backups b ON b.id = d.backup_id
+         WHERE d.parent_backup_id = ?1 AND d.disk_id = ?2 AND b.status IN ('running', 'completed')",
+        params![id, d.disk_id],
+        |r| r.get(0),
+    )?;
+    Ok(if dependents == 0 {
+        d.image_bytes.unwrap_or(0)
+    } else {
+        0
+    })
+}
 
 /// Past image sizes of one disk, newest first per kind.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

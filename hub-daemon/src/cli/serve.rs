@@ -56,6 +56,11 @@ pub struct ServeArgs {
     /// 10G [default: 1 % of the filesystem, at most 1G].
     #[arg(long, env = "HUB_SPACE_RESERVE", value_name = "SIZE", value_parser = super::size::parse_size)]
     space_reserve: Option<u64>,
+    /// Prune every VM with a retention policy, and build due synthetic
+    /// fulls, every this many seconds; 0 = never on a schedule
+    /// [default: 3600].
+    #[arg(long, env = "HUB_PRUNE_INTERVAL", value_name = "SECS")]
+    prune_interval: Option<u64>,
     /// Check the configuration (file, environment, flags, TLS credentials,
     /// directories) and exit: 0 if the hub would start with it.
     #[arg(long)]
@@ -142,6 +147,9 @@ impl ServeArgs {
         }
         if let Some(v) = self.space_reserve {
             c.space_reserve = Some(v);
+        }
+        if let Some(v) = self.prune_interval {
+            c.prune_interval = crate::config::prune_interval(v);
         }
         if self.nbd_list_exports {
             c.nbd_list_exports = true;
@@ -253,6 +261,17 @@ mod tests {
         assert_eq!(l.max_buffer_memory, 256 << 20);
         assert_eq!(l.send_timeout, Duration::from_secs(5));
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn prune_interval_flag() {
+        let c = |args: &[&str]| Wrap::try_parse_from(args).unwrap().serve.config().unwrap();
+        assert_eq!(c(&["x"]).prune_interval, Some(Duration::from_secs(3600)));
+        assert_eq!(c(&["x", "--prune-interval", "0"]).prune_interval, None);
+        assert_eq!(
+            c(&["x", "--prune-interval", "90"]).prune_interval,
+            Some(Duration::from_secs(90))
+        );
     }
 
     #[test]

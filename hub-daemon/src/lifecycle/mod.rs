@@ -1,7 +1,9 @@
 //! Restore-point lifecycle: which restore points a retention policy keeps
 //! ([`retention`]), and what removing the others means for the image chains
-//! built on them ([`chains`]). Pure planning, no I/O: the prune executor
-//! acts on these plans.
+//! built on them ([`chains`]): pure planning, no I/O, the prune executor
+//! acts on these plans. [`schedule`] runs prune and synthetic fulls in the
+//! background.
 
 pub mod chains;
 pub mod retention;
+pub mod schedule;
