@@ -226,7 +226,7 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
     let r = hub
         .post(&format!("/api/v1/backups/{run_id}/progress"), progress(MIB / 2))
         .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 204, "{}", r.text());
 
     let t = std::time::Instant::now();
     let dom = dump_dom(&url, browser.path()).await;
@@ -310,7 +310,7 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
     let r = hub
         .post(&format!("/api/v1/backups/{run_id}/progress"), progress(2 * MIB))
         .await;
-    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.status, 204, "{}", r.text());
     let t = std::time::Instant::now();
     let dom = dump_dom(&url, browser.path()).await;
     eprintln!("second load: {:?}", t.elapsed());
