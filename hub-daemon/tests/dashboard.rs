@@ -59,7 +59,10 @@ async fn dump_dom(url: &str, home: &Path) -> String {
         "--disable-crash-reporter",
         "--virtual-time-budget=4000",
     ])
-    .arg(format!("--user-data-dir={}", home.join("profile").display()))
+    .arg(format!(
+        "--user-data-dir={}",
+        home.join("profile").display()
+    ))
     .args(["--dump-dom", url])
     // Everything chromium writes stays under the test's temporary dir.
     .env("HOME", home)
@@ -143,7 +146,10 @@ fn by_class(dom: &str, class: &str) -> Vec<HashMap<String, String>> {
 fn find(dom: &str, class: &str, want: &[(&str, &str)]) -> HashMap<String, String> {
     let mut hits: Vec<_> = by_class(dom, class)
         .into_iter()
-        .filter(|a| want.iter().all(|(k, v)| a.get(*k).map(String::as_str) == Some(*v)))
+        .filter(|a| {
+            want.iter()
+                .all(|(k, v)| a.get(*k).map(String::as_str) == Some(*v))
+        })
         .collect();
     assert_eq!(hits.len(), 1, "{class} {want:?} in:\n{dom}");
     hits.remove(0)
@@ -173,14 +179,15 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
     assert!(!csp.contains("unsafe-inline"), "{csp}");
 
     let vm = "web01";
-    let r = hub.put(
-        &format!("/api/v1/vms/{vm}"),
-        json!({"vm_context_id": "ctx-web01", "disks": [
-            {"disk_id": 0, "size_bytes": 8 * MIB, "unit_number": 0, "label": "system"},
-            {"disk_id": 1, "size_bytes": 2 * MIB, "unit_number": 1, "label": HOSTILE_LABEL},
-        ]}),
-    )
-    .await;
+    let r = hub
+        .put(
+            &format!("/api/v1/vms/{vm}"),
+            json!({"vm_context_id": "ctx-web01", "disks": [
+                {"disk_id": 0, "size_bytes": 8 * MIB, "unit_number": 0, "label": "system"},
+                {"disk_id": 1, "size_bytes": 2 * MIB, "unit_number": 1, "label": HOSTILE_LABEL},
+            ]}),
+        )
+        .await;
     assert_eq!(r.status, 200, "{}", r.text());
 
     // A full and an incremental on top of it, with real data.
@@ -222,21 +229,32 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
     let run_id = running["backup_id"].as_str().unwrap().to_owned();
     let run_uris = targets(&running);
     nbd_write(&run_uris[0], 0, MIB as usize, 11).await;
-    let progress = |done: u64| json!({"disks": [{"disk_id": 1, "bytes_done": done, "bytes_total": 2 * MIB}]});
+    let progress =
+        |done: u64| json!({"disks": [{"disk_id": 1, "bytes_done": done, "bytes_total": 2 * MIB}]});
     let r = hub
-        .post(&format!("/api/v1/backups/{run_id}/progress"), progress(MIB / 2))
+        .post(
+            &format!("/api/v1/backups/{run_id}/progress"),
+            progress(MIB / 2),
+        )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
 
     let t = std::time::Instant::now();
     let dom = dump_dom(&url, browser.path()).await;
     eprintln!("first load: {:?}", t.elapsed());
-    assert!(dom.contains("data-updated="), "the page never finished a poll:\n{dom}");
+    assert!(
+        dom.contains("data-updated="),
+        "the page never finished a poll:\n{dom}"
+    );
 
     // The VM, its disks, and one chain per disk with every backup on it.
     find(&dom, "vm", &[("data-vm", vm)]);
     for disk in ["0", "1"] {
-        let chain = find(&dom, "chain-disk", &[("data-vm", vm), ("data-disk-id", disk)]);
+        let chain = find(
+            &dom,
+            "chain-disk",
+            &[("data-vm", vm), ("data-disk-id", disk)],
+        );
         assert_eq!(num(&chain, "data-points"), 4.0, "disk {disk}: {chain:?}");
         for (id, mode, status) in [
             (&full_id, "full", "completed"),
@@ -249,13 +267,20 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
                 .filter(|p| p.get("data-backup-id") == Some(id))
                 .collect();
             assert_eq!(points.len(), 2, "{id}: one point per disk");
-            assert!(points.iter().all(|p| p["data-mode"] == mode && p["data-status"] == status));
+            assert!(points
+                .iter()
+                .all(|p| p["data-mode"] == mode && p["data-status"] == status));
         }
     }
     // The full, its incremental and the failed incremental form one chain;
     // the running full starts another.
     let tracks = by_class(&dom, "track");
-    let of = |root: &str| tracks.iter().filter(|t| t["data-chain-root"] == root).count();
+    let of = |root: &str| {
+        tracks
+            .iter()
+            .filter(|t| t["data-chain-root"] == root)
+            .count()
+    };
     assert_eq!(of(&full_id), 2, "{tracks:?}");
     assert_eq!(of(&run_id), 2, "{tracks:?}");
     assert!(tracks
@@ -270,7 +295,11 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
         (&failed_id, "failed"),
         (&run_id, "running"),
     ] {
-        find(&dom, "backup", &[("data-backup-id", id.as_str()), ("data-status", status)]);
+        find(
+            &dom,
+            "backup",
+            &[("data-backup-id", id.as_str()), ("data-status", status)],
+        );
     }
     // The failure with its reason, as text.
     find(&dom, "failure", &[("data-backup-id", failed_id.as_str())]);
@@ -280,11 +309,17 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
     );
     // Hostile text never became markup: no img, no extra script, no b,
     // and the title is untouched.
-    assert!(dom.contains("&lt;img src=x onerror=\"document.title='pwned'\"&gt;"), "{dom}");
+    assert!(
+        dom.contains("&lt;img src=x onerror=\"document.title='pwned'\"&gt;"),
+        "{dom}"
+    );
     assert!(dom.contains("&lt;b&gt;tagged&lt;/b&gt;"), "{dom}");
     let tags: Vec<String> = elements(&dom).into_iter().map(|(t, _)| t).collect();
     for banned in ["img", "b"] {
-        assert!(!tags.iter().any(|t| t == banned), "a <{banned}> element was created");
+        assert!(
+            !tags.iter().any(|t| t == banned),
+            "a <{banned}> element was created"
+        );
     }
     assert_eq!(tags.iter().filter(|t| *t == "script").count(), 1);
     assert!(dom.contains("<title>NBD backup hub</title>"));
@@ -296,29 +331,48 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
     assert!(num(&repo, "data-backup-bytes") >= MIB as f64, "{repo:?}");
 
     // Live progress: disk 0 as the hub counts it, disk 1 as the sender says.
-    let d0 = find(&dom, "disk-progress", &[("data-backup-id", run_id.as_str()), ("data-disk-id", "0")]);
+    let d0 = find(
+        &dom,
+        "disk-progress",
+        &[("data-backup-id", run_id.as_str()), ("data-disk-id", "0")],
+    );
     assert_eq!(d0["data-source"], "hub");
     assert_eq!(num(&d0, "data-bytes-written"), MIB as f64, "{d0:?}");
     assert_eq!(num(&d0, "data-bytes-total"), (8 * MIB) as f64, "{d0:?}");
     assert_eq!(num(&d0, "data-percent"), 12.5, "{d0:?}");
-    let d1 = find(&dom, "disk-progress", &[("data-backup-id", run_id.as_str()), ("data-disk-id", "1")]);
+    let d1 = find(
+        &dom,
+        "disk-progress",
+        &[("data-backup-id", run_id.as_str()), ("data-disk-id", "1")],
+    );
     assert_eq!(d1["data-source"], "sender");
     assert_eq!(num(&d1, "data-percent"), 25.0, "{d1:?}");
 
     // More data streams in; the next load shows it.
     nbd_write(&run_uris[0], MIB, 3 * MIB as usize, 12).await;
     let r = hub
-        .post(&format!("/api/v1/backups/{run_id}/progress"), progress(2 * MIB))
+        .post(
+            &format!("/api/v1/backups/{run_id}/progress"),
+            progress(2 * MIB),
+        )
         .await;
     assert_eq!(r.status, 204, "{}", r.text());
     let t = std::time::Instant::now();
     let dom = dump_dom(&url, browser.path()).await;
     eprintln!("second load: {:?}", t.elapsed());
-    let d0b = find(&dom, "disk-progress", &[("data-backup-id", run_id.as_str()), ("data-disk-id", "0")]);
+    let d0b = find(
+        &dom,
+        "disk-progress",
+        &[("data-backup-id", run_id.as_str()), ("data-disk-id", "0")],
+    );
     assert_eq!(num(&d0b, "data-bytes-written"), (4 * MIB) as f64, "{d0b:?}");
     assert_eq!(num(&d0b, "data-percent"), 50.0, "{d0b:?}");
     assert!(num(&d0b, "data-percent") > num(&d0, "data-percent"));
-    let d1b = find(&dom, "disk-progress", &[("data-backup-id", run_id.as_str()), ("data-disk-id", "1")]);
+    let d1b = find(
+        &dom,
+        "disk-progress",
+        &[("data-backup-id", run_id.as_str()), ("data-disk-id", "1")],
+    );
     assert_eq!(num(&d1b, "data-percent"), 100.0, "{d1b:?}");
 
     // The backup ends: it leaves the running list and becomes a completed
@@ -326,7 +380,14 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
     hub.complete(&run_id).await;
     let dom = dump_dom(&url, browser.path()).await;
     assert!(by_class(&dom, "disk-progress").is_empty(), "{dom}");
-    find(&dom, "backup", &[("data-backup-id", run_id.as_str()), ("data-status", "completed")]);
+    find(
+        &dom,
+        "backup",
+        &[
+            ("data-backup-id", run_id.as_str()),
+            ("data-status", "completed"),
+        ],
+    );
     let auth = elements(&dom)
         .into_iter()
         .find(|(_, a)| a.get("id").map(String::as_str) == Some("auth"))
@@ -345,7 +406,10 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
         .find(|(_, a)| a.get("id").map(String::as_str) == Some("auth"))
         .unwrap()
         .1;
-    assert!(!auth.contains_key("hidden"), "the token form is not shown:\n{dom}");
+    assert!(
+        !auth.contains_key("hidden"),
+        "the token form is not shown:\n{dom}"
+    );
     assert!(by_class(&dom, "backup").is_empty(), "{dom}");
 
     hub.stop().await;

@@ -227,15 +227,24 @@ async fn metrics_follow_prometheus_naming_and_show_running_disks() {
     check(&idle).unwrap_or_else(|e| panic!("{e}\n{idle}"));
     // The renamed gauges (the old names broke the rules).
     assert!(sample(&idle, "hub_nbd_ports_capacity").is_some(), "{idle}");
-    assert!(sample(&idle, "hub_nbd_connections_open").is_some(), "{idle}");
+    assert!(
+        sample(&idle, "hub_nbd_connections_open").is_some(),
+        "{idle}"
+    );
     assert!(!idle.contains("hub_nbd_ports_total"), "{idle}");
 
     hub.register("vm1", &[4 * MIB, 2 * MIB]).await;
     let b = hub.backup("vm1", "full").await;
     let id = b["backup_id"].as_str().unwrap().to_owned();
     let uris = parse_targets(b["nbd_targets_string"].as_str().unwrap());
-    let written = |disk: u32| format!("hub_backup_disk_written_bytes_total{{backup_id=\"{id}\",vm=\"vm1\",disk=\"{disk}\"}}");
-    let rate = |disk: u32| format!("hub_backup_disk_throughput_bytes_per_second{{backup_id=\"{id}\",vm=\"vm1\",disk=\"{disk}\"}}");
+    let written = |disk: u32| {
+        format!(
+            "hub_backup_disk_written_bytes_total{{backup_id=\"{id}\",vm=\"vm1\",disk=\"{disk}\"}}"
+        )
+    };
+    let rate = |disk: u32| {
+        format!("hub_backup_disk_throughput_bytes_per_second{{backup_id=\"{id}\",vm=\"vm1\",disk=\"{disk}\"}}")
+    };
 
     let first = hub.get("/metrics").await.text();
     check(&first).unwrap_or_else(|e| panic!("{e}\n{first}"));
@@ -259,7 +268,11 @@ async fn metrics_follow_prometheus_naming_and_show_running_disks() {
     c.disconnect().await.unwrap();
     let second = hub.get("/metrics").await.text();
     check(&second).unwrap_or_else(|e| panic!("{e}\n{second}"));
-    assert_eq!(sample(&second, &written(0)), Some((3 * MIB) as f64), "{second}");
+    assert_eq!(
+        sample(&second, &written(0)),
+        Some((3 * MIB) as f64),
+        "{second}"
+    );
     assert_eq!(sample(&second, &written(1)), Some(0.0), "{second}");
     assert!(sample(&second, &rate(0)).unwrap() > 0.0, "{second}");
     assert_eq!(sample(&second, &rate(1)), Some(0.0), "{second}");

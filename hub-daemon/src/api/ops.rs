@@ -209,7 +209,13 @@ async fn running_disks(st: &AppState, out: &mut String) -> Result<(), ApiError> 
 
 /// One metric family: HELP, TYPE, then its samples (`labels` already in
 /// `{...}` form or empty).
-fn family<V: Display>(out: &mut String, name: &str, help: &str, kind: &str, samples: &[(String, V)]) {
+fn family<V: Display>(
+    out: &mut String,
+    name: &str,
+    help: &str,
+    kind: &str,
+    samples: &[(String, V)],
+) {
     let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
     for (labels, v) in samples {
         let _ = writeln!(out, "{name}{labels} {v}");
@@ -273,7 +279,10 @@ impl Throughput {
             let mut q = all.remove(&key).unwrap_or_default();
             q.push_back((now, bytes));
             // Drop what the next-oldest sample already covers.
-            while q.len() > 2 && q.get(1).is_some_and(|s| now.duration_since(s.0) >= THROUGHPUT_WINDOW) {
+            while q.len() > 2
+                && q.get(1)
+                    .is_some_and(|s| now.duration_since(s.0) >= THROUGHPUT_WINDOW)
+            {
                 q.pop_front();
             }
             let rate = match q.front() {
