@@ -85,6 +85,89 @@ async fn dump_dom(url: &str, home: &Path) -> String {
     dom
 }
 
+/// A TCP proxy in front of the hub that, before passing on each
+/// `GET /api/v1/backups` it sees, writes one more chunk into a running
+/// disk: data streams in step with the page's polls, whatever the
+/// browser's (virtual) clock does.
+struct StreamingProxy {
+    addr: std::net::SocketAddr,
+    chunks: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Chunk written per poll, and the most the proxy writes in all.
+const CHUNK: usize = 128 << 10;
+const MAX_CHUNKS: u64 = 64;
+
+impl StreamingProxy {
+    async fn start(hub: std::net::SocketAddr, uri: String) -> StreamingProxy {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        use std::sync::Arc;
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let client = Arc::new(nbd_client::connect_uri(&uri).await.unwrap());
+        let chunks = Arc::new(AtomicU64::new(0));
+        let n = Arc::clone(&chunks);
+        let task = tokio::spawn(async move {
+            while let Ok((browser, _)) = listener.accept().await {
+                let (client, n) = (Arc::clone(&client), Arc::clone(&n));
+                tokio::spawn(async move {
+                    let Ok(upstream) = tokio::net::TcpStream::connect(hub).await else {
+                        return;
+                    };
+                    let (mut br, mut bw) = browser.into_split();
+                    let (mut ur, mut uw) = upstream.into_split();
+                    let back = tokio::spawn(async move {
+                        let _ = tokio::io::copy(&mut ur, &mut bw).await;
+                    });
+                    let mut buf = vec![0u8; 64 << 10];
+                    // The end of the previous read, so a request line split
+                    // across two reads is still seen.
+                    let mut tail: Vec<u8> = Vec::new();
+                    let needle = b"GET /api/v1/backups ";
+                    loop {
+                        let len = match br.read(&mut buf).await {
+                            Ok(0) | Err(_) => break,
+                            Ok(len) => len,
+                        };
+                        let mut seen = tail.clone();
+                        seen.extend_from_slice(&buf[..len]);
+                        let polls = seen.windows(needle.len()).filter(|w| w == needle).count();
+                        for _ in 0..polls {
+                            let k = n.fetch_add(1, Ordering::SeqCst);
+                            if k < MAX_CHUNKS {
+                                // Cycle through the disk's upper half.
+                                let off = 4 * MIB + (k % 32) * CHUNK as u64;
+                                let data = bytes::Bytes::from(pattern(100 + k, CHUNK));
+                                client.write(off, data, false).await.unwrap();
+                            }
+                        }
+                        tail = seen[seen.len().saturating_sub(needle.len() - 1)..].to_vec();
+                        if uw.write_all(&buf[..len]).await.is_err() {
+                            break;
+                        }
+                    }
+                    let _ = uw.shutdown().await;
+                    let _ = back.await;
+                });
+            }
+        });
+        StreamingProxy { addr, chunks, task }
+    }
+
+    /// Chunks written so far (one per poll seen).
+    fn chunks(&self) -> u64 {
+        self.chunks.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl Drop for StreamingProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 /// Every element of `dom` as (tag, attributes), in document order. Text
 /// nodes are serialized with `<` escaped, so every `<` starts a tag; values
 /// are read up to their closing quote (quotes inside are `&quot;`).
@@ -374,6 +457,22 @@ async fn the_dashboard_renders_backups_and_progress_moves() {
         &[("data-backup-id", run_id.as_str()), ("data-disk-id", "1")],
     );
     assert_eq!(num(&d1b, "data-percent"), 100.0, "{d1b:?}");
+
+    // Throughput while data streams: every poll of the backups, on its way
+    // to the hub, first lands one more chunk on disk 0, so each poll sees
+    // more bytes than the one before and the page must show a rate.
+    let proxy = StreamingProxy::start(hub.addr, run_uris[0].clone()).await;
+    let dom = dump_dom(&format!("http://{}/", proxy.addr), browser.path()).await;
+    let polls = proxy.chunks();
+    assert!(polls >= 2, "the page polled {polls} times");
+    let d0c = find(
+        &dom,
+        "disk-progress",
+        &[("data-backup-id", run_id.as_str()), ("data-disk-id", "0")],
+    );
+    assert!(num(&d0c, "data-bytes-written") > num(&d0b, "data-bytes-written"));
+    assert!(num(&d0c, "data-rate") > 0.0, "no throughput shown: {d0c:?}");
+    drop(proxy);
 
     // The backup ends: it leaves the running list and becomes a completed
     // point, and no token form was ever shown.
