@@ -202,15 +202,42 @@ fn elements(dom: &str) -> Vec<(String, HashMap<String, String>)> {
             if b.get(i) == Some(&b'=') && b.get(i + 1) == Some(&b'"') {
                 let v_end = dom[i + 2..].find('"').map_or(dom.len(), |n| i + 2 + n);
                 value = dom[i + 2..v_end].to_owned();
-                i = v_end + 1;
+                i = (v_end + 1).min(dom.len());
+            } else if b.get(i) == Some(&b'=') {
+                // Not what chromium writes; step over it so the scan
+                // always moves on.
+                i += 1;
             }
-            attrs.insert(name, value);
+            if !name.is_empty() {
+                attrs.insert(name, value);
+            }
+        }
+        // Script and style text is serialized raw (its `<` unescaped):
+        // jump past it rather than read it as tags.
+        if tag == "script" || tag == "style" {
+            let close = format!("</{tag}");
+            i = dom[i..].find(&close).map_or(dom.len(), |n| i + n);
         }
         if !tag.starts_with('/') {
             out.push((tag, attrs));
         }
     }
     out
+}
+
+#[test]
+fn the_dom_scanner_reads_attributes_and_skips_script_text() {
+    let dom = "<html><head><style>a<b{}</style><script>if (a <= b && c<d.x) x = \"<i\";\
+               </script></head><body data-updated=\"1\"><!-- c -->\
+               <div class=\"x y\" data-v=\"a&quot;b\" hidden=\"\">t &lt;b&gt;</div>\
+               <p a=b c=\"unterminated></p></body></html>";
+    let e = elements(dom);
+    let tags: Vec<&str> = e.iter().map(|(t, _)| t.as_str()).collect();
+    assert_eq!(tags, ["html", "head", "style", "script", "body", "div", "p"]);
+    assert_eq!(e[4].1["data-updated"], "1");
+    assert_eq!(e[5].1["data-v"], "a&quot;b");
+    assert!(e[5].1.contains_key("hidden"));
+    assert_eq!(by_class(dom, "y").len(), 1);
 }
 
 /// The elements whose `class` list holds `class`.
