@@ -233,7 +233,10 @@ fn the_dom_scanner_reads_attributes_and_skips_script_text() {
                <p a=b c=\"unterminated></p></body></html>";
     let e = elements(dom);
     let tags: Vec<&str> = e.iter().map(|(t, _)| t.as_str()).collect();
-    assert_eq!(tags, ["html", "head", "style", "script", "body", "div", "p"]);
+    assert_eq!(
+        tags,
+        ["html", "head", "style", "script", "body", "div", "p"]
+    );
     assert_eq!(e[4].1["data-updated"], "1");
     assert_eq!(e[5].1["data-v"], "a&quot;b");
     assert!(e[5].1.contains_key("hidden"));
