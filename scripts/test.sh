@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run every test of the workspace, installing the NBD/qcow2 tools the tests
-# drive (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh, fio, nbdkit) if missing.
+# drive (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh, fio, nbdkit) and the
+# headless browser the dashboard test loads the page in (chromium) if missing.
 # Real clients are the judges here, so a missing tool fails the run
 # (NBD_INTEROP_REQUIRED=1) instead of silently skipping tests.
 set -euo pipefail
@@ -10,7 +11,7 @@ cd "$(dirname "$0")/.."
 declare -A pkg=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd
-  [fio]=fio [nbdkit]=nbdkit [curl]=curl
+  [fio]=fio [nbdkit]=nbdkit [curl]=curl [chromium]=chromium
 )
 missing=()
 for tool in "${!pkg[@]}"; do

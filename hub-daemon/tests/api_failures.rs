@@ -579,6 +579,7 @@ async fn routing_query_content_type_and_path_mistakes_keep_the_shape() {
         ("GET", "/api/v1/backups/b1/complete"),
         ("PUT", "/api/v1/backups/b1/restore"),
         ("POST", "/healthz"),
+        ("POST", "/"),
         ("BREW", "/metrics"),
         ("OPTIONS", "/api/v1/vms"),
     ] {
@@ -587,7 +588,7 @@ async fn routing_query_content_type_and_path_mistakes_keep_the_shape() {
     }
     // 404 fallback, any method.
     for (method, path) in [
-        ("GET", "/"),
+        ("GET", "/index.html"),
         ("GET", "/api/v1/vms/vm/disks"),
         ("POST", "/api/v2/backups"),
         ("DELETE", "/api/v1/backups/"),

@@ -1,7 +1,7 @@
 //! API authentication: bearer tokens checked by one middleware layer, with
 //! the role each route needs decided in one table ([`ROUTES`]).
 //!
-//! * `/healthz` is open; everything else needs a token once any token
+//! * `/healthz` and the dashboard page (`GET /`, no data in it) are open; everything else needs a token once any token
 //!   exists: 401 without one or with a bad or revoked one, 403 when the
 //!   token's role is too low.
 //! * With no token at all the API is open only where the configuration
@@ -44,6 +44,9 @@ pub enum Access {
 /// entry here fails closed.
 pub const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/healthz", Access::Open),
+    // The dashboard page only: it holds no data (its API calls are checked
+    // like any other).
+    ("GET", "/", Access::Open),
     ("GET", "/metrics", Access::Role(Role::Reader)),
     ("PUT", "/api/v1/vms/*", Access::Role(Role::Admin)),
     ("DELETE", "/api/v1/vms/*", Access::Role(Role::Admin)),
@@ -280,6 +283,12 @@ mod tests {
         assert_eq!(r("PUT", "/api/v1/vms/"), need(Role::Admin));
         assert_eq!(r("PATCH", "/api/v1/backups/x"), need(Role::Admin));
         assert_eq!(r("GET", "/healthz/x"), need(Role::Reader));
+        // Only the page itself is open, not what lies under it.
+        assert_eq!(r("GET", "/"), Open);
+        assert_eq!(r("HEAD", "/"), Open);
+        assert_eq!(r("POST", "/"), need(Role::Admin));
+        assert_eq!(r("GET", "//"), need(Role::Reader));
+        assert_eq!(r("GET", "/x"), need(Role::Reader));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 
 pub mod auth;
 mod backups;
+mod dashboard;
 mod error;
 mod json;
 mod ops;
@@ -30,6 +31,7 @@ use crate::catalog::Catalog;
 pub struct AppState {
     backups: Arc<Backups>,
     auth: Arc<auth::Auth>,
+    throughput: Arc<ops::Throughput>,
 }
 
 impl AppState {
@@ -38,6 +40,7 @@ impl AppState {
         AppState {
             backups,
             auth: Arc::default(),
+            throughput: Arc::default(),
         }
     }
 
@@ -47,6 +50,10 @@ impl AppState {
 
     fn auth(&self) -> &auth::Auth {
         &self.auth
+    }
+
+    fn throughput(&self) -> &ops::Throughput {
+        &self.throughput
     }
 
     fn catalog(&self) -> &Catalog {
@@ -95,6 +102,7 @@ async fn limit_uri(req: Request, next: Next) -> Response {
 /// Every route.
 pub fn router(state: AppState) -> Router {
     Router::new()
+        .route("/", get(dashboard::page))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route("/api/v1/vms", get(vms::list))
