@@ -279,11 +279,22 @@ async fn metrics_follow_prometheus_naming_and_show_running_disks() {
     // The totals over every export agree.
     assert!(sample(&second, "hub_nbd_written_bytes_total").unwrap() >= (3 * MIB) as f64);
 
-    // Completed: its series end, the families stay (with HELP and TYPE).
+    // Completed: its running-disk series end, the families stay (with
+    // HELP and TYPE); the restore point's own series begin.
     hub.complete(&id).await;
     let done = hub.get("/metrics").await.text();
     check(&done).unwrap_or_else(|e| panic!("{e}\n{done}"));
-    assert!(!done.contains(&id), "{done}");
+    assert!(
+        !done
+            .lines()
+            .any(|l| l.starts_with("hub_backup_disk_") && l.contains(&id)),
+        "{done}"
+    );
+    assert!(
+        done.lines()
+            .any(|l| l.starts_with("hub_backup_image_bytes{") && l.contains(&id)),
+        "{done}"
+    );
     assert!(done.contains("# TYPE hub_backup_disk_written_bytes_total counter"));
     hub.stop().await;
 }
