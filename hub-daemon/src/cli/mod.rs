@@ -14,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 /// The NBD backup hub.
 #[derive(Debug, Parser)]
-#[command(name = "hub-daemon", version, about)]
+#[command(name = "hub-daemon", version, about, after_help = client::EXIT_CODES)]
 pub struct Cli {
     /// Log lines as plain text (colour only on a terminal) or one JSON
     /// object per line.

@@ -34,6 +34,12 @@ use serde_json::Value;
 
 use http::HubClient;
 
+/// Exit codes of the client commands, for `--help`.
+pub const EXIT_CODES: &str =
+    "Client commands (vm, repo, policy, backup, restore, prune) exit 0 when \
+done, 1 when the hub refused or failed (its message on stderr), 2 on bad usage, 3 when the hub \
+cannot be reached. The API token comes from HUB_TOKEN or --token-file.";
+
 /// The hub a client talks to by default: `serve`'s default `listen`.
 pub const DEFAULT_HUB: &str = "http://127.0.0.1:8082";
 
@@ -83,6 +89,7 @@ impl ClientError {
 /// Where the hub is and how to talk to it; shared by every client command
 /// and accepted before or after the subcommand.
 #[derive(Debug, Clone, Args)]
+#[command(next_help_heading = "Hub connection")]
 pub struct ClientOpts {
     /// The hub's API.
     #[arg(long = "hub", env = "HUB_URL", value_name = "URL", default_value = DEFAULT_HUB, global = true)]
