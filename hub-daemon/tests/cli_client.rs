@@ -296,10 +296,36 @@ async fn the_cli_takes_a_vm_from_registration_to_a_restored_disk() {
     assert!(human.starts_with("dry run"), "{human}");
     assert_eq!(words(line(&human, "keep"))[1], id);
 
+    // A real prune: with the policy down to one restore point and a newer
+    // full backup, the first one goes.
+    cli.ok(&["policy", "put", "daily", "--keep-last", "1"])
+        .await;
+    let newer = cli
+        .json(&[
+            "backup", "start", "web01", "--type", "full", "--repo", "offsite", "--policy", "daily",
+        ])
+        .await;
+    let newer_id = newer["backup_id"].as_str().unwrap().to_owned();
+    for (src, uri) in sources.iter().zip(&uris(&newer)) {
+        run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), uri]).await;
+    }
+    cli.ok(&["backup", "complete", &newer_id]).await;
+    let out = cli.ok(&["prune", "--vm", "web01"]).await;
+    assert!(out.contains("1 kept, 1 removed"), "{out}");
+    assert_eq!(words(line(&out, "remove")), ["remove", id.as_str()]);
+    let left = cli.json(&["backup", "list", "--vm", "web01"]).await;
+    let left: Vec<&str> = left
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["backup_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(left, [newer_id.as_str()]);
+
     // Verify in the background; show tells "verifying" or the outcome.
-    let out = cli.ok(&["backup", "verify", &id]).await;
+    let out = cli.ok(&["backup", "verify", &newer_id]).await;
     assert!(
-        out.starts_with(&format!("verification of {id} started")),
+        out.starts_with(&format!("verification of {newer_id} started")),
         "{out}"
     );
 
