@@ -322,6 +322,14 @@ async fn the_cli_takes_a_vm_from_registration_to_a_restored_disk() {
         .collect();
     assert_eq!(left, [newer_id.as_str()]);
 
+    // A policy named by a backup stays; an unused one goes.
+    let err = cli.fails(1, &["policy", "rm", "daily"]).await;
+    assert!(err.contains("HTTP 409 conflict"), "{err}");
+    cli.ok(&["policy", "put", "spare"]).await;
+    assert!(cli.ok(&["policy", "rm", "spare"]).await.contains("removed"));
+    let policies = cli.json(&["policy", "list"]).await;
+    assert_eq!(policies.as_array().unwrap().len(), 1, "{policies}");
+
     // Verify in the background; show tells "verifying" or the outcome.
     let out = cli.ok(&["backup", "verify", &newer_id]).await;
     assert!(
