@@ -9,6 +9,7 @@
 //! * [`nbd`]: the NBD server, per-export ports and the shared port.
 //! * [`ports`]: NBD port allocation with RAII leases.
 //! * [`sna`]: the client of a backup appliance (the hand-off contract).
+//! * [`http_client`]: the one HTTP client (appliance calls, the CLI's calls).
 //! * [`config`], [`model`], [`names`], [`error`], [`time`], [`secret`]: plumbing.
 //! * [`app`]: assembling and running it all; [`cli`]: the binary's commands.
 #![deny(missing_docs)]
@@ -21,6 +22,7 @@ pub mod cli;
 pub mod config;
 pub mod confined;
 pub mod error;
+pub mod http_client;
 pub mod lifecycle;
 pub mod model;
 pub mod names;

@@ -21,6 +21,12 @@ fn main() -> anyhow::Result<()> {
         // Colour only for a person at a terminal, never in log files.
         LogFormat::Text => logs.with_ansi(std::io::stderr().is_terminal()).init(),
     }
+    // Client commands exit with their own codes (API error, usage, hub
+    // unreachable) rather than anyhow's blanket 1; they need neither the
+    // daemon's runtime nor its file limit.
+    if let Command::Client(cmd) = cli.command {
+        std::process::exit(hub_daemon::cli::client::main(cmd));
+    }
     hub_daemon::cli::raise_fd_limit();
     // `serve` resolves its configuration once, here: whether NBD runs over
     // TLS decides the runtime's size.
@@ -44,6 +50,8 @@ fn main() -> anyhow::Result<()> {
             (Command::Digest(args), _) => hub_daemon::cli::digest::run(args).await,
             (Command::Token(args), _) => hub_daemon::cli::token::run(args).await,
             (Command::Tls(args), _) => hub_daemon::cli::tls::run(args),
+            // Handled above, before the runtime.
+            (Command::Client(_), _) => Ok(()),
         }
     })
 }

@@ -1,6 +1,6 @@
 //! The hub's client of a backup appliance (the "SNA"): prepare, start and
 //! cancel calls of the hand-off contract ([`sna_contract`],
-//! `docs/sna-contract.md`), over plain HTTP/1.1.
+//! `docs/sna-contract.md`), over plain HTTP/1.1 ([`crate::http_client`]).
 //!
 //! The appliance is another party: every answer is bounded in time
 //! ([`SnaClient`]'s timeout, for connecting, sending and reading the whole
@@ -12,12 +12,9 @@ use std::fmt;
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
-use hyper::{Request, StatusCode, Uri};
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::{Method, StatusCode, Uri};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use sna_contract::{
@@ -27,6 +24,7 @@ use sna_contract::{
 use tokio_util::task::TaskTracker;
 
 use crate::error::{DaemonError, Result};
+use crate::http_client::{Endpoint, TransportError};
 
 /// Largest appliance answer read.
 pub const MAX_ANSWER_BYTES: usize = 1 << 20;
@@ -84,8 +82,8 @@ pub fn check_url(what: &str, url: &str) -> std::result::Result<String, String> {
 
 /// The appliance's text, made safe to pass on: bounded, one line.
 fn clean(msg: &str) -> String {
-    msg.chars()
-        .map(|c| if c.is_control() { ' ' } else { c })
+    crate::http_client::clean(msg)
+        .chars()
         .take(MAX_MESSAGE_CHARS)
         .collect()
 }
@@ -93,7 +91,6 @@ fn clean(msg: &str) -> String {
 /// Client of every appliance the hub talks to.
 #[derive(Clone)]
 pub struct SnaClient {
-    http: Client<HttpConnector, Full<Bytes>>,
     token: Option<SnaToken>,
     timeout: Duration,
     /// Cancels on their way (waited for when the daemon stops).
@@ -112,14 +109,7 @@ impl fmt::Debug for SnaClient {
 impl SnaClient {
     /// A client sending `token` and waiting at most `timeout` per call.
     pub fn new(token: Option<SnaToken>, timeout: Duration) -> SnaClient {
-        let mut conn = HttpConnector::new();
-        conn.set_connect_timeout(Some(timeout));
-        conn.set_nodelay(true);
-        let http = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(Duration::from_secs(30))
-            .build(conn);
         SnaClient {
-            http,
             token,
             timeout,
             cancels: TaskTracker::new(),
@@ -137,7 +127,10 @@ impl SnaClient {
         let url = format!("{base}{path}");
         let json = serde_json::to_vec(body)
             .map_err(|e| DaemonError::Internal(format!("encoding an appliance request: {e}")))?;
-        let mut req = Request::post(url.as_str())
+        let endpoint = Endpoint::parse("appliance URL", base, None)
+            .map_err(|e| DaemonError::Appliance(format!("bad appliance URL {url:?}: {e}")))?;
+        let mut req = endpoint
+            .request(Method::POST, path)
             .header(CONTENT_TYPE, "application/json")
             .header("accept", "application/json");
         if let Some(t) = &self.token {
@@ -146,24 +139,16 @@ impl SnaClient {
         let req = req
             .body(Full::new(Bytes::from(json)))
             .map_err(|e| DaemonError::Appliance(format!("bad appliance URL {url:?}: {e}")))?;
-        let call = async {
-            let resp = self.http.request(req).await.map_err(|e| {
-                DaemonError::Appliance(format!("{url} unreachable: {}", error_chain(&e)))
-            })?;
-            let status = resp.status();
-            let body = Limited::new(resp.into_body(), MAX_ANSWER_BYTES)
-                .collect()
-                .await
-                .map_err(|e| {
-                    DaemonError::Appliance(format!(
-                        "{url}: reading the answer (at most {MAX_ANSWER_BYTES} bytes): {e}"
-                    ))
-                })?
-                .to_bytes();
-            Ok((status, body))
-        };
+        let call = endpoint.send(req, MAX_ANSWER_BYTES, self.timeout);
         match tokio::time::timeout(self.timeout, call).await {
-            Ok(r) => r,
+            Ok(Ok(answer)) => Ok(answer),
+            Ok(Err(TransportError::Connect(e))) => Err(DaemonError::Appliance(format!(
+                "{url} unreachable: {}",
+                clean(&e)
+            ))),
+            Ok(Err(TransportError::Exchange(e))) => {
+                Err(DaemonError::Appliance(format!("{url}: {}", clean(&e))))
+            }
             Err(_) => Err(DaemonError::ApplianceTimeout(format!(
                 "{url} did not answer within {} s",
                 self.timeout.as_secs_f64()
@@ -247,18 +232,6 @@ impl Default for PrepareAnswer {
     fn default() -> Self {
         PrepareAnswer(PrepareResponse { disks: Vec::new() })
     }
-}
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut next = e.source();
-    for _ in 0..8 {
-        let Some(s) = next else { break };
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        next = s.source();
-    }
-    clean(&out)
 }
 
 /// What the appliance agreed to send for one disk.

@@ -1,6 +1,7 @@
 //! Command-line front end: thin wrappers that parse arguments and call the
-//! library.
+//! library, and the client commands that call a running hub ([`client`]).
 
+pub mod client;
 pub mod digest;
 pub mod export;
 pub mod limits;
@@ -13,7 +14,7 @@ use clap::{Parser, Subcommand};
 
 /// The NBD backup hub.
 #[derive(Debug, Parser)]
-#[command(name = "hub-daemon", version, about)]
+#[command(name = "hub-daemon", version, about, after_help = client::EXIT_CODES)]
 pub struct Cli {
     /// Log lines as plain text (colour only on a terminal) or one JSON
     /// object per line.
@@ -46,6 +47,9 @@ pub enum Command {
     Token(token::TokenArgs),
     /// Make TLS credentials for NBD over TLS.
     Tls(tls::TlsCommand),
+    /// Commands that talk to a running hub over its API.
+    #[command(flatten)]
+    Client(client::ClientCommand),
 }
 
 /// Raise the soft open-files limit to the hard limit: every export holds a
