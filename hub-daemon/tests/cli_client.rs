@@ -285,6 +285,39 @@ async fn the_cli_takes_a_vm_from_registration_to_a_restored_disk() {
     for uri in &served {
         assert_export_gone(uri).await;
     }
+    // Instant restore: writable exports, writes read back, the restore
+    // point unchanged afterwards.
+    let restore = cli.json(&["restore", "start", "--writable", &id]).await;
+    assert_eq!(restore["writable"], true);
+    let served = uris(&restore);
+    let out = run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "raw",
+            "-c",
+            "write -P 0x77 0 64k",
+            "-c",
+            "read -P 0x77 0 64k",
+            &served[0],
+        ],
+    )
+    .await;
+    assert!(!out.contains("failed"), "{out}");
+    let out = cli.ok(&["restore", "stop", &id]).await;
+    assert!(out.contains("stopped"), "{out}");
+    let restore = cli.json(&["restore", "start", &id]).await;
+    assert_eq!(restore["writable"], false);
+    let back = dir.join("back-after-instant.raw");
+    run_ok("nbdcopy", &[&uris(&restore)[0], back.to_str().unwrap()]).await;
+    assert_identical(
+        "raw",
+        sources[0].to_str().unwrap(),
+        "raw",
+        back.to_str().unwrap(),
+    )
+    .await;
+    cli.ok(&["restore", "stop", &id]).await;
 
     // Retention plan: the one backup is kept by the "last" rule.
     let plan = cli.json(&["prune", "--dry-run", "--vm", "web01"]).await;

@@ -23,6 +23,10 @@ enum RestoreCommand {
     Start {
         /// Backup id.
         id: String,
+        /// Instant restore: take writes into throw-away overlays (the
+        /// restore point never changes; the overlays go at stop).
+        #[arg(long)]
+        writable: bool,
     },
     /// Stop serving a backup's disks.
     Stop {
@@ -35,15 +39,21 @@ enum RestoreCommand {
 pub async fn run(a: RestoreArgs) -> Result<(), ClientError> {
     let s = Session::new(&a.opts)?;
     match a.cmd {
-        RestoreCommand::Start { id } => {
+        RestoreCommand::Start { id, writable } => {
             let raw = s
-                .call(
+                .send(
                     Method::POST,
                     &format!("/api/v1/backups/{}/restore", encode(&id)),
+                    &serde_json::json!({ "writable": writable }),
                 )
                 .await?;
+            let how = if writable {
+                "writable (instant restore)"
+            } else {
+                "read-only"
+            };
             s.print(&raw, |v| {
-                format!("backup {id} is served for restore\n\n{}", exports(v))
+                format!("backup {id} is served for restore, {how}\n\n{}", exports(v))
             })
         }
         RestoreCommand::Stop { id } => {
