@@ -11,11 +11,14 @@ declare -A pkg=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd
   [fio]=fio [nbdkit]=nbdkit [curl]=curl
+  [python3]=python3 [unshare]=util-linux [ip]=iproute2
 )
 missing=()
 for tool in "${!pkg[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${pkg[$tool]}")
 done
+# scripts/api-fuzz.sh makes a Python venv for Schemathesis.
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "installing: ${missing[*]}"
@@ -32,3 +35,5 @@ export RUST_LOG=${RUST_LOG:-warn}
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets -- -D warnings
 cargo test --workspace
+# The API against its own OpenAPI document (Schemathesis, a live hub).
+./scripts/api-fuzz.sh

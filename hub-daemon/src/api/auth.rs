@@ -44,6 +44,9 @@ pub enum Access {
 /// entry here fails closed.
 pub const ROUTES: &[(&str, &str, Access)] = &[
     ("GET", "/healthz", Access::Open),
+    // The API reference: no data and no secret, and a client needs it
+    // before it has a token.
+    ("GET", "/api/v1/openapi.json", Access::Open),
     ("GET", "/metrics", Access::Role(Role::Reader)),
     ("PUT", "/api/v1/vms/*", Access::Role(Role::Admin)),
     ("DELETE", "/api/v1/vms/*", Access::Role(Role::Admin)),

@@ -1,0 +1,104 @@
+#!/usr/bin/env bash
+# Fuzz the running hub's HTTP API from its own OpenAPI document with
+# Schemathesis: no 5xx, and every status, content type and body must be the
+# documented ones. Exits non-zero on any failure, or if the hub panics or
+# dies under it.
+#
+# The hub and the fuzzer run in a private network namespace with only
+# loopback: the fuzzer registers VMs with arbitrary `sna_url`s and starts
+# backups of them, and the hub must not reach out to whatever address it
+# makes up (nor resolve names). The hub's data directory is a temporary
+# one, removed on exit; backups it starts die with it.
+#
+# Knobs: API_FUZZ_EXAMPLES (test cases per operation and phase, default 40),
+# API_FUZZ_SEED (reproduce a run; default random, printed by Schemathesis).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ST_VERSION=4.32.5
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+venv=$target_dir/api-fuzz-venv
+examples=${API_FUZZ_EXAMPLES:-40}
+
+if [ -z "${API_FUZZ_IN_NETNS:-}" ]; then
+  # Outside the namespace: the steps that need the registries.
+  if ! "$venv/bin/schemathesis" --version 2>/dev/null | grep -qF "$ST_VERSION"; then
+    echo "api-fuzz: installing schemathesis $ST_VERSION into $venv"
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install -q --disable-pip-version-check "schemathesis==$ST_VERSION"
+  fi
+  cargo build -q -p hub-daemon --bin hub-daemon
+  if ! command -v unshare >/dev/null || ! unshare -n true 2>/dev/null; then
+    echo "api-fuzz: cannot create a network namespace (unshare -n; needs root)" >&2
+    exit 1
+  fi
+  exec unshare -n env API_FUZZ_IN_NETNS=1 "$0" "$@"
+fi
+
+ip link set lo up
+bin=$target_dir/debug/hub-daemon
+work=$(mktemp -d)
+hub_pid=
+cleanup() {
+  if [ -n "$hub_pid" ] && kill -0 "$hub_pid" 2>/dev/null; then
+    kill "$hub_pid" 2>/dev/null || true
+    wait "$hub_pid" 2>/dev/null || true
+  fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+# Port 0 everywhere: the hub announces its API address on stdout.
+RUST_LOG=${RUST_LOG:-warn} "$bin" serve \
+  --listen 127.0.0.1:0 --data-dir "$work/data" \
+  --nbd-ports 0 --nbd-shared-port 0 --idle-timeout 60 \
+  >"$work/hub.out" 2>"$work/hub.log" &
+hub_pid=$!
+
+# Start-up takes well under a second; 30 s means it is stuck.
+url=
+for _ in $(seq 300); do
+  if grep -q '^ready$' "$work/hub.out" 2>/dev/null; then
+    url=$(sed -n 's/^api \(http[s]*:\/\/.*\)$/\1/p' "$work/hub.out")
+    break
+  fi
+  if ! kill -0 "$hub_pid" 2>/dev/null; then
+    break
+  fi
+  sleep 0.1
+done
+if [ -z "$url" ]; then
+  echo "api-fuzz: the hub did not start" >&2
+  cat "$work/hub.out" "$work/hub.log" >&2
+  exit 1
+fi
+echo "api-fuzz: hub at $url (pid $hub_pid)"
+
+seed_args=()
+[ -n "${API_FUZZ_SEED:-}" ] && seed_args=(--seed "$API_FUZZ_SEED")
+
+rc=0
+"$venv/bin/schemathesis" run "$url/api/v1/openapi.json" \
+  --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
+  --max-examples "$examples" \
+  --workers 2 \
+  --request-timeout 20 \
+  --generation-database none \
+  --no-color \
+  "${seed_args[@]}" || rc=$?
+
+if ! kill -0 "$hub_pid" 2>/dev/null; then
+  echo "api-fuzz: the hub died during the run" >&2
+  rc=1
+fi
+if grep -q 'panicked' "$work/hub.log"; then
+  echo "api-fuzz: the hub panicked:" >&2
+  grep -A5 'panicked' "$work/hub.log" >&2
+  rc=1
+fi
+if [ "$rc" -ne 0 ]; then
+  echo "api-fuzz: FAILED (hub log below)" >&2
+  tail -n 50 "$work/hub.log" >&2
+fi
+exit "$rc"
