@@ -75,6 +75,44 @@ if [ -z "$url" ]; then
 fi
 echo "api-fuzz: hub at $url (pid $hub_pid)"
 
+# Seed real data: without it almost every operation on a backup is a 404
+# and the fuzzer never reaches the state machine. A VM, a policy, one
+# completed backup and one left running (no appliance: the hub only
+# exports), whose names the fuzzer then draws from half of the time.
+api() { # METHOD PATH [BODY]
+  curl -sS --fail-with-body -X "$1" -H 'Content-Type: application/json' \
+    ${3:+--data "$3"} "$url$2"
+}
+backup_id() { sed -n 's/.*"backup_id":"\([^"]*\)".*/\1/p'; }
+api PUT /api/v1/vms/fuzz-vm \
+  '{"vm_context_id":"vm-1","disks":[{"disk_id":0,"size_bytes":1048576},{"disk_id":1,"size_bytes":2097152,"unit_number":1}]}' >/dev/null
+api PUT /api/v1/policies/fuzz-policy '{"keep_last":1}' >/dev/null
+done_id=$(api POST /api/v1/backups \
+  '{"vm_name":"fuzz-vm","backup_type":"full","repository_id":"default","policy_id":"fuzz-policy"}' | backup_id)
+api POST "/api/v1/backups/$done_id/complete" '{"disks":[{"disk_id":0,"change_id":"c0"},{"disk_id":1,"change_id":"c1"}]}' >/dev/null
+running_id=$(api POST /api/v1/backups \
+  '{"vm_name":"fuzz-vm","backup_type":"incremental","repository_id":"default","policy_id":"fuzz-policy"}' | backup_id)
+if [ -z "$done_id" ] || [ -z "$running_id" ]; then
+  echo "api-fuzz: seeding the hub failed" >&2
+  exit 1
+fi
+cat >"$work/schemathesis.toml" <<TOML
+[dictionaries.ids]
+values = ["$done_id", "$running_id", "default", "fuzz-policy"]
+[dictionaries.vms]
+values = ["fuzz-vm"]
+[dictionaries.repos]
+values = ["default"]
+
+[parameters]
+"path.id" = { dictionary = "ids", probability = 0.5 }
+"path.vm_name" = { dictionary = "vms", probability = 0.5 }
+"body.vm_name" = { dictionary = "vms", probability = 0.5 }
+"query.vm_name" = { dictionary = "vms", probability = 0.5 }
+"body.repository_id" = { dictionary = "repos", probability = 0.5 }
+TOML
+echo "api-fuzz: seeded completed backup $done_id, running backup $running_id"
+
 seed_args=()
 [ -n "${API_FUZZ_SEED:-}" ] && seed_args=(--seed "$API_FUZZ_SEED")
 
@@ -82,7 +120,8 @@ seed_args=()
 # threads at once, which this Python (3.11.7) can break with "AST
 # constructor recursion depth mismatch" (a CPython bug, fixed in 3.11.8).
 rc=0
-"$venv/bin/schemathesis" run "$url/api/v1/openapi.json" \
+"$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" \
+  run "$url/api/v1/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \
   --max-examples "$examples" \
   --workers 1 \
