@@ -13,7 +13,8 @@
 # Knobs: API_FUZZ_EXAMPLES (test cases per operation and phase, default 40),
 # API_FUZZ_SEED (reproduce a run; default random, printed by Schemathesis).
 set -euo pipefail
-cd "$(dirname "$0")/.."
+self=$(readlink -f "$0")
+cd "$(dirname "$self")/.."
 
 ST_VERSION=4.32.5
 target_dir=${CARGO_TARGET_DIR:-$PWD/target}
@@ -33,7 +34,7 @@ if [ -z "${API_FUZZ_IN_NETNS:-}" ]; then
     echo "api-fuzz: cannot create a network namespace (unshare -n; needs root)" >&2
     exit 1
   fi
-  exec unshare -n env API_FUZZ_IN_NETNS=1 "$0" "$@"
+  exec unshare -n env API_FUZZ_IN_NETNS=1 "$self" "$@"
 fi
 
 ip link set lo up
@@ -119,7 +120,10 @@ seed_args=()
 # One worker: with several, Hypothesis parses lambdas' source from
 # threads at once, which this Python (3.11.7) can break with "AST
 # constructor recursion depth mismatch" (a CPython bug, fixed in 3.11.8).
+# From the scratch directory: Schemathesis keeps a cache in the current
+# directory.
 rc=0
+cd "$work"
 "$venv/bin/schemathesis" --config-file "$work/schemathesis.toml" \
   run "$url/api/v1/openapi.json" \
   --checks not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance \

@@ -77,7 +77,10 @@ fn the_document_lists_exactly_the_routes() {
         .collect();
     let missing: Vec<_> = listed.difference(&documented).collect();
     let unlisted: Vec<_> = documented.difference(&listed).collect();
-    assert!(missing.is_empty(), "routes missing from the document: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "routes missing from the document: {missing:?}"
+    );
     assert!(
         unlisted.is_empty(),
         "documented operations this test does not know (add them to ROUTES): {unlisted:?}"
