@@ -298,6 +298,14 @@ async fn the_document_needs_no_token() {
     let r = call_as(hub.addr, None, "GET", "/api/v1/openapi.json", None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["openapi"], doc()["openapi"]);
+    // Open means no credentials are looked at: not even a bad or a
+    // callback token is refused there (the document lists no 401).
+    for token in [None, Some("hub_0000"), Some("hcb_0000"), Some("")] {
+        for path in ["/api/v1/openapi.json", "/healthz"] {
+            let r = call_as(hub.addr, token, "GET", path, None).await;
+            assert_eq!(r.status, 200, "{path} with {token:?}: {}", r.text());
+        }
+    }
     let r = call_as(hub.addr, None, "GET", "/api/v1/vms", None).await;
     assert_eq!(r.status, 401);
     let r = call_as(hub.addr, Some(&admin), "GET", "/api/v1/vms", None).await;
