@@ -311,3 +311,83 @@ async fn the_document_needs_no_token() {
     let r = call_as(hub.addr, Some(&admin), "GET", "/api/v1/vms", None).await;
     assert_eq!(r.status, 200);
 }
+
+/// The JSON examples under `## {heading}` in `md`, in order.
+fn examples_under(md: &str, heading: &str) -> Vec<Value> {
+    let start = md
+        .find(&format!("\n## {heading}"))
+        .unwrap_or_else(|| panic!("no section {heading:?}"));
+    let mut section = &md[start + 1..];
+    if let Some(end) = section[3..].find("\n## ") {
+        section = &section[..end + 3];
+    }
+    let mut out = Vec::new();
+    while let Some(open) = section.find("```json\n") {
+        let body = &section[open + 8..];
+        let close = body.find("```").unwrap();
+        out.push(
+            serde_json::from_str(&body[..close])
+                .unwrap_or_else(|e| panic!("example under {heading:?} is not JSON: {e}")),
+        );
+        section = &body[close + 3..];
+    }
+    assert!(!out.is_empty(), "no JSON example under {heading:?}");
+    out
+}
+
+fn example_under(md: &str, heading: &str) -> Value {
+    examples_under(md, heading).remove(0)
+}
+
+/// The callback bodies the appliance contract shows vendors are bodies the
+/// hub's own handlers accept (parsed with the handlers' types), and the
+/// document's schemas name the same fields.
+#[test]
+fn contract_examples_parse_as_the_documented_bodies() {
+    let md = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../docs/sna-contract.md"),
+    )
+    .unwrap();
+    let doc = doc();
+    let schemas = &doc["components"]["schemas"];
+    let fields = |schema: &str| -> BTreeSet<String> {
+        schemas[schema]["properties"]
+            .as_object()
+            .unwrap_or_else(|| panic!("no schema {schema}"))
+            .keys()
+            .cloned()
+            .collect()
+    };
+    let keys = |v: &Value| -> BTreeSet<String> { v.as_object().unwrap().keys().cloned().collect() };
+
+    let progress = example_under(&md, "progress");
+    serde_json::from_value::<sna_contract::ProgressRequest>(progress.clone()).unwrap();
+    assert!(keys(&progress).is_subset(&fields("ProgressRequest")));
+    assert!(keys(&progress["disks"][0]).is_subset(&fields("DiskProgress")));
+
+    let complete = example_under(&md, "complete");
+    let parsed: hub_daemon::model::CompleteRequest =
+        serde_json::from_value(complete.clone()).unwrap();
+    assert_eq!(parsed.disks.len(), 2);
+    assert!(keys(&complete).is_subset(&fields("CompleteRequest")));
+    for d in complete["disks"].as_array().unwrap() {
+        assert!(keys(d).is_subset(&fields("DiskChange")), "{d}");
+    }
+
+    let abort = example_under(&md, "abort");
+    let parsed: hub_daemon::model::AbortRequest = serde_json::from_value(abort.clone()).unwrap();
+    assert!(parsed.reason.is_some());
+    assert!(keys(&abort).is_subset(&fields("AbortRequest")));
+
+    // The hub's error examples are the documented error shape.
+    let errors: Vec<Value> = ["Refusals", "complete"]
+        .iter()
+        .flat_map(|h| examples_under(&md, h))
+        .filter(|v| v.get("error").is_some())
+        .collect();
+    assert_eq!(errors.len(), 2, "{errors:?}");
+    for e in &errors {
+        assert_eq!(keys(e), fields("ErrorBody"), "{e}");
+        assert_eq!(keys(&e["error"]), fields("ErrorDetail"), "{e}");
+    }
+}
