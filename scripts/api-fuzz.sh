@@ -132,7 +132,7 @@ cd "$work"
   --request-timeout 20 \
   --generation-database none \
   --no-color \
-  "${seed_args[@]}" || rc=$?
+  "${seed_args[@]}" 2>&1 | tee "$work/schemathesis.out" || rc=$?
 
 if ! kill -0 "$hub_pid" 2>/dev/null; then
   echo "api-fuzz: the hub died during the run" >&2
@@ -147,4 +147,13 @@ if [ "$rc" -ne 0 ]; then
   echo "api-fuzz: FAILED (hub log below)" >&2
   tail -n 50 "$work/hub.log" >&2
 fi
+# A plain closing line for CI's log reader ("N passed, N failed"), from
+# Schemathesis's "Test cases: N generated, N passed[, N failed]".
+cases=$(grep -E '^ +[0-9]+ generated' "$work/schemathesis.out" | tail -n 1)
+passed=$(grep -oE '[0-9]+ passed' <<<"$cases" | grep -oE '[0-9]+' || echo 0)
+failed=$(grep -oE '[0-9]+ failed' <<<"$cases" | grep -oE '[0-9]+' || echo 0)
+if [ "$rc" -ne 0 ] && [ "$failed" -eq 0 ]; then
+  failed=1
+fi
+echo "api-fuzz: $passed passed, $failed failed"
 exit "$rc"

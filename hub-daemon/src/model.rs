@@ -40,6 +40,7 @@ pub struct VmRequest {
     /// Backup appliance (SNA) that sends this VM's disks, `http://host:port`
     /// (overrides the hub's `--sna-url`; absent: the hub's default, if any).
     #[serde(default)]
+    #[schema(pattern = "^http://[^@?#]+$", max_length = 1024)]
     pub sna_url: Option<String>,
 }
 
