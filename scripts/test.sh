@@ -12,11 +12,14 @@ declare -A pkg=(
   [qemu-img]=qemu-utils [qemu-io]=qemu-utils [qemu-nbd]=qemu-utils
   [nbdinfo]=libnbd-bin [nbdcopy]=libnbd-bin [nbdsh]=python3-libnbd
   [fio]=fio [nbdkit]=nbdkit [curl]=curl [chromium]=chromium
+  [python3]=python3 [unshare]=util-linux [ip]=iproute2
 )
 missing=()
 for tool in "${!pkg[@]}"; do
   command -v "$tool" >/dev/null 2>&1 || missing+=("${pkg[$tool]}")
 done
+# scripts/api-fuzz.sh makes a Python venv for Schemathesis.
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "installing: ${missing[*]}"
@@ -35,3 +38,5 @@ cargo clippy --workspace --all-targets -- -D warnings
 # Crate docs are part of the product: a broken intra-doc link fails the run.
 RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 cargo test --workspace
+# The API against its own OpenAPI document (Schemathesis, a live hub).
+./scripts/api-fuzz.sh

@@ -4,14 +4,16 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
 
 /// One disk of a VM, as registered.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DiskSpec {
     /// Disk index within the VM (0, 1, ...).
     pub disk_id: u32,
     /// Virtual size in bytes.
+    #[schema(minimum = 512, maximum = 2251799813685248_u64, multiple_of = 512)]
     pub size_bytes: u64,
     /// SCSI unit number on its controller.
     #[serde(default)]
@@ -21,25 +23,29 @@ pub struct DiskSpec {
     pub disk_key: Option<u32>,
     /// Human label ("Hard disk 1").
     #[serde(default)]
+    #[schema(max_length = 256)]
     pub label: String,
 }
 
 /// `PUT /api/v1/vms/{vm_name}` body.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct VmRequest {
     /// VMware context id.
+    #[schema(max_length = 256)]
     pub vm_context_id: String,
     /// Every disk of the VM.
+    #[schema(max_items = 256)]
     pub disks: Vec<DiskSpec>,
     /// Backup appliance (SNA) that sends this VM's disks, `http://host:port`
     /// (overrides the hub's `--sna-url`; absent: the hub's default, if any).
     #[serde(default)]
+    #[schema(pattern = "^http://[^@?#]+$", max_length = 1024)]
     pub sna_url: Option<String>,
 }
 
 /// A registered VM.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Vm {
     /// Name.
     pub vm_name: String,
@@ -55,17 +61,19 @@ pub struct Vm {
 }
 
 /// A repository.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Repository {
     /// Identifier.
+    #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
     pub id: String,
-    /// Absolute directory.
+    /// Absolute directory (under a configured repository root; created
+    /// if missing).
     pub path: String,
 }
 
 /// Full or incremental.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum BackupType {
     /// Every disk fresh.
@@ -94,17 +102,20 @@ impl BackupType {
 }
 
 /// `POST /api/v1/backups` body: always the whole VM, never one disk.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRequest {
     /// VM to back up.
+    #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
     pub vm_name: String,
     /// Full or incremental.
     pub backup_type: BackupType,
     /// Repository to write into.
+    #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
     pub repository_id: String,
     /// Optional policy reference.
     #[serde(default)]
+    #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
     pub policy_id: Option<String>,
     /// Optional tags.
     #[serde(default)]
@@ -112,7 +123,7 @@ pub struct BackupRequest {
 }
 
 /// Per-disk part of a backup or restore response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct DiskResult {
     /// Disk index.
     pub disk_id: u32,
@@ -139,7 +150,7 @@ pub struct DiskResult {
 }
 
 /// `POST /api/v1/backups` response.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct BackupStarted {
     /// Backup id.
     pub backup_id: String,
@@ -164,7 +175,7 @@ pub struct BackupStarted {
 
 /// `POST /api/v1/backups/{id}/complete` body.
 /// Unknown fields are ignored (the appliance contract, `sna_contract`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct CompleteRequest {
     /// Per-disk change ids reported by the SNA.
     #[serde(default)]
@@ -173,22 +184,24 @@ pub struct CompleteRequest {
 
 /// What the sender reports for one disk at `complete`.
 /// Unknown fields are ignored (the appliance contract, `sna_contract`).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, ToSchema)]
 pub struct DiskChange {
     /// Disk index.
     pub disk_id: u32,
     /// VMware CBT change id.
     #[serde(default)]
+    #[schema(max_length = 1024)]
     pub change_id: Option<String>,
     /// The sender's `blake3-tree-v1` digest of the disk as it read it (64
     /// hex digits); a mismatch fails the backup.
     #[serde(default)]
+    #[schema(pattern = "^[0-9a-fA-F]{64}$")]
     pub digest: Option<String>,
 }
 
 /// `POST /api/v1/backups/{id}/abort` body.
 /// Unknown fields are ignored (the appliance contract, `sna_contract`).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 pub struct AbortRequest {
     /// Why.
     #[serde(default)]
@@ -196,7 +209,7 @@ pub struct AbortRequest {
 }
 
 /// One disk of a backup as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BackupDisk {
     /// Disk index.
     pub disk_id: u32,
@@ -247,6 +260,7 @@ pub struct BackupDisk {
     /// Last verification of this disk: "ok" or "corrupt".
     pub verify_status: Option<String>,
     /// Details of the last verification (bad ranges and who shares them).
+    #[schema(value_type = Option<Object>)]
     pub verify: Option<serde_json::Value>,
     /// Live: clients connected now.
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -260,7 +274,7 @@ pub struct BackupDisk {
 }
 
 /// A sender's progress on one disk (`POST /api/v1/backups/{id}/progress`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, ToSchema)]
 pub struct Progress {
     /// Bytes handled so far.
     pub bytes_done: u64,
@@ -269,7 +283,7 @@ pub struct Progress {
 }
 
 /// A backup as recorded.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, ToSchema)]
 pub struct BackupRecord {
     /// Id.
     pub backup_id: String,
@@ -307,7 +321,7 @@ pub struct BackupRecord {
 }
 
 /// `POST /api/v1/backups/{id}/restore` body (optional).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RestoreRequest {
     /// Instant restore: serve the restore point writable through a
@@ -319,7 +333,7 @@ pub struct RestoreRequest {
 }
 
 /// Restore exports of one backup.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, ToSchema)]
 pub struct RestoreStarted {
     /// Backup served.
     pub backup_id: String,

@@ -177,6 +177,7 @@ pub struct ApplianceError {
 
 /// One disk in a progress report.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct DiskProgress {
     /// Disk index.
     pub disk_id: u32,
@@ -189,6 +190,7 @@ pub struct DiskProgress {
 /// `POST {callback.url}/progress` (optional, any rate; the hub keeps the
 /// latest per disk and shows it in `GET /api/v1/backups/{id}`).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "utoipa", derive(utoipa::ToSchema))]
 pub struct ProgressRequest {
     /// Disks with news.
     pub disks: Vec<DiskProgress>,

@@ -47,6 +47,9 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     // The dashboard page only: it holds no data (its API calls are checked
     // like any other).
     ("GET", "/", Access::Open),
+    // The API reference: no data and no secret, and a client needs it
+    // before it has a token.
+    ("GET", "/api/v1/openapi.json", Access::Open),
     ("GET", "/metrics", Access::Role(Role::Reader)),
     ("PUT", "/api/v1/vms/*", Access::Role(Role::Admin)),
     ("DELETE", "/api/v1/vms/*", Access::Role(Role::Admin)),
@@ -237,16 +240,19 @@ async fn callback(st: &AppState, mut req: Request, next: Next, token: String) ->
 /// The middleware: decide the route's access, check the token, pass on or
 /// refuse in the JSON error shape.
 pub async fn layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    // Open routes look at no credentials at all: whatever a client sends
+    // (a callback token, a revoked one), health checks and the API
+    // document answer, as the document says.
+    let need = match required(req.method(), req.uri().path()) {
+        Access::Open => return next.run(req).await,
+        Access::Role(r) => r,
+    };
     if let Ok(Some(t)) = bearer(req.headers()) {
         if t.starts_with(CALLBACK_PREFIX) {
             let t = t.to_owned();
             return callback(&st, req, next, t).await;
         }
     }
-    let need = match required(req.method(), req.uri().path()) {
-        Access::Open => return next.run(req).await,
-        Access::Role(r) => r,
-    };
     match authenticate(&st, req.headers()).await {
         Ok(None) => next.run(req).await,
         Ok(Some(have)) if have >= need => next.run(req).await,

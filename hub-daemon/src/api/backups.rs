@@ -7,6 +7,7 @@ use serde::Deserialize;
 use sna_contract::ProgressRequest;
 
 use super::auth::CallbackCaller;
+use super::doc::{BodyErrors, E400, E404, E409, E422, E502, E503, E504, E507};
 use super::error::ApiError;
 use super::json::{AppJson, AppPath, AppQuery, OptionalJson};
 use super::AppState;
@@ -22,6 +23,23 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 }
 
 /// `POST /api/v1/backups`: back up every disk of a VM.
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups",
+    tag = "backups",
+    request_body = BackupRequest,
+    responses(
+        (status = 201, description = "Started: one NBD export per disk, and the appliance told (if one is configured).", body = BackupStarted),
+        BodyErrors,
+        E404,
+        E409,
+        E422,
+        E502,
+        E503,
+        E504,
+        E507,
+    )
+)]
 pub async fn start(
     State(st): State<AppState>,
     AppJson(req): AppJson<BackupRequest>,
@@ -37,14 +55,40 @@ pub async fn start(
 }
 
 /// Filters of `GET /api/v1/backups`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 #[serde(deny_unknown_fields)]
 pub struct ListQuery {
+    /// Only this VM's.
+    #[param(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
     vm_name: Option<String>,
+    /// Only those in this state.
+    #[param(inline, value_type = Option<StatusFilter>)]
     status: Option<String>,
 }
 
+/// The states `GET /api/v1/backups?status=` filters on (documentation;
+/// the handler checks the same three).
+#[derive(Debug, utoipa::ToSchema)]
+#[schema(rename_all = "lowercase")]
+#[allow(dead_code)] // Never built: it only lists the states in the document.
+pub enum StatusFilter {
+    /// Exporting, waiting for the sender.
+    Running,
+    /// A restore point.
+    Completed,
+    /// Failed or aborted.
+    Failed,
+}
+
 /// `GET /api/v1/backups?vm_name=&status=`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/backups",
+    tag = "backups",
+    params(ListQuery),
+    responses((status = 200, description = "Backups, oldest first, with live figures for running ones.", body = Vec<BackupRecord>), E400)
+)]
 pub async fn list(
     State(st): State<AppState>,
     AppQuery(q): AppQuery<ListQuery>,
@@ -67,6 +111,17 @@ pub async fn list(
 }
 
 /// `GET /api/v1/backups/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/backups/{id}",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    responses(
+        (status = 200, description = "The backup, with live figures while it runs.", body = BackupRecord),
+        E400,
+        E404,
+    )
+)]
 pub async fn get(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -76,6 +131,20 @@ pub async fn get(
 }
 
 /// `DELETE /api/v1/backups/{id}`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/backups/{id}",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    responses(
+        (status = 204, description = "Deleted with its images."),
+        E400,
+        E404,
+        E409,
+        E422,
+        E507,
+    )
+)]
 pub async fn delete(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -86,6 +155,21 @@ pub async fn delete(
 }
 
 /// `POST /api/v1/backups/{id}/complete`.
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups/{id}/complete",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    request_body = Option<CompleteRequest>,
+    responses(
+        (status = 200, description = "Completed: a restore point.", body = BackupRecord),
+        BodyErrors,
+        E404,
+        E409,
+        E422,
+        E507,
+    )
+)]
 pub async fn complete(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -114,6 +198,20 @@ pub async fn complete(
 
 /// `POST /api/v1/backups/{id}/abort` (by an operator, or by the appliance
 /// with the backup's callback token: then it is not sent a cancel).
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups/{id}/abort",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    request_body = Option<AbortRequest>,
+    responses(
+        (status = 200, description = "Aborted: failed, its exports closed.", body = BackupRecord),
+        BodyErrors,
+        E404,
+        E409,
+        E507,
+    )
+)]
 pub async fn abort(
     State(st): State<AppState>,
     caller: Option<Extension<CallbackCaller>>,
@@ -136,6 +234,19 @@ pub async fn abort(
 
 /// `POST /api/v1/backups/{id}/progress`: the sender's latest figures per
 /// disk, shown by `GET /api/v1/backups/{id}` while it runs.
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups/{id}/progress",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    request_body = ProgressRequest,
+    responses(
+        (status = 204, description = "Recorded."),
+        BodyErrors,
+        E404,
+        E409,
+    )
+)]
 pub async fn progress(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -148,6 +259,19 @@ pub async fn progress(
 
 /// `POST /api/v1/backups/{id}/verify`: re-read the chain of every disk in
 /// the background; `GET` shows `verify_status` and the outcome.
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups/{id}/verify",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    responses(
+        (status = 202, description = "Verification started.", body = BackupRecord),
+        E400,
+        E404,
+        E409,
+        E422,
+    )
+)]
 pub async fn verify(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -158,6 +282,22 @@ pub async fn verify(
 
 /// `POST /api/v1/backups/{id}/restore` (body optional: `{"writable": true}`
 /// for an instant restore through throw-away overlays).
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups/{id}/restore",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    request_body = Option<RestoreRequest>,
+    responses(
+        (status = 201, description = "Served over NBD for restore (writable: through throw-away overlays).", body = RestoreStarted),
+        BodyErrors,
+        E404,
+        E409,
+        E422,
+        E503,
+        E507,
+    )
+)]
 pub async fn restore(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -171,6 +311,17 @@ pub async fn restore(
 }
 
 /// `DELETE /api/v1/backups/{id}/restore`.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/backups/{id}/restore",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    responses(
+        (status = 204, description = "Restore exports closed."),
+        E400,
+        E404,
+    )
+)]
 pub async fn stop_restore(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,

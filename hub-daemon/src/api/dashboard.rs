@@ -72,6 +72,12 @@ fn policy(page: &str) -> String {
 static CSP: LazyLock<String> = LazyLock::new(|| policy(PAGE));
 
 /// `GET /`.
+#[utoipa::path(
+    get,
+    path = "/",
+    tag = "ops",
+    responses((status = 200, description = "The live dashboard: one self-contained HTML page that polls the read-only API.", content_type = "text/html", body = String))
+)]
 pub async fn page() -> impl IntoResponse {
     (
         [

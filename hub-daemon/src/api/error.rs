@@ -27,7 +27,6 @@
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
-use serde_json::json;
 
 use crate::error::DaemonError;
 
@@ -136,7 +135,14 @@ impl IntoResponse for ApiError {
             }
             self.to_string()
         };
-        let body = json!({"error": {"status": status.as_u16(), "code": code, "message": message}});
+        // The documented type itself, so the document and the body agree.
+        let body = super::doc::ErrorBody {
+            error: super::doc::ErrorDetail {
+                status: status.as_u16(),
+                code,
+                message,
+            },
+        };
         let mut resp = (status, Json(body)).into_response();
         if status == StatusCode::UNAUTHORIZED {
             resp.headers_mut().insert(

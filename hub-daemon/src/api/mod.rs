@@ -4,6 +4,7 @@
 pub mod auth;
 mod backups;
 mod dashboard;
+pub mod doc;
 mod error;
 mod json;
 mod ops;
@@ -18,8 +19,9 @@ use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::Method;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post, put};
 use axum::Router;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 pub use error::ApiError;
 
@@ -99,43 +101,42 @@ async fn limit_uri(req: Request, next: Next) -> Response {
     next.run(req).await
 }
 
+/// Every route, each registered with the annotation that documents it
+/// (`routes!` takes the method and path from `#[utoipa::path]`), so the
+/// route table and the OpenAPI document cannot drift apart. Handlers that
+/// share a path share one `routes!` (its method router is bound to one path).
+fn documented() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(dashboard::page))
+        .routes(routes!(ops::healthz))
+        .routes(routes!(ops::metrics))
+        .routes(routes!(doc::openapi_json))
+        .routes(routes!(vms::list))
+        .routes(routes!(vms::put, vms::get, vms::delete))
+        .routes(routes!(repositories::list, repositories::create))
+        .routes(routes!(repositories::get))
+        .routes(routes!(policies::list))
+        .routes(routes!(policies::put, policies::get, policies::delete))
+        .routes(routes!(policies::prune))
+        .routes(routes!(backups::start, backups::list))
+        .routes(routes!(backups::get, backups::delete))
+        .routes(routes!(backups::complete))
+        .routes(routes!(backups::abort))
+        .routes(routes!(backups::progress))
+        .routes(routes!(backups::verify))
+        .routes(routes!(backups::restore, backups::stop_restore))
+}
+
+/// The OpenAPI 3.1 document of every route (served at
+/// `GET /api/v1/openapi.json`).
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    doc::build(documented().into_openapi())
+}
+
 /// Every route.
 pub fn router(state: AppState) -> Router {
-    Router::new()
-        .route("/", get(dashboard::page))
-        .route("/healthz", get(ops::healthz))
-        .route("/metrics", get(ops::metrics))
-        .route("/api/v1/vms", get(vms::list))
-        .route(
-            "/api/v1/vms/{vm_name}",
-            put(vms::put).get(vms::get).delete(vms::delete),
-        )
-        .route(
-            "/api/v1/repositories",
-            get(repositories::list).post(repositories::create),
-        )
-        .route("/api/v1/repositories/{id}", get(repositories::get))
-        .route("/api/v1/policies", get(policies::list))
-        .route(
-            "/api/v1/policies/{id}",
-            put(policies::put)
-                .get(policies::get)
-                .delete(policies::delete),
-        )
-        .route("/api/v1/prune", post(policies::prune))
-        .route("/api/v1/backups", post(backups::start).get(backups::list))
-        .route(
-            "/api/v1/backups/{id}",
-            get(backups::get).delete(backups::delete),
-        )
-        .route("/api/v1/backups/{id}/complete", post(backups::complete))
-        .route("/api/v1/backups/{id}/abort", post(backups::abort))
-        .route("/api/v1/backups/{id}/progress", post(backups::progress))
-        .route("/api/v1/backups/{id}/verify", post(backups::verify))
-        .route(
-            "/api/v1/backups/{id}/restore",
-            post(backups::restore).delete(backups::stop_restore),
-        )
+    let (routes, _) = documented().split_for_parts();
+    routes
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))

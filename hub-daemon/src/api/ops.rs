@@ -14,18 +14,38 @@ use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
 use axum::Json;
-use serde_json::{json, Value};
+use serde::Serialize;
 
 use super::error::ApiError;
 use super::AppState;
 
+/// Body of `GET /healthz`.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always "ok" (a failing check is an error status).
+    #[schema(value_type = String, pattern = "^ok$")]
+    pub status: &'static str,
+}
+
 /// `GET /healthz`: the daemon answers and its catalog is readable.
-pub async fn healthz(State(st): State<AppState>) -> Result<Json<Value>, ApiError> {
+#[utoipa::path(
+    get,
+    path = "/healthz",
+    tag = "ops",
+    responses((status = 200, description = "The daemon answers and its catalog is readable.", body = Health))
+)]
+pub async fn healthz(State(st): State<AppState>) -> Result<Json<Health>, ApiError> {
     st.catalog().repositories().await?;
-    Ok(Json(json!({"status": "ok"})))
+    Ok(Json(Health { status: "ok" }))
 }
 
 /// `GET /metrics`.
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "ops",
+    responses((status = 200, description = "Prometheus text exposition format 0.0.4.", content_type = "text/plain", body = String))
+)]
 pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, ApiError> {
     let backups = st.backups();
     let exports = backups.nbd().exports();

@@ -5,6 +5,7 @@ use axum::http::StatusCode;
 use axum::Json;
 use serde::Deserialize;
 
+use super::doc::{BodyErrors, E400, E404, E409, E422, E503, E507};
 use super::error::ApiError;
 use super::json::{AppJson, AppPath};
 use super::AppState;
@@ -19,26 +20,44 @@ const MAX_OPTION: i64 = 100_000;
 
 /// Body of `PUT /api/v1/policies/{id}`; every option defaults to 0 (off).
 /// Signed so that a negative value is our 400 with a clear message.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyBody {
+    /// The N newest.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     keep_last: i64,
+    /// Newest of each of the N most recent hours.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     keep_hourly: i64,
+    /// … days.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     keep_daily: i64,
+    /// … ISO weeks.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     keep_weekly: i64,
+    /// … months.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     keep_monthly: i64,
+    /// … years.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     keep_yearly: i64,
+    /// Longest image chain before a forced full (stored, not yet enforced).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     max_chain_length: i64,
+    /// Nothing younger is removed.
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     min_retention_days: i64,
+    /// Re-verify interval (stored, not yet enforced).
     #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
     verify_every_days: i64,
 }
 
@@ -64,11 +83,24 @@ fn not_found(id: &str) -> ApiError {
 }
 
 /// `GET /api/v1/policies`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/policies",
+    tag = "policies",
+    responses((status = 200, description = "Every policy.", body = Vec<Policy>))
+)]
 pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Policy>>, ApiError> {
     Ok(Json(st.catalog().policies().await?))
 }
 
 /// `GET /api/v1/policies/{id}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/policies/{id}",
+    tag = "policies",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", description = "Policy id")),
+    responses((status = 200, description = "The policy.", body = Policy), E400, E404)
+)]
 pub async fn get(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -79,6 +111,19 @@ pub async fn get(
 }
 
 /// `PUT /api/v1/policies/{id}`: create (201) or replace (200).
+#[utoipa::path(
+    put,
+    path = "/api/v1/policies/{id}",
+    tag = "policies",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", description = "Policy id")),
+    request_body = PolicyBody,
+    responses(
+        (status = 200, description = "Replaced.", body = Policy),
+        (status = 201, description = "Created.", body = Policy),
+        BodyErrors,
+        E507,
+    )
+)]
 pub async fn put(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -107,6 +152,13 @@ pub async fn put(
 }
 
 /// `DELETE /api/v1/policies/{id}`: 409 while a backup names it.
+#[utoipa::path(
+    delete,
+    path = "/api/v1/policies/{id}",
+    tag = "policies",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", description = "Policy id")),
+    responses((status = 204, description = "Deleted."), E400, E404, E409, E507)
+)]
 pub async fn delete(
     State(st): State<AppState>,
     AppPath(id): AppPath<String>,
@@ -117,6 +169,21 @@ pub async fn delete(
 }
 
 /// `POST /api/v1/prune`: plan (`dry_run`) or run retention.
+#[utoipa::path(
+    post,
+    path = "/api/v1/prune",
+    tag = "policies",
+    request_body = PruneRequest,
+    responses(
+        (status = 200, description = "What was (or, with dry_run, would be) kept, removed and merged, per VM and repository.", body = Vec<PruneReport>),
+        BodyErrors,
+        E404,
+        E409,
+        E422,
+        E503,
+        E507,
+    )
+)]
 pub async fn prune(
     State(st): State<AppState>,
     AppJson(req): AppJson<PruneRequest>,

@@ -3,24 +3,58 @@
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
+use serde::Serialize;
 
+use super::doc::{BodyErrors, E400, E404, E409, E507};
 use super::error::ApiError;
-use super::json::AppJson;
+use super::json::{AppJson, AppPath};
 use super::AppState;
 use crate::error::DaemonError;
 use crate::model::Repository;
 use crate::names;
 
 /// `GET /api/v1/repositories`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/repositories",
+    tag = "repositories",
+    responses((status = 200, description = "Every repository.", body = Vec<Repository>))
+)]
 pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Repository>>, ApiError> {
     Ok(Json(st.catalog().repositories().await?))
 }
 
+/// A repository with the space of its filesystem.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct RepositorySpace {
+    /// Identifier.
+    pub id: String,
+    /// Absolute directory.
+    pub path: String,
+    /// Size of the filesystem holding it.
+    pub capacity_bytes: u64,
+    /// Bytes free for the hub on that filesystem.
+    pub free_bytes: u64,
+    /// Bytes used on that filesystem (by anything).
+    pub used_bytes: u64,
+    /// Bytes of completed restore points' images in this repository.
+    pub backup_bytes: u64,
+    /// Free space a backup start keeps in reserve (`space_reserve`).
+    pub reserve_bytes: u64,
+}
+
 /// `GET /api/v1/repositories/{id}`: the repository with its space.
+#[utoipa::path(
+    get,
+    path = "/api/v1/repositories/{id}",
+    tag = "repositories",
+    params(("id" = String, Path, description = "Repository id")),
+    responses((status = 200, description = "The repository and its space.", body = RepositorySpace), E400, E404)
+)]
 pub async fn get(
     State(st): State<AppState>,
-    axum::extract::Path(id): axum::extract::Path<String>,
-) -> Result<Json<serde_json::Value>, ApiError> {
+    AppPath(id): AppPath<String>,
+) -> Result<Json<RepositorySpace>, ApiError> {
     let repo = st
         .catalog()
         .repository(&id)
@@ -33,20 +67,32 @@ pub async fn get(
         .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
     let backup_bytes = st.catalog().repository_backup_bytes(&repo.id).await?;
     let reserve = crate::space::reserve(st.backups().config().space_reserve, fs.capacity_bytes);
-    Ok(Json(serde_json::json!({
-        "id": repo.id,
-        "path": repo.path,
-        "capacity_bytes": fs.capacity_bytes,
-        "free_bytes": fs.free_bytes,
-        "used_bytes": fs.used_bytes,
-        "backup_bytes": backup_bytes,
-        "reserve_bytes": reserve,
-    })))
+    Ok(Json(RepositorySpace {
+        id: repo.id,
+        path: repo.path,
+        capacity_bytes: fs.capacity_bytes,
+        free_bytes: fs.free_bytes,
+        used_bytes: fs.used_bytes,
+        backup_bytes,
+        reserve_bytes: reserve,
+    }))
 }
 
 /// `POST /api/v1/repositories`: register a directory under a configured
 /// repository root (created if missing; see [`names::repository_dir`] for
 /// what is refused).
+#[utoipa::path(
+    post,
+    path = "/api/v1/repositories",
+    tag = "repositories",
+    request_body = Repository,
+    responses(
+        (status = 201, description = "Registered; `path` is the canonical directory.", body = Repository),
+        BodyErrors,
+        E409,
+        E507,
+    )
+)]
 pub async fn create(
     State(st): State<AppState>,
     AppJson(repo): AppJson<Repository>,

@@ -6,6 +6,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::Json;
 
+use super::doc::{BodyErrors, E400, E404, E409, E507};
 use super::error::ApiError;
 use super::json::{AppJson, AppPath};
 use super::AppState;
@@ -82,6 +83,19 @@ fn validate_disks(disks: &mut [DiskSpec]) -> Result<(), ApiError> {
 }
 
 /// `PUT /api/v1/vms/{vm_name}`: register or replace a VM's disks.
+#[utoipa::path(
+    put,
+    path = "/api/v1/vms/{vm_name}",
+    tag = "vms",
+    params(("vm_name" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", description = "VM name")),
+    request_body = VmRequest,
+    responses(
+        (status = 200, description = "Registered; disks by disk_id with disk_key resolved.", body = Vm),
+        BodyErrors,
+        E409,
+        E507,
+    )
+)]
 pub async fn put(
     State(st): State<AppState>,
     AppPath(name): AppPath<String>,
@@ -106,11 +120,24 @@ pub async fn put(
 }
 
 /// `GET /api/v1/vms`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/vms",
+    tag = "vms",
+    responses((status = 200, description = "Every registered VM.", body = Vec<Vm>))
+)]
 pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Vm>>, ApiError> {
     Ok(Json(st.catalog().vms().await?))
 }
 
 /// `GET /api/v1/vms/{vm_name}`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/vms/{vm_name}",
+    tag = "vms",
+    params(("vm_name" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", description = "VM name")),
+    responses((status = 200, description = "The VM.", body = Vm), E400, E404)
+)]
 pub async fn get(
     State(st): State<AppState>,
     AppPath(name): AppPath<String>,
@@ -120,7 +147,14 @@ pub async fn get(
     vm.map(Json).ok_or_else(|| ApiError::not_found("VM", name))
 }
 
-/// `DELETE /api/v1/vms/{vm_name}`.
+/// `DELETE /api/v1/vms/{vm_name}`: forget a VM (its backups stay).
+#[utoipa::path(
+    delete,
+    path = "/api/v1/vms/{vm_name}",
+    tag = "vms",
+    params(("vm_name" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$", description = "VM name")),
+    responses((status = 204, description = "Forgotten."), E400, E404, E409, E507)
+)]
 pub async fn delete(
     State(st): State<AppState>,
     AppPath(name): AppPath<String>,

@@ -54,7 +54,7 @@ use crate::error::{DaemonError, Result};
 use crate::lifecycle::{chains, retention};
 
 /// Body of `POST /api/v1/prune`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PruneRequest {
     /// Only this VM.
@@ -68,7 +68,7 @@ pub struct PruneRequest {
 }
 
 /// A kept restore point and the rule that keeps it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct KeptPoint {
     /// Backup.
     pub backup_id: String,
@@ -77,7 +77,7 @@ pub struct KeptPoint {
 }
 
 /// One image rewrite.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MergeStep {
     /// Disk.
     pub disk_id: u32,
@@ -90,7 +90,7 @@ pub struct MergeStep {
 }
 
 /// What prune keeps, removes and merges for one VM in one repository.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PruneReport {
     /// VM.
     pub vm_name: String,

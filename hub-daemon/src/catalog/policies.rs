@@ -8,7 +8,7 @@ use crate::error::{DaemonError, Result};
 use crate::time::now_ms;
 
 /// A retention policy (every option 0 = off).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Policy {
     /// Id.
     pub id: String,
