@@ -30,6 +30,7 @@ pub struct Daemon {
     backups: Arc<Backups>,
     stop: CancellationToken,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
+    verify_schedule: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -111,6 +112,8 @@ impl Daemon {
                     .await
             })
         };
+        let verify_schedule =
+            crate::lifecycle::verify_schedule::spawn(Arc::clone(&backups), stop.clone());
         tracing::info!(%api_addr, nbd_shared = ?nbd_shared_addr, data_dir = %config.data_dir.display(), "hub daemon serving");
         Ok(Daemon {
             api_addr,
@@ -120,6 +123,7 @@ impl Daemon {
             backups,
             stop,
             http,
+            verify_schedule,
         })
     }
 
@@ -133,6 +137,9 @@ impl Daemon {
     pub async fn shutdown(self) -> anyhow::Result<()> {
         self.stop.cancel();
         self.backups.shutdown().await;
+        if let Some(v) = self.verify_schedule {
+            v.await.context("verification scheduler")?;
+        }
         self.http.await.context("API task")?.context("API server")?;
         Ok(())
     }

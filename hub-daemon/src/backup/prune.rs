@@ -318,6 +318,15 @@ impl Backups {
                 r.vm_name
             )));
         }
+        // Again under the lock: a scheduled verification marks itself
+        // while holding it, so it either started before (refused here) or
+        // waits until this prune is done.
+        if let Some(c) = group.iter().find(|c| self.is_verifying(&c.backup_id)) {
+            return Err(DaemonError::Conflict(format!(
+                "backup {:?} is being verified",
+                c.backup_id
+            )));
+        }
         let repo = self
             .catalog
             .repository(&r.repository_id)
