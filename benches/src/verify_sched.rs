@@ -143,7 +143,11 @@ impl Run {
         let mut old_ids = Vec::new();
         for (i, p) in olds.iter().enumerate() {
             let vm = format!("old{i}");
-            hub.call("PUT", &format!("/api/v1/vms/{vm}"), Some(&disk(self.disk_size)))?;
+            hub.call(
+                "PUT",
+                &format!("/api/v1/vms/{vm}"),
+                Some(&disk(self.disk_size)),
+            )?;
             let (_, id) = hub.backup(&vm, Some("daily"), p)?;
             old_ids.push(id);
             let _ = std::fs::remove_file(p);
@@ -162,7 +166,9 @@ impl Run {
                         "verifysched: [rep {rep}/{reps}] {phase}backup {what}"
                     ));
                     if drop_cache && !cold(&self.src) {
-                        eprintln!("\nverifysched: cannot drop the page cache (not root): warm figures");
+                        eprintln!(
+                            "\nverifysched: cannot drop the page cache (not root): warm figures"
+                        );
                     }
                     let stop = CancellationToken::new();
                     let pass = with_verify.then(|| {
@@ -178,7 +184,8 @@ impl Run {
                         // Wait until a verification is reading.
                         let t = Instant::now();
                         loop {
-                            let b = h.call("GET", &format!("/api/v1/backups/{}", old_ids[0]), None)?;
+                            let b =
+                                h.call("GET", &format!("/api/v1/backups/{}", old_ids[0]), None)?;
                             if b["verify_status"] == "verifying" {
                                 break;
                             }
@@ -202,7 +209,12 @@ impl Run {
                             self.failures
                                 .push(format!("verifysched {phase}rep {rep}: {report:?}"));
                         }
-                        self.record_hub(&format!("verifysched_{phase}backup_with_verify"), rep, mbps, "MB/s");
+                        self.record_hub(
+                            &format!("verifysched_{phase}backup_with_verify"),
+                            rep,
+                            mbps,
+                            "MB/s",
+                        );
                         self.record_hub(
                             &format!("verifysched_{phase}with_over_alone"),
                             rep,
@@ -211,7 +223,12 @@ impl Run {
                         );
                     } else {
                         alone = mbps;
-                        self.record_hub(&format!("verifysched_{phase}backup_alone"), rep, mbps, "MB/s");
+                        self.record_hub(
+                            &format!("verifysched_{phase}backup_alone"),
+                            rep,
+                            mbps,
+                            "MB/s",
+                        );
                     }
                     h.call("DELETE", &format!("/api/v1/backups/{id}"), None)?;
                 }

@@ -473,7 +473,10 @@ impl FileConfig {
         c.verify.apply(
             self.verify_check_interval_secs,
             self.verify_max_concurrent,
-            self.verify_rate.as_ref().map(SizeValue::bytes).transpose()?,
+            self.verify_rate
+                .as_ref()
+                .map(SizeValue::bytes)
+                .transpose()?,
             self.verify_rate_during_backup
                 .as_ref()
                 .map(SizeValue::bytes)

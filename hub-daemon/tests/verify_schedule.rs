@@ -50,7 +50,11 @@ fn uri(started: &Value) -> String {
 /// A completed full of `vm` (one disk) holding `src`.
 async fn full(hub: &Hub, vm: &str, policy: Option<&str>, src: &Path) -> Value {
     let started = start_backup(hub, vm, "full", policy).await;
-    run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri(&started)]).await;
+    run_ok(
+        "nbdcopy",
+        &["--flush", src.to_str().unwrap(), &uri(&started)],
+    )
+    .await;
     hub.complete(&id_of(&started)).await
 }
 
@@ -92,7 +96,13 @@ fn sorted(mut v: Vec<String>) -> Vec<String> {
 async fn flip_byte(image: &Path, guest_offset: u64) {
     let map = run_ok(
         "qemu-img",
-        &["map", "--output=json", "-f", "qcow2", image.to_str().unwrap()],
+        &[
+            "map",
+            "--output=json",
+            "-f",
+            "qcow2",
+            image.to_str().unwrap(),
+        ],
     )
     .await;
     let map: Value = serde_json::from_str(&map).unwrap();
@@ -169,7 +179,10 @@ async fn due_points_are_verified_and_a_corrupt_full_takes_its_dependents_along()
         sorted(vec![f.clone(), i1.clone(), i2.clone(), v2.clone()])
     );
     assert_eq!(sorted(r.ok.clone()), sorted(r.due.clone()), "{r:?}");
-    assert_eq!(r.peak_in_flight, 2, "bounded by verify_max_concurrent: {r:?}");
+    assert_eq!(
+        r.peak_in_flight, 2,
+        "bounded by verify_max_concurrent: {r:?}"
+    );
     assert!(r.corrupt.is_empty() && r.failed.is_empty() && r.skipped.is_empty());
     for id in [&f, &i1, &i2, &v2] {
         let b = get(&hub, id).await;
@@ -234,10 +247,7 @@ async fn due_points_are_verified_and_a_corrupt_full_takes_its_dependents_along()
     }
     // Flagged points are not re-verified on schedule.
     let r = pass(&hub, now + 8 * DAY_MS).await;
-    assert!(
-        !r.due.iter().any(|d| [&f, &i1, &i2].contains(&d)),
-        "{r:?}"
-    );
+    assert!(!r.due.iter().any(|d| [&f, &i1, &i2].contains(&d)), "{r:?}");
 
     // inc3 completes on top of inc2 (flagged while it ran): the next
     // backup of vm is a full, and says why.

@@ -15,7 +15,9 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use nbd_server::{BackendError, BackendErrorKind, BlockBackend, Caps, Extent, ReadChunk, ZeroFlags};
+use nbd_server::{
+    BackendError, BackendErrorKind, BlockBackend, Caps, Extent, ReadChunk, ZeroFlags,
+};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -173,7 +175,11 @@ mod tests {
     fn bookings_follow_the_rate_that_applies() {
         let busy = Arc::new(AtomicBool::new(false));
         let b2 = Arc::clone(&busy);
-        let t = Throttle::new(100 << 20, 10 << 20, Box::new(move || b2.load(Ordering::SeqCst)));
+        let t = Throttle::new(
+            100 << 20,
+            10 << 20,
+            Box::new(move || b2.load(Ordering::SeqCst)),
+        );
         let t0 = Instant::now() + Duration::from_secs(10);
         assert_eq!(t.book(1 << 20, t0), Some(t0));
         // 1 MiB at 100 MiB/s is 10 ms.

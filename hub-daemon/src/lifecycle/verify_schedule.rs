@@ -35,7 +35,8 @@ pub struct PassReport {
     pub due: Vec<String>,
     /// Verified and found ok.
     pub ok: Vec<String>,
-    /// Verified and found corrupt.
+    /// Verified, and its chain found corrupt (it is flagged with the
+    /// rest; every restore point flagged is in `flagged`).
     pub corrupt: Vec<String>,
     /// Restore points flagged corrupt by this pass (the verified ones and
     /// those sharing or depending on the damage).
@@ -56,7 +57,10 @@ pub struct PassReport {
 /// interval is zero). The first pass comes one interval after start-up,
 /// not at it: start-up is when reconciliation and interrupted backups'
 /// retries want the disk.
-pub fn spawn(backups: Arc<Backups>, stop: CancellationToken) -> Option<tokio::task::JoinHandle<()>> {
+pub fn spawn(
+    backups: Arc<Backups>,
+    stop: CancellationToken,
+) -> Option<tokio::task::JoinHandle<()>> {
     let every = backups.config().verify.check_interval;
     if every.is_zero() {
         tracing::info!("scheduled verification off (verify_check_interval 0)");
@@ -100,7 +104,11 @@ pub async fn run_pass(
         tracing::debug!("scheduled verification: nothing due");
         return Ok(report);
     }
-    tracing::info!(due = due.len(), max_concurrent = max, "scheduled verification pass");
+    tracing::info!(
+        due = due.len(),
+        max_concurrent = max,
+        "scheduled verification pass"
+    );
     let mut queue = due.into_iter();
     let mut set: JoinSet<(String, VerifyOutcome)> = JoinSet::new();
     // In flight: id -> its verify_status before (restored if abandoned).
@@ -140,7 +148,10 @@ pub async fn run_pass(
                     backups.abandon_verify(id, before.as_deref()).await;
                 }
                 report.cancelled = true;
-                tracing::info!(abandoned = in_flight.len(), "scheduled verification stopped by shutdown");
+                tracing::info!(
+                    abandoned = in_flight.len(),
+                    "scheduled verification stopped by shutdown"
+                );
                 return Ok(report);
             }
             break;
