@@ -43,11 +43,11 @@ struct Opts {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
-    /// handoff (opt-in: a VM of --disks × --disk-size backed up through hub
-    /// + agent, full then a 10 % incremental, against qemu-nbd + nbdcopy);
-    /// verifysched (opt-in: a --size backup into the hub alone and while a
-    /// scheduled verification reads --disks old restore points of
-    /// --disk-size; default then unlimited verification rates).
+    /// handoff (opt-in: a VM of --disks × --disk-size backed up through
+    /// hub and agent, full then a 10 % incremental, against qemu-nbd and
+    /// nbdcopy); verifysched (opt-in: a backup of the --size source into
+    /// the hub alone and while a scheduled verification reads --disks old
+    /// restore points of --disk-size; default, then unlimited rates).
     #[arg(
         long,
         default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
