@@ -29,7 +29,7 @@ const BLOCK: u64 = 64 << 10;
 
 /// One HTTP/1.1 call with `Connection: close` (all the operator needs);
 /// returns the status and the JSON body (null when empty).
-async fn call(
+pub(crate) async fn call(
     addr: std::net::SocketAddr,
     method: &str,
     path: &str,

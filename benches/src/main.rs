@@ -16,6 +16,7 @@ mod handoff;
 mod report;
 mod servers;
 mod verify;
+mod verify_sched;
 mod workloads;
 
 use std::path::PathBuf;
@@ -42,8 +43,11 @@ struct Opts {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
-    /// handoff (opt-in: a VM of --disks × --disk-size backed up through hub
-    /// + agent, full then a 10 % incremental, against qemu-nbd + nbdcopy).
+    /// handoff (opt-in: a VM of --disks × --disk-size backed up through
+    /// hub and agent, full then a 10 % incremental, against qemu-nbd and
+    /// nbdcopy); verifysched (opt-in: a backup of the --size source into
+    /// the hub alone and while a scheduled verification reads --disks old
+    /// restore points of --disk-size; default, then unlimited rates).
     #[arg(
         long,
         default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
@@ -397,6 +401,11 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         if has("digest") {
             run.digest(rep, !opts.no_cold).context("digest")?;
         }
+        // Its own repetitions: the old restore points are written once.
+        if rep == 1 && has("verifysched") {
+            run.verify_sched(opts.reps, !opts.no_cold)
+                .context("verifysched")?;
+        }
         if has("null") {
             run.null(Kind::Ours, rep)?;
             if nbdkit {
@@ -439,6 +448,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             } else {
                 "qemu-nbd"
             }
+        } else if test.starts_with("verifysched_") {
+            // Alone vs with verify is its own `*_with_over_alone` row.
+            "none"
         } else if test.starts_with("digest_") {
             "sha256sum"
         } else {

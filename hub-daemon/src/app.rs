@@ -31,6 +31,7 @@ pub struct Daemon {
     stop: CancellationToken,
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     lifecycle: tokio::task::JoinHandle<()>,
+    verify_schedule: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Daemon {
@@ -117,6 +118,8 @@ impl Daemon {
             config.prune_interval,
             stop.clone(),
         ));
+        let verify_schedule =
+            crate::lifecycle::verify_schedule::spawn(Arc::clone(&backups), stop.clone());
         tracing::info!(%api_addr, nbd_shared = ?nbd_shared_addr, data_dir = %config.data_dir.display(), "hub daemon serving");
         Ok(Daemon {
             api_addr,
@@ -127,6 +130,7 @@ impl Daemon {
             stop,
             http,
             lifecycle,
+            verify_schedule,
         })
     }
 
@@ -145,6 +149,9 @@ impl Daemon {
             tracing::error!(error = %e, "lifecycle task");
         }
         self.backups.shutdown().await;
+        if let Some(v) = self.verify_schedule {
+            v.await.context("verification scheduler")?;
+        }
         self.http.await.context("API task")?.context("API server")?;
         Ok(())
     }

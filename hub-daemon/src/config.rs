@@ -99,6 +99,64 @@ pub struct Config {
     /// Prune every VM with a policy and build due synthetic fulls this
     /// often (`None`: never on a schedule; `POST /api/v1/prune` still works).
     pub prune_interval: Option<Duration>,
+    /// Scheduled verification and the verification read budget.
+    pub verify: VerifyConfig,
+}
+
+/// Scheduled verification (policies' `verify_every_days`) and the read
+/// budget every verification shares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VerifyConfig {
+    /// How often the scheduler looks for restore points due (zero: never;
+    /// on-demand verification still works).
+    pub check_interval: Duration,
+    /// Restore points the scheduler verifies at once.
+    pub max_concurrent: usize,
+    /// Verification read bytes/s while no backup runs (0 = unlimited).
+    pub rate: u64,
+    /// Verification read bytes/s while any backup runs (0 = unlimited).
+    /// Low by default: a running backup keeps its throughput (see
+    /// BENCHMARKS.md, "Scheduled verify next to a backup").
+    pub rate_during_backup: u64,
+}
+
+impl Default for VerifyConfig {
+    fn default() -> Self {
+        VerifyConfig {
+            check_interval: Duration::from_secs(3600),
+            max_concurrent: 1,
+            rate: 0,
+            rate_during_backup: 16 << 20,
+        }
+    }
+}
+
+impl VerifyConfig {
+    /// Set what is given (from a file, or flags and environment).
+    pub fn apply(
+        &mut self,
+        check_interval_secs: Option<u64>,
+        max_concurrent: Option<usize>,
+        rate: Option<u64>,
+        rate_during_backup: Option<u64>,
+    ) -> Result<(), String> {
+        if let Some(v) = check_interval_secs {
+            self.check_interval = Duration::from_secs(v);
+        }
+        if let Some(v) = max_concurrent {
+            if v == 0 {
+                return Err("verify_max_concurrent must be at least 1".into());
+            }
+            self.max_concurrent = v;
+        }
+        if let Some(v) = rate {
+            self.rate = v;
+        }
+        if let Some(v) = rate_during_backup {
+            self.rate_during_backup = v;
+        }
+        Ok(())
+    }
 }
 
 /// The hub's side of the appliance hand-off (`docs/sna-contract.md`).
@@ -219,6 +277,7 @@ impl Default for Config {
             sna: SnaConfig::default(),
             space_reserve: None,
             prune_interval: Some(Duration::from_secs(3600)),
+            verify: VerifyConfig::default(),
         }
     }
 }
@@ -331,6 +390,14 @@ pub struct FileConfig {
     pub space_reserve: Option<SizeValue>,
     /// Seconds between scheduled prunes; 0 = off.
     pub prune_interval_secs: Option<u64>,
+    /// Seconds; see [`VerifyConfig::check_interval`].
+    pub verify_check_interval_secs: Option<u64>,
+    /// See [`VerifyConfig::max_concurrent`].
+    pub verify_max_concurrent: Option<usize>,
+    /// Bytes/s, or a size such as `"64M"`; see [`VerifyConfig::rate`].
+    pub verify_rate: Option<SizeValue>,
+    /// Bytes/s, or a size; see [`VerifyConfig::rate_during_backup`].
+    pub verify_rate_during_backup: Option<SizeValue>,
 }
 
 impl FileConfig {
@@ -412,6 +479,18 @@ impl FileConfig {
         if let Some(v) = self.prune_interval_secs {
             c.prune_interval = prune_interval(v);
         }
+        c.verify.apply(
+            self.verify_check_interval_secs,
+            self.verify_max_concurrent,
+            self.verify_rate
+                .as_ref()
+                .map(SizeValue::bytes)
+                .transpose()?,
+            self.verify_rate_during_backup
+                .as_ref()
+                .map(SizeValue::bytes)
+                .transpose()?,
+        )?;
         c.sna.apply(
             self.sna_url,
             self.sna_token,
@@ -611,6 +690,26 @@ mod tests {
         assert_eq!(c.tls_dir(), PathBuf::from("/etc/hub/tls"));
         assert_eq!(c.api_scheme(), "https");
         assert!(toml::from_str::<FileConfig>("tls = \"maybe\"").is_err());
+    }
+
+    #[test]
+    fn file_sets_scheduled_verify() {
+        let mut c = Config::default();
+        assert_eq!(c.verify, VerifyConfig::default());
+        let f: FileConfig = toml::from_str(
+            "verify_check_interval_secs = 60\nverify_max_concurrent = 2\n\
+             verify_rate = \"128M\"\nverify_rate_during_backup = 1048576",
+        )
+        .unwrap();
+        f.apply(&mut c).unwrap();
+        assert_eq!(c.verify.check_interval, Duration::from_secs(60));
+        assert_eq!(c.verify.max_concurrent, 2);
+        assert_eq!(c.verify.rate, 128 << 20);
+        assert_eq!(c.verify.rate_during_backup, 1 << 20);
+        for bad in ["verify_max_concurrent = 0", "verify_rate = \"fast\""] {
+            let f: FileConfig = toml::from_str(bad).unwrap();
+            assert!(f.apply(&mut Config::default()).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -27,6 +27,7 @@ mod reconcile;
 mod restore;
 mod start;
 mod synthetic;
+mod throttle;
 mod verify;
 mod watchdog;
 
@@ -51,6 +52,7 @@ pub use prune::{KeptPoint, MergeStep, PruneReport, PruneRequest};
 pub use reconcile::ReconcileReport;
 pub use restore::Restore;
 pub use synthetic::SyntheticFull;
+pub use verify::VerifyOutcome;
 
 /// One disk of a running backup.
 #[derive(Debug)]
@@ -94,10 +96,19 @@ pub struct Backups {
     catalog: Catalog,
     nbd: NbdHub,
     config: Config,
-    jobs: Mutex<HashMap<String, Job>>,
+    /// Shared with the verification throttle, which slows down while any
+    /// backup runs.
+    jobs: Arc<Mutex<HashMap<String, Job>>>,
     restores: tokio::sync::Mutex<HashMap<String, Restore>>,
     /// Backups being verified.
     verifying: Mutex<std::collections::HashSet<String>>,
+    /// The read budget of every verification.
+    verify_throttle: Arc<throttle::Throttle>,
+    /// Verification's own I/O threads (started on first use): reading and
+    /// hashing old restore points never queues behind, or in front of, a
+    /// running backup's image I/O on the shared pool or the tokio workers
+    /// serving NBD.
+    verify_pool: OnceLock<qcow_backend::IoPool>,
     shutting_down: AtomicBool,
     seq: AtomicU32,
     /// Client of the backup appliances.
@@ -121,13 +132,22 @@ impl Backups {
         if let Some(u) = &config.sna.public_url {
             let _ = public_url.set(u.clone());
         }
+        let jobs: Arc<Mutex<HashMap<String, Job>>> = Arc::default();
+        let running = Arc::clone(&jobs);
+        let verify_throttle = Arc::new(throttle::Throttle::new(
+            config.verify.rate,
+            config.verify.rate_during_backup,
+            Box::new(move || !running.lock().unwrap_or_else(|e| e.into_inner()).is_empty()),
+        ));
         Arc::new(Backups {
             sna,
+            verify_throttle,
+            verify_pool: OnceLock::new(),
             public_url,
             catalog,
             nbd,
             config,
-            jobs: Mutex::new(HashMap::new()),
+            jobs,
             restores: tokio::sync::Mutex::new(HashMap::new()),
             verifying: Mutex::new(Default::default()),
             shutting_down: AtomicBool::new(false),

@@ -490,6 +490,18 @@ impl Backups {
             Ok(c) => c,
             Err(e) => return Ok(Err(format!("parent {}: {e}", p.backup_id))),
         };
+        // A parent whose own verification is older than an ancestor's
+        // finding (or that was never verified) still reads through the
+        // damaged layer: the whole chain must be clean.
+        if let Some(bad) = chain
+            .iter()
+            .find(|l| l.verify_status.as_deref() == Some("corrupt"))
+        {
+            return Ok(Err(format!(
+                "parent {} depends on {}, which failed verification",
+                p.backup_id, bad.backup_id
+            )));
+        }
         let sidecars: Vec<PathBuf> = chain
             .iter()
             .map(|l| Layout::sidecar(&layout.path_of(&l.file)))

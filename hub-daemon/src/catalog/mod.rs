@@ -127,6 +127,8 @@ pub struct ChainLink {
     pub status: String,
     /// Virtual size.
     pub size_bytes: u64,
+    /// This disk's last verification outcome ("ok" / "corrupt").
+    pub verify_status: Option<String>,
 }
 
 /// What failing one disk records.
@@ -560,7 +562,7 @@ impl Catalog {
                 }
                 let row: Option<ChainLink> = c
                     .query_row(
-                        "SELECT d.backup_id, d.file, d.digest, d.parent_backup_id, b.status, d.size_bytes
+                        "SELECT d.backup_id, d.file, d.digest, d.parent_backup_id, b.status, d.size_bytes, d.verify_status
                          FROM backup_disks d JOIN backups b ON b.id = d.backup_id
                          WHERE d.backup_id = ?1 AND d.disk_id = ?2",
                         params![bid, disk_id],
@@ -572,6 +574,7 @@ impl Catalog {
                                 parent_backup_id: r.get(3)?,
                                 status: r.get(4)?,
                                 size_bytes: r.get::<_, i64>(5)? as u64,
+                                verify_status: r.get(6)?,
                             })
                         },
                     )
@@ -817,6 +820,32 @@ impl Catalog {
             }
             tx.commit()?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Completed restore points due for their policy's scheduled
+    /// verification at `now_ms`, most overdue first: the policy has
+    /// `verify_every_days > 0`, the last verification (or, never verified,
+    /// the completion) is at least that old, the images are present, every
+    /// disk has a digest, and it is not flagged corrupt (a corrupt restore
+    /// point stays flagged until someone verifies it on demand) nor being
+    /// verified. Plain SQL (`COALESCE` and integer arithmetic) so it runs
+    /// on PostgreSQL too.
+    /// With `only`, just that restore point if it is due.
+    pub async fn due_for_verify(&self, now_ms: i64, only: Option<String>) -> Result<Vec<String>> {
+        self.with(move |c| {
+            let mut st = c.prepare(
+                "SELECT b.id FROM backups b JOIN policies p ON p.id = b.policy_id
+                 WHERE b.status = 'completed' AND b.files_missing = 0 AND p.verify_every_days > 0
+                   AND (b.verify_status IS NULL OR b.verify_status = 'ok')
+                   AND COALESCE(b.verified_ms, b.completed_ms) <= ?1 - p.verify_every_days * 86400000
+                   AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.digest IS NULL)
+                   AND (?2 IS NULL OR b.id = ?2)
+                 ORDER BY COALESCE(b.verified_ms, b.completed_ms), b.id",
+            )?;
+            let rows = st.query_map(params![now_ms, only], |r| r.get(0))?;
+            Ok(rows.collect::<rusqlite::Result<_>>()?)
         })
         .await
     }

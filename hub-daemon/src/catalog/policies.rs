@@ -29,7 +29,8 @@ pub struct Policy {
     pub max_chain_length: u32,
     /// Nothing younger is removed.
     pub min_retention_days: u32,
-    /// Re-verify interval (stored, not yet enforced).
+    /// Re-verify a restore point this many days after its last
+    /// verification (or completion); see `lifecycle::verify_schedule`.
     pub verify_every_days: u32,
 }
 

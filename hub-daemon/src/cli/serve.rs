@@ -103,6 +103,21 @@ pub struct ServeArgs {
     /// [default: http://{listen address}].
     #[arg(long, env = "HUB_PUBLIC_URL", value_name = "URL")]
     public_url: Option<String>,
+    /// How often to look for restore points due for their policy's
+    /// scheduled verification, seconds; 0 = never [default: 3600].
+    #[arg(long, env = "HUB_VERIFY_CHECK_INTERVAL", value_name = "SECS")]
+    verify_check_interval: Option<u64>,
+    /// Restore points verified at once by the scheduler [default: 1].
+    #[arg(long, env = "HUB_VERIFY_MAX_CONCURRENT", value_name = "N")]
+    verify_max_concurrent: Option<usize>,
+    /// Verification read rate while no backup runs, bytes/s such as 256M;
+    /// 0 = unlimited, the default: an idle hub verifies at disk speed.
+    #[arg(long, env = "HUB_VERIFY_RATE", value_name = "SIZE", value_parser = super::size::parse_size)]
+    verify_rate: Option<u64>,
+    /// Verification read rate while any backup runs, bytes/s; 0 =
+    /// unlimited [default: 16M].
+    #[arg(long, env = "HUB_VERIFY_RATE_DURING_BACKUP", value_name = "SIZE", value_parser = super::size::parse_size)]
+    verify_rate_during_backup: Option<u64>,
 }
 
 impl ServeArgs {
@@ -160,6 +175,14 @@ impl ServeArgs {
         if !self.repository_roots.is_empty() {
             c.repository_roots = self.repository_roots.clone();
         }
+        c.verify
+            .apply(
+                self.verify_check_interval,
+                self.verify_max_concurrent,
+                self.verify_rate,
+                self.verify_rate_during_backup,
+            )
+            .map_err(anyhow::Error::msg)?;
         c.sna
             .apply(
                 self.sna_url.clone(),

@@ -1,9 +1,11 @@
 //! Restore-point lifecycle: which restore points a retention policy keeps
 //! ([`retention`]), and what removing the others means for the image chains
 //! built on them ([`chains`]): pure planning, no I/O, the prune executor
-//! acts on these plans. [`schedule`] runs prune and synthetic fulls in the
-//! background.
+//! acts on these plans. The scheduled jobs: [`schedule`] runs prune and
+//! synthetic fulls in the background, [`verify_schedule`] re-verifies
+//! restore points as their policy asks.
 
 pub mod chains;
 pub mod retention;
 pub mod schedule;
+pub mod verify_schedule;
