@@ -43,7 +43,9 @@ struct Opts {
     reps: usize,
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through hub
-    /// + agent, full then a 10 % incremental, against qemu-nbd + nbdcopy).
+    /// + agent, full then a 10 % incremental, against qemu-nbd + nbdcopy);
+    /// handoff-bitmap (opt-in: the same with qcow2 sources served by
+    /// `qemu-nbd -r -B b0` and the incremental driven by the dirty bitmap).
     #[arg(
         long,
         default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
@@ -299,7 +301,10 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     }
     let src = wd.join("data").join(format!("src-{}.raw", opts.size));
     // The handoff workload makes its own sources; alone it needs no other.
-    let needs_src = opts.tests.iter().any(|t| t != "handoff");
+    let needs_src = opts
+        .tests
+        .iter()
+        .any(|t| t != "handoff" && t != "handoff-bitmap");
     if needs_src && !src.exists() {
         eprintln!("generating {} bytes of disk-like data", opts.size);
         data::generate(&src, opts.size, 1)?;
@@ -393,6 +398,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         if has("handoff") {
             run.handoff(rep, kinds.contains(&Kind::QemuNbd))
                 .context("handoff")?;
+        }
+        if has("handoff-bitmap") {
+            run.handoff_bitmap(rep).context("handoff-bitmap")?;
         }
         if has("digest") {
             run.digest(rep, !opts.no_cold).context("digest")?;
