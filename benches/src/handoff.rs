@@ -382,7 +382,13 @@ impl Run {
         let vm = json!({"vm_context_id": "ctx-vm1", "disks": disks});
         stack.call("PUT", &format!("/api/v1/vms/{VM}"), Some(&vm))?;
         let (full_secs, done) = stack.backup("full")?;
-        self.record_as(OURS_BITMAP, &full, rep, total as f64 / 1e6 / full_secs, "MB/s");
+        self.record_as(
+            OURS_BITMAP,
+            &full,
+            rep,
+            total as f64 / 1e6 / full_secs,
+            "MB/s",
+        );
         self.record_as(OURS_BITMAP, &format!("{full}_secs"), rep, full_secs, "s");
         self.verify_point(OURS_BITMAP, &full, rep, &stack.repo, &done, &raws);
 
@@ -410,8 +416,9 @@ impl Run {
         for i in 0..n {
             let mode = done["disks"][i]["backup_mode"].as_str().unwrap_or("");
             if mode != "incremental" {
-                self.failures
-                    .push(format!("bitmap {inc} rep {rep} disk {i}: backed up {mode:?}"));
+                self.failures.push(format!(
+                    "bitmap {inc} rep {rep} disk {i}: backed up {mode:?}"
+                ));
             }
         }
         self.verify_point(OURS_BITMAP, inc, rep, &stack.repo, &done, &raws);

@@ -240,10 +240,7 @@ pub async fn stream_disk(d: DiskStream, opts: StreamOptions) -> Result<StreamOut
                     .map(|(b, _)| g.block_len(b as u64))
                     .sum();
                 d.progress.done.fetch_add(clean_bytes, Ordering::Relaxed);
-                (
-                    base.leaves.clone(),
-                    Box::new(dirty_runs(set.clone(), per)),
-                )
+                (base.leaves.clone(), Box::new(dirty_runs(set.clone(), per)))
             }
             _ => {
                 let blocks = g.blocks();
@@ -299,7 +296,10 @@ pub async fn dirty_blocks(bm: &DirtyBitmap, g: &Geometry) -> Result<Vec<bool>, C
     let mut set = vec![false; g.blocks() as usize];
     let mut at = 0u64;
     while at < size {
-        let extents = bm.client.block_status_of(&bm.context, at, size - at).await?;
+        let extents = bm
+            .client
+            .block_status_of(&bm.context, at, size - at)
+            .await?;
         for e in extents {
             // at < size here, so at + len ≤ size cannot overflow.
             let len = e.length.min(size - at);
@@ -365,7 +365,12 @@ async fn chunk_job(
         .collect();
     let mut stats = send_runs(d, &g, first, &actions, &chunks, max_write).await?;
     stats.bytes_read = len;
-    Ok((first, info.into_iter().map(|b| b.leaf).collect(), stats, len))
+    Ok((
+        first,
+        info.into_iter().map(|b| b.leaf).collect(),
+        stats,
+        len,
+    ))
 }
 
 /// Coalesce equal actions on adjacent blocks into requests (each at most
@@ -439,4 +444,19 @@ async fn send_runs(
 enum Req {
     Write(u64, Bytes),
     Zero(u64, u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_runs_split_at_clean_blocks_and_at_the_chunk() {
+        let (t, f) = (true, false);
+        let runs: Vec<(u64, u64)> = dirty_runs(vec![f, t, t, t, f, f, t, t], 2).collect();
+        assert_eq!(runs, vec![(1, 2), (3, 1), (6, 2)]);
+        assert_eq!(dirty_runs(vec![f, f], 4).count(), 0);
+        assert_eq!(dirty_runs(Vec::new(), 4).count(), 0);
+        assert_eq!(dirty_runs(vec![t; 5], 8).collect::<Vec<_>>(), vec![(0, 5)]);
+    }
 }

@@ -505,7 +505,18 @@ struct QemuNbd {
 impl QemuNbd {
     async fn start(img: &Path, port: u16) -> QemuNbd {
         let child = tokio::process::Command::new("qemu-nbd")
-            .args(["-r", "-B", "b0", "-f", "qcow2", "-x", "d", "-t", "-b", "127.0.0.1"])
+            .args([
+                "-r",
+                "-B",
+                "b0",
+                "-f",
+                "qcow2",
+                "-x",
+                "d",
+                "-t",
+                "-b",
+                "127.0.0.1",
+            ])
             .args(["-p", &port.to_string()])
             .arg(img)
             .stdin(Stdio::null())
@@ -541,7 +552,10 @@ fn bytes_read(logs: &[String], n: usize) -> std::collections::BTreeMap<u32, u64>
             .parse()
             .unwrap()
     };
-    let lines: Vec<&String> = logs.iter().filter(|l| l.contains("disk streamed")).collect();
+    let lines: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("disk streamed"))
+        .collect();
     assert!(lines.len() >= n, "{logs:?}");
     lines[lines.len() - n..]
         .iter()
@@ -613,7 +627,11 @@ async fn dirty_bitmap_incremental_reads_only_dirty_blocks() {
     check(b).await;
     let read = bytes_read(&ag.logs.lock().unwrap(), 3);
     for (i, &size) in SIZES.iter().enumerate() {
-        assert_eq!(read[&(2000 + i as u32)], size as u64, "full reads everything");
+        assert_eq!(
+            read[&(2000 + i as u32)],
+            size as u64,
+            "full reads everything"
+        );
     }
 
     // Writes while nothing serves the images (qemu-nbd's view of the
@@ -632,7 +650,7 @@ async fn dirty_bitmap_incremental_reads_only_dirty_blocks() {
         (
             0,
             vec![
-                "write -P 0x11 196608 64k".into(),  // block 3
+                "write -P 0x11 196608 64k".into(),   // block 3
                 "write -P 0x12 3276800 100k".into(), // blocks 50, 51
                 "write -P 0x13 8388607 1".into(),    // the last byte: block 127
                 old_s,                               // block 20, same bytes

@@ -270,10 +270,14 @@ impl Assembly {
                     std::mem::take(pieces).into_iter().map(|(_, p)| p).collect(),
                 )))
             }
-            State::Status { extents, .. } => extents
-                .take()
-                .map(|e| Ok(Output::Status(e)))
-                .ok_or(ProtocolError::BadStatus("no status chunk for the context asked")),
+            State::Status { extents, .. } => {
+                extents
+                    .take()
+                    .map(|e| Ok(Output::Status(e)))
+                    .ok_or(ProtocolError::BadStatus(
+                        "no status chunk for the context asked",
+                    ))
+            }
             State::Plain { .. } => Ok(Ok(Output::Done)),
         }
     }
