@@ -43,9 +43,9 @@ struct Opts {
     reps: usize,
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through hub
-    /// + agent, full then a 10 % incremental, against qemu-nbd + nbdcopy);
-    /// handoff-bitmap (opt-in: the same with qcow2 sources served by
-    /// `qemu-nbd -r -B b0` and the incremental driven by the dirty bitmap).
+    /// and agent, full then a 10 % incremental, against qemu-nbd and
+    /// nbdcopy); handoff-bitmap (opt-in: the same with qcow2 sources served
+    /// by `qemu-nbd -r -B b0` and the incremental driven by the bitmap).
     #[arg(
         long,
         default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
