@@ -45,9 +45,11 @@ struct Opts {
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through
     /// hub and agent, full then a 10 % incremental, against qemu-nbd and
-    /// nbdcopy); verifysched (opt-in: a backup of the --size source into
-    /// the hub alone and while a scheduled verification reads --disks old
-    /// restore points of --disk-size; default, then unlimited rates).
+    /// nbdcopy); handoff-bitmap (opt-in: the same with qcow2 sources served
+    /// by `qemu-nbd -r -B b0` and the incremental driven by the bitmap);
+    /// verifysched (opt-in: a backup of the --size source into the hub
+    /// alone and while a scheduled verification reads --disks old restore
+    /// points of --disk-size; default, then unlimited rates).
     #[arg(
         long,
         default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
@@ -303,7 +305,10 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     }
     let src = wd.join("data").join(format!("src-{}.raw", opts.size));
     // The handoff workload makes its own sources; alone it needs no other.
-    let needs_src = opts.tests.iter().any(|t| t != "handoff");
+    let needs_src = opts
+        .tests
+        .iter()
+        .any(|t| t != "handoff" && t != "handoff-bitmap");
     if needs_src && !src.exists() {
         eprintln!("generating {} bytes of disk-like data", opts.size);
         data::generate(&src, opts.size, 1)?;
@@ -397,6 +402,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         if has("handoff") {
             run.handoff(rep, kinds.contains(&Kind::QemuNbd))
                 .context("handoff")?;
+        }
+        if has("handoff-bitmap") {
+            run.handoff_bitmap(rep).context("handoff-bitmap")?;
         }
         if has("digest") {
             run.digest(rep, !opts.no_cold).context("digest")?;

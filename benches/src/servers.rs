@@ -150,6 +150,52 @@ fn log_file(log: &Path) -> anyhow::Result<std::fs::File> {
         .open(log)?)
 }
 
+/// `qemu-img ARGS`, failing with its stderr.
+pub fn qemu_img(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new("qemu-img").args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "qemu-img {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// `qemu-nbd -r -B BITMAP` per qcow2 image, export `d<i>`, on the given
+/// ports (fixed, so a source configured with a port survives a restart).
+pub fn start_bitmap(
+    imgs: &[PathBuf],
+    ports: &[u16],
+    bitmap: &str,
+    log: &Path,
+) -> anyhow::Result<Running> {
+    let t0 = Instant::now();
+    let mut children = Vec::with_capacity(imgs.len());
+    let mut uris = Vec::with_capacity(imgs.len());
+    for (i, (img, port)) in imgs.iter().zip(ports).enumerate() {
+        let child = Command::new("qemu-nbd")
+            .args(["-r", "-B", bitmap, "-f", "qcow2", "-t", "-b", "127.0.0.1"])
+            .args(["-x", &format!("d{i}"), "-p", &port.to_string()])
+            .arg(img)
+            .stdout(log_file(log)?)
+            .stderr(log_file(log)?)
+            .spawn()
+            .context("spawning qemu-nbd")?;
+        children.push(child);
+        uris.push(format!("nbd://127.0.0.1:{port}/d{i}"));
+    }
+    for (c, p) in children.iter_mut().zip(ports) {
+        wait_ready(*p, c)?;
+    }
+    Ok(Running {
+        children,
+        uris,
+        ready_after: t0.elapsed(),
+        stdout: None,
+    })
+}
+
 /// Start `kind` serving `specs`.
 pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::Result<Running> {
     let t0 = Instant::now();

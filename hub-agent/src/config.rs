@@ -10,6 +10,7 @@
 //! [sources]                    # "VM/DISK_KEY" = raw file, device, qcow2 or nbd://
 //! "vm1/2000" = "/dev/vg0/vm1-disk0"
 //! "vm1/2001" = "/images/vm1-data.qcow2"
+//! "vm2/2000" = "nbd://10.0.0.9:10809/vm2-disk0?dirty-bitmap=b0"  # qemu-nbd -r -B b0
 //! ```
 
 use std::collections::BTreeMap;

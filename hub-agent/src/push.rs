@@ -174,10 +174,11 @@ async fn push_one(
     change_id: String,
     opts: StreamOptions,
 ) -> Result<DiskResult, PushErrorKind> {
-    let (source, target) = tokio::try_join!(
-        async { d.source.open().await.map_err(PushErrorKind::Source) },
+    let (opened, target) = tokio::try_join!(
+        async { d.source.open_tracked().await.map_err(PushErrorKind::Source) },
         async { connect_target(&d.target_uri, opts.tls.as_ref()).await },
     )?;
+    let source = opened.backend;
     let size = source.size();
     let mode = if d.base.is_some() {
         Mode::Incremental
@@ -189,11 +190,22 @@ async fn push_one(
             source,
             target: target.clone(),
             base: d.base,
+            dirty: opened.dirty,
             progress: d.progress,
         },
         opts,
     )
     .await?;
+    let s = &out.stats;
+    tracing::info!(
+        disk_key = d.disk_key,
+        ?mode,
+        bytes_read = s.bytes_read,
+        blocks_clean = s.blocks_clean,
+        bytes_written = s.bytes_written,
+        bytes_zeroed = s.bytes_zeroed,
+        "disk streamed"
+    );
     // Everything is flushed; a failed goodbye loses nothing.
     let _ = target.disconnect().await;
     Ok(DiskResult {

@@ -1,8 +1,14 @@
 //! Where a disk's bytes come from: a raw file, a block device, a qcow2
 //! image (with its backing chain) or a remote `nbd://` export. Every kind
 //! opens to one [`BlockBackend`], so the streaming code reads them alike.
+//!
+//! An NBD source may name a qemu dirty bitmap
+//! (`nbd://host:port/export?dirty-bitmap=NAME`, served by e.g.
+//! `qemu-nbd -r -B NAME`): an incremental then reads only the blocks the
+//! bitmap marks dirty (see [`crate::stream`] and the operator's contract in
+//! the README).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use nbd_server::BlockBackend;
@@ -15,8 +21,28 @@ use crate::rawfile::RawFile;
 pub enum SourceSpec {
     /// A raw file, a block device or a qcow2 image, told apart by content.
     Path(PathBuf),
-    /// An `nbd://host:port/export` URI.
+    /// An `nbd://host:port/export[?dirty-bitmap=NAME]` URI.
     Nbd(String),
+}
+
+/// An opened source.
+#[derive(Debug)]
+pub struct Opened {
+    /// Its bytes.
+    pub backend: Arc<dyn BlockBackend>,
+    /// Its dirty bitmap, if it names one.
+    pub dirty: Option<DirtyBitmap>,
+}
+
+/// A qemu dirty bitmap on an NBD source's connection: the blocks written
+/// since the bitmap was started (or last cleared). Whether it covers every
+/// write since the last completed push is the operator's contract.
+#[derive(Debug, Clone)]
+pub struct DirtyBitmap {
+    /// The source's connection (the context was asked for at handshake).
+    pub client: nbd_client::Client,
+    /// `qemu:dirty-bitmap:NAME`.
+    pub context: String,
 }
 
 /// Why a source could not be opened.
@@ -67,31 +93,55 @@ impl SourceSpec {
 
     /// Open read-only.
     pub async fn open(&self) -> Result<Arc<dyn BlockBackend>, SourceError> {
+        Ok(self.open_tracked().await?.backend)
+    }
+
+    /// Open read-only, with the source's dirty bitmap if it names one.
+    pub async fn open_tracked(&self) -> Result<Opened, SourceError> {
         match self {
-            SourceSpec::Path(p) => {
-                let image = |source| SourceError::Image {
-                    path: p.display().to_string(),
-                    source,
-                };
-                if qcow_backend::chain::is_qcow2(p).map_err(image)? {
-                    // Backing files may live only next to the image (the
-                    // backend's default policy): a source is configured by
-                    // the operator, its chain is not.
-                    let opts = OpenOptions::new().read_only(true);
-                    let q = QcowBackend::open(p, &opts).await.map_err(image)?;
-                    Ok(Arc::new(q))
-                } else {
-                    let f = RawFile::open(p).map_err(|source| SourceError::Raw {
-                        path: p.display().to_string(),
-                        source,
-                    })?;
-                    Ok(Arc::new(f))
-                }
-            }
+            SourceSpec::Path(p) => Ok(Opened {
+                backend: open_path(p).await?,
+                dirty: None,
+            }),
             SourceSpec::Nbd(u) => {
-                let c = nbd_client::connect_uri(u).await?;
-                Ok(Arc::new(nbd_client::NbdBackend::new(c)))
+                let parsed =
+                    nbd_client::NbdUri::parse(u).map_err(nbd_client::ConnectError::from)?;
+                // options_for asks for the bitmap's context next to
+                // base:allocation.
+                let opts = nbd_client::options_for(&parsed)?;
+                let c = nbd_client::Client::connect_host(&parsed.host, parsed.port, &opts)
+                    .await
+                    .map_err(nbd_client::ConnectError::from)?;
+                let dirty = parsed.dirty_bitmap_context().map(|context| DirtyBitmap {
+                    client: c.clone(),
+                    context,
+                });
+                Ok(Opened {
+                    backend: Arc::new(nbd_client::NbdBackend::new(c)),
+                    dirty,
+                })
             }
         }
+    }
+}
+
+async fn open_path(p: &Path) -> Result<Arc<dyn BlockBackend>, SourceError> {
+    let image = |source| SourceError::Image {
+        path: p.display().to_string(),
+        source,
+    };
+    if qcow_backend::chain::is_qcow2(p).map_err(image)? {
+        // Backing files may live only next to the image (the backend's
+        // default policy): a source is configured by the operator, its
+        // chain is not.
+        let opts = OpenOptions::new().read_only(true);
+        let q = QcowBackend::open(p, &opts).await.map_err(image)?;
+        Ok(Arc::new(q))
+    } else {
+        let f = RawFile::open(p).map_err(|source| SourceError::Raw {
+            path: p.display().to_string(),
+            source,
+        })?;
+        Ok(Arc::new(f))
     }
 }

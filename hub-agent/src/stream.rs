@@ -1,9 +1,17 @@
-//! Streaming one disk: read the whole source in chunks, hash every block
-//! (the digest and the next change-tracking state need all of them), and
+//! Streaming one disk: read the source in chunks, hash every block read
+//! (the digest and the next change-tracking state need every leaf), and
 //! write to the NBD target only what the target lacks: for a full, every
 //! block that is not zero (the hub's fresh image reads zeroes); for an
 //! incremental, every block whose leaf differs from the base state, blocks
 //! that became zero as WRITE_ZEROES.
+//!
+//! What is read: the whole source, except for an incremental of a source
+//! with a dirty bitmap ([`crate::source::DirtyBitmap`]): then only the
+//! blocks the bitmap marks dirty, and the leaves of the others come from
+//! the base state (the operator's contract: the bitmap records every write
+//! since the data of the base was read). Dirty blocks are still hashed and
+//! skipped when unchanged, so a bitmap that says too much costs reads, not
+//! correctness. A bitmap that cannot be queried means a whole read.
 //!
 //! Several chunks are in flight at once (read, hash, write), and their
 //! writes are pipelined on the one NBD connection; memory is bounded by
@@ -22,6 +30,7 @@ use nbd_server::proto::consts::tx_flags;
 use nbd_server::{BackendError, BlockBackend, ReadChunk};
 
 use crate::blocks::{classify, slice_of, BlockInfo};
+use crate::source::DirtyBitmap;
 use crate::tracking::DiskState;
 
 /// Tuning of one disk's stream.
@@ -64,8 +73,14 @@ pub struct StreamStats {
     pub write_requests: u64,
     /// WRITE_ZEROES requests.
     pub zero_requests: u64,
-    /// Blocks not sent: zero in a full, unchanged in an incremental.
+    /// Blocks not sent: zero in a full, unchanged in an incremental
+    /// (read and found unchanged, or clean in the dirty bitmap).
     pub blocks_skipped: u64,
+    /// Bytes read from the source.
+    pub bytes_read: u64,
+    /// Blocks the dirty bitmap marked clean: neither read nor sent (their
+    /// leaves came from the base state).
+    pub blocks_clean: u64,
 }
 
 impl StreamStats {
@@ -75,6 +90,8 @@ impl StreamStats {
         self.write_requests += o.write_requests;
         self.zero_requests += o.zero_requests;
         self.blocks_skipped += o.blocks_skipped;
+        self.bytes_read += o.bytes_read;
+        self.blocks_clean += o.blocks_clean;
     }
 }
 
@@ -141,6 +158,8 @@ pub struct DiskStream {
     pub target: Client,
     /// Base of an incremental; `None` for a full.
     pub base: Option<Arc<DiskState>>,
+    /// The source's dirty bitmap (used only with a base).
+    pub dirty: Option<DirtyBitmap>,
     /// Progress of this disk.
     pub progress: Arc<DiskCounter>,
 }
@@ -193,19 +212,63 @@ pub async fn stream_disk(d: DiskStream, opts: StreamOptions) -> Result<StreamOut
     // Whole blocks, and at most 32 MiB so one read's length fits its u32.
     let chunk = opts.chunk.clamp(BLOCK_SIZE, 32 << 20) / BLOCK_SIZE * BLOCK_SIZE;
     let per = chunk / BLOCK_SIZE;
-    let n_chunks = g.blocks().div_ceil(per);
-    let mut leaves = Vec::with_capacity(g.blocks() as usize);
+    let dirty = match (&d.base, &d.dirty) {
+        (Some(_), Some(bm)) => match dirty_blocks(bm, &g).await {
+            Ok(set) => Some(set),
+            // Reading everything is what a source without a bitmap gets:
+            // slower, never wrong.
+            Err(e) => {
+                tracing::warn!(error = %e, "dirty bitmap unusable; reading the whole disk");
+                None
+            }
+        },
+        _ => None,
+    };
     let mut stats = StreamStats::default();
+    // With a bitmap, clean blocks keep the base's leaves and only dirty
+    // runs are read; without, every block is read, in order.
+    let (mut leaves, jobs): (Vec<Hash>, Box<dyn Iterator<Item = (u64, u64)> + Send>) =
+        match (&dirty, &d.base) {
+            (Some(set), Some(base)) => {
+                let clean = set.iter().filter(|x| !**x).count() as u64;
+                stats.blocks_clean = clean;
+                stats.blocks_skipped = clean;
+                let clean_bytes: u64 = set
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, x)| !**x)
+                    .map(|(b, _)| g.block_len(b as u64))
+                    .sum();
+                d.progress.done.fetch_add(clean_bytes, Ordering::Relaxed);
+                (base.leaves.clone(), Box::new(dirty_runs(set.clone(), per)))
+            }
+            _ => {
+                let blocks = g.blocks();
+                (
+                    Vec::with_capacity(blocks as usize),
+                    Box::new((0..blocks.div_ceil(per)).map(move |i| {
+                        let first = i * per;
+                        (first, per.min(blocks - first))
+                    })),
+                )
+            }
+        };
+    let in_order = dirty.is_none();
     let d = &d;
-    let mut results = stream::iter(0..n_chunks)
-        .map(|i| {
-            let first = i * per;
-            let n = per.min(g.blocks() - first);
-            chunk_job(d, g, first, n, opts.max_write)
-        })
+    let mut results = stream::iter(jobs)
+        .map(|(first, n)| chunk_job(d, g, first, n, opts.max_write))
         .buffered(opts.in_flight.max(1));
-    while let Some((l, s, bytes)) = results.try_next().await? {
-        leaves.extend(l);
+    while let Some((first, l, s, bytes)) = results.try_next().await? {
+        if in_order {
+            leaves.extend(l);
+        } else {
+            let at = first as usize;
+            let slot = at
+                .checked_add(l.len())
+                .and_then(|end| leaves.get_mut(at..end))
+                .ok_or_else(|| StreamError::Hashing("dirty run outside the disk".into()))?;
+            slot.copy_from_slice(&l);
+        }
         stats.add(&s);
         d.progress.done.fetch_add(bytes, Ordering::Relaxed);
     }
@@ -224,6 +287,53 @@ pub async fn stream_disk(d: DiskStream, opts: StreamOptions) -> Result<StreamOut
     })
 }
 
+/// Which blocks of a disk of geometry `g` the bitmap marks dirty: those
+/// with at least one dirty byte (the bitmap's granularity need not be the
+/// block size). Extents are clamped to the disk; the client refuses
+/// zero-length ones, so every reply moves forward.
+pub async fn dirty_blocks(bm: &DirtyBitmap, g: &Geometry) -> Result<Vec<bool>, ClientError> {
+    let size = g.size();
+    let mut set = vec![false; g.blocks() as usize];
+    let mut at = 0u64;
+    while at < size {
+        let extents = bm
+            .client
+            .block_status_of(&bm.context, at, size - at)
+            .await?;
+        for e in extents {
+            // at < size here, so at + len ≤ size cannot overflow.
+            let len = e.length.min(size - at);
+            if e.is_dirty() {
+                let first = (at / BLOCK_SIZE) as usize;
+                let last = ((at + len - 1) / BLOCK_SIZE) as usize;
+                if let Some(s) = set.get_mut(first..=last) {
+                    s.fill(true);
+                }
+            }
+            at += len;
+            if at >= size {
+                break;
+            }
+        }
+    }
+    Ok(set)
+}
+
+/// Runs of dirty blocks, each at most `per` blocks: `(first, n)`.
+fn dirty_runs(set: Vec<bool>, per: u64) -> impl Iterator<Item = (u64, u64)> + Send {
+    let mut b = 0usize;
+    std::iter::from_fn(move || {
+        while set.get(b) == Some(&false) {
+            b += 1;
+        }
+        let first = b;
+        while b < set.len() && set[b] && ((b - first) as u64) < per {
+            b += 1;
+        }
+        (b > first).then(|| (first as u64, (b - first) as u64))
+    })
+}
+
 /// Read, hash and send blocks `[first, first+n)`.
 async fn chunk_job(
     d: &DiskStream,
@@ -231,7 +341,7 @@ async fn chunk_job(
     first: u64,
     n: u64,
     max_write: u64,
-) -> Result<(Vec<Hash>, StreamStats, u64), StreamError> {
+) -> Result<(u64, Vec<Hash>, StreamStats, u64), StreamError> {
     let offset = g.block_offset(first);
     let len = g.block_offset(first + n).min(g.size()) - offset;
     // len ≤ chunk ≤ 32 MiB.
@@ -253,8 +363,14 @@ async fn chunk_job(
         .enumerate()
         .map(|(i, b)| action(b, base.and_then(|s| s.leaves.get(first as usize + i))))
         .collect();
-    let stats = send_runs(d, &g, first, &actions, &chunks, max_write).await?;
-    Ok((info.into_iter().map(|b| b.leaf).collect(), stats, len))
+    let mut stats = send_runs(d, &g, first, &actions, &chunks, max_write).await?;
+    stats.bytes_read = len;
+    Ok((
+        first,
+        info.into_iter().map(|b| b.leaf).collect(),
+        stats,
+        len,
+    ))
 }
 
 /// Coalesce equal actions on adjacent blocks into requests (each at most
@@ -328,4 +444,19 @@ async fn send_runs(
 enum Req {
     Write(u64, Bytes),
     Zero(u64, u64),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dirty_runs_split_at_clean_blocks_and_at_the_chunk() {
+        let (t, f) = (true, false);
+        let runs: Vec<(u64, u64)> = dirty_runs(vec![f, t, t, t, f, f, t, t], 2).collect();
+        assert_eq!(runs, vec![(1, 2), (3, 1), (6, 2)]);
+        assert_eq!(dirty_runs(vec![f, f], 4).count(), 0);
+        assert_eq!(dirty_runs(Vec::new(), 4).count(), 0);
+        assert_eq!(dirty_runs(vec![t; 5], 8).collect::<Vec<_>>(), vec![(0, 5)]);
+    }
 }

@@ -38,6 +38,8 @@ const SIZES: [usize; 3] = [8 * MIB, 4 * MIB, 6 * MIB];
 struct Agent {
     child: tokio::process::Child,
     addr: SocketAddr,
+    /// Every log line so far.
+    logs: Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 async fn agent(state: &Path, sources: &[String]) -> Agent {
@@ -66,8 +68,14 @@ async fn agent_with(state: &Path, sources: &[String], extra: &[&str]) -> Agent {
         }
     };
     // Keep draining its logs so it never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
-    Agent { child, addr }
+    let logs = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let keep = Arc::clone(&logs);
+    tokio::spawn(async move {
+        while let Ok(Some(l)) = lines.next_line().await {
+            keep.lock().unwrap().push(l);
+        }
+    });
+    Agent { child, addr, logs }
 }
 
 /// The VM's disks as registered (disk_id = unit = index).
@@ -486,4 +494,199 @@ async fn a_vm_over_tls_with_client_certificates() {
         }
     }
     hubd.shutdown().await.unwrap();
+}
+
+/// `qemu-nbd -r -B b0` serving a qcow2 on a fixed port, as a child process
+/// (so stopping it is a kill and a wait, and the image is free afterwards).
+struct QemuNbd {
+    child: tokio::process::Child,
+}
+
+impl QemuNbd {
+    async fn start(img: &Path, port: u16) -> QemuNbd {
+        let child = tokio::process::Command::new("qemu-nbd")
+            .args([
+                "-r",
+                "-B",
+                "b0",
+                "-f",
+                "qcow2",
+                "-x",
+                "d",
+                "-t",
+                "-b",
+                "127.0.0.1",
+            ])
+            .args(["-p", &port.to_string()])
+            .arg(img)
+            .stdin(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        // Bounded: qemu-nbd listens within milliseconds; 2000 × 5 ms is
+        // far beyond that even on a loaded machine.
+        for _ in 0..2000 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return QemuNbd { child };
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        panic!("qemu-nbd on port {port} never listened");
+    }
+
+    async fn stop(mut self) {
+        self.child.kill().await.unwrap();
+    }
+}
+
+/// `disk streamed` lines of the agent's log: (disk key, bytes read), last
+/// `n` of them.
+fn bytes_read(logs: &[String], n: usize) -> std::collections::BTreeMap<u32, u64> {
+    let field = |l: &str, k: &str| -> u64 {
+        l.split_whitespace()
+            .find_map(|w| w.strip_prefix(k))
+            .unwrap_or_else(|| panic!("no {k} in {l}"))
+            .parse()
+            .unwrap()
+    };
+    let lines: Vec<&String> = logs
+        .iter()
+        .filter(|l| l.contains("disk streamed"))
+        .collect();
+    assert!(lines.len() >= n, "{logs:?}");
+    lines[lines.len() - n..]
+        .iter()
+        .map(|l| (field(l, "disk_key=") as u32, field(l, "bytes_read=")))
+        .collect()
+}
+
+/// The sources are qcow2 images served by `qemu-nbd -r -B b0`, the
+/// bitmap started with the full: the incremental reads only what qemu-io
+/// wrote since (a block rewritten with its old bytes is read but not
+/// sent), and a source naming a bitmap the server lacks is read whole.
+/// Every restore point equals its source (qemu-img compare) and every
+/// digest the hub recorded is the source's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dirty_bitmap_incremental_reads_only_dirty_blocks() {
+    if !require("qemu-img") || !require("qemu-nbd") || !require("qemu-io") {
+        return;
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let mut imgs = Vec::new();
+    let mut ports = Vec::new();
+    let mut servers = Vec::new();
+    let mut src_args = Vec::new();
+    for (i, &size) in SIZES.iter().enumerate() {
+        let raw = tmp.path().join(format!("src{i}.raw"));
+        std::fs::write(&raw, disk_like(60 + i as u64, size)).unwrap();
+        let img = tmp.path().join(format!("src{i}.qcow2"));
+        let (r, q) = (raw.to_str().unwrap(), img.to_str().unwrap());
+        run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", r, q]).await;
+        std::fs::remove_file(&raw).unwrap();
+        // Started before the full reads the disk: it records every write
+        // since, which is the operator's contract.
+        run_ok("qemu-img", &["bitmap", "--add", q, "b0"]).await;
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        servers.push(QemuNbd::start(&img, port).await);
+        // Disk 2 names a bitmap qemu-nbd does not export.
+        let bitmap = if i == 2 { "missing" } else { "b0" };
+        src_args.push(format!("nbd://127.0.0.1:{port}/d?dirty-bitmap={bitmap}"));
+        imgs.push(img);
+        ports.push(port);
+    }
+    let ag = agent(&tmp.path().join("state"), &src_args).await;
+    let hubd = hub(tmp.path(), ag.addr, Duration::from_secs(3600)).await;
+    let repo = tmp.path().join("data/repository");
+
+    let check = |b: Value| {
+        let repo = repo.clone();
+        let ports = ports.clone();
+        async move {
+            for (i, d) in b["disks"].as_array().unwrap().iter().enumerate() {
+                let img = repo.join(d["file"].as_str().unwrap());
+                let src = format!("nbd://127.0.0.1:{}/d", ports[i]);
+                assert_identical("raw", &src, "qcow2", img.to_str().unwrap()).await;
+                let (_, want) = hub_daemon::cli::digest::digest_target(&src).await.unwrap();
+                assert_eq!(d["digest"].as_str().unwrap(), want.to_hex(), "{d}");
+                let (_, got) = hub_daemon::cli::digest::digest_target(img.to_str().unwrap())
+                    .await
+                    .unwrap();
+                assert_eq!(got, want, "disk {i}");
+            }
+        }
+    };
+
+    let b = backup(hubd.api_addr, "full").await;
+    assert_eq!(b["status"], "completed", "{b}");
+    check(b).await;
+    let read = bytes_read(&ag.logs.lock().unwrap(), 3);
+    for (i, &size) in SIZES.iter().enumerate() {
+        assert_eq!(
+            read[&(2000 + i as u32)],
+            size as u64,
+            "full reads everything"
+        );
+    }
+
+    // Writes while nothing serves the images (qemu-nbd's view of the
+    // bitmap is loaded when it starts): re-served afterwards.
+    for s in servers.drain(..) {
+        s.stop().await;
+    }
+    let blk = 65536u64;
+    let old = tmp.path().join("old-block");
+    // Block 20 of disk 0 as it is (the data the image was made from), to
+    // write back unchanged.
+    let orig = disk_like(60, SIZES[0]);
+    std::fs::write(&old, &orig[20 * 65536..21 * 65536]).unwrap();
+    let old_s = format!("write -s {} 1310720 64k", old.display());
+    let writes: [(usize, Vec<String>); 3] = [
+        (
+            0,
+            vec![
+                "write -P 0x11 196608 64k".into(),   // block 3
+                "write -P 0x12 3276800 100k".into(), // blocks 50, 51
+                "write -P 0x13 8388607 1".into(),    // the last byte: block 127
+                old_s,                               // block 20, same bytes
+            ],
+        ),
+        (1, vec!["write -z 1048576 128k".into()]), // blocks 16, 17 zeroed
+        (2, vec!["write -P 0x14 458752 64k".into()]),
+    ];
+    for (i, cmds) in &writes {
+        let mut args = vec!["-f", "qcow2"];
+        for c in cmds {
+            args.extend(["-c", c.as_str()]);
+        }
+        args.push(imgs[*i].to_str().unwrap());
+        run_ok("qemu-io", &args).await;
+    }
+    for (img, &port) in imgs.iter().zip(&ports) {
+        servers.push(QemuNbd::start(img, port).await);
+    }
+
+    let b = backup(hubd.api_addr, "incremental").await;
+    assert_eq!(b["status"], "completed", "{b}");
+    for d in b["disks"].as_array().unwrap() {
+        assert_eq!(d["backup_mode"], "incremental", "{d}");
+    }
+    let read = bytes_read(&ag.logs.lock().unwrap(), 3);
+    // Only the dirty blocks of disks 0 and 1; disk 2 whole (no bitmap).
+    assert_eq!(read[&2000], 5 * blk, "{read:?}");
+    assert_eq!(read[&2001], 2 * blk, "{read:?}");
+    assert_eq!(read[&2002], SIZES[2] as u64, "{read:?}");
+    // Block 20 was read but not sent: four blocks' worth written.
+    assert_eq!(b["disks"][0]["bytes_written"], 4 * blk, "{b}");
+    check(b).await;
+
+    hubd.shutdown().await.unwrap();
+    for s in servers {
+        s.stop().await;
+    }
 }

@@ -7,6 +7,8 @@
 //! Violations are [`ProtocolError`]s: the connection cannot be trusted
 //! afterwards.
 
+use std::sync::Arc;
+
 use bytes::Bytes;
 use nbd_server::proto::NbdErrno;
 use nbd_server::ReadChunk;
@@ -35,7 +37,12 @@ enum State {
         covered: u64,
     },
     Status {
-        context: Option<u32>,
+        /// The context whose extents the caller wants.
+        want: u32,
+        /// Every context the handshake selected (the server reports each).
+        selected: Arc<[u32]>,
+        /// Contexts already reported in this reply.
+        seen: Vec<u32>,
         extents: Option<Vec<Extent>>,
     },
     Plain {
@@ -64,10 +71,14 @@ impl Assembly {
         })
     }
 
-    /// A BLOCK_STATUS for the negotiated context `context`.
-    pub fn status(context: Option<u32>) -> Self {
+    /// A BLOCK_STATUS whose result is the extents of context `want`, on a
+    /// connection where the contexts `selected` were negotiated (the
+    /// server sends a chunk for each; the others are checked and dropped).
+    pub fn status(want: u32, selected: Arc<[u32]>) -> Self {
         Self::with(State::Status {
-            context,
+            want,
+            selected,
+            seen: Vec::new(),
             extents: None,
         })
     }
@@ -178,20 +189,40 @@ impl Assembly {
                 }
                 Ok(())
             }
-            (Chunk::BlockStatus { context, extents }, State::Status { context: want, .. })
-                if Some(context) != *want =>
-            {
-                let _ = extents;
-                Err(ProtocolError::WrongContext {
-                    got: context,
-                    want: *want,
-                })
-            }
-            (Chunk::BlockStatus { extents, .. }, State::Status { extents: got, .. }) => {
-                if got.is_some() {
+            (
+                Chunk::BlockStatus { context, extents },
+                State::Status {
+                    want,
+                    selected,
+                    seen,
+                    extents: got,
+                },
+            ) => {
+                if !selected.contains(&context) {
+                    return Err(ProtocolError::WrongContext {
+                        got: context,
+                        want: Some(*want),
+                    });
+                }
+                // seen only holds selected ids, once each: bounded.
+                if seen.contains(&context) {
                     return Err(ProtocolError::BadStatus("two chunks for one context"));
                 }
-                *got = Some(extents);
+                seen.push(context);
+                // The decoder refuses these too; callers walking extents
+                // rely on progress, so the assembly does not trust it.
+                if extents.is_empty() || extents.iter().any(|e| e.length == 0) {
+                    return Err(ProtocolError::BadStatus("empty or zero-length extent"));
+                }
+                // Extents are consecutive from the request offset; lengths
+                // that add up past 2^64 describe no disk.
+                extents
+                    .iter()
+                    .try_fold(0u64, |sum, e| sum.checked_add(e.length))
+                    .ok_or(ProtocolError::BadStatus("extents overflow"))?;
+                if context == *want {
+                    *got = Some(extents);
+                }
                 Ok(())
             }
             (c, state) => Err(ProtocolError::UnexpectedChunk {
@@ -239,10 +270,14 @@ impl Assembly {
                     std::mem::take(pieces).into_iter().map(|(_, p)| p).collect(),
                 )))
             }
-            State::Status { extents, .. } => extents
-                .take()
-                .map(|e| Ok(Output::Status(e)))
-                .ok_or(ProtocolError::BadStatus("no status chunk")),
+            State::Status { extents, .. } => {
+                extents
+                    .take()
+                    .map(|e| Ok(Output::Status(e)))
+                    .ok_or(ProtocolError::BadStatus(
+                        "no status chunk for the context asked",
+                    ))
+            }
             State::Plain { .. } => Ok(Ok(Output::Done)),
         }
     }
@@ -464,7 +499,7 @@ mod tests {
             length: 512,
             flags: 0,
         }];
-        let mut a = Assembly::status(Some(1));
+        let mut a = Assembly::status(1, Arc::from([1u32]));
         assert!(matches!(
             a.feed(chunk(
                 true,
@@ -475,7 +510,7 @@ mod tests {
             )),
             Err(ProtocolError::WrongContext { got: 2, .. })
         ));
-        let mut a = Assembly::status(Some(1));
+        let mut a = Assembly::status(1, Arc::from([1u32]));
         let r = a
             .feed(chunk(
                 true,
@@ -487,5 +522,117 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(r.unwrap(), Output::Status(ext));
+    }
+
+    fn ext(length: u64, flags: u64) -> Extent {
+        Extent { length, flags }
+    }
+
+    #[test]
+    fn status_keeps_the_wanted_context_of_several() {
+        // base:allocation (1) and a dirty bitmap (2) both selected: the
+        // server reports both, in any order; the caller gets its own.
+        let sel: Arc<[u32]> = Arc::from([1u32, 2]);
+        let mut a = Assembly::status(2, Arc::clone(&sel));
+        let dirty = vec![ext(65536, 1), ext(131072, 0)];
+        assert!(matches!(
+            a.feed(chunk(
+                false,
+                Chunk::BlockStatus {
+                    context: 2,
+                    extents: dirty.clone()
+                }
+            )),
+            Ok(None)
+        ));
+        let r = a
+            .feed(chunk(
+                true,
+                Chunk::BlockStatus {
+                    context: 1,
+                    extents: vec![ext(1 << 20, 3)],
+                },
+            ))
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(r, Output::Status(dirty));
+    }
+
+    #[test]
+    fn malformed_status_replies_are_protocol_errors() {
+        let sel: Arc<[u32]> = Arc::from([1u32, 2]);
+        let bs = |context, extents| Chunk::BlockStatus { context, extents };
+        // Only the other context: no answer for the one asked.
+        let mut a = Assembly::status(2, Arc::clone(&sel));
+        assert!(matches!(
+            a.feed(chunk(true, bs(1, vec![ext(512, 0)]))),
+            Err(ProtocolError::BadStatus(_))
+        ));
+        // A context never selected.
+        let mut a = Assembly::status(2, Arc::clone(&sel));
+        assert!(matches!(
+            a.feed(chunk(true, bs(3, vec![ext(512, 0)]))),
+            Err(ProtocolError::WrongContext {
+                got: 3,
+                want: Some(2)
+            })
+        ));
+        // The same context twice, even the one not asked for.
+        let mut a = Assembly::status(2, Arc::clone(&sel));
+        a.feed(chunk(false, bs(1, vec![ext(512, 0)]))).unwrap();
+        assert!(matches!(
+            a.feed(chunk(true, bs(1, vec![ext(512, 0)]))),
+            Err(ProtocolError::BadStatus("two chunks for one context"))
+        ));
+        // No extents at all.
+        let mut a = Assembly::status(2, Arc::clone(&sel));
+        assert!(matches!(
+            a.feed(chunk(true, bs(2, vec![]))),
+            Err(ProtocolError::BadStatus(_))
+        ));
+        // Lengths adding up past 2^64.
+        let mut a = Assembly::status(2, Arc::clone(&sel));
+        assert!(matches!(
+            a.feed(chunk(true, bs(2, vec![ext(u64::MAX, 1), ext(1, 0)]))),
+            Err(ProtocolError::BadStatus("extents overflow"))
+        ));
+        // Data chunks do not answer a status request.
+        let mut a = Assembly::status(2, sel);
+        assert!(matches!(
+            a.feed(chunk(true, Chunk::Hole { offset: 0, len: 1 })),
+            Err(ProtocolError::UnexpectedChunk { .. })
+        ));
+    }
+
+    proptest::proptest! {
+        /// Random status chunks never panic a status assembly, and a
+        /// success is always the wanted context's own extents.
+        #[test]
+        fn random_status_sequences_never_panic(
+            chunks in proptest::collection::vec(
+                (0u32..4, proptest::collection::vec((1u64..u64::MAX, 0u64..4), 0..4), proptest::bool::ANY),
+                0..6,
+            ),
+        ) {
+            let sel: Arc<[u32]> = Arc::from([1u32, 2]);
+            let mut a = Assembly::status(2, sel);
+            let mut sent_for_want = None;
+            for (context, e, done) in chunks {
+                let extents: Vec<Extent> = e.iter().map(|(l, f)| ext(*l, *f)).collect();
+                if context == 2 {
+                    sent_for_want = Some(extents.clone());
+                }
+                match a.feed(chunk(done, Chunk::BlockStatus { context, extents })) {
+                    Ok(None) => continue,
+                    Ok(Some(Ok(Output::Status(got)))) => {
+                        proptest::prop_assert_eq!(Some(got), sent_for_want.clone());
+                    }
+                    Ok(Some(other)) => proptest::prop_assert!(false, "{other:?}"),
+                    Err(_) => {}
+                }
+                break;
+            }
+        }
     }
 }

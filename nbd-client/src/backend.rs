@@ -55,7 +55,9 @@ pub fn to_backend_error(op: &'static str, e: ClientError) -> BackendError {
             _ => BackendErrorKind::Io,
         },
         ClientError::OutOfRange { .. } => BackendErrorKind::OutOfRange,
-        ClientError::Unsupported(_) => BackendErrorKind::Unsupported,
+        ClientError::Unsupported(_) | ClientError::NoMetaContext(_) => {
+            BackendErrorKind::Unsupported
+        }
         ClientError::TooLarge { .. } => BackendErrorKind::InvalidArgument,
         ClientError::Closed => BackendErrorKind::Shutdown,
         _ => BackendErrorKind::Io,

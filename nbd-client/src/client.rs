@@ -24,7 +24,9 @@ use tokio::task::JoinHandle;
 
 use crate::assemble::{Assembly, Output};
 use crate::error::{ClientError, ProtocolError};
-use crate::handshake::{greet, haggle, handshake, starttls, ConnectOptions, ExportInfo};
+use crate::handshake::{
+    greet, haggle, handshake, starttls, ConnectOptions, ExportInfo, MetaContext, Negotiated,
+};
 use crate::reply::{decode_reply, Decoded, Extent};
 
 /// One request on its way to the socket.
@@ -74,6 +76,10 @@ fn fail_all(t: &Shared, err: ClientError) {
 #[derive(Debug)]
 struct Inner {
     info: ExportInfo,
+    /// Metadata contexts the server selected.
+    contexts: Vec<MetaContext>,
+    /// Their ids: every id a block-status reply may carry.
+    context_ids: Arc<[u32]>,
     tx: mpsc::UnboundedSender<Outgoing>,
     table: Shared,
     count: Arc<Semaphore>,
@@ -133,9 +139,9 @@ impl Client {
         s.set_nodelay(true)?;
         match &opts.tls {
             None => {
-                let info = handshake(&mut s, opts).await?;
+                let neg = handshake(&mut s, opts).await?;
                 let (rd, wr) = s.into_split();
-                Ok(Self::start(rd, wr, info, opts))
+                Ok(Self::start(rd, wr, neg, opts))
             }
             Some(tls) => {
                 let no_zeroes = greet(&mut s).await?;
@@ -143,14 +149,14 @@ impl Client {
                 let name = crate::tls::server_name(host)
                     .map_err(|e| ClientError::Io(Arc::new(std::io::Error::other(e))))?;
                 let mut t = tls.connector().connect(name, s).await?;
-                let info = haggle(&mut t, opts, no_zeroes).await?;
+                let neg = haggle(&mut t, opts, no_zeroes).await?;
                 let (rd, wr) = tokio::io::split(t);
-                Ok(Self::start(rd, wr, info, opts))
+                Ok(Self::start(rd, wr, neg, opts))
             }
         }
     }
 
-    fn start<R, W>(rd: R, wr: W, info: ExportInfo, opts: &ConnectOptions) -> Client
+    fn start<R, W>(rd: R, wr: W, (info, contexts): Negotiated, opts: &ConnectOptions) -> Client
     where
         R: AsyncRead + Unpin + Send + 'static,
         W: AsyncWrite + Unpin + Send + 'static,
@@ -166,6 +172,8 @@ impl Client {
         Client {
             inner: Arc::new(Inner {
                 info,
+                context_ids: contexts.iter().map(|c| c.id).collect(),
+                contexts,
                 tx,
                 table,
                 count: Arc::new(Semaphore::new(opts.max_in_flight.max(1))),
@@ -181,6 +189,20 @@ impl Client {
     /// What the handshake settled.
     pub fn info(&self) -> &ExportInfo {
         &self.inner.info
+    }
+
+    /// The metadata contexts the server selected.
+    pub fn meta_contexts(&self) -> &[MetaContext] {
+        &self.inner.contexts
+    }
+
+    /// The id of the selected context `name`, if the server selected it.
+    pub fn meta_context(&self, name: &str) -> Option<u32> {
+        self.inner
+            .contexts
+            .iter()
+            .find(|c| c.name == name)
+            .map(|c| c.id)
     }
 
     /// Export size.
@@ -424,13 +446,34 @@ impl Client {
         let Some(ctx) = self.inner.info.base_allocation else {
             return Err(ClientError::Unsupported("block status (base:allocation)"));
         };
+        self.status_of(ctx, offset, len).await
+    }
+
+    /// Extents of the selected metadata context `context` (for example
+    /// `qemu:dirty-bitmap:NAME`, whose flag bit 0 means dirty: see
+    /// [`Extent::is_dirty`]) from `offset`: at least one; the server may
+    /// describe less than `len`, and the last extent may run past it.
+    /// [`ClientError::NoMetaContext`] if the server did not select it.
+    pub async fn block_status_of(
+        &self,
+        context: &str,
+        offset: u64,
+        len: u64,
+    ) -> Result<Vec<Extent>, ClientError> {
+        let ctx = self
+            .meta_context(context)
+            .ok_or_else(|| ClientError::NoMetaContext(context.to_owned()))?;
+        self.status_of(ctx, offset, len).await
+    }
+
+    async fn status_of(&self, ctx: u32, offset: u64, len: u64) -> Result<Vec<Extent>, ClientError> {
         self.check_range(offset, len)?;
         let len = len.min(self.max_effect());
         let h = Self::header(cmd::BLOCK_STATUS, 0, offset, len);
-        match self
-            .submit(h, Bytes::new(), Assembly::status(Some(ctx)), 0)
-            .await?
-        {
+        // The server answers for every selected context; the assembly
+        // keeps `ctx`'s extents and checks the others' ids.
+        let assembly = Assembly::status(ctx, Arc::clone(&self.inner.context_ids));
+        match self.submit(h, Bytes::new(), assembly, 0).await? {
             Output::Status(e) => Ok(e),
             // A status assembly only ever completes with Output::Status.
             _ => Err(ClientError::Closed),

@@ -143,14 +143,15 @@ pub enum ProtocolError {
         len: u64,
     },
     /// Block status for a context we did not select.
-    #[error("block status for context {got}, selected {want:?}")]
+    #[error("block status for context {got}, which was not selected (asked for {want:?})")]
     WrongContext {
         /// Context id received.
         got: u32,
         /// Context id negotiated.
         want: Option<u32>,
     },
-    /// A block-status reply that is empty, repeated, or has a zero-length extent.
+    /// A block-status reply that is missing, repeated, has a zero-length
+    /// extent, or extents that run past the end of the address space.
     #[error("malformed block status: {0}")]
     BadStatus(&'static str),
 }
@@ -196,6 +197,10 @@ pub enum ClientError {
     /// The export does not support this command or flag.
     #[error("the export does not support {0}")]
     Unsupported(&'static str),
+    /// Block status for a metadata context the server did not select (it
+    /// does not offer it, or it was not asked for in the handshake).
+    #[error("the server did not select metadata context {0:?}")]
+    NoMetaContext(String),
     /// The connection is closed (disconnected, or the server hung up).
     #[error("connection closed")]
     Closed,

@@ -1,5 +1,6 @@
 //! The handshake driver: fixed newstyle, then extended headers (or
-//! structured replies as the fallback), `base:allocation`, and `GO` with
+//! structured replies as the fallback), `base:allocation` and any other
+//! metadata contexts asked for, and `GO` with
 //! block sizes (falling back to `EXPORT_NAME` for servers without `GO`).
 //! Message formats live in [`crate::option_wire`].
 
@@ -24,6 +25,12 @@ pub struct ConnectOptions {
     pub structured_replies: bool,
     /// Select `base:allocation` (needs structured replies).
     pub block_status: bool,
+    /// Further metadata contexts to select, by exact name (for example
+    /// `qemu:dirty-bitmap:NAME`; needs structured replies). A context the
+    /// server does not offer is not a handshake error: asking for its
+    /// status fails with [`ClientError::NoMetaContext`], and
+    /// [`crate::Client::meta_context`] tells beforehand.
+    pub meta_contexts: Vec<String>,
     /// Most requests in flight on the connection.
     pub max_in_flight: usize,
     /// Most payload bytes (write data sent plus read data expected) in
@@ -42,6 +49,7 @@ impl ConnectOptions {
             extended_headers: true,
             structured_replies: true,
             block_status: true,
+            meta_contexts: Vec::new(),
             max_in_flight: 64,
             max_in_flight_bytes: 64 << 20,
             tls: None,
@@ -68,12 +76,26 @@ pub struct ExportInfo {
     pub base_allocation: Option<u32>,
 }
 
+/// A metadata context the server selected: its name and the id its
+/// block-status chunks carry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MetaContext {
+    /// Name, as the server replied it.
+    pub name: String,
+    /// Id.
+    pub id: u32,
+}
+
 impl ExportInfo {
     /// Whether transmission flag `flag` is set.
     pub fn has(&self, flag: u16) -> bool {
         self.flags & flag != 0
     }
 }
+
+/// Most metadata contexts accepted from one `SET_META_CONTEXT` (we ask
+/// for a few exact names; a namespace query could select more).
+const MAX_META_CONTEXTS: usize = 64;
 
 struct Driver<'a, S> {
     s: &'a mut S,
@@ -110,23 +132,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Driver<'_, S> {
         }
     }
 
-    /// Select `base:allocation`; its id if the server agreed.
-    async fn set_meta_context(&mut self, export: &str) -> Result<Option<u32>, ClientError> {
+    /// Select `queries`; the contexts the server agreed to (none if it
+    /// refused the option).
+    async fn set_meta_context(
+        &mut self,
+        export: &str,
+        queries: &[&str],
+    ) -> Result<Vec<MetaContext>, ClientError> {
         let option = opt::SET_META_CONTEXT;
-        let payload = wire::meta_context_payload(export, &[CONTEXT_BASE_ALLOCATION])?;
+        let payload = wire::meta_context_payload(export, queries)?;
         self.send(option, &payload).await?;
-        let mut id = None;
+        let mut selected: Vec<MetaContext> = Vec::new();
         loop {
             let (reply, p) = self.reply(option).await?;
             match reply {
                 rep::META_CONTEXT => {
-                    let (i, name) = wire::parse_meta_context(&p)?;
-                    if name == CONTEXT_BASE_ALLOCATION {
-                        id = Some(i);
+                    let (id, name) = wire::parse_meta_context(&p)?;
+                    // Every reply is kept (the server will send status for
+                    // each), but a repeated id or name, or more than a
+                    // generous bound, is a server growing the list without
+                    // end.
+                    if selected.iter().any(|c| c.id == id || c.name == name)
+                        || selected.len() >= MAX_META_CONTEXTS
+                    {
+                        return Err(HandshakeError::Malformed("NBD_REP_META_CONTEXT").into());
                     }
+                    selected.push(MetaContext { name, id });
                 }
-                rep::ACK => return Ok(id),
-                r if wire::is_error(r) => return Ok(None),
+                rep::ACK => return Ok(selected),
+                r if wire::is_error(r) => return Ok(Vec::new()),
                 r => return Err(HandshakeError::UnexpectedReply { option, reply: r }.into()),
             }
         }
@@ -223,11 +257,14 @@ pub(crate) async fn starttls<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// What the handshake settled, with the selected metadata contexts.
+pub(crate) type Negotiated = (ExportInfo, Vec<MetaContext>);
+
 /// Negotiate on `s` up to transmission (greeting included).
-pub async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
+pub(crate) async fn handshake<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     opts: &ConnectOptions,
-) -> Result<ExportInfo, ClientError> {
+) -> Result<Negotiated, ClientError> {
     let no_zeroes = greet(s).await?;
     haggle(s, opts, no_zeroes).await
 }
@@ -237,16 +274,29 @@ pub(crate) async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
     s: &mut S,
     opts: &ConnectOptions,
     no_zeroes: bool,
-) -> Result<ExportInfo, ClientError> {
+) -> Result<Negotiated, ClientError> {
     let mut d = Driver { s };
     let extended = opts.extended_headers && d.simple_option(opt::EXTENDED_HEADERS).await?;
     let structured =
         extended || (opts.structured_replies && d.simple_option(opt::STRUCTURED_REPLY).await?);
-    let base_allocation = if structured && opts.block_status {
-        d.set_meta_context(&opts.export).await?
+    let mut queries: Vec<&str> = Vec::new();
+    if opts.block_status {
+        queries.push(CONTEXT_BASE_ALLOCATION);
+    }
+    for q in &opts.meta_contexts {
+        if !queries.contains(&q.as_str()) {
+            queries.push(q);
+        }
+    }
+    let contexts = if structured && !queries.is_empty() {
+        d.set_meta_context(&opts.export, &queries).await?
     } else {
-        None
+        Vec::new()
     };
+    let base_allocation = contexts
+        .iter()
+        .find(|c| c.name == CONTEXT_BASE_ALLOCATION)
+        .map(|c| c.id);
     let (size, flags, sizes) = match d.go(&opts.export).await? {
         Some(r) => r,
         None => {
@@ -263,7 +313,7 @@ pub(crate) async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
         } => (min, preferred, max),
         _ => (1, 4096, MAX_PAYLOAD),
     };
-    Ok(ExportInfo {
+    let info = ExportInfo {
         size,
         flags,
         min_block,
@@ -271,5 +321,6 @@ pub(crate) async fn haggle<S: AsyncRead + AsyncWrite + Unpin>(
         max_payload: max.min(MAX_PAYLOAD),
         mode: ReplyMode::from_negotiation(structured, extended),
         base_allocation,
-    })
+    };
+    Ok((info, contexts))
 }

@@ -2,7 +2,7 @@
 //!
 //! Negotiates fixed newstyle with 64-bit extended headers (falling back to
 //! structured replies, then simple replies), the `base:allocation` metadata
-//! context, and `GO` with block sizes; then runs many requests in flight on
+//! context and any others asked for (such as `qemu:dirty-bitmap:NAME`), and `GO` with block sizes; then runs many requests in flight on
 //! one connection: READ (sparse, assembled from data and hole chunks),
 //! WRITE (+FUA), FLUSH, TRIM, WRITE_ZEROES (+FAST_ZERO, NO_HOLE), CACHE,
 //! BLOCK_STATUS and DISC.
@@ -50,7 +50,7 @@ mod uri;
 pub use backend::{to_backend_error, NbdBackend};
 pub use client::{Client, ZeroOptions};
 pub use error::{ClientError, HandshakeError, ProtocolError};
-pub use handshake::{ConnectOptions, ExportInfo};
+pub use handshake::{ConnectOptions, ExportInfo, MetaContext};
 pub use multi::MultiConn;
 pub use reply::Extent;
 pub use tls::{ClientTls, TlsConfigError};
@@ -64,9 +64,11 @@ pub async fn connect_uri(uri: &str) -> Result<Client, ConnectError> {
     Ok(Client::connect_host(&u.host, u.port, &opts).await?)
 }
 
-/// Default options for a parsed URI (TLS credentials loaded for `nbds://`).
+/// Default options for a parsed URI (TLS credentials loaded for `nbds://`;
+/// `?dirty-bitmap=NAME` selects `qemu:dirty-bitmap:NAME` too).
 pub fn options_for(u: &NbdUri) -> Result<ConnectOptions, ConnectError> {
     let mut opts = ConnectOptions::new(u.export.clone());
+    opts.meta_contexts.extend(u.dirty_bitmap_context());
     if u.tls {
         let dir = u.tls_certificates.as_deref().ok_or_else(|| {
             TlsConfigError::new(

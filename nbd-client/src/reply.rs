@@ -42,6 +42,9 @@ pub enum Expect {
     Other,
 }
 
+/// `qemu:dirty-bitmap:NAME` status bit: the extent is dirty.
+pub const DIRTY: u64 = 1;
+
 /// One extent of a block-status reply, as sent.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Extent {
@@ -60,6 +63,12 @@ impl Extent {
     /// `base:allocation`: reads as zeroes.
     pub fn is_zero(&self) -> bool {
         self.flags & u64::from(nbd_server::proto::consts::state::ZERO) != 0
+    }
+
+    /// `qemu:dirty-bitmap:NAME`: written since the bitmap was last
+    /// cleared (bit 0, the only bit qemu defines for bitmaps).
+    pub fn is_dirty(&self) -> bool {
+        self.flags & DIRTY != 0
     }
 }
 

@@ -246,3 +246,79 @@ proptest! {
         let _ = decode_reply(&mut b, mode, |_| Some(want));
     }
 }
+
+proptest! {
+    /// Block-status chunks with random payloads, for a connection with
+    /// `base:allocation` (1) and a dirty bitmap (2) selected and the bitmap
+    /// asked for: decoding then assembling never panics, and a success is
+    /// a non-empty run of non-zero extents.
+    #[test]
+    fn random_status_payloads_never_panic_the_assembly(
+        context in 0u32..4,
+        body in proptest::collection::vec(any::<u8>(), 0..96),
+        extended in any::<bool>(),
+        done in any::<bool>(),
+    ) {
+        use crate::assemble::{Assembly, Output};
+        let mut payload = context.to_be_bytes().to_vec();
+        payload.extend_from_slice(&body);
+        let mut b = BytesMut::new();
+        let (magic, kind) = if extended {
+            (EXTENDED_REPLY_MAGIC, nbd_server::proto::consts::reply_type::BLOCK_STATUS_EXT)
+        } else {
+            (STRUCTURED_REPLY_MAGIC, nbd_server::proto::consts::reply_type::BLOCK_STATUS)
+        };
+        b.extend_from_slice(&magic.to_be_bytes());
+        b.extend_from_slice(&u16::from(done).to_be_bytes());
+        b.extend_from_slice(&kind.to_be_bytes());
+        b.extend_from_slice(&7u64.to_be_bytes());
+        if extended {
+            b.extend_from_slice(&0u64.to_be_bytes());
+            b.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+        } else {
+            b.extend_from_slice(&(payload.len() as u32).to_be_bytes());
+        }
+        b.extend_from_slice(&payload);
+        let mode = if extended { ReplyMode::Extended } else { ReplyMode::Structured };
+        if let Ok(Decoded::Reply(r)) = decode_reply(&mut b, mode, |_| Some(Expect::BlockStatus)) {
+            let mut a = Assembly::status(2, std::sync::Arc::from([1u32, 2]));
+            if let Ok(Some(Ok(Output::Status(e)))) = a.feed(r) {
+                prop_assert!(!e.is_empty() && e.iter().all(|x| x.length > 0));
+            }
+        }
+    }
+}
+
+#[test]
+fn a_dirty_bitmap_chunk_next_to_base_allocation_assembles() {
+    use crate::assemble::{Assembly, Output};
+    let enc = ReplyEncoder::new(ReplyMode::Extended);
+    let mut out = BytesMut::new();
+    let alloc = [StatusDescriptor {
+        length: 1 << 20,
+        status: 0,
+    }];
+    let dirty = [
+        StatusDescriptor {
+            length: 65536,
+            status: 1,
+        },
+        StatusDescriptor {
+            length: 65536,
+            status: 0,
+        },
+    ];
+    enc.block_status(&mut out, TO, 1, &alloc, false);
+    enc.block_status(&mut out, TO, 2, &dirty, true);
+    let replies = decode_all(&out, ReplyMode::Extended, Expect::BlockStatus).unwrap();
+    let mut a = Assembly::status(2, std::sync::Arc::from([1u32, 2]));
+    let mut result = None;
+    for r in replies {
+        result = a.feed(r).unwrap();
+    }
+    let Some(Ok(Output::Status(e))) = result else {
+        panic!("{result:?}")
+    };
+    assert_eq!(e.len(), 2);
+    assert!(e[0].is_dirty() && !e[1].is_dirty());
+}

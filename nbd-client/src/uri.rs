@@ -1,6 +1,7 @@
 //! `nbd://host[:port]/export` and `nbds://…` addresses (the NBD URI
 //! specification without Unix sockets; of the query, libnbd's
-//! `tls-certificates=DIR`).
+//! `tls-certificates=DIR`, and our own `dirty-bitmap=NAME`, which selects
+//! the metadata context `qemu:dirty-bitmap:NAME` as well).
 
 /// Default NBD port.
 pub const DEFAULT_PORT: u16 = 10809;
@@ -18,6 +19,10 @@ pub struct NbdUri {
     pub tls: bool,
     /// `tls-certificates=DIR` from the query (percent-decoded).
     pub tls_certificates: Option<String>,
+    /// `dirty-bitmap=NAME` from the query (percent-decoded): a qemu dirty
+    /// bitmap to select as `qemu:dirty-bitmap:NAME` (not part of the NBD
+    /// URI specification; other clients ignore it).
+    pub dirty_bitmap: Option<String>,
 }
 
 /// Why a URI was refused.
@@ -32,7 +37,7 @@ pub enum UriError {
 }
 
 impl NbdUri {
-    /// Parse `nbd[s]://host[:port][/export][?tls-certificates=DIR]`.
+    /// Parse `nbd[s]://host[:port][/export][?tls-certificates=DIR][&dirty-bitmap=NAME]`.
     pub fn parse(s: &str) -> Result<NbdUri, UriError> {
         let (tls, rest) = if let Some(r) = s.strip_prefix("nbds://") {
             (true, r)
@@ -62,9 +67,17 @@ impl NbdUri {
         let path = path.split('#').next().unwrap_or("");
         let query = query.split('#').next().unwrap_or("");
         let mut tls_certificates = None;
+        let mut dirty_bitmap = None;
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             if let Some(v) = pair.strip_prefix("tls-certificates=") {
                 tls_certificates = Some(percent_decode(v)?);
+            } else if let Some(v) = pair.strip_prefix("dirty-bitmap=") {
+                let name = percent_decode(v)?;
+                // An empty name would select qemu's whole bitmap namespace.
+                if name.is_empty() {
+                    return Err(UriError::Malformed("empty dirty-bitmap name"));
+                }
+                dirty_bitmap = Some(name);
             }
         }
         Ok(NbdUri {
@@ -73,12 +86,21 @@ impl NbdUri {
             export: percent_decode(path)?,
             tls,
             tls_certificates,
+            dirty_bitmap,
         })
     }
 
     /// `host:port` for connecting.
     pub fn authority(&self) -> (String, u16) {
         (self.host.clone(), self.port)
+    }
+
+    /// The metadata context of [`NbdUri::dirty_bitmap`]:
+    /// `qemu:dirty-bitmap:NAME`.
+    pub fn dirty_bitmap_context(&self) -> Option<String> {
+        self.dirty_bitmap
+            .as_ref()
+            .map(|n| format!("qemu:dirty-bitmap:{n}"))
     }
 }
 
@@ -129,5 +151,14 @@ mod tests {
         assert!(NbdUri::parse("nbd://:1/x").is_err());
         assert!(NbdUri::parse("nbd://h:99999/x").is_err());
         assert!(NbdUri::parse("nbd://h/%zz").is_err());
+        let u = NbdUri::parse("nbd://h/x?dirty-bitmap=b%200").unwrap();
+        assert_eq!(u.dirty_bitmap.as_deref(), Some("b 0"));
+        assert_eq!(
+            u.dirty_bitmap_context().as_deref(),
+            Some("qemu:dirty-bitmap:b 0")
+        );
+        assert_eq!(u.export, "x");
+        assert!(NbdUri::parse("nbd://h/x").unwrap().dirty_bitmap.is_none());
+        assert!(NbdUri::parse("nbd://h/x?dirty-bitmap=").is_err());
     }
 }

@@ -287,3 +287,108 @@ async fn no_multi_conn_means_one_connection() {
     assert_eq!(&all[..], &want[MIB as usize..MIB as usize + 4096]);
     m.disconnect().await.unwrap();
 }
+
+/// Every extent of context `ctx` from 0 to the end, clamped: (offset,
+/// length, flags).
+async fn all_extents_of(c: &Client, ctx: &str) -> Vec<(u64, u64, u64)> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < c.size() {
+        for x in c.block_status_of(ctx, at, c.size() - at).await.unwrap() {
+            let len = x.length.min(c.size() - at);
+            out.push((at, len, x.flags));
+            at += len;
+            if at >= c.size() {
+                break;
+            }
+        }
+    }
+    out
+}
+
+/// Dirty ranges, adjacent ones merged.
+fn dirty_ranges(ext: &[(u64, u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for &(at, len, flags) in ext {
+        if flags & nbd_client::reply::DIRTY == 0 {
+            continue;
+        }
+        match out.last_mut() {
+            Some((s, l)) if *s + *l == at => *l += len,
+            _ => out.push((at, len)),
+        }
+    }
+    out
+}
+
+/// `qemu:dirty-bitmap:b0` through `qemu-nbd -r -B b0`: the bitmap was added
+/// after a first write, so only what qemu-io wrote afterwards is dirty
+/// (rounded out to the bitmap's 64 KiB granularity); `base:allocation` on
+/// the same connection still answers (the server reports both contexts in
+/// every reply); a bitmap the server does not export is a clean error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn qemu_nbd_dirty_bitmap_extents_match_the_writes() {
+    if !require("qemu-nbd") || !require("qemu-img") || !require("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let img = dir.path().join("disk.qcow2");
+    let img_s = img.to_str().unwrap();
+    run_ok("qemu-img", &["create", "-q", "-f", "qcow2", img_s, "64M"]).await;
+    run_ok("qemu-io", &["-c", "write -P 1 0 1M", img_s]).await;
+    run_ok("qemu-img", &["bitmap", "--add", img_s, "b0"]).await;
+    // One aligned block, one unaligned range across a granule boundary, and
+    // the last byte of the disk.
+    for w in [
+        "write -P 2 4M 64k",
+        "write -P 3 10547200 100k",
+        "write -P 4 67108863 1",
+    ] {
+        run_ok("qemu-io", &["-f", "qcow2", "-c", w, img_s]).await;
+    }
+    let want = vec![
+        (4 * MIB, 64 * 1024),
+        (10 * MIB, 192 * 1024),
+        (64 * MIB - 64 * 1024, 64 * 1024),
+    ];
+    let d = Daemon::qemu_nbd(&img, "qcow2", "disk0", &["-r", "-B", "b0"]);
+    for extended in [true, false] {
+        let mut opts = ConnectOptions::new("disk0");
+        opts.extended_headers = extended;
+        opts.meta_contexts = vec![
+            "qemu:dirty-bitmap:b0".into(),
+            "qemu:dirty-bitmap:nope".into(),
+        ];
+        let c = Client::connect(d.addr(), &opts).await.unwrap();
+        assert!(c.meta_context("qemu:dirty-bitmap:b0").is_some());
+        assert!(c.info().base_allocation.is_some());
+        assert_eq!(c.meta_contexts().len(), 2, "{:?}", c.meta_contexts());
+        let ext = all_extents_of(&c, "qemu:dirty-bitmap:b0").await;
+        assert_eq!(dirty_ranges(&ext), want, "extended {extended}: {ext:?}");
+        // A window in the middle of a dirty run starts at the window.
+        let e = c
+            .block_status_of("qemu:dirty-bitmap:b0", 10 * MIB + 65536, 65536)
+            .await
+            .unwrap();
+        assert!(e[0].is_dirty(), "{e:?}");
+        // base:allocation on the same connection.
+        assert!(!all_extents(&c).await.is_empty());
+        match c.block_status_of("qemu:dirty-bitmap:nope", 0, MIB).await {
+            Err(ClientError::NoMetaContext(n)) => assert_eq!(n, "qemu:dirty-bitmap:nope"),
+            other => panic!("{other:?}"),
+        }
+        c.disconnect().await.unwrap();
+    }
+    // Only the bitmap, no base:allocation: still one context to answer.
+    let mut opts = ConnectOptions::new("disk0");
+    opts.block_status = false;
+    opts.meta_contexts = vec!["qemu:dirty-bitmap:b0".into()];
+    let c = Client::connect(d.addr(), &opts).await.unwrap();
+    assert!(c.info().base_allocation.is_none());
+    let ext = all_extents_of(&c, "qemu:dirty-bitmap:b0").await;
+    assert_eq!(dirty_ranges(&ext), want);
+    assert!(matches!(
+        c.block_status(0, MIB).await,
+        Err(ClientError::Unsupported(_))
+    ));
+}
