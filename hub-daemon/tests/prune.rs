@@ -6,6 +6,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::call_ok;
 use common::hub::{eventually, parse_targets, Hub};
 use integration_tests::support::{
     self, assert_check_clean, assert_identical, require, run_ok, write_file,
@@ -359,22 +360,6 @@ async fn prune_merges_a_chain_into_a_synthetic_full() {
     hub.stop().await;
 }
 
-async fn call_ok(
-    api: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let r = integration_tests::http::call(api, method, path, body.as_ref()).await;
-    assert!(
-        r.status / 100 == 2,
-        "{method} {path}: {} {}",
-        r.status,
-        r.text()
-    );
-    r.json()
-}
-
 /// kill -9 at states one can observe during a prune (request sent, a
 /// `.merging` file written, the first removed image gone, answered): after
 /// a restart every restore point in the catalog reads back exactly as
@@ -389,21 +374,7 @@ async fn kill_9_during_prune_leaves_catalog_and_files_consistent() {
     for seed in 0..4u64 {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let args: Vec<String> = [
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--nbd-ports",
-            "0",
-            "--nbd-shared-port",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let d = common::DaemonProcess::start(&argv, &[]);
+        let d = common::DaemonProcess::start_in(&data);
         let size = 48 * MIB;
         call_ok(
             d.api,
@@ -506,7 +477,7 @@ async fn kill_9_during_prune_leaves_catalog_and_files_consistent() {
             }
         }
         d.kill9();
-        let d = common::DaemonProcess::start(&argv, &[]);
+        let d = common::DaemonProcess::start_in(&data);
         let listed = call_ok(d.api, "GET", "/api/v1/backups", None).await;
         let listed: Vec<String> = listed
             .as_array()

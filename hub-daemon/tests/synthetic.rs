@@ -10,6 +10,7 @@ mod common;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use common::call_ok;
 use common::hub::{eventually, parse_targets, Hub};
 use integration_tests::support::{
     self, assert_check_clean, assert_identical, require, run_ok, write_file,
@@ -362,22 +363,6 @@ async fn check_all(
     }
 }
 
-async fn call_ok(
-    api: std::net::SocketAddr,
-    method: &str,
-    path: &str,
-    body: Option<Value>,
-) -> Value {
-    let r = integration_tests::http::call(api, method, path, body.as_ref()).await;
-    assert!(
-        r.status / 100 == 2,
-        "{method} {path}: {} {}",
-        r.status,
-        r.text()
-    );
-    r.json()
-}
-
 /// kill -9 at states one can observe while a synthetic full is built
 /// (right after the completion that triggers it, once its `.merging`
 /// file exists, once it is recorded): after a restart every restore
@@ -392,21 +377,7 @@ async fn kill_9_during_a_synthetic_full_leaves_every_restore_point_readable() {
     for seed in 0..3u64 {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let args: Vec<String> = [
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--nbd-ports",
-            "0",
-            "--nbd-shared-port",
-            "0",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect();
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let d = common::DaemonProcess::start(&argv, &[]);
+        let d = common::DaemonProcess::start_in(&data);
         let size = 48 * MIB;
         call_ok(
             d.api,
@@ -475,7 +446,7 @@ async fn kill_9_during_a_synthetic_full_leaves_every_restore_point_readable() {
         }
         d.kill9();
 
-        let d = common::DaemonProcess::start(&argv, &[]);
+        let d = common::DaemonProcess::start_in(&data);
         // Readable straight away (a retried build may be under way, so
         // the file may not agree with the catalog's parent yet).
         check_all(d.api, &ids, &m.expected, &repo, seed, false).await;

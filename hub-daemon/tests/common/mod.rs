@@ -125,6 +125,23 @@ impl Exporter {
     }
 }
 
+/// `method path` against `api`; the JSON answer, which must be a 2xx.
+pub async fn call_ok(
+    api: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<serde_json::Value>,
+) -> serde_json::Value {
+    let r = integration_tests::http::call(api, method, path, body.as_ref()).await;
+    assert!(
+        r.status / 100 == 2,
+        "{method} {path}: {} {}",
+        r.status,
+        r.text()
+    );
+    r.json()
+}
+
 /// A running `hub-daemon serve` process.
 pub struct DaemonProcess {
     pub proc: Proc,
@@ -135,6 +152,25 @@ impl DaemonProcess {
     /// Start `hub-daemon serve ARGS` with extra environment, wait for "ready".
     pub fn start(args: &[&str], env: &[(&str, &str)]) -> DaemonProcess {
         Self::start_logged(args, env, Stdio::inherit())
+    }
+
+    /// `start` with the data directory `data`, the API on a free loopback
+    /// port and NBD on free ports (what the crash tests restart over).
+    pub fn start_in(data: &std::path::Path) -> DaemonProcess {
+        let data = data.to_str().unwrap();
+        Self::start(
+            &[
+                "--listen",
+                "127.0.0.1:0",
+                "--data-dir",
+                data,
+                "--nbd-ports",
+                "0",
+                "--nbd-shared-port",
+                "0",
+            ],
+            &[],
+        )
     }
 
     /// Like `start`, with the daemon's log (stderr) sent to `stderr`.
