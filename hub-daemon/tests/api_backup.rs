@@ -496,6 +496,19 @@ async fn instant_restore_writes_land_in_a_throwaway_overlay() {
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(hub.metric("hub_nbd_ports_in_use").await, 0);
     assert_eq!(std::fs::read(&overlay).unwrap(), b"left behind");
+    // A planted symlink in its place is refused too, never followed: the
+    // file it points at stays as it was.
+    let victim = hub.dir.path().join("victim");
+    std::fs::write(&victim, b"not yours").unwrap();
+    std::fs::remove_file(&overlay).unwrap();
+    std::os::unix::fs::symlink(&victim, &overlay).unwrap();
+    let r = hub
+        .post(&restore, serde_json::json!({"writable": true}))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(std::fs::read(&victim).unwrap(), b"not yours");
+    std::fs::remove_file(&overlay).unwrap();
+    std::fs::write(&overlay, b"left behind").unwrap();
     // A read-only restore is unaffected by it.
     let r = hub.post(&restore, Value::Null).await;
     assert_eq!(r.status, 201, "{}", r.text());
