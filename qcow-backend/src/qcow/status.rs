@@ -1,0 +1,53 @@
+//! Block status through the chain, with the depth of each extent.
+
+use std::io;
+
+use imago::ShallowMapping;
+use nbd_server::Extent;
+
+use super::*;
+
+/// Most extents one block-status call walks.
+pub(super) const MAX_STATUS_EXTENTS: usize = 4096;
+
+/// Status of the run starting at `off`, walking the chain layer by layer so
+/// the depth is known. `None` at the end of the image.
+pub(super) async fn status_at(top: &Access, off: u64, max: u64) -> io::Result<Option<Extent>> {
+    let mut layer = top;
+    let mut lo = off;
+    let mut len = max;
+    let mut depth = 1u32;
+    loop {
+        let (m, n) = layer.get_shallow_mapping(lo, len).await?;
+        len = len.min(n);
+        let e = match m {
+            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Extent {
+                length: len,
+                hole: false,
+                zero: false,
+                depth,
+            },
+            ShallowMapping::Zero { explicit: true, .. } => Extent {
+                length: len,
+                hole: true,
+                zero: true,
+                depth,
+            },
+            ShallowMapping::Zero { .. } => Extent::hole(len),
+            ShallowMapping::Indirect {
+                layer: next,
+                offset,
+                ..
+            } => {
+                layer = next;
+                lo = offset;
+                depth += 1;
+                continue;
+            }
+            ShallowMapping::Eof { .. } if depth == 1 => return Ok(None),
+            // Past the end of a shorter backing file: reads as zero.
+            _ => Extent::hole(len),
+        };
+        return Ok((e.length > 0).then_some(e));
+    }
+}

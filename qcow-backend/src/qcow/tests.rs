@@ -1,0 +1,201 @@
+use super::open::open_file;
+use super::*;
+use crate::{BackingPolicy, ImageError};
+use bytes::Bytes;
+use nbd_server::backend::conformance;
+use nbd_server::{BlockBackend, ZeroFlags};
+use std::sync::atomic::AtomicUsize;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_fresh_image() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicUsize::new(0);
+    conformance::run_all(|size| {
+        let p = dir
+            .path()
+            .join(format!("f{}.qcow2", n.fetch_add(1, Ordering::Relaxed)));
+        async move {
+            QcowBackend::create(&p, &CreateOptions::fresh(size), &OpenOptions::new())
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conformance_overlay_on_our_base() {
+    let dir = tempfile::tempdir().unwrap();
+    let n = AtomicUsize::new(0);
+    conformance::run_all(|size| {
+        let i = n.fetch_add(1, Ordering::Relaxed);
+        let base = dir.path().join(format!("b{i}.qcow2"));
+        let top = dir.path().join(format!("t{i}.qcow2"));
+        async move {
+            let b = QcowBackend::create(&base, &CreateOptions::fresh(size), &OpenOptions::new())
+                .await
+                .unwrap();
+            // Non-zero base data everywhere the suite looks, so an overlay that
+            // leaked parent data through a zeroed range would be caught.
+            b.close().await.unwrap();
+            drop(b);
+            QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
+                .await
+                .unwrap()
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_zeroes_hide_parent_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let b = QcowBackend::create(&base, &CreateOptions::fresh(4 << 20), &OpenOptions::new())
+        .await
+        .unwrap();
+    b.write(0, Bytes::from(vec![0x55u8; 4 << 20]))
+        .await
+        .unwrap();
+    b.close().await.unwrap();
+    drop(b);
+    let t = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
+        .await
+        .unwrap();
+    assert_eq!(t.size(), 4 << 20);
+    assert_eq!(t.chain_depth(), 2);
+    // Partial clusters, whole clusters, and trim.
+    t.write_zeroes(1000, 70_000, ZeroFlags::default())
+        .await
+        .unwrap();
+    t.write_zeroes(
+        1 << 20,
+        1 << 20,
+        ZeroFlags {
+            may_trim: true,
+            fast: true,
+        },
+    )
+    .await
+    .unwrap();
+    t.trim(3 << 20, 100_000).await.unwrap();
+    for (off, len) in [(1000u64, 70_000u32), (1 << 20, 1 << 20), (3 << 20, 100_000)] {
+        let v = conformance::read_flat(&t, off, len).await;
+        assert!(
+            v.iter().all(|x| *x == 0),
+            "range {off}+{len} shows parent data"
+        );
+    }
+    let v = conformance::read_flat(&t, 0, 1000).await;
+    assert!(v.iter().all(|x| *x == 0x55));
+    // Depth: top-layer zeroes are depth 1, untouched ranges come from the base (2).
+    let st = t.block_status(2 << 20, 4096).await.unwrap();
+    assert_eq!(st[0].depth, 2);
+    assert!(!st[0].hole);
+    let st = t.block_status(1 << 20, 4096).await.unwrap();
+    assert_eq!((st[0].depth, st[0].zero), (1, true));
+    t.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_zero_on_partial_cluster_with_data_is_refused_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("f.qcow2");
+    let t = QcowBackend::create(&p, &CreateOptions::fresh(1 << 20), &OpenOptions::new())
+        .await
+        .unwrap();
+    t.write(0, Bytes::from(vec![9u8; 131072])).await.unwrap();
+    let e = t
+        .write_zeroes(
+            100,
+            70_000,
+            ZeroFlags {
+                may_trim: true,
+                fast: true,
+            },
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Unsupported);
+    let v = conformance::read_flat(&t, 0, 131072).await;
+    assert!(v.iter().all(|x| *x == 9));
+    // Zeroing a fresh (unallocated) range is fast even when unaligned.
+    t.write_zeroes(
+        200_000,
+        5000,
+        ZeroFlags {
+            may_trim: true,
+            fast: true,
+        },
+    )
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_opens_and_creates_never_follow_a_final_symlink() {
+    let dir = tempfile::tempdir().unwrap();
+    let real = dir.path().join("real.qcow2");
+    QcowBackend::create(&real, &CreateOptions::fresh(1 << 20), &OpenOptions::new())
+        .await
+        .unwrap()
+        .close()
+        .await
+        .unwrap();
+    let link = dir.path().join("link.qcow2");
+    std::os::unix::fs::symlink(&real, &link).unwrap();
+    // The open itself (not only the policy check) refuses the link.
+    for writable in [false, true] {
+        let e = open_file(&link, writable, true).err().unwrap();
+        assert_eq!(e.kind(), crate::ImageErrorKind::BadImage, "{e}");
+        assert!(open_file(&link, writable, false).is_ok());
+    }
+    let strict = OpenOptions::new()
+        .read_only(true)
+        .policy(BackingPolicy::strict_within([dir
+            .path()
+            .canonicalize()
+            .unwrap()]));
+    assert!(QcowBackend::open(&link, &strict).await.is_err());
+    // Creating over a (dangling) symlink never writes through it.
+    let target = dir.path().join("elsewhere.qcow2");
+    let dangling = dir.path().join("new.qcow2");
+    std::os::unix::fs::symlink(&target, &dangling).unwrap();
+    let e = QcowBackend::create(&dangling, &CreateOptions::fresh(1 << 20), &strict)
+        .await
+        .err()
+        .unwrap();
+    assert_eq!(e.kind(), crate::ImageErrorKind::Exists, "{e}");
+    assert!(!target.exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_writer_is_refused_by_the_lock() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("l.qcow2");
+    let _a = QcowBackend::create(&p, &CreateOptions::fresh(1 << 20), &OpenOptions::new())
+        .await
+        .unwrap();
+    let e = QcowBackend::open(&p, &OpenOptions::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(e, ImageError::Locked { .. }), "{e}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_refuses_existing_file_and_bad_parameters() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("x.qcow2");
+    std::fs::write(&p, b"taken").unwrap();
+    let e = QcowBackend::create(&p, &CreateOptions::fresh(1 << 20), &OpenOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), crate::ImageErrorKind::Exists);
+    let mut c = CreateOptions::fresh(1 << 20);
+    c.cluster_size = 3000;
+    let e = QcowBackend::create(&dir.path().join("y.qcow2"), &c, &OpenOptions::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), crate::ImageErrorKind::InvalidParameters);
+}
