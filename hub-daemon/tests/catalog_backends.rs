@@ -79,7 +79,12 @@ mod cases {
                     disk_id,
                     disk_key: 2000 + disk_id,
                     size_bytes: 8 * GIB,
-                    backup_mode: if parent.is_some() { "incremental" } else { "full" }.into(),
+                    backup_mode: if parent.is_some() {
+                        "incremental"
+                    } else {
+                        "full"
+                    }
+                    .into(),
                     parent_backup_id: parent.map(str::to_owned),
                     mode_reason: None,
                     file: format!("{vm}/{id}-{disk_id}.qcow2"),
@@ -168,7 +173,13 @@ mod cases {
         assert_eq!((got.vm_context_id.as_str(), got.disks.len()), ("ctx2", 1));
         assert_eq!(got.sna_url, None);
         c.put_vm("vm0", "c", vec![], None).await.unwrap();
-        let names: Vec<String> = c.vms().await.unwrap().into_iter().map(|v| v.vm_name).collect();
+        let names: Vec<String> = c
+            .vms()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.vm_name)
+            .collect();
         assert_eq!(names, ["vm0", "vm1"]);
         // Not while a backup of it runs.
         c.insert_running(backup("b1", "vm1", 1, &[(0, None, None)]))
@@ -220,9 +231,14 @@ mod cases {
 
     pub async fn complete_and_fail(f: &Fixture) {
         let c = with_repo(f).await;
-        c.insert_running(backup("b1", "vm", 100, &[(0, None, Some(10100)), (1, None, Some(10101))]))
-            .await
-            .unwrap();
+        c.insert_running(backup(
+            "b1",
+            "vm",
+            100,
+            &[(0, None, Some(10100)), (1, None, Some(10101))],
+        ))
+        .await
+        .unwrap();
         let tok = c.create_callback_token("b1").await.unwrap();
         assert!(c.check_callback_token("b1", &tok).await.unwrap());
         let b = c.backup("b1").await.unwrap().unwrap();
@@ -283,7 +299,10 @@ mod cases {
         assert_eq!(failed.len(), 1);
         c.set_files_missing("b1", true).await.unwrap();
         assert!(c.backup("b1").await.unwrap().unwrap().files_missing);
-        assert_eq!(c.repository_backup_bytes("default").await.unwrap(), 5 * GIB + 7);
+        assert_eq!(
+            c.repository_backup_bytes("default").await.unwrap(),
+            5 * GIB + 7
+        );
     }
 
     pub async fn chain_and_latest_image(f: &Fixture) {
@@ -293,7 +312,10 @@ mod cases {
             .unwrap();
         c.complete("full", vec![done(0, 100)]).await.unwrap();
         let p = c.latest_image("vm", "default", 0).await.unwrap().unwrap();
-        assert_eq!((p.backup_id.as_str(), p.size_bytes, p.format.as_str()), ("full", 8 * GIB, "qcow2"));
+        assert_eq!(
+            (p.backup_id.as_str(), p.size_bytes, p.format.as_str()),
+            ("full", 8 * GIB, "qcow2")
+        );
         c.insert_running(backup("inc1", "vm", 2, &[(0, Some("full"), None)]))
             .await
             .unwrap();
@@ -308,8 +330,14 @@ mod cases {
         let ids: Vec<&str> = chain.iter().map(|l| l.backup_id.as_str()).collect();
         assert_eq!(ids, ["inc1", "full"]);
         assert_eq!(chain[0].parent_backup_id.as_deref(), Some("full"));
-        assert!(matches!(c.chain("inc1", 0, 1).await, Err(DaemonError::BadImage(_))));
-        assert!(matches!(c.chain("nope", 0, 5).await, Err(DaemonError::BadImage(_))));
+        assert!(matches!(
+            c.chain("inc1", 0, 1).await,
+            Err(DaemonError::BadImage(_))
+        ));
+        assert!(matches!(
+            c.chain("nope", 0, 5).await,
+            Err(DaemonError::BadImage(_))
+        ));
         let p = c.latest_image("vm", "default", 0).await.unwrap().unwrap();
         assert_eq!(p.backup_id, "inc1");
         assert_eq!(p.change_id.as_deref(), Some("chg-0"));
@@ -346,7 +374,13 @@ mod cases {
         })
         .await
         .unwrap();
-        let ids: Vec<String> = c.policies().await.unwrap().into_iter().map(|p| p.id).collect();
+        let ids: Vec<String> = c
+            .policies()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
         assert_eq!(ids, ["bronze", "gold"]);
         let mut b = backup("b1", "vm", 1, &[]);
         b.policy_id = Some("gold".into());
@@ -462,14 +496,21 @@ mod cases {
         let mut b = backup("b1", "vm", 1, &[(0, None, None), (1, None, None)]);
         b.policy_id = Some("v".into());
         c.insert_running(b).await.unwrap();
-        c.complete("b1", vec![done(0, 1), done(1, 1)]).await.unwrap();
+        c.complete("b1", vec![done(0, 1), done(1, 1)])
+            .await
+            .unwrap();
         let now = hub_daemon::time::now_ms();
         const DAY: i64 = 86_400_000;
         // 40 days overflow a 32-bit product: the arithmetic must be BIGINT.
         assert!(c.due_for_verify(now, None).await.unwrap().is_empty());
-        assert_eq!(c.due_for_verify(now + 41 * DAY, None).await.unwrap(), ["b1"]);
         assert_eq!(
-            c.due_for_verify(now + 41 * DAY, Some("b1".into())).await.unwrap(),
+            c.due_for_verify(now + 41 * DAY, None).await.unwrap(),
+            ["b1"]
+        );
+        assert_eq!(
+            c.due_for_verify(now + 41 * DAY, Some("b1".into()))
+                .await
+                .unwrap(),
             ["b1"]
         );
         assert!(c
@@ -478,7 +519,11 @@ mod cases {
             .unwrap()
             .is_empty());
         c.set_verify_status("b1", Some("verifying")).await.unwrap();
-        assert!(c.due_for_verify(now + 41 * DAY, None).await.unwrap().is_empty());
+        assert!(c
+            .due_for_verify(now + 41 * DAY, None)
+            .await
+            .unwrap()
+            .is_empty());
         c.record_verify(vec![
             DiskVerified {
                 backup_id: "b1".into(),
@@ -502,7 +547,11 @@ mod cases {
         assert_eq!(r.disks[1].verify_status.as_deref(), Some("corrupt"));
         assert!(r.disks[1].verify.is_some());
         // Corrupt stays out of the schedule.
-        assert!(c.due_for_verify(now + 100 * DAY, None).await.unwrap().is_empty());
+        assert!(c
+            .due_for_verify(now + 100 * DAY, None)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     pub async fn ports_are_unique_among_running_backups(f: &Fixture) {
@@ -528,9 +577,14 @@ mod cases {
         // An ended backup holds no port.
         c.complete("b1", vec![done(0, 1)]).await.unwrap();
         other.fail("b2", "x", vec![]).await.unwrap();
-        c.insert_running(backup("b3", "vm3", 3, &[(0, None, Some(10100)), (1, None, Some(10101))]))
-            .await
-            .unwrap();
+        c.insert_running(backup(
+            "b3",
+            "vm3",
+            3,
+            &[(0, None, Some(10100)), (1, None, Some(10101))],
+        ))
+        .await
+        .unwrap();
     }
 
     pub async fn a_parent_is_not_deleted_under_a_child(f: &Fixture) {

@@ -61,9 +61,17 @@ async fn a_backup_on_a_postgres_catalog() {
     let r = call(d.api, "POST", "/api/v1/backups", Some(&start)).await;
     assert_eq!(r.status, 409, "{}", r.text());
 
-    let src = write_file(dir.path(), "s0.raw", &support::disk_like(7, 4 * MIB as usize));
+    let src = write_file(
+        dir.path(),
+        "s0.raw",
+        &support::disk_like(7, 4 * MIB as usize),
+    );
     let targets = parse_targets(b["nbd_targets_string"].as_str().unwrap());
-    run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &targets[0].1]).await;
+    run_ok(
+        "nbdcopy",
+        &["--flush", src.to_str().unwrap(), &targets[0].1],
+    )
+    .await;
     let r = call(
         d.api,
         "POST",

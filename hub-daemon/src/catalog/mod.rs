@@ -69,8 +69,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-pub use db::{Backend, CatalogUrl, DbError};
 use db::{params, Conn, Row, Sql, Tx};
+pub use db::{Backend, CatalogUrl, DbError};
 
 use crate::error::{DaemonError, Result};
 use crate::model::{BackupDisk, BackupRecord, DiskSpec, Repository, Vm};
@@ -319,7 +319,10 @@ impl Catalog {
     pub async fn repositories(&self) -> Result<Vec<Repository>> {
         self.with(|c| {
             let rows = c.query("SELECT id, path FROM repositories ORDER BY id", params![])?;
-            Ok(rows.iter().map(read_repository).collect::<Result<_, DbError>>()?)
+            Ok(rows
+                .iter()
+                .map(read_repository)
+                .collect::<Result<_, DbError>>()?)
         })
         .await
     }
@@ -328,7 +331,10 @@ impl Catalog {
     pub async fn repository(&self, id: &str) -> Result<Option<Repository>> {
         let id = id.to_owned();
         self.with(move |c| {
-            let row = c.query_opt("SELECT id, path FROM repositories WHERE id = ?1", params![id])?;
+            let row = c.query_opt(
+                "SELECT id, path FROM repositories WHERE id = ?1",
+                params![id],
+            )?;
             Ok(row.as_ref().map(read_repository).transpose()?)
         })
         .await
@@ -525,7 +531,9 @@ impl Catalog {
                     params![id, disk, port],
                 )
                 .map_err(|e| {
-                    conflict_if_unique(e, || format!("NBD port {port} is held by another running backup"))
+                    conflict_if_unique(e, || {
+                        format!("NBD port {port} is held by another running backup")
+                    })
                 })?;
             }
             tx.commit()?;
@@ -571,15 +579,27 @@ impl Catalog {
                 tx.execute(
                     "UPDATE backup_disks SET bytes_written = ?3, write_errors = ?4, last_error = ?5
                      WHERE backup_id = ?1 AND disk_id = ?2",
-                    params![id, d.disk_id, d.bytes_written as i64, d.write_errors as i64, d.last_error],
+                    params![
+                        id,
+                        d.disk_id,
+                        d.bytes_written as i64,
+                        d.write_errors as i64,
+                        d.last_error
+                    ],
                 )?;
             }
-            tx.execute("UPDATE backup_disks SET nbd_port = NULL WHERE backup_id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE backup_disks SET nbd_port = NULL WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.execute(
                 "UPDATE backups SET status = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
                 params![id, reason, now_ms()],
             )?;
-            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", params![id])?;
+            tx.execute(
+                "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.commit()?;
             Ok(())
         })
@@ -592,7 +612,10 @@ impl Catalog {
         let id = id.to_owned();
         self.with(move |c| {
             let mut tx = c.transaction()?;
-            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", params![id])?;
+            tx.execute(
+                "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", params![id])?;
             tx.execute("DELETE FROM backups WHERE id = ?1", params![id])?;
             Self::refuse_orphans(&mut tx, std::slice::from_ref(&id))?;
@@ -927,9 +950,9 @@ fn read_repository(r: &Row) -> Result<Repository, DbError> {
 /// hub deleted a parent, or this one would orphan a child) is a conflict.
 fn parent_gone(e: DbError) -> DaemonError {
     match e {
-        DbError::ForeignKey(m) => {
-            DaemonError::Conflict(format!("a parent backup is gone or still has children: {m}"))
-        }
+        DbError::ForeignKey(m) => DaemonError::Conflict(format!(
+            "a parent backup is gone or still has children: {m}"
+        )),
         e => e.into(),
     }
 }

@@ -161,8 +161,14 @@ impl Catalog {
     /// Every policy, by id.
     pub async fn policies(&self) -> Result<Vec<Policy>> {
         self.with(|c| {
-            let rows = c.query(&format!("SELECT {COLUMNS} FROM policies ORDER BY id"), params![])?;
-            Ok(rows.iter().map(read_policy).collect::<Result<_, DbError>>()?)
+            let rows = c.query(
+                &format!("SELECT {COLUMNS} FROM policies ORDER BY id"),
+                params![],
+            )?;
+            Ok(rows
+                .iter()
+                .map(read_policy)
+                .collect::<Result<_, DbError>>()?)
         })
         .await
     }
@@ -258,7 +264,10 @@ impl Catalog {
                 )?;
             }
             for id in &p.remove {
-                tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", params![id])?;
+                tx.execute(
+                    "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                    params![id],
+                )?;
                 tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", params![id])?;
                 tx.execute("DELETE FROM backups WHERE id = ?1", params![id])?;
             }
