@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Run every test of the workspace, installing the NBD/qcow2 tools the tests
 # drive (qemu-img, qemu-io, nbdinfo, nbdcopy, nbdsh, fio, nbdkit) and the
-# headless browser the dashboard test loads the page in (chromium) if missing.
+# headless browser the dashboard test loads the page in (chromium) if missing,
+# and PostgreSQL, which a throw-away cluster under /tmp serves the catalog
+# tests' second backend from (HUB_TEST_POSTGRES_URL).
 # Real clients are the judges here, so a missing tool fails the run
 # (NBD_INTEROP_REQUIRED=1) instead of silently skipping tests.
 set -euo pipefail
@@ -20,6 +22,8 @@ for tool in "${!pkg[@]}"; do
 done
 # scripts/api-fuzz.sh makes a Python venv for Schemathesis.
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+pg_bin() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+[ -n "$(pg_bin)" ] || missing+=(postgresql)
 if [ ${#missing[@]} -gt 0 ]; then
   mapfile -t missing < <(printf '%s\n' "${missing[@]}" | sort -u)
   echo "installing: ${missing[*]}"
@@ -28,6 +32,36 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
+
+# A throw-away PostgreSQL cluster (a second or so): initdb and pg_ctl as the
+# postgres user (root runs CI; otherwise the current user), on a free
+# loopback port, its socket and files under /tmp; stopped and removed on
+# exit.
+start_postgres() {
+  local bin port as=()
+  bin=$(pg_bin)
+  PG_TMP=$(mktemp -d /tmp/hub-pg.XXXXXX)
+  if [ "$(id -u)" -eq 0 ]; then
+    chown postgres: "$PG_TMP"
+    as=(runuser -u postgres --)
+  fi
+  "${as[@]}" "$bin/initdb" -D "$PG_TMP/data" -U postgres --auth=trust --no-locale -E UTF8 --no-sync >/dev/null
+  port=$(python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+  # fsync off: a test cluster need not survive power loss.
+  "${as[@]}" "$bin/pg_ctl" -D "$PG_TMP/data" -l "$PG_TMP/log" -w -s \
+    -o "-p $port -k $PG_TMP -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=200" start
+  export HUB_TEST_POSTGRES_URL="postgres://postgres@127.0.0.1:$port"
+  echo "PostgreSQL for the catalog tests: $HUB_TEST_POSTGRES_URL"
+}
+stop_postgres() {
+  [ -n "${PG_TMP:-}" ] || return 0
+  local as=()
+  [ "$(id -u)" -eq 0 ] && as=(runuser -u postgres --)
+  "${as[@]}" "$(pg_bin)/pg_ctl" -D "$PG_TMP/data" -m immediate -w -s stop || true
+  rm -rf "$PG_TMP"
+}
+trap stop_postgres EXIT
+start_postgres
 
 export NBD_INTEROP_REQUIRED=1
 export RUST_BACKTRACE=1

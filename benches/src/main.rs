@@ -9,6 +9,7 @@
 //! Our server is this binary re-executed as `hub-daemon export` (the very
 //! same code path), so no separate build is needed.
 
+mod catalog;
 mod client;
 mod data;
 mod digest;
@@ -49,13 +50,22 @@ struct Opts {
     /// by `qemu-nbd -r -B b0` and the incremental driven by the bitmap);
     /// verifysched (opt-in: a backup of the --size source into the hub
     /// alone and while a scheduled verification reads --disks old restore
-    /// points of --disk-size; default, then unlimited rates).
+    /// points of --disk-size; default, then unlimited rates); catalog
+    /// (opt-in: POST /backups latency, start+abort cycles, with an SQLite
+    /// and, given --catalog-postgres, a PostgreSQL catalog).
     #[arg(
         long,
         default_value = "write,overlay,multi,random,read,null,idle,limits,digest",
         value_delimiter = ','
     )]
     tests: Vec<String>,
+    /// Start+abort cycles per repetition of the catalog test.
+    #[arg(long, default_value_t = 200)]
+    catalog_cycles: usize,
+    /// PostgreSQL server for the catalog test (postgres://user@host:port;
+    /// a database is created and dropped on it per repetition).
+    #[arg(long, env = "HUB_BENCH_POSTGRES_URL")]
+    catalog_postgres: Option<String>,
     /// nbdcopy connection counts for the write test.
     #[arg(long, default_value = "1,4", value_delimiter = ',')]
     conns: Vec<u32>,
@@ -241,6 +251,7 @@ fn main() -> anyhow::Result<()> {
         opts.idle = vec![4];
         opts.fio_runtime = 1;
         opts.no_cold = true;
+        opts.catalog_cycles = 5;
     }
     bench(opts)
 }
@@ -308,7 +319,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     let needs_src = opts
         .tests
         .iter()
-        .any(|t| t != "handoff" && t != "handoff-bitmap");
+        .any(|t| t != "handoff" && t != "handoff-bitmap" && t != "catalog");
     if needs_src && !src.exists() {
         eprintln!("generating {} bytes of disk-like data", opts.size);
         data::generate(&src, opts.size, 1)?;
@@ -409,6 +420,10 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         if has("digest") {
             run.digest(rep, !opts.no_cold).context("digest")?;
         }
+        if has("catalog") {
+            run.catalog(rep, opts.catalog_cycles, opts.catalog_postgres.as_deref())
+                .context("catalog")?;
+        }
         // Its own repetitions: the old restore points are written once.
         if rep == 1 && has("verifysched") {
             run.verify_sched(opts.reps, !opts.no_cold)
@@ -456,6 +471,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             } else {
                 "qemu-nbd"
             }
+        } else if test.starts_with("catalog_") {
+            // PostgreSQL against SQLite, the default catalog.
+            "sqlite"
         } else if test.starts_with("verifysched_") {
             // Alone vs with verify is its own `*_with_over_alone` row.
             "none"

@@ -39,8 +39,12 @@ impl Daemon {
     pub async fn start(config: Config) -> anyhow::Result<Daemon> {
         std::fs::create_dir_all(&config.data_dir)
             .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-        let catalog = Catalog::open(&config.catalog_path())
-            .with_context(|| format!("opening catalog {}", config.catalog_path().display()))?;
+        let url = config.catalog_url();
+        // `url` shows no password.
+        let catalog = Catalog::connect(&url)
+            .await
+            .with_context(|| format!("opening catalog {url}"))?;
+        tracing::info!(catalog = %url, "catalog open");
         if !config.open_without_tokens() && !catalog.has_tokens().await? {
             anyhow::bail!(
                 "refusing to serve the API on {} without authentication: no API token exists. \

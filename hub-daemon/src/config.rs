@@ -65,6 +65,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Data directory: catalog and default repository.
     pub data_dir: PathBuf,
+    /// Where the catalog is (`None`: the SQLite file in the data
+    /// directory, [`Config::catalog_path`]).
+    pub catalog: Option<crate::catalog::CatalogUrl>,
     /// NBD ports for per-disk exports.
     pub nbd_ports: PortRange,
     /// Port serving every export by name (0 = off).
@@ -260,6 +263,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8082),
             data_dir: PathBuf::from("./data"),
+            catalog: None,
             nbd_ports: PortRange::Range {
                 first: 10100,
                 last: 10200,
@@ -283,9 +287,17 @@ impl Default for Config {
 }
 
 impl Config {
-    /// Path of the SQLite catalog.
+    /// Path of the default SQLite catalog (in the data directory).
     pub fn catalog_path(&self) -> PathBuf {
         self.data_dir.join("catalog.sqlite")
+    }
+
+    /// Where the catalog is: the configured URL, or `sqlite:` the default
+    /// file.
+    pub fn catalog_url(&self) -> crate::catalog::CatalogUrl {
+        self.catalog
+            .clone()
+            .unwrap_or_else(|| crate::catalog::CatalogUrl::Sqlite(self.catalog_path()))
     }
 
     /// Whether the API may be served without tokens: on a loopback
@@ -340,6 +352,8 @@ pub struct FileConfig {
     pub listen: Option<SocketAddr>,
     /// See [`Config::data_dir`].
     pub data_dir: Option<PathBuf>,
+    /// See [`Config::catalog`]: `sqlite:PATH` or `postgres://…`.
+    pub catalog: Option<String>,
     /// `FIRST-LAST` or `0`.
     pub nbd_ports: Option<String>,
     /// See [`Config::nbd_shared_port`].
@@ -414,6 +428,9 @@ impl FileConfig {
         }
         if let Some(v) = self.data_dir {
             c.data_dir = v;
+        }
+        if let Some(v) = self.catalog {
+            c.catalog = Some(v.parse().map_err(|e| format!("catalog: {e}"))?);
         }
         if let Some(v) = self.nbd_ports {
             c.nbd_ports = PortRange::parse(&v)?;

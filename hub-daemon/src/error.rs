@@ -45,9 +45,9 @@ pub enum DaemonError {
     /// held has been released.
     #[error("appliance: {0}")]
     ApplianceTimeout(String),
-    /// The catalog failed.
+    /// The catalog failed (SQLite or PostgreSQL).
     #[error("catalog: {0}")]
-    Catalog(rusqlite::Error),
+    Catalog(crate::catalog::DbError),
     /// A filesystem operation failed.
     #[error("{context}: {source}")]
     Io {
@@ -126,15 +126,22 @@ fn is_no_space(e: &(dyn std::error::Error + 'static)) -> bool {
     false
 }
 
-impl From<rusqlite::Error> for DaemonError {
-    fn from(e: rusqlite::Error) -> Self {
+impl From<crate::catalog::DbError> for DaemonError {
+    fn from(e: crate::catalog::DbError) -> Self {
+        use crate::catalog::DbError;
         match &e {
-            rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::DiskFull => {
+            DbError::NoSpace(_) => DaemonError::NoSpace(format!("catalog: {e}")),
+            DbError::Sqlite(inner) if is_no_space(inner) => {
                 DaemonError::NoSpace(format!("catalog: {e}"))
             }
-            _ if is_no_space(&e) => DaemonError::NoSpace(format!("catalog: {e}")),
             _ => DaemonError::Catalog(e),
         }
+    }
+}
+
+impl From<rusqlite::Error> for DaemonError {
+    fn from(e: rusqlite::Error) -> Self {
+        crate::catalog::DbError::from(e).into()
     }
 }
 

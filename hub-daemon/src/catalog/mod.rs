@@ -1,4 +1,12 @@
-//! The catalog: VMs, repositories and backups, in SQLite.
+//! The catalog: VMs, repositories and backups, in SQLite (the embedded
+//! default, `sqlite:PATH`) or PostgreSQL (`postgres://…`, which several
+//! hubs can share).
+//!
+//! Every method is written once against [`db`], a small backend-neutral
+//! layer (SQL with numbered `?N` placeholders, rows of typed values, one
+//! typed error); its module doc says how a method is written and which SQL
+//! is portable. The schema and its migrations are in `schema` (SQLite's
+//! `user_version`, PostgreSQL's `schema_version` table).
 //!
 //! # Data model
 //! * `repositories(id, path)`.
@@ -14,9 +22,20 @@
 //!   prune still owes, finished at start-up after a crash.
 //! * `backups(id, vm_name, repository_id, backup_type, status, ...)` with
 //!   `backup_disks(backup_id, disk_id, backup_mode, parent_backup_id, file,
-//!   ...)`. A backup is `running`, `completed` or `failed`; a partial
-//!   unique index allows one `running` backup per VM, so the database itself
-//!   refuses a second concurrent backup.
+//!   ...)`. A backup is `running`, `completed` or `failed`.
+//!
+//! # Rules the database keeps (they hold with several hubs)
+//! * One running backup per VM: a partial unique index on
+//!   `backups(vm_name) WHERE status = 'running'`; the second insert gets
+//!   `Conflict` whichever hub makes it.
+//! * One backup per NBD port: a running backup's disks hold their
+//!   `nbd_port` (cleared when it ends); a unique index over the non-NULL
+//!   ports refuses a second holder (`Conflict`).
+//! * No parent deleted under a child: deleting a backup (alone or in a
+//!   prune) is refused while a running or completed backup's disk names
+//!   it as parent; failed backups' parent links are cleared instead. On
+//!   PostgreSQL a deferred foreign key also orders the delete against a
+//!   child another hub inserts meanwhile.
 //!
 //! # Consistency with the files
 //! An image file is valid only if its backup row says `completed`. Images
@@ -25,9 +44,18 @@
 //! reconciliation deletes the files of any backup still `running`.
 //!
 //! # Concurrency
-//! One connection behind a mutex, used from tokio's blocking pool; WAL and
-//! `synchronous=FULL` so a committed backup survives power loss.
+//! One connection per catalog handle behind a mutex, used from tokio's
+//! blocking pool (the sync clients block). For SQLite that is the only
+//! sane shape (one writer); WAL and `synchronous=FULL` so a committed
+//! backup survives power loss. For PostgreSQL one connection too: a hub's
+//! catalog traffic is a few short statements per API call (prepared once
+//! and cached), so a pool would add moving parts for no measured gain
+//! (BENCHMARKS.md, "Catalog"); calls within one hub stay serialized as on
+//! SQLite, and what two hubs race for is decided by constraints, not by
+//! reads (PostgreSQL's default READ COMMITTED). A connection the server
+//! dropped is re-opened on the next call.
 
+pub mod db;
 mod policies;
 mod schema;
 mod space;
@@ -41,7 +69,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-use rusqlite::{params, Connection, OptionalExtension};
+use db::{params, Conn, Row, Sql, Tx};
+pub use db::{Backend, CatalogUrl, DbError};
 
 use crate::error::{DaemonError, Result};
 use crate::model::{BackupDisk, BackupRecord, DiskSpec, Repository, Vm};
@@ -50,7 +79,7 @@ use crate::time::{now_ms, rfc3339};
 /// Handle to the catalog. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct Catalog {
-    conn: Arc<Mutex<Connection>>,
+    conn: Arc<Mutex<Conn>>,
 }
 
 /// A backup about to start.
@@ -176,35 +205,86 @@ pub struct ParentImage {
     pub change_id: Option<String>,
 }
 
-fn is_unique_violation(e: &rusqlite::Error) -> bool {
-    matches!(e, rusqlite::Error::SqliteFailure(f, _) if f.code == rusqlite::ErrorCode::ConstraintViolation)
+/// `e`, or `Conflict(msg)` if it is a unique violation.
+fn conflict_if_unique(e: DbError, msg: impl FnOnce() -> String) -> DaemonError {
+    match e {
+        DbError::Unique(_) => DaemonError::Conflict(msg()),
+        e => e.into(),
+    }
 }
 
 impl Catalog {
-    /// Open (creating if needed) the catalog at `path`.
+    /// Open (creating if needed) the SQLite catalog at `path`.
     pub fn open(path: &Path) -> Result<Catalog> {
-        let conn = Connection::open(path)?;
-        schema::init(&conn)?;
+        Self::open_blocking(&CatalogUrl::Sqlite(path.to_owned()))
+    }
+
+    /// Open the catalog at `url` (SQLite or PostgreSQL), bringing its
+    /// schema up to date. Connecting blocks, so it runs on the blocking
+    /// pool.
+    pub async fn connect(url: &CatalogUrl) -> Result<Catalog> {
+        let url = url.clone();
+        tokio::task::spawn_blocking(move || Self::open_blocking(&url))
+            .await
+            .map_err(|e| DaemonError::Internal(format!("catalog task failed: {e}")))?
+    }
+
+    fn open_blocking(url: &CatalogUrl) -> Result<Catalog> {
+        let mut conn = Conn::open(url)?;
+        schema::init(&mut conn)?;
         Ok(Catalog {
             conn: Arc::new(Mutex::new(conn)),
         })
     }
 
+    /// Which database this catalog is in.
+    pub async fn backend(&self) -> Result<Backend> {
+        self.with(|c| Ok(c.backend())).await
+    }
+
     /// Run `f` on the connection, off the async threads.
     async fn with<T, F>(&self, f: F) -> Result<T>
     where
-        F: FnOnce(&mut Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&mut Conn) -> Result<T> + Send + 'static,
         T: Send + 'static,
     {
         let conn = Arc::clone(&self.conn);
         tokio::task::spawn_blocking(move || {
-            // A poisoned mutex means a panic mid-call; SQLite rolled the
-            // transaction back, so the connection is still usable.
+            // A poisoned mutex means a panic mid-call; the transaction was
+            // rolled back (dropped), so the connection is still usable.
             let mut c = conn.lock().unwrap_or_else(|e| e.into_inner());
+            c.ensure_open()?;
             f(&mut c)
         })
         .await
         .map_err(|e| DaemonError::Internal(format!("catalog task failed: {e}")))?
+    }
+
+    /// Refuse (`Conflict`) while any disk still names one of `removed` as
+    /// its parent; called inside a delete's transaction after the rows
+    /// went, so the whole delete rolls back. Failed backups' parent links
+    /// are only history: they are cleared instead of blocking the delete.
+    /// On PostgreSQL the deferred foreign key (migration 7) backs this up
+    /// against a child another hub inserts meanwhile.
+    fn refuse_orphans(tx: &mut Tx<'_>, removed: &[String]) -> Result<()> {
+        for id in removed {
+            tx.execute(
+                "UPDATE backup_disks SET parent_backup_id = NULL
+                 WHERE parent_backup_id = ?1 AND backup_id IN (SELECT id FROM backups WHERE status = 'failed')",
+                params![id],
+            )?;
+            let child = tx.query_opt(
+                "SELECT backup_id FROM backup_disks WHERE parent_backup_id = ?1 ORDER BY backup_id LIMIT 1",
+                params![id],
+            )?;
+            if let Some(r) = child {
+                let child: String = r.get(0)?;
+                return Err(DaemonError::Conflict(format!(
+                    "backup {id:?} is the parent of backup {child:?}"
+                )));
+            }
+        }
+        Ok(())
     }
 
     // ---------------------------------------------------------------- repositories
@@ -212,17 +292,12 @@ impl Catalog {
     /// Add a repository; `Conflict` if the id exists.
     pub async fn create_repository(&self, repo: Repository) -> Result<()> {
         self.with(move |c| {
-            match c.execute(
+            c.execute(
                 "INSERT INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)",
                 params![repo.id, repo.path, now_ms()],
-            ) {
-                Ok(_) => Ok(()),
-                Err(e) if is_unique_violation(&e) => Err(DaemonError::Conflict(format!(
-                    "repository {:?} exists",
-                    repo.id
-                ))),
-                Err(e) => Err(e.into()),
-            }
+            )
+            .map_err(|e| conflict_if_unique(e, || format!("repository {:?} exists", repo.id)))?;
+            Ok(())
         })
         .await
     }
@@ -231,7 +306,8 @@ impl Catalog {
     pub async fn ensure_repository(&self, repo: Repository) -> Result<()> {
         self.with(move |c| {
             c.execute(
-                "INSERT OR IGNORE INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)",
+                "INSERT INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)
+                 ON CONFLICT (id) DO NOTHING",
                 params![repo.id, repo.path, now_ms()],
             )?;
             Ok(())
@@ -242,14 +318,11 @@ impl Catalog {
     /// All repositories.
     pub async fn repositories(&self) -> Result<Vec<Repository>> {
         self.with(|c| {
-            let mut st = c.prepare("SELECT id, path FROM repositories ORDER BY id")?;
-            let rows = st.query_map([], |r| {
-                Ok(Repository {
-                    id: r.get(0)?,
-                    path: r.get(1)?,
-                })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let rows = c.query("SELECT id, path FROM repositories ORDER BY id", params![])?;
+            Ok(rows
+                .iter()
+                .map(read_repository)
+                .collect::<Result<_, DbError>>()?)
         })
         .await
     }
@@ -258,22 +331,24 @@ impl Catalog {
     pub async fn repository(&self, id: &str) -> Result<Option<Repository>> {
         let id = id.to_owned();
         self.with(move |c| {
-            Ok(c.query_row(
+            let row = c.query_opt(
                 "SELECT id, path FROM repositories WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok(Repository {
-                        id: r.get(0)?,
-                        path: r.get(1)?,
-                    })
-                },
-            )
-            .optional()?)
+                params![id],
+            )?;
+            Ok(row.as_ref().map(read_repository).transpose()?)
         })
         .await
     }
 
     // ---------------------------------------------------------------- VMs
+
+    fn running_count(c: &mut impl Sql, vm: &str) -> Result<i64> {
+        Ok(c.query_one(
+            "SELECT count(*) FROM backups WHERE vm_name = ?1 AND status = 'running'",
+            params![vm],
+        )?
+        .get(0)?)
+    }
 
     /// Register or replace a VM and its disks. `Conflict` while a backup of
     /// it runs.
@@ -286,23 +361,18 @@ impl Catalog {
     ) -> Result<Vm> {
         let (name, ctx) = (name.to_owned(), vm_context_id.to_owned());
         self.with(move |c| {
-            let tx = c.transaction()?;
-            let running: i64 = tx.query_row(
-                "SELECT count(*) FROM backups WHERE vm_name = ?1 AND status = 'running'",
-                [&name],
-                |r| r.get(0),
-            )?;
-            if running > 0 {
+            let mut tx = c.transaction()?;
+            if Self::running_count(&mut tx, &name)? > 0 {
                 return Err(DaemonError::Conflict(format!("a backup of VM {name:?} is running")));
             }
             let now = now_ms();
             tx.execute(
                 "INSERT INTO vms (name, vm_context_id, updated_ms, sna_url) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT(name) DO UPDATE SET vm_context_id = excluded.vm_context_id, updated_ms = excluded.updated_ms,
+                 ON CONFLICT (name) DO UPDATE SET vm_context_id = excluded.vm_context_id, updated_ms = excluded.updated_ms,
                    sna_url = excluded.sna_url",
                 params![name, ctx, now, sna_url],
             )?;
-            tx.execute("DELETE FROM vm_disks WHERE vm_name = ?1", [&name])?;
+            tx.execute("DELETE FROM vm_disks WHERE vm_name = ?1", params![name])?;
             for d in &disks {
                 tx.execute(
                     "INSERT INTO vm_disks (vm_name, disk_id, size_bytes, unit_number, disk_key, label) VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
@@ -321,31 +391,32 @@ impl Catalog {
         .await
     }
 
-    fn read_vm(c: &Connection, name: &str) -> Result<Option<Vm>> {
-        let row: Option<(String, i64, Option<String>)> = c
-            .query_row(
-                "SELECT vm_context_id, updated_ms, sna_url FROM vms WHERE name = ?1",
-                [name],
-                |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)),
-            )
-            .optional()?;
-        let Some((ctx, updated, sna_url)) = row else {
+    fn read_vm(c: &mut impl Sql, name: &str) -> Result<Option<Vm>> {
+        let Some(row) = c.query_opt(
+            "SELECT vm_context_id, updated_ms, sna_url FROM vms WHERE name = ?1",
+            params![name],
+        )?
+        else {
             return Ok(None);
         };
-        let mut st = c.prepare(
-            "SELECT disk_id, size_bytes, unit_number, disk_key, label FROM vm_disks WHERE vm_name = ?1 ORDER BY disk_id",
-        )?;
-        let disks = st
-            .query_map([name], |r| {
+        let (ctx, updated, sna_url): (String, i64, Option<String>) =
+            (row.get(0)?, row.get(1)?, row.get(2)?);
+        let disks = c
+            .query(
+                "SELECT disk_id, size_bytes, unit_number, disk_key, label FROM vm_disks WHERE vm_name = ?1 ORDER BY disk_id",
+                params![name],
+            )?
+            .iter()
+            .map(|r| {
                 Ok(DiskSpec {
                     disk_id: r.get(0)?,
-                    size_bytes: r.get::<_, i64>(1)? as u64,
+                    size_bytes: r.get(1)?,
                     unit_number: r.get(2)?,
                     disk_key: Some(r.get(3)?),
                     label: r.get(4)?,
                 })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+            })
+            .collect::<Result<Vec<_>, DbError>>()?;
         Ok(Some(Vm {
             vm_name: name.to_owned(),
             vm_context_id: ctx,
@@ -364,10 +435,11 @@ impl Catalog {
     /// All VMs.
     pub async fn vms(&self) -> Result<Vec<Vm>> {
         self.with(|c| {
-            let names: Vec<String> = c
-                .prepare("SELECT name FROM vms ORDER BY name")?
-                .query_map([], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            let names = c
+                .query("SELECT name FROM vms ORDER BY name", params![])?
+                .iter()
+                .map(|r| r.get::<String>(0))
+                .collect::<Result<Vec<_>, DbError>>()?;
             let mut out = Vec::with_capacity(names.len());
             for n in names {
                 if let Some(vm) = Self::read_vm(c, &n)? {
@@ -383,19 +455,14 @@ impl Catalog {
     pub async fn delete_vm(&self, name: &str) -> Result<bool> {
         let name = name.to_owned();
         self.with(move |c| {
-            let tx = c.transaction()?;
-            let running: i64 = tx.query_row(
-                "SELECT count(*) FROM backups WHERE vm_name = ?1 AND status = 'running'",
-                [&name],
-                |r| r.get(0),
-            )?;
-            if running > 0 {
+            let mut tx = c.transaction()?;
+            if Self::running_count(&mut tx, &name)? > 0 {
                 return Err(DaemonError::Conflict(format!(
                     "a backup of VM {name:?} is running"
                 )));
             }
-            tx.execute("DELETE FROM vm_disks WHERE vm_name = ?1", [&name])?;
-            let n = tx.execute("DELETE FROM vms WHERE name = ?1", [&name])?;
+            tx.execute("DELETE FROM vm_disks WHERE vm_name = ?1", params![name])?;
+            let n = tx.execute("DELETE FROM vms WHERE name = ?1", params![name])?;
             tx.commit()?;
             Ok(n > 0)
         })
@@ -405,30 +472,28 @@ impl Catalog {
     // ---------------------------------------------------------------- backups
 
     /// Record a backup as running, with its disks, atomically. `Conflict`
-    /// if another backup of the VM is running.
+    /// if another backup of the VM is running (the partial unique index
+    /// decides, also between hubs), if a disk's port is taken, or if a
+    /// parent is gone.
     pub async fn insert_running(&self, b: NewBackup) -> Result<()> {
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let mut tx = c.transaction()?;
             let tags = serde_json::to_string(&b.tags).map_err(|e| DaemonError::Internal(e.to_string()))?;
-            match tx.execute(
+            tx.execute(
                 "INSERT INTO backups (id, vm_name, repository_id, backup_type, policy_id, tags, status, created_ms)
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
                 params![b.id, b.vm_name, b.repository_id, b.backup_type, b.policy_id, tags, b.created_ms],
-            ) {
-                Ok(_) => {}
-                Err(e) if is_unique_violation(&e) => {
-                    return Err(DaemonError::Conflict(format!("a backup of VM {:?} is already running", b.vm_name)))
-                }
-                Err(e) => return Err(e.into()),
-            }
+            )
+            .map_err(|e| conflict_if_unique(e, || format!("a backup of VM {:?} is already running", b.vm_name)))?;
             for d in &b.disks {
                 tx.execute(
                     "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port, mode_reason, format)
                      VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'qcow2')",
                     params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port, d.mode_reason],
-                )?;
+                )
+                .map_err(|e| conflict_if_unique(e, || format!("NBD port {:?} is taken", d.nbd_port)))?;
             }
-            tx.commit()?;
+            tx.commit().map_err(parent_gone)?;
             Ok(())
         })
         .await
@@ -439,7 +504,7 @@ impl Catalog {
     pub async fn set_disk_modes(&self, id: &str, disks: Vec<NewBackupDisk>) -> Result<()> {
         let id = id.to_owned();
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let mut tx = c.transaction()?;
             for d in &disks {
                 tx.execute(
                     "UPDATE backup_disks SET backup_mode = ?3, parent_backup_id = ?4, mode_reason = ?5
@@ -447,22 +512,29 @@ impl Catalog {
                     params![id, d.disk_id, d.backup_mode, d.parent_backup_id, d.mode_reason],
                 )?;
             }
-            tx.commit()?;
+            tx.commit().map_err(parent_gone)?;
             Ok(())
         })
         .await
     }
 
     /// Set the ports of a running backup's disks once they are bound.
+    /// `Conflict` if another running backup holds one of them (two hubs
+    /// on one host, or a stale row).
     pub async fn set_ports(&self, id: &str, ports: Vec<(u32, u16)>) -> Result<()> {
         let id = id.to_owned();
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let mut tx = c.transaction()?;
             for (disk, port) in ports {
                 tx.execute(
                     "UPDATE backup_disks SET nbd_port = ?3 WHERE backup_id = ?1 AND disk_id = ?2",
                     params![id, disk, port],
-                )?;
+                )
+                .map_err(|e| {
+                    conflict_if_unique(e, || {
+                        format!("NBD port {port} is held by another running backup")
+                    })
+                })?;
             }
             tx.commit()?;
             Ok(())
@@ -474,14 +546,16 @@ impl Catalog {
     pub async fn complete(&self, id: &str, disks: Vec<DiskCompletion>) -> Result<()> {
         let id = id.to_owned();
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let mut tx = c.transaction()?;
             for d in &disks {
                 tx.execute(
-                    "UPDATE backup_disks SET bytes_written = ?3, image_bytes = ?4, change_id = ?5, digest = ?6, nbd_port = NULL
+                    "UPDATE backup_disks SET bytes_written = ?3, image_bytes = ?4, change_id = ?5, digest = ?6
                      WHERE backup_id = ?1 AND disk_id = ?2",
                     params![id, d.disk_id, d.bytes_written as i64, d.image_bytes as i64, d.change_id, d.digest],
                 )?;
             }
+            // An ended backup holds no port (the port index counts on it).
+            tx.execute("UPDATE backup_disks SET nbd_port = NULL WHERE backup_id = ?1", params![id])?;
             let n = tx.execute(
                 "UPDATE backups SET status = 'completed', completed_ms = ?2 WHERE id = ?1 AND status = 'running'",
                 params![id, now_ms()],
@@ -489,7 +563,7 @@ impl Catalog {
             if n != 1 {
                 return Err(DaemonError::Conflict(format!("backup {id:?} is not running")));
             }
-            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [&id])?;
+            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", params![id])?;
             tx.commit()?;
             Ok(())
         })
@@ -500,49 +574,73 @@ impl Catalog {
     pub async fn fail(&self, id: &str, reason: &str, disks: Vec<DiskFailure>) -> Result<()> {
         let (id, reason) = (id.to_owned(), reason.to_owned());
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let mut tx = c.transaction()?;
             for d in disks {
                 tx.execute(
-                    "UPDATE backup_disks SET bytes_written = ?3, write_errors = ?4, last_error = ?5, nbd_port = NULL
+                    "UPDATE backup_disks SET bytes_written = ?3, write_errors = ?4, last_error = ?5
                      WHERE backup_id = ?1 AND disk_id = ?2",
-                    params![id, d.disk_id, d.bytes_written as i64, d.write_errors as i64, d.last_error],
+                    params![
+                        id,
+                        d.disk_id,
+                        d.bytes_written as i64,
+                        d.write_errors as i64,
+                        d.last_error
+                    ],
                 )?;
             }
+            tx.execute(
+                "UPDATE backup_disks SET nbd_port = NULL WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.execute(
                 "UPDATE backups SET status = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
                 params![id, reason, now_ms()],
             )?;
-            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [&id])?;
+            tx.execute(
+                "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.commit()?;
             Ok(())
         })
         .await
     }
 
-    /// Delete a backup's rows.
+    /// Delete a backup's rows. `Conflict` (nothing deleted) while a
+    /// running or completed backup has it as a parent.
     pub async fn delete_backup(&self, id: &str) -> Result<()> {
         let id = id.to_owned();
         self.with(move |c| {
-            let tx = c.transaction()?;
-            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [&id])?;
-            tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", [&id])?;
-            tx.execute("DELETE FROM backups WHERE id = ?1", [&id])?;
-            tx.commit()?;
+            let mut tx = c.transaction()?;
+            tx.execute(
+                "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                params![id],
+            )?;
+            tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", params![id])?;
+            tx.execute("DELETE FROM backups WHERE id = ?1", params![id])?;
+            Self::refuse_orphans(&mut tx, std::slice::from_ref(&id))?;
+            tx.commit().map_err(parent_gone)?;
             Ok(())
         })
         .await
+    }
+
+    fn ids(rows: Vec<Row>) -> Result<Vec<String>> {
+        Ok(rows
+            .iter()
+            .map(|r| r.get::<String>(0))
+            .collect::<Result<_, DbError>>()?)
     }
 
     /// Backups (running or completed) whose disks have `id` as parent.
     pub async fn dependents(&self, id: &str) -> Result<Vec<String>> {
         let id = id.to_owned();
         self.with(move |c| {
-            let mut st = c.prepare(
+            Self::ids(c.query(
                 "SELECT DISTINCT b.id FROM backup_disks d JOIN backups b ON b.id = d.backup_id
                  WHERE d.parent_backup_id = ?1 AND b.status IN ('running', 'completed') ORDER BY b.id",
-            )?;
-            let rows = st.query_map([id], |r| r.get(0))?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+                params![id],
+            )?)
         })
         .await
     }
@@ -560,29 +658,25 @@ impl Catalog {
                         "backup chain of disk {disk_id} is longer than {max} or loops"
                     )));
                 }
-                let row: Option<ChainLink> = c
-                    .query_row(
-                        "SELECT d.backup_id, d.file, d.digest, d.parent_backup_id, b.status, d.size_bytes, d.verify_status
-                         FROM backup_disks d JOIN backups b ON b.id = d.backup_id
-                         WHERE d.backup_id = ?1 AND d.disk_id = ?2",
-                        params![bid, disk_id],
-                        |r| {
-                            Ok(ChainLink {
-                                backup_id: r.get(0)?,
-                                file: r.get(1)?,
-                                digest: r.get(2)?,
-                                parent_backup_id: r.get(3)?,
-                                status: r.get(4)?,
-                                size_bytes: r.get::<_, i64>(5)? as u64,
-                                verify_status: r.get(6)?,
-                            })
-                        },
-                    )
-                    .optional()?;
-                let Some(link) = row else {
+                let row = c.query_opt(
+                    "SELECT d.backup_id, d.file, d.digest, d.parent_backup_id, b.status, d.size_bytes, d.verify_status
+                     FROM backup_disks d JOIN backups b ON b.id = d.backup_id
+                     WHERE d.backup_id = ?1 AND d.disk_id = ?2",
+                    params![bid, disk_id],
+                )?;
+                let Some(r) = row else {
                     return Err(DaemonError::BadImage(format!(
                         "backup {bid:?} (disk {disk_id}) is missing from the catalog"
                     )));
+                };
+                let link = ChainLink {
+                    backup_id: r.get(0)?,
+                    file: r.get(1)?,
+                    digest: r.get(2)?,
+                    parent_backup_id: r.get(3)?,
+                    status: r.get(4)?,
+                    size_bytes: r.get(5)?,
+                    verify_status: r.get(6)?,
                 };
                 next = link.parent_backup_id.clone();
                 out.push(link);
@@ -596,12 +690,11 @@ impl Catalog {
     pub async fn children(&self, id: &str, disk_id: u32) -> Result<Vec<String>> {
         let id = id.to_owned();
         self.with(move |c| {
-            let mut st = c.prepare(
+            Self::ids(c.query(
                 "SELECT d.backup_id FROM backup_disks d JOIN backups b ON b.id = d.backup_id
                  WHERE d.parent_backup_id = ?1 AND d.disk_id = ?2 AND b.status = 'completed' ORDER BY d.backup_id",
-            )?;
-            let rows = st.query_map(params![id, disk_id], |r| r.get(0))?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+                params![id, disk_id],
+            )?)
         })
         .await
     }
@@ -615,103 +708,74 @@ impl Catalog {
     ) -> Result<Option<ParentImage>> {
         let (vm, repo) = (vm.to_owned(), repo.to_owned());
         self.with(move |c| {
-            Ok(c.query_row(
+            let row = c.query_opt(
                 "SELECT b.id, d.file, d.size_bytes, d.format, d.digest, d.verify_status, d.change_id FROM backups b JOIN backup_disks d ON d.backup_id = b.id
                  WHERE b.vm_name = ?1 AND b.repository_id = ?2 AND b.status = 'completed' AND b.files_missing = 0
                    AND d.disk_id = ?3
                  ORDER BY b.completed_ms DESC, b.created_ms DESC LIMIT 1",
                 params![vm, repo, disk_id],
-                |r| {
-                    Ok(ParentImage {
-                        backup_id: r.get(0)?,
-                        file: r.get(1)?,
-                        size_bytes: r.get::<_, i64>(2)? as u64,
-                        format: r.get(3)?,
-                        digest: r.get(4)?,
-                        verify_status: r.get(5)?,
-                        change_id: r.get(6)?,
-                    })
-                },
-            )
-            .optional()?)
+            )?;
+            let Some(r) = row else { return Ok(None) };
+            Ok(Some(ParentImage {
+                backup_id: r.get(0)?,
+                file: r.get(1)?,
+                size_bytes: r.get(2)?,
+                format: r.get(3)?,
+                digest: r.get(4)?,
+                verify_status: r.get(5)?,
+                change_id: r.get(6)?,
+            }))
         })
         .await
     }
 
-    fn read_backup(c: &Connection, id: &str) -> Result<Option<BackupRecord>> {
-        type Row = (
-            String,
-            String,
-            String,
-            Option<String>,
-            String,
-            String,
-            Option<String>,
-            i64,
-            Option<i64>,
-            bool,
-            Option<String>,
-            Option<i64>,
-        );
-        let row: Option<Row> = c
-            .query_row(
-                "SELECT vm_name, repository_id, backup_type, policy_id, tags, status, error, created_ms, completed_ms, files_missing,
-                        verify_status, verified_ms
-                 FROM backups WHERE id = ?1",
-                [id],
-                |r| {
-                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?, r.get(5)?, r.get(6)?, r.get(7)?, r.get(8)?, r.get(9)?, r.get(10)?, r.get(11)?))
-                },
-            )
-            .optional()?;
-        let Some((
-            vm,
-            repo,
-            btype,
-            policy,
-            tags,
-            status,
-            error,
-            created,
-            completed,
-            missing,
-            vstatus,
-            vms,
-        )) = row
+    fn read_backup(c: &mut impl Sql, id: &str) -> Result<Option<BackupRecord>> {
+        let Some(r) = c.query_opt(
+            "SELECT vm_name, repository_id, backup_type, policy_id, tags, status, error, created_ms, completed_ms, files_missing,
+                    verify_status, verified_ms
+             FROM backups WHERE id = ?1",
+            params![id],
+        )?
         else {
             return Ok(None);
         };
-        let mut st = c.prepare(
-            "SELECT disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port,
-                    bytes_written, image_bytes, change_id, format, mode_reason, write_errors, last_error,
-                    digest, verify_status, verify_detail, synthetic
-             FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
-        )?;
-        let mut disks = st
-            .query_map([id], |r| {
+        let status: String = r.get(5)?;
+        let tags: String = r.get(4)?;
+        let created: i64 = r.get(7)?;
+        let completed: Option<i64> = r.get(8)?;
+        let verified: Option<i64> = r.get(11)?;
+        let mut disks = c
+            .query(
+                "SELECT disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port,
+                        bytes_written, image_bytes, change_id, format, mode_reason, write_errors, last_error,
+                        digest, verify_status, verify_detail, synthetic
+                 FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
+                params![id],
+            )?
+            .iter()
+            .map(|r| {
+                let digest: Option<String> = r.get(15)?;
                 Ok(BackupDisk {
                     disk_id: r.get(0)?,
                     disk_key: r.get(1)?,
-                    size_bytes: r.get::<_, i64>(2)? as u64,
+                    size_bytes: r.get(2)?,
                     backup_mode: r.get(3)?,
                     parent_backup_id: r.get(4)?,
                     file: r.get(5)?,
                     nbd_export_name: r.get(6)?,
                     nbd_port: r.get(7)?,
-                    bytes_written: r.get::<_, i64>(8)? as u64,
-                    image_bytes: r.get::<_, Option<i64>>(9)?.map(|v| v as u64),
+                    bytes_written: r.get(8)?,
+                    image_bytes: r.get(9)?,
                     change_id: r.get(10)?,
                     format: r.get(11)?,
                     mode_reason: r.get(12)?,
-                    write_errors: r.get::<_, i64>(13)? as u64,
+                    write_errors: r.get(13)?,
                     last_error: r.get(14)?,
-                    digest_algorithm: r
-                        .get::<_, Option<String>>(15)?
-                        .map(|_| disk_digest::ALGORITHM.to_owned()),
-                    digest: r.get(15)?,
+                    digest_algorithm: digest.as_ref().map(|_| disk_digest::ALGORITHM.to_owned()),
+                    digest,
                     verify_status: r.get(16)?,
                     verify: r
-                        .get::<_, Option<String>>(17)?
+                        .get::<Option<String>>(17)?
                         .and_then(|t| serde_json::from_str(&t).ok()),
                     synthetic: r.get(18)?,
                     freed_bytes_if_deleted: None,
@@ -719,8 +783,8 @@ impl Catalog {
                     last_activity: None,
                     progress: None,
                 })
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
+            })
+            .collect::<Result<Vec<_>, DbError>>()?;
         let is_completed = status == "completed";
         if is_completed {
             for d in &mut disks {
@@ -732,18 +796,18 @@ impl Catalog {
             is_completed.then(|| disks.iter().filter_map(|d| d.freed_bytes_if_deleted).sum());
         Ok(Some(BackupRecord {
             backup_id: id.to_owned(),
-            vm_name: vm,
-            repository_id: repo,
-            backup_type: btype,
-            policy_id: policy,
+            vm_name: r.get(0)?,
+            repository_id: r.get(1)?,
+            backup_type: r.get(2)?,
+            policy_id: r.get(3)?,
             tags: serde_json::from_str(&tags).unwrap_or_default(),
             status,
-            error,
+            error: r.get(6)?,
             created_at: rfc3339(created),
             completed_at: completed.map(rfc3339),
-            files_missing: missing,
-            verify_status: vstatus,
-            verified_at: vms.map(rfc3339),
+            files_missing: r.get(9)?,
+            verify_status: r.get(10)?,
+            verified_at: verified.map(rfc3339),
             image_bytes,
             freed_bytes_if_deleted,
             disks,
@@ -763,13 +827,11 @@ impl Catalog {
         status: Option<String>,
     ) -> Result<Vec<BackupRecord>> {
         self.with(move |c| {
-            let ids: Vec<String> = c
-                .prepare(
-                    "SELECT id FROM backups WHERE (?1 IS NULL OR vm_name = ?1) AND (?2 IS NULL OR status = ?2)
-                     ORDER BY created_ms DESC, id DESC",
-                )?
-                .query_map(params![vm, status], |r| r.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
+            let ids = Self::ids(c.query(
+                "SELECT id FROM backups WHERE (CAST(?1 AS TEXT) IS NULL OR vm_name = ?1) AND (CAST(?2 AS TEXT) IS NULL OR status = ?2)
+                 ORDER BY created_ms DESC, id DESC",
+                params![vm, status],
+            )?)?;
             let mut out = Vec::with_capacity(ids.len());
             for id in ids {
                 if let Some(b) = Self::read_backup(c, &id)? {
@@ -798,7 +860,7 @@ impl Catalog {
     /// backup the worst of its disks.
     pub async fn record_verify(&self, results: Vec<DiskVerified>) -> Result<()> {
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let mut tx = c.transaction()?;
             let now = now_ms();
             for r in &results {
                 tx.execute(
@@ -830,22 +892,20 @@ impl Catalog {
     /// the completion) is at least that old, the images are present, every
     /// disk has a digest, and it is not flagged corrupt (a corrupt restore
     /// point stays flagged until someone verifies it on demand) nor being
-    /// verified. Plain SQL (`COALESCE` and integer arithmetic) so it runs
-    /// on PostgreSQL too.
+    /// verified.
     /// With `only`, just that restore point if it is due.
     pub async fn due_for_verify(&self, now_ms: i64, only: Option<String>) -> Result<Vec<String>> {
         self.with(move |c| {
-            let mut st = c.prepare(
+            Self::ids(c.query(
                 "SELECT b.id FROM backups b JOIN policies p ON p.id = b.policy_id
                  WHERE b.status = 'completed' AND b.files_missing = 0 AND p.verify_every_days > 0
                    AND (b.verify_status IS NULL OR b.verify_status = 'ok')
                    AND COALESCE(b.verified_ms, b.completed_ms) <= ?1 - p.verify_every_days * 86400000
                    AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.digest IS NULL)
-                   AND (?2 IS NULL OR b.id = ?2)
+                   AND (CAST(?2 AS TEXT) IS NULL OR b.id = ?2)
                  ORDER BY COALESCE(b.verified_ms, b.completed_ms), b.id",
-            )?;
-            let rows = st.query_map(params![now_ms, only], |r| r.get(0))?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+                params![now_ms, only],
+            )?)
         })
         .await
     }
@@ -867,11 +927,32 @@ impl Catalog {
     /// Number of backups per status.
     pub async fn count_by_status(&self) -> Result<Vec<(String, u64)>> {
         self.with(|c| {
-            let mut st =
-                c.prepare("SELECT status, count(*) FROM backups GROUP BY status ORDER BY status")?;
-            let rows = st.query_map([], |r| Ok((r.get(0)?, r.get::<_, i64>(1)? as u64)))?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            Ok(c.query(
+                "SELECT status, count(*) FROM backups GROUP BY status ORDER BY status",
+                params![],
+            )?
+            .iter()
+            .map(|r| Ok((r.get(0)?, r.get(1)?)))
+            .collect::<Result<_, DbError>>()?)
         })
         .await
+    }
+}
+
+fn read_repository(r: &Row) -> Result<Repository, DbError> {
+    Ok(Repository {
+        id: r.get(0)?,
+        path: r.get(1)?,
+    })
+}
+
+/// A commit the deferred parent foreign key refused (PostgreSQL: another
+/// hub deleted a parent, or this one would orphan a child) is a conflict.
+fn parent_gone(e: DbError) -> DaemonError {
+    match e {
+        DbError::ForeignKey(m) => DaemonError::Conflict(format!(
+            "a parent backup is gone or still has children: {m}"
+        )),
+        e => e.into(),
     }
 }

@@ -1,8 +1,8 @@
 //! Retention policies, what prune reads, and prune's one commit.
 
-use rusqlite::{params, Connection, OptionalExtension};
 use serde::{Deserialize, Serialize};
 
+use super::db::{params, DbError, Row, Sql};
 use super::Catalog;
 use crate::error::{DaemonError, Result};
 use crate::time::now_ms;
@@ -38,7 +38,7 @@ const COLUMNS: &str =
     "id, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, \
                        max_chain_length, min_retention_days, verify_every_days";
 
-fn read_policy(r: &rusqlite::Row<'_>) -> rusqlite::Result<Policy> {
+fn read_policy(r: &Row) -> Result<Policy, DbError> {
     Ok(Policy {
         id: r.get(0)?,
         keep_last: r.get(1)?,
@@ -115,12 +115,11 @@ impl Catalog {
     /// Create or replace a policy; true if it was created.
     pub async fn put_policy(&self, p: Policy) -> Result<bool> {
         self.with(move |c| {
-            let tx = c.transaction()?;
-            let exists: bool = tx
-                .query_row("SELECT 1 FROM policies WHERE id = ?1", [&p.id], |_| Ok(()))
-                .optional()?
+            let mut tx = c.transaction()?;
+            let exists = tx
+                .query_opt("SELECT 1 FROM policies WHERE id = ?1", params![p.id])?
                 .is_some();
-            tx.execute("DELETE FROM policies WHERE id = ?1", [&p.id])?;
+            tx.execute("DELETE FROM policies WHERE id = ?1", params![p.id])?;
             tx.execute(
                 &format!(
                     "INSERT INTO policies ({COLUMNS}, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
@@ -145,13 +144,12 @@ impl Catalog {
         .await
     }
 
-    fn read_policy(c: &Connection, id: &str) -> Result<Option<Policy>> {
-        Ok(c.query_row(
+    fn read_policy(c: &mut impl Sql, id: &str) -> Result<Option<Policy>> {
+        let row = c.query_opt(
             &format!("SELECT {COLUMNS} FROM policies WHERE id = ?1"),
-            [id],
-            read_policy,
-        )
-        .optional()?)
+            params![id],
+        )?;
+        Ok(row.as_ref().map(read_policy).transpose()?)
     }
 
     /// One policy.
@@ -163,9 +161,14 @@ impl Catalog {
     /// Every policy, by id.
     pub async fn policies(&self) -> Result<Vec<Policy>> {
         self.with(|c| {
-            let mut st = c.prepare(&format!("SELECT {COLUMNS} FROM policies ORDER BY id"))?;
-            let rows = st.query_map([], read_policy)?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+            let rows = c.query(
+                &format!("SELECT {COLUMNS} FROM policies ORDER BY id"),
+                params![],
+            )?;
+            Ok(rows
+                .iter()
+                .map(read_policy)
+                .collect::<Result<_, DbError>>()?)
         })
         .await
     }
@@ -175,18 +178,19 @@ impl Catalog {
     pub async fn delete_policy(&self, id: &str) -> Result<()> {
         let id = id.to_owned();
         self.with(move |c| {
-            let tx = c.transaction()?;
-            let users: i64 = tx.query_row(
-                "SELECT count(*) FROM backups WHERE policy_id = ?1",
-                [&id],
-                |r| r.get(0),
-            )?;
+            let mut tx = c.transaction()?;
+            let users: i64 = tx
+                .query_one(
+                    "SELECT count(*) FROM backups WHERE policy_id = ?1",
+                    params![id],
+                )?
+                .get(0)?;
             if users > 0 {
                 return Err(DaemonError::Conflict(format!(
                     "policy {id:?} governs {users} backup(s)"
                 )));
             }
-            if tx.execute("DELETE FROM policies WHERE id = ?1", [&id])? == 0 {
+            if tx.execute("DELETE FROM policies WHERE id = ?1", params![id])? == 0 {
                 return Err(DaemonError::NotFound { what: "policy", id });
             }
             tx.commit()?;
@@ -202,13 +206,15 @@ impl Catalog {
         repo: Option<String>,
     ) -> Result<Vec<PruneCandidate>> {
         self.with(move |c| {
-            let mut st = c.prepare(
-                "SELECT id, vm_name, repository_id, policy_id, created_ms FROM backups
-                 WHERE status = 'completed' AND (?1 IS NULL OR vm_name = ?1) AND (?2 IS NULL OR repository_id = ?2)
-                 ORDER BY created_ms, id",
-            )?;
-            let mut out: Vec<PruneCandidate> = st
-                .query_map(params![vm, repo], |r| {
+            let mut out: Vec<PruneCandidate> = c
+                .query(
+                    "SELECT id, vm_name, repository_id, policy_id, created_ms FROM backups
+                     WHERE status = 'completed' AND (CAST(?1 AS TEXT) IS NULL OR vm_name = ?1) AND (CAST(?2 AS TEXT) IS NULL OR repository_id = ?2)
+                     ORDER BY created_ms, id",
+                    params![vm, repo],
+                )?
+                .iter()
+                .map(|r| {
                     Ok(PruneCandidate {
                         backup_id: r.get(0)?,
                         vm_name: r.get(1)?,
@@ -217,15 +223,17 @@ impl Catalog {
                         created_ms: r.get(4)?,
                         disks: Vec::new(),
                     })
-                })?
-                .collect::<rusqlite::Result<_>>()?;
-            let mut st = c.prepare(
-                "SELECT disk_id, parent_backup_id, file, digest FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
-            )?;
+                })
+                .collect::<Result<_, DbError>>()?;
             for b in &mut out {
-                b.disks = st
-                    .query_map([&b.backup_id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))?
-                    .collect::<rusqlite::Result<_>>()?;
+                b.disks = c
+                    .query(
+                        "SELECT disk_id, parent_backup_id, file, digest FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
+                        params![b.backup_id],
+                    )?
+                    .iter()
+                    .map(|r| Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?)))
+                    .collect::<Result<_, DbError>>()?;
             }
             Ok(out)
         })
@@ -238,13 +246,8 @@ impl Catalog {
     /// may have picked a parent that is going).
     pub async fn commit_prune(&self, p: PruneCommit) -> Result<()> {
         self.with(move |c| {
-            let tx = c.transaction()?;
-            let running: i64 = tx.query_row(
-                "SELECT count(*) FROM backups WHERE vm_name = ?1 AND status = 'running'",
-                [&p.vm_name],
-                |r| r.get(0),
-            )?;
-            if running > 0 {
+            let mut tx = c.transaction()?;
+            if Catalog::running_count(&mut tx, &p.vm_name)? > 0 {
                 return Err(DaemonError::Conflict(format!(
                     "a backup of VM {:?} is running",
                     p.vm_name
@@ -255,23 +258,29 @@ impl Catalog {
                 // a kept parent leaves the flag as it was.
                 tx.execute(
                     "UPDATE backup_disks SET parent_backup_id = ?3, image_bytes = ?4,
-                       synthetic = CASE WHEN ?3 IS NULL THEN 1 ELSE synthetic END
+                       synthetic = CASE WHEN CAST(?3 AS TEXT) IS NULL THEN 1 ELSE synthetic END
                      WHERE backup_id = ?1 AND disk_id = ?2",
                     params![r.backup_id, r.disk_id, r.parent, r.image_bytes as i64],
                 )?;
             }
             for id in &p.remove {
-                tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", [id])?;
-                tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", [id])?;
-                tx.execute("DELETE FROM backups WHERE id = ?1", [id])?;
+                tx.execute(
+                    "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                    params![id],
+                )?;
+                tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", params![id])?;
+                tx.execute("DELETE FROM backups WHERE id = ?1", params![id])?;
             }
+            // After every removal, so a parent and its child may go
+            // together in either order.
+            Catalog::refuse_orphans(&mut tx, &p.remove)?;
             for j in &p.journal {
                 tx.execute(
                     "INSERT INTO prune_journal (repository_id, path, action) VALUES (?1, ?2, ?3)",
                     params![j.repository_id, j.path, j.action],
                 )?;
             }
-            tx.commit()?;
+            tx.commit().map_err(super::parent_gone)?;
             Ok(())
         })
         .await
@@ -280,17 +289,20 @@ impl Catalog {
     /// File work committed prunes still owe.
     pub async fn prune_journal(&self) -> Result<Vec<JournalEntry>> {
         self.with(|c| {
-            let mut st = c.prepare(
+            let rows = c.query(
                 "SELECT repository_id, path, action FROM prune_journal ORDER BY repository_id, path",
+                params![],
             )?;
-            let rows = st.query_map([], |r| {
-                Ok(JournalEntry {
-                    repository_id: r.get(0)?,
-                    path: r.get(1)?,
-                    action: r.get(2)?,
+            Ok(rows
+                .iter()
+                .map(|r| {
+                    Ok(JournalEntry {
+                        repository_id: r.get(0)?,
+                        path: r.get(1)?,
+                        action: r.get(2)?,
+                    })
                 })
-            })?;
-            Ok(rows.collect::<rusqlite::Result<_>>()?)
+                .collect::<Result<_, DbError>>()?)
         })
         .await
     }
@@ -298,7 +310,7 @@ impl Catalog {
     /// Forget journal entries once their file work is done.
     pub async fn clear_journal(&self, done: Vec<JournalEntry>) -> Result<()> {
         self.with(move |c| {
-            let tx = c.transaction()?;
+            let mut tx = c.transaction()?;
             for j in &done {
                 tx.execute(
                     "DELETE FROM prune_journal WHERE repository_id = ?1 AND path = ?2",

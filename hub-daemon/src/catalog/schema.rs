@@ -1,55 +1,87 @@
-//! Catalog schema and connection settings.
+//! Catalog schema and migrations, for SQLite and PostgreSQL.
+//!
+//! One schema text serves both (see the portability rules in
+//! [`super::db`]): every integer column is `BIGINT` (on SQLite the same
+//! 64-bit integer as `INTEGER`, so files created before keep working).
+//! SQLite counts applied migrations in `PRAGMA user_version`, PostgreSQL in
+//! the one row of `schema_version`; a fresh database of either kind ends
+//! with the same tables, indexes and constraints, except where a
+//! [`Migration::Split`] says otherwise.
 
-use rusqlite::Connection;
+use super::db::{params, Backend, Conn, DbError, Sql, Tx};
 
-/// Schema changes after the first version, in order; `user_version` counts
-/// how many are applied. Plain `ALTER TABLE ... ADD COLUMN`, valid on
-/// SQLite and PostgreSQL alike.
-const MIGRATIONS: &[&str] = &[
+/// One schema change.
+#[derive(Debug, Clone, Copy)]
+pub enum Migration {
+    /// The same SQL on both backends (the usual case).
+    Both(&'static str),
+    /// SQL that differs per backend.
+    Split {
+        /// On SQLite.
+        sqlite: &'static str,
+        /// On PostgreSQL.
+        postgres: &'static str,
+    },
+}
+
+impl Migration {
+    fn sql(self, backend: Backend) -> &'static str {
+        match (self, backend) {
+            (Migration::Both(s), _) => s,
+            (Migration::Split { sqlite, .. }, Backend::Sqlite) => sqlite,
+            (Migration::Split { postgres, .. }, Backend::Postgres) => postgres,
+        }
+    }
+}
+
+/// Schema changes after the first version, in order: append, never edit
+/// an applied one's meaning. Each runs in one transaction with the
+/// version bump.
+pub const MIGRATIONS: &[Migration] = &[
     // 1: integrity — image format, why a disk went full, failed writes,
     // digests and verification.
-    "ALTER TABLE backup_disks ADD COLUMN format TEXT NOT NULL DEFAULT 'qcow2';
+    Migration::Both("ALTER TABLE backup_disks ADD COLUMN format TEXT NOT NULL DEFAULT 'qcow2';
      ALTER TABLE backup_disks ADD COLUMN mode_reason TEXT;
-     ALTER TABLE backup_disks ADD COLUMN write_errors INTEGER NOT NULL DEFAULT 0;
+     ALTER TABLE backup_disks ADD COLUMN write_errors BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE backup_disks ADD COLUMN last_error TEXT;
      ALTER TABLE backup_disks ADD COLUMN digest TEXT;
      ALTER TABLE backup_disks ADD COLUMN verify_status TEXT;
      ALTER TABLE backup_disks ADD COLUMN verify_detail TEXT;
      ALTER TABLE backups ADD COLUMN verify_status TEXT;
-     ALTER TABLE backups ADD COLUMN verified_ms INTEGER;",
+     ALTER TABLE backups ADD COLUMN verified_ms BIGINT;"),
     // 2: API bearer tokens. Only a salted hash of each token is kept.
-    "CREATE TABLE api_tokens (
+    Migration::Both("CREATE TABLE api_tokens (
          name          TEXT PRIMARY KEY,
          role          TEXT NOT NULL,
          salt          TEXT NOT NULL,
          token_hash    TEXT NOT NULL,
          created_ms    BIGINT NOT NULL,
          last_used_ms  BIGINT
-     );",
+     );"),
     // 3: the appliance hand-off — a VM's own appliance, and the callback
     // token of each running backup started through one (a salted hash
     // only; the row goes when the backup ends).
-    "ALTER TABLE vms ADD COLUMN sna_url TEXT;
+    Migration::Both("ALTER TABLE vms ADD COLUMN sna_url TEXT;
      CREATE TABLE callback_tokens (
          backup_id   TEXT PRIMARY KEY REFERENCES backups(id) ON DELETE CASCADE,
          salt        TEXT NOT NULL,
          token_hash  TEXT NOT NULL
-     );",
+     );"),
     // 4: retention policies (0 = option off), and the prune journal: file
     // work a committed prune still owes (finished at start-up if the
     // daemon died before doing it). `action` is 'rename' (`<path>.merging`
     // over `<path>`) or 'remove'.
-    "CREATE TABLE policies (
+    Migration::Both("CREATE TABLE policies (
          id                  TEXT PRIMARY KEY,
-         keep_last           INTEGER NOT NULL DEFAULT 0,
-         keep_hourly         INTEGER NOT NULL DEFAULT 0,
-         keep_daily          INTEGER NOT NULL DEFAULT 0,
-         keep_weekly         INTEGER NOT NULL DEFAULT 0,
-         keep_monthly        INTEGER NOT NULL DEFAULT 0,
-         keep_yearly         INTEGER NOT NULL DEFAULT 0,
-         max_chain_length    INTEGER NOT NULL DEFAULT 0,
-         min_retention_days  INTEGER NOT NULL DEFAULT 0,
-         verify_every_days   INTEGER NOT NULL DEFAULT 0,
+         keep_last           BIGINT NOT NULL DEFAULT 0,
+         keep_hourly         BIGINT NOT NULL DEFAULT 0,
+         keep_daily          BIGINT NOT NULL DEFAULT 0,
+         keep_weekly         BIGINT NOT NULL DEFAULT 0,
+         keep_monthly        BIGINT NOT NULL DEFAULT 0,
+         keep_yearly         BIGINT NOT NULL DEFAULT 0,
+         max_chain_length    BIGINT NOT NULL DEFAULT 0,
+         min_retention_days  BIGINT NOT NULL DEFAULT 0,
+         verify_every_days   BIGINT NOT NULL DEFAULT 0,
          updated_ms          BIGINT NOT NULL
      );
      CREATE TABLE prune_journal (
@@ -57,86 +89,145 @@ const MIGRATIONS: &[&str] = &[
          path           TEXT NOT NULL,
          action         TEXT NOT NULL,
          PRIMARY KEY (repository_id, path)
-     );",
+     );"),
     // 5: synthetic fulls — an image the hub flattened from its chain
     // (max_chain_length, or a prune that removed every ancestor). 0/1, not
     // BOOLEAN: the same type on SQLite and PostgreSQL, like files_missing.
-    "ALTER TABLE backup_disks ADD COLUMN synthetic INTEGER NOT NULL DEFAULT 0;",
+    Migration::Both("ALTER TABLE backup_disks ADD COLUMN synthetic BIGINT NOT NULL DEFAULT 0;"),
+    // 6: one export per NBD port. A running backup's disks hold their
+    // ports (cleared when it ends), so a unique index over the non-NULL
+    // ports keeps two backups, on two hubs sharing the catalog too, from
+    // recording the same one. With several nodes, `node_id` joins the
+    // index (drop and recreate it as `(node_id, nbd_port)`). Ports an
+    // older version left on ended backups are cleared first.
+    Migration::Both(
+        "UPDATE backup_disks SET nbd_port = NULL
+           WHERE nbd_port IS NOT NULL AND backup_id IN (SELECT id FROM backups WHERE status <> 'running');
+         CREATE UNIQUE INDEX one_backup_per_port ON backup_disks(nbd_port) WHERE nbd_port IS NOT NULL;",
+    ),
+    // 7: no parent deleted under a child. On PostgreSQL (several hubs) a
+    // foreign key decides, deferred to commit so one transaction may
+    // remove a parent and its child in either order (prune); its lock on
+    // the parent row orders a delete against another hub's new child. A
+    // lone SQLite hub has one connection, so the check inside each delete
+    // transaction (`Catalog::refuse_orphans`) is enough; adding a foreign
+    // key there would mean rebuilding the table.
+    Migration::Split {
+        sqlite: "",
+        postgres: "ALTER TABLE backup_disks ADD CONSTRAINT backup_disks_parent_exists
+                     FOREIGN KEY (parent_backup_id) REFERENCES backups(id) DEFERRABLE INITIALLY DEFERRED;",
+    },
 ];
 
-fn migrate(conn: &Connection) -> rusqlite::Result<()> {
-    let applied: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+/// The tables of version 0 (`IF NOT EXISTS`: run on every start).
+const INITIAL: &str = "
+    CREATE TABLE IF NOT EXISTS repositories (
+        id          TEXT PRIMARY KEY,
+        path        TEXT NOT NULL,
+        created_ms  BIGINT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS vms (
+        name           TEXT PRIMARY KEY,
+        vm_context_id  TEXT NOT NULL,
+        updated_ms     BIGINT NOT NULL
+    );
+    CREATE TABLE IF NOT EXISTS vm_disks (
+        vm_name      TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
+        disk_id      BIGINT NOT NULL,
+        size_bytes   BIGINT NOT NULL,
+        unit_number  BIGINT NOT NULL,
+        disk_key     BIGINT NOT NULL,
+        label        TEXT NOT NULL,
+        PRIMARY KEY (vm_name, disk_id)
+    );
+    CREATE TABLE IF NOT EXISTS backups (
+        id             TEXT PRIMARY KEY,
+        vm_name        TEXT NOT NULL,
+        repository_id  TEXT NOT NULL REFERENCES repositories(id),
+        backup_type    TEXT NOT NULL,
+        policy_id      TEXT,
+        tags           TEXT NOT NULL,
+        status         TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
+        error          TEXT,
+        created_ms     BIGINT NOT NULL,
+        completed_ms   BIGINT,
+        files_missing  BIGINT NOT NULL DEFAULT 0
+    );
+    -- The database itself allows only one running backup per VM.
+    CREATE UNIQUE INDEX IF NOT EXISTS one_running_backup_per_vm ON backups(vm_name) WHERE status = 'running';
+    CREATE INDEX IF NOT EXISTS backups_by_vm ON backups(vm_name, status, completed_ms);
+    CREATE TABLE IF NOT EXISTS backup_disks (
+        backup_id         TEXT NOT NULL REFERENCES backups(id) ON DELETE CASCADE,
+        disk_id           BIGINT NOT NULL,
+        disk_key          BIGINT NOT NULL,
+        size_bytes        BIGINT NOT NULL,
+        backup_mode       TEXT NOT NULL,
+        parent_backup_id  TEXT,
+        file              TEXT NOT NULL,
+        export_name       TEXT NOT NULL,
+        nbd_port          BIGINT,
+        bytes_written     BIGINT NOT NULL DEFAULT 0,
+        image_bytes       BIGINT,
+        change_id         TEXT,
+        PRIMARY KEY (backup_id, disk_id)
+    );
+    CREATE INDEX IF NOT EXISTS backup_disks_by_parent ON backup_disks(parent_backup_id);
+";
+
+/// Bring the schema up to date (creating it in a fresh database).
+pub fn init(conn: &mut Conn) -> Result<(), DbError> {
+    match conn.backend() {
+        Backend::Sqlite => init_sqlite(conn),
+        Backend::Postgres => init_postgres(conn),
+    }
+}
+
+fn init_sqlite(conn: &mut Conn) -> Result<(), DbError> {
+    conn.batch(INITIAL)?;
+    let applied: i64 = conn.query_one("PRAGMA user_version", params![])?.get(0)?;
     for (i, m) in MIGRATIONS.iter().enumerate().skip(applied.max(0) as usize) {
-        let tx = conn.unchecked_transaction()?;
-        tx.execute_batch(m)?;
-        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        let mut tx = conn.transaction()?;
+        tx.batch(m.sql(Backend::Sqlite))?;
+        // A pragma takes no parameters; the number is ours.
+        tx.batch(&format!("PRAGMA user_version = {}", i + 1))?;
         tx.commit()?;
     }
     Ok(())
 }
 
-/// Create tables if missing and set the connection up.
-pub fn init(conn: &Connection) -> rusqlite::Result<()> {
-    // WAL: readers don't block the writer; FULL: a commit is on disk when
-    // COMMIT returns (a completed backup must survive power loss).
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", "FULL")?;
-    conn.pragma_update(None, "foreign_keys", "ON")?;
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
-    conn.execute_batch(
-        "
-        CREATE TABLE IF NOT EXISTS repositories (
-            id          TEXT PRIMARY KEY,
-            path        TEXT NOT NULL,
-            created_ms  INTEGER NOT NULL
+fn init_postgres(conn: &mut Conn) -> Result<(), DbError> {
+    // One transaction (PostgreSQL's DDL is transactional) under an
+    // advisory lock: hubs starting together on a fresh database take turns,
+    // and the later ones find the schema made.
+    let mut tx = conn.transaction()?;
+    tx.batch("SELECT pg_advisory_xact_lock(7262041901)")?;
+    tx.batch(INITIAL)?;
+    tx.batch("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")?;
+    let applied = match tx.query_opt("SELECT version FROM schema_version", params![])? {
+        Some(r) => r.get::<i64>(0)?,
+        None => {
+            tx.execute("INSERT INTO schema_version (version) VALUES (0)", params![])?;
+            0
+        }
+    };
+    migrate_postgres(&mut tx, applied)?;
+    tx.commit()
+}
+
+fn migrate_postgres(tx: &mut Tx<'_>, applied: i64) -> Result<(), DbError> {
+    if applied > MIGRATIONS.len() as i64 {
+        tracing::warn!(
+            applied,
+            known = MIGRATIONS.len(),
+            "the catalog's schema is newer than this hub's"
         );
-        CREATE TABLE IF NOT EXISTS vms (
-            name           TEXT PRIMARY KEY,
-            vm_context_id  TEXT NOT NULL,
-            updated_ms     INTEGER NOT NULL
-        );
-        CREATE TABLE IF NOT EXISTS vm_disks (
-            vm_name      TEXT NOT NULL REFERENCES vms(name) ON DELETE CASCADE,
-            disk_id      INTEGER NOT NULL,
-            size_bytes   INTEGER NOT NULL,
-            unit_number  INTEGER NOT NULL,
-            disk_key     INTEGER NOT NULL,
-            label        TEXT NOT NULL,
-            PRIMARY KEY (vm_name, disk_id)
-        );
-        CREATE TABLE IF NOT EXISTS backups (
-            id             TEXT PRIMARY KEY,
-            vm_name        TEXT NOT NULL,
-            repository_id  TEXT NOT NULL REFERENCES repositories(id),
-            backup_type    TEXT NOT NULL,
-            policy_id      TEXT,
-            tags           TEXT NOT NULL,
-            status         TEXT NOT NULL CHECK (status IN ('running', 'completed', 'failed')),
-            error          TEXT,
-            created_ms     INTEGER NOT NULL,
-            completed_ms   INTEGER,
-            files_missing  INTEGER NOT NULL DEFAULT 0
-        );
-        -- The database itself allows only one running backup per VM.
-        CREATE UNIQUE INDEX IF NOT EXISTS one_running_backup_per_vm ON backups(vm_name) WHERE status = 'running';
-        CREATE INDEX IF NOT EXISTS backups_by_vm ON backups(vm_name, status, completed_ms);
-        CREATE TABLE IF NOT EXISTS backup_disks (
-            backup_id         TEXT NOT NULL REFERENCES backups(id) ON DELETE CASCADE,
-            disk_id           INTEGER NOT NULL,
-            disk_key          INTEGER NOT NULL,
-            size_bytes        INTEGER NOT NULL,
-            backup_mode       TEXT NOT NULL,
-            parent_backup_id  TEXT,
-            file              TEXT NOT NULL,
-            export_name       TEXT NOT NULL,
-            nbd_port          INTEGER,
-            bytes_written     INTEGER NOT NULL DEFAULT 0,
-            image_bytes       INTEGER,
-            change_id         TEXT,
-            PRIMARY KEY (backup_id, disk_id)
-        );
-        CREATE INDEX IF NOT EXISTS backup_disks_by_parent ON backup_disks(parent_backup_id);
-        ",
-    )?;
-    migrate(conn)
+    }
+    for (i, m) in MIGRATIONS.iter().enumerate().skip(applied.max(0) as usize) {
+        tx.batch(m.sql(Backend::Postgres))?;
+        tx.execute(
+            "UPDATE schema_version SET version = ?1",
+            params![(i + 1) as i64],
+        )?;
+    }
+    Ok(())
 }

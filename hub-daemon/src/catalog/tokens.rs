@@ -9,10 +9,10 @@
 use std::fmt;
 use std::str::FromStr;
 
-use rusqlite::{params, OptionalExtension};
 use serde::Serialize;
 
-use super::{is_unique_violation, Catalog};
+use super::db::{params, DbError, Sql};
+use super::{conflict_if_unique, Catalog};
 use crate::error::{DaemonError, Result};
 use crate::secret;
 use crate::time::{now_ms, rfc3339};
@@ -102,16 +102,12 @@ impl Catalog {
         let salt = secret::hex(&salt);
         let name = name.to_owned();
         self.with(move |c| {
-            match c.execute(
+            c.execute(
                 "INSERT INTO api_tokens (name, role, salt, token_hash, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
                 params![name, role.as_str(), salt, hash, now_ms()],
-            ) {
-                Ok(_) => Ok(()),
-                Err(e) if is_unique_violation(&e) => {
-                    Err(DaemonError::Conflict(format!("token {name:?} already exists")))
-                }
-                Err(e) => Err(e.into()),
-            }
+            )
+            .map_err(|e| conflict_if_unique(e, || format!("token {name:?} already exists")))?;
+            Ok(())
         })
         .await?;
         Ok(token)
@@ -120,20 +116,14 @@ impl Catalog {
     /// Every token, by name.
     pub async fn tokens(&self) -> Result<Vec<TokenInfo>> {
         self.with(|c| {
-            let mut st = c.prepare(
+            let rows = c.query(
                 "SELECT name, role, created_ms, last_used_ms FROM api_tokens ORDER BY name",
+                params![],
             )?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, i64>(2)?,
-                    r.get::<_, Option<i64>>(3)?,
-                ))
-            })?;
             let mut out = Vec::new();
-            for row in rows {
-                let (name, role, created, used) = row?;
+            for r in rows {
+                let (name, role, created, used): (String, String, i64, Option<i64>) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
                 let role = role
                     .parse()
                     .map_err(|e: String| DaemonError::Internal(format!("token {name:?}: {e}")))?;
@@ -167,7 +157,9 @@ impl Catalog {
     /// Whether any token exists (then every API request needs one).
     pub async fn has_tokens(&self) -> Result<bool> {
         self.with(|c| {
-            let n: i64 = c.query_row("SELECT COUNT(*) FROM api_tokens", [], |r| r.get(0))?;
+            let n: i64 = c
+                .query_one("SELECT COUNT(*) FROM api_tokens", params![])?
+                .get(0)?;
             Ok(n > 0)
         })
         .await
@@ -178,18 +170,14 @@ impl Catalog {
     pub async fn check_token(&self, presented: &str) -> Result<Option<(String, Role)>> {
         let presented = presented.to_owned();
         self.with(move |c| {
-            let mut st = c.prepare("SELECT name, role, salt, token_hash FROM api_tokens")?;
-            let rows = st.query_map([], |r| {
-                Ok((
-                    r.get::<_, String>(0)?,
-                    r.get::<_, String>(1)?,
-                    r.get::<_, String>(2)?,
-                    r.get::<_, String>(3)?,
-                ))
-            })?;
+            let rows = c.query(
+                "SELECT name, role, salt, token_hash FROM api_tokens",
+                params![],
+            )?;
             let mut found = None;
-            for row in rows {
-                let (name, role, salt, hash) = row?;
+            for r in rows {
+                let (name, role, salt, hash): (String, String, String, String) =
+                    (r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?);
                 let (Some(salt), Ok(hash)) = (parse_salt(&salt), blake3::Hash::from_hex(&hash))
                 else {
                     tracing::error!(token = %name, "stored token hash is malformed");
@@ -240,13 +228,13 @@ impl Catalog {
         let (id, presented) = (backup_id.to_owned(), presented.to_owned());
         self.with(move |c| {
             let row: Option<(String, String)> = c
-                .query_row(
+                .query_opt(
                     "SELECT t.salt, t.token_hash FROM callback_tokens t JOIN backups b ON b.id = t.backup_id
                      WHERE t.backup_id = ?1 AND b.status = 'running'",
-                    [&id],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
+                    params![id],
+                )?
+                .map(|r| Ok::<_, DbError>((r.get(0)?, r.get(1)?)))
+                .transpose()?;
             let Some((salt, hash)) = row else {
                 return Ok(false);
             };
@@ -301,9 +289,8 @@ mod tests {
         let stored: String = cat
             .with(|c| {
                 Ok(
-                    c.query_row("SELECT salt || token_hash FROM api_tokens", [], |r| {
-                        r.get(0)
-                    })?,
+                    c.query_one("SELECT salt || token_hash FROM api_tokens", params![])?
+                        .get(0)?,
                 )
             })
             .await

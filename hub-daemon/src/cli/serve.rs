@@ -25,6 +25,12 @@ pub struct ServeArgs {
     /// Data directory: catalog and default repository [default: ./data].
     #[arg(long, env = "HUB_DATA_DIR", value_name = "DIR")]
     data_dir: Option<PathBuf>,
+    /// Catalog: sqlite:PATH or postgres://USER[:PASSWORD]@HOST:PORT/DB
+    /// [default: sqlite:DATA_DIR/catalog.sqlite].
+    // Parsed in `config`, not by clap: clap's error would echo the URL,
+    // password and all.
+    #[arg(long, env = "HUB_CATALOG", value_name = "URL", hide_env_values = true)]
+    catalog: Option<String>,
     /// NBD port range for per-disk exports, FIRST-LAST; 0 for any free
     /// ports [default: 10100-10200].
     #[arg(long, env = "HUB_NBD_PORTS", value_name = "FIRST-LAST", value_parser = PortRange::parse)]
@@ -139,6 +145,9 @@ impl ServeArgs {
         }
         if let Some(v) = &self.data_dir {
             c.data_dir = v.clone();
+        }
+        if let Some(v) = &self.catalog {
+            c.catalog = Some(v.parse().map_err(anyhow::Error::msg)?);
         }
         if let Some(v) = self.nbd_ports {
             c.nbd_ports = v;

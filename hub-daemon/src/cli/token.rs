@@ -19,6 +19,15 @@ pub struct TokenArgs {
     /// Data directory holding the catalog [default: ./data].
     #[arg(long, env = "HUB_DATA_DIR", value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
+    /// Catalog URL, as `serve --catalog` [default: the data directory's].
+    #[arg(
+        long,
+        env = "HUB_CATALOG",
+        value_name = "URL",
+        global = true,
+        hide_env_values = true
+    )]
+    catalog: Option<String>,
     /// What to do.
     #[command(subcommand)]
     command: TokenCommand,
@@ -58,10 +67,18 @@ pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
     if let Some(d) = args.data_dir {
         config.data_dir = d;
     }
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
-    let catalog = Catalog::open(&config.catalog_path())
-        .with_context(|| format!("opening catalog {}", config.catalog_path().display()))?;
+    if let Some(u) = args.catalog {
+        config.catalog = Some(u.parse().map_err(anyhow::Error::msg)?);
+    }
+    let url = config.catalog_url();
+    if matches!(url, crate::catalog::CatalogUrl::Sqlite(_)) {
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
+    }
+    // `url` shows no password.
+    let catalog = Catalog::connect(&url)
+        .await
+        .with_context(|| format!("opening catalog {url}"))?;
     match args.command {
         TokenCommand::Create { name, role } => {
             let token = catalog.create_token(&name, role).await?;
