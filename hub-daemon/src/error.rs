@@ -45,6 +45,9 @@ pub enum DaemonError {
     /// held has been released.
     #[error("appliance: {0}")]
     ApplianceTimeout(String),
+    /// The repository's object store refused or could not be reached.
+    #[error("object store: {0}")]
+    ObjectStore(String),
     /// The catalog failed.
     #[error("catalog: {0}")]
     Catalog(rusqlite::Error),
