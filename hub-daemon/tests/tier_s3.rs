@@ -371,3 +371,77 @@ async fn a_damaged_object_is_caught_at_rehydration_and_never_served() {
     let n = record(&hub, &next).await;
     assert_eq!(n["disks"][0]["backup_mode"], "full", "{n}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_offload_then_evict_on_schedule_and_skip_unverified_points() {
+    if !tools() {
+        return;
+    }
+    let Some(s3) = SeaweedFs::start().await else {
+        return;
+    };
+    s3.create_bucket("hub-sched", false).await;
+    let hub = Hub::start().await;
+    let repo = tiered_repo(&hub, &s3, "sched", "hub-sched").await;
+    hub.register("web", &[4 * MIB]).await;
+    let r = hub
+        .put(
+            "/api/v1/policies/tiering",
+            json!({"keep_last": 5, "offload_after_days": 1, "evict_local_after_days": 2, "verify_every_days": 1}),
+        )
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["evict_local_after_days"], 2);
+    let src = write_file(
+        hub.dir.path(),
+        "src.raw",
+        &support::disk_like(5, 4 * MIB as usize),
+    );
+    let (f, uri) = start_backup(&hub, "web", "full", "sched", "tiering").await;
+    run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await;
+    hub.complete(&f).await;
+    let (unverified, uri) = start_backup(&hub, "web", "full", "sched", "tiering").await;
+    run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await;
+    hub.complete(&unverified).await;
+    verify_ok(&hub, &f).await;
+
+    let backups = std::sync::Arc::clone(hub.daemon.as_ref().unwrap().backups());
+    let now = hub_daemon::time::now_ms();
+    const DAY: i64 = 86_400_000;
+    // Not due yet: nothing moves.
+    let pass = backups.tier_pass(now).await.unwrap();
+    assert_eq!(pass, Default::default(), "{pass:?}");
+    assert_eq!(location(&record(&hub, &f).await), "local");
+    // A day and a half on: offloaded, not evicted; the unverified point
+    // waits (409 from offload, reported as skipped).
+    let pass = backups.tier_pass(now + DAY * 3 / 2).await.unwrap();
+    assert_eq!(pass.offloaded, vec![f.clone()], "{pass:?}");
+    assert!(pass.evicted.is_empty(), "{pass:?}");
+    assert_eq!(pass.skipped.len(), 1, "{pass:?}");
+    assert_eq!(pass.skipped[0].0, unverified);
+    assert_eq!(location(&record(&hub, &f).await), "local+s3");
+    assert_eq!(location(&record(&hub, &unverified).await), "local");
+    // Three days on: evicted.
+    let pass = backups.tier_pass(now + DAY * 3).await.unwrap();
+    assert_eq!(pass.evicted, vec![f.clone()], "{pass:?}");
+    let b = record(&hub, &f).await;
+    assert_eq!(location(&b), "s3");
+    assert!(!image(&repo, &b).exists());
+    // Scheduled verification leaves an evicted point alone (the local
+    // one is due then).
+    assert_eq!(
+        backups
+            .catalog()
+            .due_for_verify(now + DAY * 1000, Some(unverified.clone()))
+            .await
+            .unwrap(),
+        vec![unverified.clone()]
+    );
+    assert!(backups
+        .catalog()
+        .due_for_verify(now + DAY * 1000, Some(f.clone()))
+        .await
+        .unwrap()
+        .is_empty());
+    restore_compares(&hub, &f, &src).await;
+}
