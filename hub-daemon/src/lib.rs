@@ -9,6 +9,7 @@
 //! * [`nbd`]: the NBD server, per-export ports and the shared port.
 //! * [`ports`]: NBD port allocation with RAII leases.
 //! * [`sna`]: the client of a backup appliance (the hand-off contract).
+//! * [`tier`]: the object-storage tier (S3): offload, evict, re-hydrate.
 //! * [`http_client`]: the one HTTP client (appliance calls, the CLI's calls).
 //! * [`config`], [`model`], [`names`], [`error`], [`time`], [`secret`]: plumbing.
 //! * [`app`]: assembling and running it all; [`cli`]: the binary's commands.
@@ -31,5 +32,6 @@ pub mod ports;
 pub mod secret;
 pub mod sna;
 pub mod space;
+pub mod tier;
 pub mod time;
 pub mod tls;

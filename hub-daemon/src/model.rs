@@ -70,6 +70,80 @@ pub struct Repository {
     /// Absolute directory (under a configured repository root; created
     /// if missing).
     pub path: String,
+    /// Its object-storage tier, if any (never the credentials).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3View>,
+}
+
+/// Body of `POST /api/v1/repositories`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RepositoryBody {
+    /// Identifier.
+    #[schema(pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$")]
+    pub id: String,
+    /// Absolute directory (under a configured repository root; created
+    /// if missing).
+    pub path: String,
+    /// An S3 bucket restore points can be offloaded to.
+    #[serde(default)]
+    pub s3: Option<S3Body>,
+}
+
+/// A repository's S3 tier as given. Credentials may be left out: the hub
+/// then takes `AWS_ACCESS_KEY_ID` / `AWS_SECRET_ACCESS_KEY` from its
+/// environment. They are stored in the catalog and never returned.
+#[derive(Clone, PartialEq, Eq, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct S3Body {
+    /// Endpoint URL, `https://…` (or `http://…`).
+    #[schema(max_length = 2048)]
+    pub endpoint: String,
+    /// Bucket (S3 naming rules: 3-63 of `a-z 0-9 . -`).
+    #[schema(pattern = "^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")]
+    pub bucket: String,
+    /// Region (the signing scope; any value a local server accepts).
+    #[schema(max_length = 64)]
+    pub region: String,
+    /// Access key id (with `secret_access_key`, or neither).
+    #[serde(default)]
+    #[schema(max_length = 256)]
+    pub access_key_id: Option<String>,
+    /// Secret access key.
+    #[serde(default)]
+    #[schema(max_length = 256)]
+    pub secret_access_key: Option<String>,
+    /// Path-style requests (`endpoint/bucket/key`), as most local servers
+    /// need; default virtual-hosted (`bucket.endpoint/key`).
+    #[serde(default)]
+    pub path_style: bool,
+}
+
+// Written by hand so that the secret never reaches a log.
+impl std::fmt::Debug for S3Body {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Body")
+            .field("endpoint", &self.endpoint)
+            .field("bucket", &self.bucket)
+            .field("region", &self.region)
+            .field("path_style", &self.path_style)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A repository's S3 tier as shown: no credentials, only where they are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub struct S3View {
+    /// Endpoint URL.
+    pub endpoint: String,
+    /// Bucket.
+    pub bucket: String,
+    /// Region.
+    pub region: String,
+    /// Path-style requests.
+    pub path_style: bool,
+    /// `set` (stored with the repository) or `environment`.
+    pub credentials: String,
 }
 
 /// Full or incremental.
@@ -235,6 +309,10 @@ pub struct BackupDisk {
     /// chain into it (`max_chain_length`, or a prune that removed every
     /// ancestor). It reads exactly as the restore point always did.
     pub synthetic: bool,
+    /// Where the image lives: `local` (the repository only), `local+s3`
+    /// (also offloaded to the repository's object store) or `s3` (the
+    /// local copy was evicted; a restore, merge or verify re-hydrates it).
+    pub location: String,
     /// Bytes deleting this restore point (through prune) would give back
     /// on this disk, once completed. Exact when nothing builds on it: its
     /// image. When restore points build on it, deleting it merges it into

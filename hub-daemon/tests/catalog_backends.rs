@@ -51,6 +51,7 @@ mod cases {
         c.ensure_repository(Repository {
             id: "default".into(),
             path: "/srv/default".into(),
+            s3: None,
         })
         .await
         .unwrap();
@@ -114,6 +115,7 @@ mod cases {
         let r = Repository {
             id: "r2".into(),
             path: "/srv/r2".into(),
+            s3: None,
         };
         c.create_repository(r.clone()).await.unwrap();
         assert!(is_conflict(&c.create_repository(r.clone()).await));
@@ -121,6 +123,7 @@ mod cases {
         c.ensure_repository(Repository {
             id: "r2".into(),
             path: "/elsewhere".into(),
+            s3: None,
         })
         .await
         .unwrap();

@@ -46,6 +46,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("POST", "/api/v1/backups/{id}/abort"),
     ("POST", "/api/v1/backups/{id}/progress"),
     ("POST", "/api/v1/backups/{id}/verify"),
+    ("POST", "/api/v1/backups/{id}/offload"),
+    ("POST", "/api/v1/backups/{id}/evict"),
     ("POST", "/api/v1/backups/{id}/restore"),
     ("DELETE", "/api/v1/backups/{id}/restore"),
 ];

@@ -4,4 +4,5 @@
 
 pub mod client;
 pub mod http;
+pub mod seaweed;
 pub mod support;

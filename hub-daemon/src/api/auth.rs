@@ -81,6 +81,16 @@ pub const ROUTES: &[(&str, &str, Access)] = &[
     ),
     (
         "POST",
+        "/api/v1/backups/*/offload",
+        Access::Role(Role::Operator),
+    ),
+    (
+        "POST",
+        "/api/v1/backups/*/evict",
+        Access::Role(Role::Operator),
+    ),
+    (
+        "POST",
         "/api/v1/backups/*/restore",
         Access::Role(Role::Operator),
     ),

@@ -280,6 +280,58 @@ pub async fn verify(
     Ok((StatusCode::ACCEPTED, Json(st.backups().verify(&id).await?)))
 }
 
+/// `POST /api/v1/backups/{id}/offload`: upload every local-only disk
+/// image of a completed restore point that verified ok to its
+/// repository's S3 tier (with Object Lock retention from its policy's
+/// `min_retention_days`); answers when done. 409 unless completed and
+/// verified ok, or without an S3 tier.
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups/{id}/offload",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    responses(
+        (status = 200, description = "Offloaded: every disk is `local+s3` (or `s3`).", body = BackupRecord),
+        E400,
+        E404,
+        E409,
+        E422,
+        E502,
+    )
+)]
+pub async fn offload(
+    State(st): State<AppState>,
+    AppPath(id): AppPath<String>,
+) -> Result<Json<BackupRecord>, ApiError> {
+    check_id(&id)?;
+    Ok(Json(st.backups().offload(&id).await?))
+}
+
+/// `POST /api/v1/backups/{id}/evict`: delete the local copies of an
+/// offloaded restore point's images (they come back, checked against
+/// their SHA-256, before a restore, verify or merge needs them). 409
+/// unless every disk is offloaded, or while the VM is backed up or any of
+/// its restore points is restored or verified.
+#[utoipa::path(
+    post,
+    path = "/api/v1/backups/{id}/evict",
+    tag = "backups",
+    params(("id" = String, Path, pattern = "^[A-Za-z0-9_-][A-Za-z0-9._-]{0,199}$", description = "Backup id")),
+    responses(
+        (status = 200, description = "Evicted: every disk is `s3`.", body = BackupRecord),
+        E400,
+        E404,
+        E409,
+    )
+)]
+pub async fn evict(
+    State(st): State<AppState>,
+    AppPath(id): AppPath<String>,
+) -> Result<Json<BackupRecord>, ApiError> {
+    check_id(&id)?;
+    Ok(Json(st.backups().evict(&id).await?))
+}
+
 /// `POST /api/v1/backups/{id}/restore` (body optional: `{"writable": true}`
 /// for an instant restore through throw-away overlays).
 #[utoipa::path(

@@ -132,7 +132,7 @@ error_responses! {
     E413 => "413", "`payload_too_large`: body over 2 MiB.";
     E415 => "415", "`unsupported_media_type`: a body whose Content-Type is not JSON.";
     E422 => "422", "`bad_image` (an image is corrupt, unsupported or refused) or `backup_failed` (the backup could not be completed as a faithful copy and is now failed).";
-    E502 => "502", "`appliance_error`: the backup appliance refused, was unreachable or broke the contract.";
+    E502 => "502", "`appliance_error`: the backup appliance refused, was unreachable or broke the contract; `object_store_error`: the repository's object store refused or was unreachable.";
     E503 => "503", "`unavailable`: out of NBD ports, or shutting down.";
     E504 => "504", "`appliance_timeout`: the backup appliance did not answer in time.";
     E507 => "507", "`insufficient_storage`: the repository's or the catalog's filesystem is full.";

@@ -95,6 +95,7 @@ impl ApiError {
                 DaemonError::BadImage(_) => (StatusCode::UNPROCESSABLE_ENTITY, "bad_image"),
                 DaemonError::Incomplete(_) => (StatusCode::UNPROCESSABLE_ENTITY, "backup_failed"),
                 DaemonError::Appliance(_) => (StatusCode::BAD_GATEWAY, "appliance_error"),
+                DaemonError::ObjectStore(_) => (StatusCode::BAD_GATEWAY, "object_store_error"),
                 DaemonError::ApplianceTimeout(_) => {
                     (StatusCode::GATEWAY_TIMEOUT, "appliance_timeout")
                 }

@@ -124,6 +124,8 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(backups::abort))
         .routes(routes!(backups::progress))
         .routes(routes!(backups::verify))
+        .routes(routes!(backups::offload))
+        .routes(routes!(backups::evict))
         .routes(routes!(backups::restore, backups::stop_restore))
 }
 

@@ -59,6 +59,16 @@ pub struct PolicyBody {
     #[serde(default)]
     #[schema(minimum = 0, maximum = 100_000)]
     verify_every_days: i64,
+    /// Offload to the repository's S3 tier this many days after
+    /// completion, once verified ok.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
+    offload_after_days: i64,
+    /// Delete the local copy of an offloaded restore point this many days
+    /// after completion.
+    #[serde(default)]
+    #[schema(minimum = 0, maximum = 100_000)]
+    evict_local_after_days: i64,
 }
 
 fn option(name: &str, v: i64) -> Result<u32, ApiError> {
@@ -141,6 +151,8 @@ pub async fn put(
         max_chain_length: option("max_chain_length", b.max_chain_length)?,
         min_retention_days: option("min_retention_days", b.min_retention_days)?,
         verify_every_days: option("verify_every_days", b.verify_every_days)?,
+        offload_after_days: option("offload_after_days", b.offload_after_days)?,
+        evict_local_after_days: option("evict_local_after_days", b.evict_local_after_days)?,
     };
     let created = st.catalog().put_policy(p.clone()).await?;
     let status = if created {

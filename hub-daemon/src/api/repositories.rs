@@ -9,8 +9,9 @@ use super::doc::{BodyErrors, E400, E404, E409, E507};
 use super::error::ApiError;
 use super::json::{AppJson, AppPath};
 use super::AppState;
+use crate::catalog::S3Settings;
 use crate::error::DaemonError;
-use crate::model::Repository;
+use crate::model::{Repository, RepositoryBody, S3Body, S3View};
 use crate::names;
 
 /// `GET /api/v1/repositories`.
@@ -21,7 +22,77 @@ use crate::names;
     responses((status = 200, description = "Every repository.", body = Vec<Repository>))
 )]
 pub async fn list(State(st): State<AppState>) -> Result<Json<Vec<Repository>>, ApiError> {
-    Ok(Json(st.catalog().repositories().await?))
+    let mut repos = st.catalog().repositories().await?;
+    for r in &mut repos {
+        r.s3 = s3_view(&st, &r.id).await?;
+    }
+    Ok(Json(repos))
+}
+
+/// The S3 tier of repository `id` as the API shows it (no secrets).
+async fn s3_view(st: &AppState, id: &str) -> Result<Option<S3View>, ApiError> {
+    Ok(st.catalog().repository_s3(id).await?.map(|s| S3View {
+        credentials: if s.access_key_id.is_some() {
+            "set".into()
+        } else {
+            "environment".into()
+        },
+        endpoint: s.endpoint,
+        bucket: s.bucket,
+        region: s.region,
+        path_style: s.path_style,
+    }))
+}
+
+/// Check an S3 tier as given and turn it into what the catalog stores.
+fn s3_settings(b: S3Body) -> Result<S3Settings, ApiError> {
+    let url: reqwest::Url = b
+        .endpoint
+        .parse()
+        .map_err(|e| ApiError::bad_request(format!("s3.endpoint: {e}")))?;
+    if !matches!(url.scheme(), "http" | "https") || url.host_str().is_none() {
+        return Err(ApiError::bad_request(
+            "s3.endpoint must be an http(s) URL with a host",
+        ));
+    }
+    let bucket_ok = (3..=63).contains(&b.bucket.len())
+        && b.bucket
+            .bytes()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == b'.' || c == b'-')
+        && !b.bucket.starts_with(['.', '-'])
+        && !b.bucket.ends_with(['.', '-']);
+    if !bucket_ok {
+        return Err(ApiError::bad_request(
+            "s3.bucket must be 3-63 of a-z 0-9 . - (starting and ending with a letter or digit)",
+        ));
+    }
+    let printable =
+        |v: &str| !v.is_empty() && v.len() <= 256 && v.bytes().all(|c| c.is_ascii_graphic());
+    if !printable(&b.region) || b.region.len() > 64 {
+        return Err(ApiError::bad_request(
+            "s3.region must be 1-64 printable characters",
+        ));
+    }
+    match (&b.access_key_id, &b.secret_access_key) {
+        (Some(k), Some(v)) if printable(k) && printable(v) => {}
+        (None, None) => {}
+        _ => {
+            return Err(ApiError::bad_request(
+                "s3.access_key_id and s3.secret_access_key: both (1-256 printable characters) or neither",
+            ))
+        }
+    }
+    if b.endpoint.len() > 2048 {
+        return Err(ApiError::bad_request("s3.endpoint is too long"));
+    }
+    Ok(S3Settings {
+        endpoint: b.endpoint,
+        bucket: b.bucket,
+        region: b.region,
+        path_style: b.path_style,
+        access_key_id: b.access_key_id,
+        secret_access_key: b.secret_access_key,
+    })
 }
 
 /// A repository with the space of its filesystem.
@@ -41,6 +112,9 @@ pub struct RepositorySpace {
     pub backup_bytes: u64,
     /// Free space a backup start keeps in reserve (`space_reserve`).
     pub reserve_bytes: u64,
+    /// Its object-storage tier, if any (never the credentials).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub s3: Option<S3View>,
 }
 
 /// `GET /api/v1/repositories/{id}`: the repository with its space.
@@ -75,17 +149,18 @@ pub async fn get(
         used_bytes: fs.used_bytes,
         backup_bytes,
         reserve_bytes: reserve,
+        s3: s3_view(&st, &id).await?,
     }))
 }
 
 /// `POST /api/v1/repositories`: register a directory under a configured
 /// repository root (created if missing; see [`names::repository_dir`] for
-/// what is refused).
+/// what is refused), optionally with an S3 tier.
 #[utoipa::path(
     post,
     path = "/api/v1/repositories",
     tag = "repositories",
-    request_body = Repository,
+    request_body = RepositoryBody,
     responses(
         (status = 201, description = "Registered; `path` is the canonical directory.", body = Repository),
         BodyErrors,
@@ -95,18 +170,24 @@ pub async fn get(
 )]
 pub async fn create(
     State(st): State<AppState>,
-    AppJson(repo): AppJson<Repository>,
+    AppJson(body): AppJson<RepositoryBody>,
 ) -> Result<(StatusCode, Json<Repository>), ApiError> {
-    names::validate("id", &repo.id).map_err(ApiError::bad_request)?;
-    let path = repo.path.clone();
+    names::validate("id", &body.id).map_err(ApiError::bad_request)?;
+    let s3 = body.s3.map(s3_settings).transpose()?;
+    let path = body.path.clone();
     let roots = st.backups().config().repository_roots();
     let canonical = tokio::task::spawn_blocking(move || names::repository_dir(&path, &roots))
         .await
         .map_err(|e| DaemonError::Internal(format!("repository task failed: {e}")))??;
     let repo = Repository {
-        id: repo.id,
+        id: body.id,
         path: canonical.display().to_string(),
+        s3: None,
     };
     st.catalog().create_repository(repo.clone()).await?;
-    Ok((StatusCode::CREATED, Json(repo)))
+    if let Some(s) = s3 {
+        st.catalog().set_repository_s3(&repo.id, Some(s)).await?;
+    }
+    let s3 = s3_view(&st, &repo.id).await?;
+    Ok((StatusCode::CREATED, Json(Repository { s3, ..repo })))
 }

@@ -71,6 +71,20 @@ impl Layout {
         confined::check_plain_file(&self.root, self.rel(abs)?)
     }
 
+    /// Open file `abs` for reading, or (`create`) create it new for
+    /// writing, following no symlink.
+    pub fn open_file(&self, abs: &Path, create: bool) -> io::Result<std::fs::File> {
+        confined::open_file(&self.root, self.rel(abs)?, create)
+    }
+
+    /// Where a layer is downloaded to while it is re-hydrated
+    /// (`<image>.rehydrating`); renamed over the image once checked.
+    pub fn rehydrating(path: &Path) -> PathBuf {
+        let mut s = path.as_os_str().to_owned();
+        s.push(".rehydrating");
+        PathBuf::from(s)
+    }
+
     /// The digest sidecar of an image (`<image>.digest`).
     pub fn sidecar(image: &Path) -> PathBuf {
         let mut s = image.as_os_str().to_owned();

@@ -22,6 +22,7 @@
 //! The client of the contract is [`crate::sna`].
 
 mod layout;
+mod offload;
 mod prune;
 mod reconcile;
 mod restore;
@@ -48,6 +49,7 @@ use crate::model::{BackupRecord, CompleteRequest, Progress};
 use crate::nbd::{NbdHub, Published};
 
 pub use layout::Layout;
+pub use offload::TierReport;
 pub use prune::{KeptPoint, MergeStep, PruneReport, PruneRequest};
 pub use reconcile::ReconcileReport;
 pub use restore::Restore;
@@ -122,6 +124,9 @@ pub struct Backups {
     /// Poked when a backup completes (its chain may now be due a synthetic
     /// full); the lifecycle schedule waits on it.
     lifecycle_kick: tokio::sync::Notify,
+    /// Held by every change of a layer's location and every re-hydration
+    /// (see `offload`): innermost of the locks.
+    tier: tokio::sync::Mutex<()>,
 }
 
 impl Backups {
@@ -154,6 +159,7 @@ impl Backups {
             seq: AtomicU32::new(0),
             lifecycle: tokio::sync::Mutex::new(()),
             lifecycle_kick: tokio::sync::Notify::new(),
+            tier: tokio::sync::Mutex::new(()),
         })
     }
 

@@ -336,6 +336,12 @@ impl Backups {
         let mut journal = Vec::new();
         let mut reparent = Vec::new();
         let result = async {
+            // A merge reads every layer it folds: evicted ones come back
+            // first (the merged result is local only; see
+            // `catalog::commit_prune`).
+            for m in &r.merges {
+                self.ensure_local(&m.into).await?;
+            }
             let root = layout.root().canonicalize().map_err(|e| {
                 DaemonError::io(format!("repository {}", layout.root().display()), e)
             })?;

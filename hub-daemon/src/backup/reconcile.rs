@@ -33,7 +33,9 @@ fn remove_if_exists(layout: &Layout, p: &Path) {
 /// `...qcow2.digest.partial`, or a prune's uncommitted merge result
 /// `...qcow2.merging` / `...qcow2.digest.merging` (committed ones were
 /// renamed by the journal first), or an instant restore's throw-away
-/// overlay `...qcow2.instant` (no restore survives a restart).
+/// overlay `...qcow2.instant` (no restore survives a restart), or an
+/// unfinished re-hydration download `...qcow2.rehydrating` (unchecked, so
+/// never used).
 fn is_own_partial(vm: &str, name: &str) -> bool {
     let Some(rest) = name
         .strip_prefix("backup-")
@@ -48,6 +50,7 @@ fn is_own_partial(vm: &str, name: &str) -> bool {
         .or_else(|| rest.strip_suffix(".qcow2.merging"))
         .or_else(|| rest.strip_suffix(".qcow2.digest.merging"))
         .or_else(|| rest.strip_suffix(".qcow2.instant"))
+        .or_else(|| rest.strip_suffix(".qcow2.rehydrating"))
     else {
         return false;
     };
@@ -152,9 +155,12 @@ impl Backups {
                 continue;
             };
             // Restore points from before digests have no sidecar to miss.
+            // An evicted layer ('s3') has no local image by design; its
+            // sidecar stays local.
             let missing = b.disks.iter().any(|d| {
                 let p = layout.path_of(&d.file);
-                !p.is_file() || (d.digest.is_some() && !Layout::sidecar(&p).is_file())
+                (d.location != "s3" && !p.is_file())
+                    || (d.digest.is_some() && !Layout::sidecar(&p).is_file())
             });
             if missing {
                 tracing::error!(backup = %b.backup_id, "completed backup has missing images");
@@ -189,6 +195,7 @@ mod tests {
             "backup-vm1-1-2.qcow2.merging",
             "backup-vm1-1-2.qcow2.digest.merging",
             "backup-vm1-1-2.qcow2.instant",
+            "backup-vm1-1-2.qcow2.rehydrating",
         ] {
             assert!(is_own_partial("vm1", ok), "{ok}");
         }
@@ -201,6 +208,8 @@ mod tests {
             "backup-vm1-a-2.qcow2.partial",
             "backup-vm1--2.qcow2.partial",
             "backup-vm1-1-2.raw.partial",
+            "backup-vm2-1-2.qcow2.rehydrating",
+            "x.rehydrating",
         ] {
             assert!(!is_own_partial("vm1", bad), "{bad}");
         }

@@ -100,6 +100,9 @@ impl Backups {
                 "backup {id:?} is already being restored"
             )));
         }
+        // Under the restores lock: an eviction (which takes it) cannot
+        // remove a layer between its re-hydration and its opening.
+        self.ensure_local(id).await?;
         let leases = self.nbd.pool().allocate(b.disks.len())?;
         let mut published: Vec<Published> = Vec::with_capacity(b.disks.len());
         let mut overlays: Vec<PathBuf> = Vec::new();

@@ -502,6 +502,16 @@ impl Backups {
                 p.backup_id, bad.backup_id
             )));
         }
+        // The new overlay reads through the whole chain: evicted layers
+        // come back first. One that cannot is a reason for a full.
+        if chain.iter().any(|l| l.location == "s3") {
+            if let Err(e) = self.ensure_local(&p.backup_id).await {
+                return Ok(Err(format!(
+                    "parent {} cannot be re-hydrated: {e}",
+                    p.backup_id
+                )));
+            }
+        }
         let sidecars: Vec<PathBuf> = chain
             .iter()
             .map(|l| Layout::sidecar(&layout.path_of(&l.file)))

@@ -202,6 +202,9 @@ impl Backups {
         b: &BackupRecord,
         stop: &CancellationToken,
     ) -> Result<Vec<DiskVerified>> {
+        // Marked verifying by now, so no eviction removes what this
+        // brings back before it is read.
+        self.ensure_local(&b.backup_id).await?;
         let (layout, mut opts) = self.reader_of(&b.repository_id).await?;
         let pool = self.verify_pool()?;
         opts.pool = Some(pool.clone());

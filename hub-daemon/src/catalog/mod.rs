@@ -18,6 +18,10 @@
 //!   reports a running backup with, also only hashed; gone when it ends.
 //! * `policies(id, keep_last, …, min_retention_days, verify_every_days)`:
 //!   retention policies a backup's `policy_id` names (`policies`).
+//! * `repository_s3(repository_id, endpoint, bucket, …)` and
+//!   `layer_objects(backup_id, disk_id, object_key, sha256, …)`: the
+//!   object-storage tier (`offload`); `backup_disks.location` says where
+//!   each layer lives.
 //! * `prune_journal(repository_id, path, action)`: file work a committed
 //!   prune still owes, finished at start-up after a crash.
 //! * `backups(id, vm_name, repository_id, backup_type, status, ...)` with
@@ -56,11 +60,13 @@
 //! dropped is re-opened on the next call.
 
 pub mod db;
+mod offload;
 mod policies;
 mod schema;
 mod space;
 mod tokens;
 
+pub use offload::{LayerObject, S3Settings, TierCandidate};
 pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 pub use space::DiskHistory;
 pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
@@ -158,6 +164,8 @@ pub struct ChainLink {
     pub size_bytes: u64,
     /// This disk's last verification outcome ("ok" / "corrupt").
     pub verify_status: Option<String>,
+    /// Where the layer lives: `local`, `local+s3` or `s3` (evicted).
+    pub location: String,
 }
 
 /// What failing one disk records.
@@ -659,7 +667,7 @@ impl Catalog {
                     )));
                 }
                 let row = c.query_opt(
-                    "SELECT d.backup_id, d.file, d.digest, d.parent_backup_id, b.status, d.size_bytes, d.verify_status
+                    "SELECT d.backup_id, d.file, d.digest, d.parent_backup_id, b.status, d.size_bytes, d.verify_status, d.location
                      FROM backup_disks d JOIN backups b ON b.id = d.backup_id
                      WHERE d.backup_id = ?1 AND d.disk_id = ?2",
                     params![bid, disk_id],
@@ -677,6 +685,7 @@ impl Catalog {
                     status: r.get(4)?,
                     size_bytes: r.get(5)?,
                     verify_status: r.get(6)?,
+                    location: r.get(7)?,
                 };
                 next = link.parent_backup_id.clone();
                 out.push(link);
@@ -748,7 +757,7 @@ impl Catalog {
             .query(
                 "SELECT disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port,
                         bytes_written, image_bytes, change_id, format, mode_reason, write_errors, last_error,
-                        digest, verify_status, verify_detail, synthetic
+                        digest, verify_status, verify_detail, synthetic, location
                  FROM backup_disks WHERE backup_id = ?1 ORDER BY disk_id",
                 params![id],
             )?
@@ -778,6 +787,7 @@ impl Catalog {
                         .get::<Option<String>>(17)?
                         .and_then(|t| serde_json::from_str(&t).ok()),
                     synthetic: r.get(18)?,
+                    location: r.get(19)?,
                     freed_bytes_if_deleted: None,
                     connections: None,
                     last_activity: None,
@@ -892,7 +902,9 @@ impl Catalog {
     /// the completion) is at least that old, the images are present, every
     /// disk has a digest, and it is not flagged corrupt (a corrupt restore
     /// point stays flagged until someone verifies it on demand) nor being
-    /// verified.
+    /// verified, nor evicted to the object store (its object's SHA-256 is
+    /// checked whenever it is re-hydrated). Plain SQL (`COALESCE` and integer arithmetic) so it runs
+    /// on PostgreSQL too.
     /// With `only`, just that restore point if it is due.
     pub async fn due_for_verify(&self, now_ms: i64, only: Option<String>) -> Result<Vec<String>> {
         self.with(move |c| {
@@ -902,6 +914,7 @@ impl Catalog {
                    AND (b.verify_status IS NULL OR b.verify_status = 'ok')
                    AND COALESCE(b.verified_ms, b.completed_ms) <= ?1 - p.verify_every_days * 86400000
                    AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.digest IS NULL)
+                   AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.location = 's3')
                    AND (CAST(?2 AS TEXT) IS NULL OR b.id = ?2)
                  ORDER BY COALESCE(b.verified_ms, b.completed_ms), b.id",
                 params![now_ms, only],
@@ -943,6 +956,7 @@ fn read_repository(r: &Row) -> Result<Repository, DbError> {
     Ok(Repository {
         id: r.get(0)?,
         path: r.get(1)?,
+        s3: None,
     })
 }
 

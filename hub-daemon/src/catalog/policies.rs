@@ -32,11 +32,18 @@ pub struct Policy {
     /// Re-verify a restore point this many days after its last
     /// verification (or completion); see `lifecycle::verify_schedule`.
     pub verify_every_days: u32,
+    /// Offload a restore point to its repository's S3 tier this many days
+    /// after completion, once it verified ok (`tier` pass).
+    pub offload_after_days: u32,
+    /// Delete the local copy of an offloaded restore point this many days
+    /// after completion.
+    pub evict_local_after_days: u32,
 }
 
 const COLUMNS: &str =
     "id, keep_last, keep_hourly, keep_daily, keep_weekly, keep_monthly, keep_yearly, \
-                       max_chain_length, min_retention_days, verify_every_days";
+                       max_chain_length, min_retention_days, verify_every_days, \
+                       offload_after_days, evict_local_after_days";
 
 fn read_policy(r: &Row) -> Result<Policy, DbError> {
     Ok(Policy {
@@ -50,6 +57,8 @@ fn read_policy(r: &Row) -> Result<Policy, DbError> {
         max_chain_length: r.get(7)?,
         min_retention_days: r.get(8)?,
         verify_every_days: r.get(9)?,
+        offload_after_days: r.get(10)?,
+        evict_local_after_days: r.get(11)?,
     })
 }
 
@@ -122,7 +131,7 @@ impl Catalog {
             tx.execute("DELETE FROM policies WHERE id = ?1", params![p.id])?;
             tx.execute(
                 &format!(
-                    "INSERT INTO policies ({COLUMNS}, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11)"
+                    "INSERT INTO policies ({COLUMNS}, updated_ms) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)"
                 ),
                 params![
                     p.id,
@@ -135,6 +144,8 @@ impl Catalog {
                     p.max_chain_length,
                     p.min_retention_days,
                     p.verify_every_days,
+                    p.offload_after_days,
+                    p.evict_local_after_days,
                     now_ms()
                 ],
             )?;
@@ -256,11 +267,19 @@ impl Catalog {
             for r in &p.reparent {
                 // A merge down to no parent made a synthetic full; one onto
                 // a kept parent leaves the flag as it was.
+                // The merged file is new bytes: any object the old one was
+                // offloaded to no longer matches it, so the layer is local
+                // only again (the object stays in the bucket, unreferenced).
                 tx.execute(
                     "UPDATE backup_disks SET parent_backup_id = ?3, image_bytes = ?4,
-                       synthetic = CASE WHEN CAST(?3 AS TEXT) IS NULL THEN 1 ELSE synthetic END
+                       synthetic = CASE WHEN CAST(?3 AS TEXT) IS NULL THEN 1 ELSE synthetic END,
+                       location = 'local'
                      WHERE backup_id = ?1 AND disk_id = ?2",
                     params![r.backup_id, r.disk_id, r.parent, r.image_bytes as i64],
+                )?;
+                tx.execute(
+                    "DELETE FROM layer_objects WHERE backup_id = ?1 AND disk_id = ?2",
+                    params![r.backup_id, r.disk_id],
                 )?;
             }
             for id in &p.remove {

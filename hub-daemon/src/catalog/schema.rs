@@ -117,6 +117,36 @@ pub const MIGRATIONS: &[Migration] = &[
         postgres: "ALTER TABLE backup_disks ADD CONSTRAINT backup_disks_parent_exists
                      FOREIGN KEY (parent_backup_id) REFERENCES backups(id) DEFERRABLE INITIALLY DEFERRED;",
     },
+    // 8: the object-storage tier. A repository's S3 bucket (credentials
+    // may come from the config or environment instead: both NULL), where
+    // each layer lives ('local', 'local+s3', 's3'), the object each
+    // offloaded layer became (SHA-256 of the image file's bytes), and the
+    // policies' offload and eviction ages (0 = off).
+    Migration::Both(
+        "CREATE TABLE repository_s3 (
+         repository_id      TEXT PRIMARY KEY REFERENCES repositories(id) ON DELETE CASCADE,
+         endpoint           TEXT NOT NULL,
+         bucket             TEXT NOT NULL,
+         region             TEXT NOT NULL,
+         path_style         BIGINT NOT NULL DEFAULT 0,
+         access_key_id      TEXT,
+         secret_access_key  TEXT
+     );
+     CREATE TABLE layer_objects (
+         backup_id        TEXT NOT NULL REFERENCES backups(id) ON DELETE CASCADE,
+         disk_id          BIGINT NOT NULL,
+         object_key       TEXT NOT NULL,
+         size_bytes       BIGINT NOT NULL,
+         sha256           TEXT NOT NULL,
+         version_id       TEXT,
+         retain_until_ms  BIGINT,
+         uploaded_ms      BIGINT NOT NULL,
+         PRIMARY KEY (backup_id, disk_id)
+     );
+     ALTER TABLE backup_disks ADD COLUMN location TEXT NOT NULL DEFAULT 'local';
+     ALTER TABLE policies ADD COLUMN offload_after_days BIGINT NOT NULL DEFAULT 0;
+     ALTER TABLE policies ADD COLUMN evict_local_after_days BIGINT NOT NULL DEFAULT 0;",
+    ),
 ];
 
 /// The tables of version 0 (`IF NOT EXISTS`: run on every start).

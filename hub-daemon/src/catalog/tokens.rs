@@ -316,6 +316,7 @@ mod tests {
         cat.ensure_repository(crate::model::Repository {
             id: "default".into(),
             path: dir.path().display().to_string(),
+            s3: None,
         })
         .await
         .unwrap();

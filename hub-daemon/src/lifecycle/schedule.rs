@@ -1,6 +1,7 @@
 //! The daemon's own lifecycle work, in the background: every
 //! `prune_interval` it prunes every VM with policy-governed backups and
-//! builds the synthetic fulls that are due; when a backup completes (and
+//! builds the synthetic fulls that are due, then offloads and evicts what
+//! the policies' `offload_after_days` / `evict_local_after_days` say; when a backup completes (and
 //! once at start, to finish what a crash interrupted) it builds the
 //! synthetic fulls only.
 //!
@@ -17,7 +18,7 @@ use std::time::Duration;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::backup::{Backups, PruneReport, PruneRequest, SyntheticFull};
+use crate::backup::{Backups, PruneReport, PruneRequest, SyntheticFull, TierReport};
 use crate::error::{DaemonError, Result};
 
 /// What one pass did.
@@ -29,6 +30,9 @@ pub struct PassReport {
     pub skipped: Vec<(String, String)>,
     /// Synthetic fulls built.
     pub synthetic: Vec<SyntheticFull>,
+    /// Offloads and evictions (`offload_after_days`,
+    /// `evict_local_after_days`).
+    pub tier: TierReport,
 }
 
 /// One full pass: prune every VM with a policy-governed backup (one VM at
@@ -64,6 +68,8 @@ pub async fn run_pass(backups: &Backups) -> Result<PassReport> {
         }
     }
     report.synthetic = backups.synthetic_pass(None).await?;
+    // Last: a merge above may have made a layer local-only again.
+    report.tier = backups.tier_pass(crate::time::now_ms()).await?;
     Ok(report)
 }
 
