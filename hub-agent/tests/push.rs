@@ -38,6 +38,7 @@ fn opts() -> StreamOptions {
         in_flight: 3,
         max_write: 256 << 10,
         tls: None,
+        ..Default::default()
     }
 }
 
