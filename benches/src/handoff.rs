@@ -139,21 +139,96 @@ fn apply_plan(plan: &[(u64, Option<u8>)], raw: &Path, qcow2: &Path) -> anyhow::R
     Ok(())
 }
 
+/// CPU seconds (user + system) this process has used so far, and those of
+/// its children already waited for, from `/proc/self/stat` (`USER_HZ` is
+/// 100 on every Linux ABI this runs on). A CPU-bound path's wall time on
+/// N cores is at least its CPU time / N, whatever else loads the machine,
+/// so these say more than seconds on a shared host.
+pub(crate) fn cpu_secs() -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // Fields after the command name (which may hold spaces) start at
+    // `state` (field 3): utime, stime, cutime, cstime are fields 14–17.
+    let rest = stat
+        .rsplit_once(')')
+        .context("malformed /proc/self/stat")?
+        .1;
+    let f: Vec<f64> = rest
+        .split_whitespace()
+        .skip(11)
+        .take(4)
+        .map(|x| x.parse::<f64>().map(|t| t / 100.0))
+        .collect::<Result<_, _>>()
+        .context("malformed /proc/self/stat")?;
+    if f.len() != 4 {
+        bail!("malformed /proc/self/stat");
+    }
+    Ok((f[0] + f[1], f[2] + f[3]))
+}
+
+/// How hub and agent share the machine in this process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Runtimes {
+    /// Each on the runtime its binary builds (the hub's
+    /// [`hub_daemon::cli::runtime`], the agent's default multi-threaded
+    /// one): two processes on one host, as deployed, left to the kernel's
+    /// scheduler.
+    Separate,
+    /// Both on one 2-worker runtime: the figures before 2026-11-30 04:00
+    /// (`HANDOFF_SHARED_RUNTIME=1` for comparison). Either side's
+    /// CPU-bound work then holds a worker the other side's I/O waits for.
+    Shared,
+}
+
+impl Runtimes {
+    fn from_env() -> Runtimes {
+        match std::env::var("HANDOFF_SHARED_RUNTIME").as_deref() {
+            Ok("1") => Runtimes::Shared,
+            _ => Runtimes::Separate,
+        }
+    }
+}
+
+/// The agent's stream options: its defaults, unless the environment turns
+/// a lever off to measure what it buys (`HANDOFF_FUSED=0`: read and hash in
+/// separate tasks; `HANDOFF_CPU_TASKS=N`: that bound, 0 for none).
+fn stream_options() -> hub_agent::stream::StreamOptions {
+    let mut o = hub_agent::stream::StreamOptions::default();
+    if std::env::var("HANDOFF_FUSED").as_deref() == Ok("0") {
+        o.fused_read_hash = false;
+    }
+    if let Some(n) = std::env::var("HANDOFF_CPU_TASKS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+    {
+        o.cpu_tasks = n;
+    }
+    o
+}
+
 /// A hub and an agent serving `srcs` as the disks of `VM`.
 struct Stack {
     rt: tokio::runtime::Runtime,
+    /// The agent's own runtime (`None`: it shares `rt`).
+    agent_rt: Option<tokio::runtime::Runtime>,
     daemon: hub_daemon::app::Daemon,
     repo: PathBuf,
 }
 
 impl Stack {
     fn start(dir: &Path, srcs: Vec<hub_agent::source::SourceSpec>) -> anyhow::Result<Stack> {
-        // Two workers: what the machine has; hub and agent share them as
-        // they would share a small appliance host.
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()?;
+        let (rt, agent_rt) = match Runtimes::from_env() {
+            Runtimes::Separate => (
+                hub_daemon::cli::runtime()?,
+                Some(tokio::runtime::Runtime::new()?),
+            ),
+            Runtimes::Shared => (
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?,
+                None,
+            ),
+        };
         let state_dir = dir.join("agent-state");
         let data_dir = dir.join("hub");
         std::fs::create_dir_all(&state_dir)?;
@@ -162,17 +237,20 @@ impl Stack {
             .enumerate()
             .map(|(i, spec)| ((VM.to_owned(), 2000 + i as u32), spec))
             .collect();
-        let daemon = rt.block_on(async {
+        let agent = hub_agent::serve::Agent::new(hub_agent::serve::AgentConfig {
+            state_dir,
+            token: None,
+            sources,
+            stream: stream_options(),
+            progress_every: hub_agent::serve::PROGRESS_EVERY,
+        });
+        let agent_url = agent_rt.as_ref().unwrap_or(&rt).block_on(async {
             let l = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-            let agent_url = format!("http://{}", l.local_addr()?);
-            let agent = hub_agent::serve::Agent::new(hub_agent::serve::AgentConfig {
-                state_dir,
-                token: None,
-                sources,
-                stream: hub_agent::stream::StreamOptions::default(),
-                progress_every: hub_agent::serve::PROGRESS_EVERY,
-            });
+            let url = format!("http://{}", l.local_addr()?);
             tokio::spawn(hub_agent::serve::serve(l, agent, std::future::pending()));
+            anyhow::Ok(url)
+        })?;
+        let daemon = rt.block_on(async {
             let config = hub_daemon::config::Config {
                 listen: "127.0.0.1:0".parse()?,
                 data_dir: data_dir.clone(),
@@ -188,6 +266,7 @@ impl Stack {
         })?;
         Ok(Stack {
             rt,
+            agent_rt,
             daemon,
             repo: data_dir.join("repository").canonicalize()?,
         })
@@ -222,7 +301,10 @@ impl Stack {
     }
 
     fn stop(self) -> anyhow::Result<()> {
-        self.rt.block_on(self.daemon.shutdown())
+        let r = self.rt.block_on(self.daemon.shutdown());
+        // The agent's server task ends with its runtime.
+        drop(self.agent_rt);
+        r
     }
 }
 
@@ -274,7 +356,81 @@ impl Run {
         }
     }
 
-    /// One repetition of the issue-10 figure (`handoff` workload).
+    /// The original design's path on `srcs` (`kind` = qemu-nbd): one
+    /// server per disk on a fresh qcow2 and one `nbdcopy --flush` per disk
+    /// (durable when it exits), all in parallel; recorded as seconds, MB/s
+    /// and the CPU seconds of every nbdcopy and server process (from start
+    /// to exit). With `kind` = ours-digest it is the hub's ingest alone
+    /// (qcow2 with digests, as a backup export), fed by nbdcopy.
+    fn copy_path(
+        &mut self,
+        kind: Kind,
+        srcs: &[PathBuf],
+        test: &str,
+        rep: usize,
+    ) -> anyhow::Result<()> {
+        use crate::servers::{Options, Spec};
+        let mut specs = Vec::new();
+        for i in 0..srcs.len() {
+            let img = self.img(kind, &format!("{test}-{i}.qcow2"));
+            self.fresh(&img, self.disk_size)?;
+            specs.push(Spec {
+                name: format!("disk{i}"),
+                path: img,
+                format: "qcow2",
+                size: self.disk_size,
+            });
+        }
+        let opts = Options {
+            port_per_export: true,
+            ..Options::default()
+        };
+        let (_, cpu0) = cpu_secs()?;
+        let srv = crate::servers::start(kind, &specs, opts, &self.log(kind))?;
+        let t = Instant::now();
+        let mut children = Vec::new();
+        for (src, uri) in srcs.iter().zip(&srv.uris) {
+            children.push(
+                std::process::Command::new("nbdcopy")
+                    .arg("--flush")
+                    .arg(src)
+                    .arg(uri)
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()?,
+            );
+        }
+        for mut c in children {
+            if !c.wait()?.success() {
+                bail!("nbdcopy failed in {test}");
+            }
+        }
+        let secs = t.elapsed().as_secs_f64();
+        srv.stop()?;
+        let (_, cpu1) = cpu_secs()?;
+        let total = self.disk_size * srcs.len() as u64;
+        self.record_mbps(kind, test, rep, total, secs);
+        self.record(kind, &format!("{test}_secs"), rep, secs, "s");
+        self.record(kind, &format!("{test}_cpu_s"), rep, cpu1 - cpu0, "s");
+        for (i, s) in specs.iter().enumerate() {
+            self.verify(
+                kind,
+                &format!("{test}_disk{i}"),
+                rep,
+                "qcow2",
+                &s.path,
+                &srcs[i],
+            );
+            let _ = std::fs::remove_file(&s.path);
+        }
+        Ok(())
+    }
+
+    /// One repetition of the issue-10 figure (`handoff` workload). The two
+    /// paths take turns going first (even repetitions: qemu-nbd), so
+    /// neither always runs on the caches and disk queue the other left.
+    /// Both read the same sources, generated and synced just before, so
+    /// from the page cache (4 GiB fits many times in this host's memory).
     pub fn handoff(&mut self, rep: usize, with_qemu: bool) -> anyhow::Result<()> {
         let n = self.disks;
         let dir = self.workdir.join("handoff");
@@ -288,11 +444,10 @@ impl Run {
         }
         let total = self.disk_size * n as u64;
         let full = format!("handoff_full_{n}x{}", size_name(self.disk_size));
-        if with_qemu {
+        let qemu_first = rep % 2 == 0;
+        if with_qemu && qemu_first {
             self.progress(format!("handoff: qemu-nbd + nbdcopy × {n}"));
-            let (secs, _) = self.parallel_copy(Kind::QemuNbd, &srcs, &full, rep)?;
-            self.record_mbps(Kind::QemuNbd, &full, rep, total, secs);
-            self.record(Kind::QemuNbd, &format!("{full}_secs"), rep, secs, "s");
+            self.copy_path(Kind::QemuNbd, &srcs, &full, rep)?;
         }
 
         self.progress(format!("handoff: hub + agent, full of {n} disks"));
@@ -306,11 +461,26 @@ impl Run {
             .collect();
         let vm = json!({"vm_context_id": "ctx-vm1", "disks": disks});
         stack.call("PUT", &format!("/api/v1/vms/{VM}"), Some(&vm))?;
+        let (cpu0, _) = cpu_secs()?;
         let (full_secs, done) = stack.backup("full")?;
+        let (cpu1, _) = cpu_secs()?;
         self.record_ours(&full, rep, total as f64 / 1e6 / full_secs, "MB/s");
         self.record_ours(&format!("{full}_secs"), rep, full_secs, "s");
+        self.record_ours(&format!("{full}_cpu_s"), rep, cpu1 - cpu0, "s");
         // Compared before the sources change.
         self.verify_point(OURS, &full, rep, &stack.repo, &done, &srcs);
+        if with_qemu && !qemu_first {
+            self.progress(format!("handoff: qemu-nbd + nbdcopy × {n}"));
+            self.copy_path(Kind::QemuNbd, &srcs, &full, rep)?;
+        }
+
+        if with_qemu {
+            self.progress(format!(
+                "handoff: ceilings (hub ingest via nbdcopy, hash, read, write) × {n}"
+            ));
+            self.copy_path(Kind::OursDigest, &srcs, &full, rep)?;
+            self.ceilings(&dir, &srcs, &full, rep)?;
+        }
 
         self.progress(String::from("handoff: changing 10 % of the blocks"));
         for (i, p) in srcs.iter().enumerate() {
@@ -336,6 +506,119 @@ impl Run {
         self.verify_point(OURS, inc, rep, &stack.repo, &done, &srcs);
         stack.stop()?;
         let _ = std::fs::remove_dir_all(&dir);
+        Ok(())
+    }
+}
+
+/// Run `f` on every source in its own thread; the wall seconds and the
+/// CPU seconds of this process meanwhile.
+fn timed_per_source<F>(srcs: &[PathBuf], f: F) -> anyhow::Result<(f64, f64)>
+where
+    F: Fn(usize, &Path) -> std::io::Result<()> + Sync,
+{
+    let (c0, _) = cpu_secs()?;
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        let hs: Vec<_> = srcs
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let f = &f;
+                s.spawn(move || f(i, p))
+            })
+            .collect();
+        for h in hs {
+            h.join()
+                .map_err(|_| anyhow::anyhow!("ceiling thread panicked"))??;
+        }
+        anyhow::Ok(())
+    })?;
+    let secs = t.elapsed().as_secs_f64();
+    let (c1, _) = cpu_secs()?;
+    Ok((secs, c1 - c0))
+}
+
+/// Each 1 MiB piece of `path`, in order, to `f(offset, bytes)`.
+fn each_piece(
+    path: &Path,
+    mut f: impl FnMut(u64, &[u8]) -> std::io::Result<()>,
+) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut at = 0u64;
+    loop {
+        let mut got = 0;
+        while got < buf.len() {
+            match file.read(&mut buf[got..])? {
+                0 => break,
+                k => got += k,
+            }
+        }
+        if got == 0 {
+            return Ok(());
+        }
+        f(at, &buf[..got])?;
+        at += got as u64;
+    }
+}
+
+impl Run {
+    /// What one host can do at most on these sources, each disk in its own
+    /// thread as both paths do: read them (from the page cache), read and
+    /// hash every 64 KiB leaf once (the agent's work; the hub hashes the
+    /// same bytes again), and write their non-zero 64 KiB blocks to a raw
+    /// file with one fsync at the end (the durable write every path owes).
+    fn ceilings(
+        &mut self,
+        dir: &Path,
+        srcs: &[PathBuf],
+        test: &str,
+        rep: usize,
+    ) -> anyhow::Result<()> {
+        const CEIL: &str = "ceiling";
+        let total = self.disk_size * srcs.len() as u64;
+        let rec = |run: &mut Run, what: &str, (secs, cpu): (f64, f64)| {
+            run.record_as(
+                CEIL,
+                &format!("{test}_{what}"),
+                rep,
+                total as f64 / 1e6 / secs,
+                "MB/s",
+            );
+            run.record_as(CEIL, &format!("{test}_{what}_cpu_s"), rep, cpu, "s");
+        };
+        let r = timed_per_source(srcs, |_, p| each_piece(p, |_, _| Ok(())))?;
+        rec(self, "read", r);
+        let r = timed_per_source(srcs, |_, p| {
+            each_piece(p, |_, b| {
+                for blk in b.chunks(BLOCK as usize) {
+                    std::hint::black_box(disk_digest::algo::leaf(blk));
+                }
+                Ok(())
+            })
+        })?;
+        rec(self, "read_hash", r);
+        let outs: Vec<PathBuf> = (0..srcs.len())
+            .map(|i| dir.join(format!("ceil{i}.raw")))
+            .collect();
+        let r = timed_per_source(srcs, |i, p| {
+            let out = std::fs::File::create(&outs[i])?;
+            out.set_len(std::fs::metadata(p)?.len())?;
+            each_piece(p, |at, b| {
+                for (k, blk) in b.chunks(BLOCK as usize).enumerate() {
+                    if blk.iter().any(|x| *x != 0) {
+                        out.write_all_at(blk, at + (k as u64) * BLOCK)?;
+                    }
+                }
+                Ok(())
+            })?;
+            out.sync_all()
+        })?;
+        rec(self, "write_durable", r);
+        for o in &outs {
+            let _ = std::fs::remove_file(o);
+        }
         Ok(())
     }
 }

@@ -149,13 +149,13 @@ pub fn write_expected(
 }
 
 impl Run {
-    fn log(&self, kind: Kind) -> PathBuf {
+    pub(crate) fn log(&self, kind: Kind) -> PathBuf {
         self.workdir
             .join("log")
             .join(format!("{}.log", kind.name()))
     }
 
-    fn img(&self, kind: Kind, name: &str) -> PathBuf {
+    pub(crate) fn img(&self, kind: Kind, name: &str) -> PathBuf {
         self.workdir
             .join("img")
             .join(format!("{}-{name}", kind.name()))
@@ -299,7 +299,7 @@ impl Run {
         Ok(())
     }
 
-    fn fresh(&self, path: &Path, size: u64) -> anyhow::Result<()> {
+    pub(crate) fn fresh(&self, path: &Path, size: u64) -> anyhow::Result<()> {
         let _ = std::fs::remove_file(path);
         // A digest sidecar of an earlier run goes with its image.
         let mut sidecar = path.as_os_str().to_owned();

@@ -76,6 +76,7 @@ impl Tuning {
                 .max_write_kib
                 .map_or(d.max_write, |k| k.clamp(4, 32 << 10) << 10),
             tls,
+            ..d
         })
     }
 }

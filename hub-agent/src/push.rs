@@ -128,12 +128,15 @@ pub async fn push_disks(
     opts: StreamOptions,
 ) -> Result<Vec<DiskResult>, PushError> {
     let change_id = tracking::new_change_id();
+    // One bound for every disk: they share the cores.
+    let cpu = (opts.cpu_tasks > 0).then(|| Arc::new(tokio::sync::Semaphore::new(opts.cpu_tasks)));
     try_join_all(disks.into_iter().map(|d| {
         let change_id = change_id.clone();
         let opts = opts.clone();
+        let cpu = cpu.clone();
         async move {
             let disk_key = d.disk_key;
-            push_one(d, change_id, opts)
+            push_one(d, change_id, opts, cpu)
                 .await
                 .map_err(|kind| PushError { disk_key, kind })
         }
@@ -173,6 +176,7 @@ async fn push_one(
     d: DiskRequest,
     change_id: String,
     opts: StreamOptions,
+    cpu: Option<Arc<tokio::sync::Semaphore>>,
 ) -> Result<DiskResult, PushErrorKind> {
     let (opened, target) = tokio::try_join!(
         async { d.source.open_tracked().await.map_err(PushErrorKind::Source) },
@@ -188,6 +192,8 @@ async fn push_one(
     let out = stream_disk(
         DiskStream {
             source,
+            raw: opened.raw.filter(|_| opts.fused_read_hash),
+            cpu,
             target: target.clone(),
             base: d.base,
             dirty: opened.dirty,

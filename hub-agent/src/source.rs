@@ -32,6 +32,9 @@ pub struct Opened {
     pub backend: Arc<dyn BlockBackend>,
     /// Its dirty bitmap, if it names one.
     pub dirty: Option<DirtyBitmap>,
+    /// The same source when it is a raw file or device, for readers that
+    /// read and hash on one blocking thread ([`RawFile::read_blocking`]).
+    pub raw: Option<Arc<RawFile>>,
 }
 
 /// A qemu dirty bitmap on an NBD source's connection: the blocks written
@@ -99,10 +102,14 @@ impl SourceSpec {
     /// Open read-only, with the source's dirty bitmap if it names one.
     pub async fn open_tracked(&self) -> Result<Opened, SourceError> {
         match self {
-            SourceSpec::Path(p) => Ok(Opened {
-                backend: open_path(p).await?,
-                dirty: None,
-            }),
+            SourceSpec::Path(p) => {
+                let (backend, raw) = open_path(p).await?;
+                Ok(Opened {
+                    backend,
+                    dirty: None,
+                    raw,
+                })
+            }
             SourceSpec::Nbd(u) => {
                 let parsed =
                     nbd_client::NbdUri::parse(u).map_err(nbd_client::ConnectError::from)?;
@@ -119,13 +126,17 @@ impl SourceSpec {
                 Ok(Opened {
                     backend: Arc::new(nbd_client::NbdBackend::new(c)),
                     dirty,
+                    raw: None,
                 })
             }
         }
     }
 }
 
-async fn open_path(p: &Path) -> Result<Arc<dyn BlockBackend>, SourceError> {
+/// The backend, and the raw file again when it is one.
+type OpenedPath = (Arc<dyn BlockBackend>, Option<Arc<RawFile>>);
+
+async fn open_path(p: &Path) -> Result<OpenedPath, SourceError> {
     let image = |source| SourceError::Image {
         path: p.display().to_string(),
         source,
@@ -136,12 +147,12 @@ async fn open_path(p: &Path) -> Result<Arc<dyn BlockBackend>, SourceError> {
         // chain is not.
         let opts = OpenOptions::new().read_only(true);
         let q = QcowBackend::open(p, &opts).await.map_err(image)?;
-        Ok(Arc::new(q))
+        Ok((Arc::new(q), None))
     } else {
-        let f = RawFile::open(p).map_err(|source| SourceError::Raw {
+        let f = Arc::new(RawFile::open(p).map_err(|source| SourceError::Raw {
             path: p.display().to_string(),
             source,
-        })?;
-        Ok(Arc::new(f))
+        })?);
+        Ok((Arc::clone(&f) as Arc<dyn BlockBackend>, Some(f)))
     }
 }

@@ -28,8 +28,10 @@ use futures_util::stream::{self, StreamExt, TryStreamExt};
 use nbd_client::{Client, ClientError, ZeroOptions};
 use nbd_server::proto::consts::tx_flags;
 use nbd_server::{BackendError, BlockBackend, ReadChunk};
+use tokio::sync::Semaphore;
 
 use crate::blocks::{classify, slice_of, BlockInfo};
+use crate::rawfile::RawFile;
 use crate::source::DirtyBitmap;
 use crate::tracking::DiskState;
 
@@ -45,6 +47,15 @@ pub struct StreamOptions {
     /// Credentials for `nbds://` targets (the hub's CA, and a client
     /// certificate when the hub verifies peers).
     pub tls: Option<nbd_client::ClientTls>,
+    /// Read and hash a raw file's chunk in one blocking task, so the
+    /// hashing finds the bytes still in the CPU's cache (else the read is
+    /// one task and the hashing another, typically after other chunks
+    /// have pushed the bytes out to memory).
+    pub fused_read_hash: bool,
+    /// At most this many chunks are being read-and-hashed at once across
+    /// all disks of a push (0: no bound). The work is CPU-bound; more
+    /// tasks than cores only time-slice and evict each other's bytes.
+    pub cpu_tasks: usize,
 }
 
 impl Default for StreamOptions {
@@ -58,6 +69,8 @@ impl Default for StreamOptions {
             in_flight: 32,
             max_write: 256 << 10,
             tls: None,
+            fused_read_hash: true,
+            cpu_tasks: std::thread::available_parallelism().map_or(2, |n| n.get()),
         }
     }
 }
@@ -154,6 +167,13 @@ pub struct StreamOutcome {
 pub struct DiskStream {
     /// The opened source.
     pub source: Arc<dyn BlockBackend>,
+    /// The same source when it is a raw file to read and hash in one
+    /// blocking task ([`StreamOptions::fused_read_hash`]); `None`: read
+    /// through `source`.
+    pub raw: Option<Arc<RawFile>>,
+    /// Permits for reading-and-hashing, shared by the disks of a push
+    /// ([`StreamOptions::cpu_tasks`]); `None`: no bound.
+    pub cpu: Option<Arc<Semaphore>>,
     /// The connected target.
     pub target: Client,
     /// Base of an incremental; `None` for a full.
@@ -334,6 +354,20 @@ fn dirty_runs(set: Vec<bool>, per: u64) -> impl Iterator<Item = (u64, u64)> + Se
     })
 }
 
+/// A read-and-hash permit, when the push bounds them.
+async fn cpu_permit(
+    d: &DiskStream,
+) -> Result<Option<tokio::sync::OwnedSemaphorePermit>, StreamError> {
+    match &d.cpu {
+        Some(s) => Arc::clone(s)
+            .acquire_owned()
+            .await
+            .map(Some)
+            .map_err(|e| StreamError::Hashing(e.to_string())),
+        None => Ok(None),
+    }
+}
+
 /// Read, hash and send blocks `[first, first+n)`.
 async fn chunk_job(
     d: &DiskStream,
@@ -344,18 +378,39 @@ async fn chunk_job(
 ) -> Result<(u64, Vec<Hash>, StreamStats, u64), StreamError> {
     let offset = g.block_offset(first);
     let len = g.block_offset(first + n).min(g.size()) - offset;
+    let hashing = |e: tokio::task::JoinError| StreamError::Hashing(e.to_string());
     // len ≤ chunk ≤ 32 MiB.
-    let chunks = d
-        .source
-        .read(offset, len as u32)
-        .await
-        .map_err(|source| StreamError::Read { offset, source })?;
-    let chunks = Arc::new(chunks);
-    let info = {
-        let chunks = Arc::clone(&chunks);
-        tokio::task::spawn_blocking(move || classify(&g, first, n, &chunks))
+    let (chunks, info) = match &d.raw {
+        Some(raw) => {
+            // Reading from the page cache is CPU work too: the permit
+            // covers both.
+            let _permit = cpu_permit(d).await?;
+            let raw = Arc::clone(raw);
+            tokio::task::spawn_blocking(move || {
+                let chunks = raw.read_blocking(offset, len as u32)?;
+                let info = classify(&g, first, n, &chunks);
+                Ok((chunks, info))
+            })
             .await
-            .map_err(|e| StreamError::Hashing(e.to_string()))?
+            .map_err(hashing)?
+            .map_err(|source| StreamError::Read { offset, source })?
+        }
+        None => {
+            let chunks = d
+                .source
+                .read(offset, len as u32)
+                .await
+                .map_err(|source| StreamError::Read { offset, source })?;
+            let chunks = Arc::new(chunks);
+            let _permit = cpu_permit(d).await?;
+            let c = Arc::clone(&chunks);
+            let info = tokio::task::spawn_blocking(move || classify(&g, first, n, &c))
+                .await
+                .map_err(hashing)?;
+            // The task is done with its clone.
+            let chunks = Arc::try_unwrap(chunks).unwrap_or_else(|a| (*a).clone());
+            (chunks, info)
+        }
     };
     let base = d.base.as_deref();
     let actions: Vec<Action> = info

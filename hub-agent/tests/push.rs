@@ -38,6 +38,7 @@ fn opts() -> StreamOptions {
         in_flight: 3,
         max_write: 256 << 10,
         tls: None,
+        ..Default::default()
     }
 }
 
@@ -438,4 +439,35 @@ async fn a_block_device_source_is_read_with_its_size_from_seeking() {
     assert_eq!(res[0].size_bytes, src.len() as u64);
     assert_eq!(res[0].digest, digest_of_bytes(&src).to_hex());
     assert_eq!(t.contents().await, src);
+}
+
+/// Reading and hashing in one task (the default for raw files) and in two,
+/// with and without the bound on concurrent hashing, must push the same
+/// bytes and report the same digest and leaves: the levers change where
+/// the work runs, never what is sent.
+#[tokio::test]
+async fn fused_and_separate_read_hash_agree() {
+    let dir = tempfile::tempdir().unwrap();
+    let src = disk(7, SIZE);
+    let path = write_file(dir.path(), "d0.raw", &src);
+    let mut results = Vec::new();
+    for (fused, cpu_tasks) in [(true, 2), (false, 2), (true, 0), (false, 0)] {
+        let target = Counting::new(SIZE as u64);
+        let s = nbd(vec![("t0", target.clone())]).await;
+        let o = StreamOptions {
+            fused_read_hash: fused,
+            cpu_tasks,
+            ..opts()
+        };
+        let r = request(2000, SourceSpec::Path(path.clone()), s.uri("t0"));
+        let res = push_disks(vec![r], o).await.unwrap();
+        assert_eq!(
+            target.contents().await,
+            src,
+            "fused {fused} cpu {cpu_tasks}"
+        );
+        assert_eq!(res[0].digest, digest_of_bytes(&src).to_hex());
+        results.push(res[0].state.leaves.clone());
+    }
+    assert!(results.windows(2).all(|w| w[0] == w[1]));
 }

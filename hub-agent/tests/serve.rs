@@ -127,6 +127,7 @@ async fn appliance(sources: Vec<(&str, u32, SourceSpec)>) -> Appliance {
             in_flight: 3,
             max_write: 1 << 20,
             tls: None,
+            ..Default::default()
         },
         // Tests wait for reports as events; no need to wait a second.
         progress_every: std::time::Duration::from_millis(10),
