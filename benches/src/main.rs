@@ -14,6 +14,7 @@ mod data;
 mod digest;
 mod handoff;
 mod report;
+mod restore;
 mod servers;
 mod verify;
 mod verify_sched;
@@ -42,7 +43,8 @@ struct Opts {
     /// Repetitions (median reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
+    /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest
+    /// (read: the restore figures of issue 13, see --cache);
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through
     /// hub and agent, full then a 10 % incremental, against qemu-nbd and
     /// nbdcopy); handoff-bitmap (opt-in: the same with qcow2 sources served
@@ -91,6 +93,11 @@ struct Opts {
     /// needs root and slows whatever else runs on the machine).
     #[arg(long)]
     no_cold: bool,
+    /// Page-cache states of the read figures, each prepared the same way
+    /// for every server: cold (sync + drop caches, needs root), warm (the
+    /// image read first). Default: both as root, else warm.
+    #[arg(long, value_delimiter = ',')]
+    cache: Vec<String>,
 }
 
 fn tool(name: &str) -> bool {
@@ -357,6 +364,25 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         }
     }
 
+    let caches = if opts.cache.is_empty() {
+        if opts.no_cold {
+            vec![restore::Cache::Warm]
+        } else {
+            restore::default_caches()
+        }
+    } else {
+        opts.cache
+            .iter()
+            .map(|c| restore::Cache::parse(c))
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let chain_dir = wd.join("img").join("chain");
+    let chain = if has("read") {
+        eprintln!("building the {}-deep chain", restore::CHAIN_DEPTH);
+        restore::build_chain(&chain_dir, &base, opts.size)?
+    } else {
+        Vec::new()
+    };
     let mut run = Run {
         workdir: wd.clone(),
         size: opts.size,
@@ -395,8 +421,8 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
                     .with_context(|| format!("{} random", k.name()))?;
             }
             if has("read") {
-                run.read(k, rep)
-                    .with_context(|| format!("{} read", k.name()))?;
+                run.restore(k, rep, &caches, &chain, fio && !k.tls())
+                    .with_context(|| format!("{} restore reads", k.name()))?;
             }
         }
         if has("handoff") {
@@ -436,6 +462,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     eprintln!("\r\x1b[Kdone in {:.0} s", started.elapsed().as_secs_f64());
     let _ = std::fs::remove_file(&base);
     let _ = std::fs::remove_file(&expected);
+    let _ = std::fs::remove_dir_all(&chain_dir);
 
     let baseline = if kinds.contains(&Kind::QemuNbd) {
         "qemu-nbd"
