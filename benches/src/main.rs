@@ -74,7 +74,7 @@ struct Opts {
     #[arg(long, default_value_t = 15)]
     fio_runtime: u64,
     /// Servers to compare (ours, ours-digest, qemu-nbd, ours-tls,
-    /// qemu-nbd-tls).
+    /// qemu-nbd-tls; ours-base: the build at NBD_BENCH_BASELINE_EXE).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
     /// Scratch directory (images, data, logs).
@@ -291,6 +291,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     for s in &opts.servers {
         match s.as_str() {
             "ours" => kinds.push(Kind::Ours),
+            "ours-base" => kinds.push(Kind::OursBase),
             "ours-digest" => kinds.push(Kind::OursDigest),
             "qemu-nbd" if tool("qemu-nbd") => kinds.push(Kind::QemuNbd),
             "qemu-nbd" => eprintln!("qemu-nbd not installed: skipped"),

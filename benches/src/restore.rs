@@ -173,7 +173,10 @@ impl Run {
         chain: &[PathBuf],
         fio: bool,
     ) -> anyhow::Result<()> {
-        let log = self.workdir.join("log").join(format!("{}.log", kind.name()));
+        let log = self
+            .workdir
+            .join("log")
+            .join(format!("{}.log", kind.name()));
         let opts = Options {
             readonly: true,
             ..Options::default()
@@ -254,7 +257,13 @@ impl Run {
                 ]),
                 &log,
             )?;
-            self.record_mbps(kind, &format!("restore_{c}_convert_qcow2"), rep, self.size, secs);
+            self.record_mbps(
+                kind,
+                &format!("restore_{c}_convert_qcow2"),
+                rep,
+                self.size,
+                secs,
+            );
             self.verify(
                 kind,
                 &format!("restore_{c}_convert_qcow2"),
@@ -268,7 +277,13 @@ impl Run {
                 self.progress(format!("{}: restore {c} 4k random read QD32", kind.name()));
                 cache.prepare(&img_files)?;
                 let iops = self.fio_randread(kind, &uri, c)?;
-                self.record(kind, &format!("restore_{c}_randread_4k_qd32"), rep, iops, "IOPS");
+                self.record(
+                    kind,
+                    &format!("restore_{c}_randread_4k_qd32"),
+                    rep,
+                    iops,
+                    "IOPS",
+                );
             }
         }
         srv.stop()?;
@@ -321,7 +336,10 @@ impl Run {
         if rep == 1 {
             let out = self.workdir.join("img").join("chain-readback.raw");
             let _ = std::fs::remove_file(&out);
-            timed(Command::new("nbdcopy").args([uri.as_str(), path_str(&out)?]), log)?;
+            timed(
+                Command::new("nbdcopy").args([uri.as_str(), path_str(&out)?]),
+                log,
+            )?;
             let ok = servers::qemu_img(&[
                 "compare",
                 "-q",
@@ -355,7 +373,10 @@ impl Run {
             .workdir
             .join("log")
             .join(format!("fio-{}-restore-{cache}.json", kind.name()));
-        let log = self.workdir.join("log").join(format!("{}.log", kind.name()));
+        let log = self
+            .workdir
+            .join("log")
+            .join(format!("{}.log", kind.name()));
         timed(
             Command::new("fio").args([
                 "--name=restore-randread",
