@@ -374,7 +374,8 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     } else {
         opts.cache
             .iter()
-            .map(|c| restore::Cache::parse(c))
+            .map(String::as_str)
+            .map(restore::Cache::parse)
             .collect::<anyhow::Result<Vec<_>>>()?
     };
     let chain_dir = wd.join("img").join("chain");

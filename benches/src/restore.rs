@@ -183,7 +183,7 @@ impl Run {
         };
         let base = self.base.clone();
         let src = self.src.clone();
-        let img_files = vec![base.clone()];
+        let img_files = [base.clone()];
         let spec = [Spec {
             name: "disk0".into(),
             path: base.clone(),
