@@ -20,7 +20,7 @@ use crate::servers::{self, Kind, Options, Spec};
 use crate::workloads::Run;
 
 /// Read a file once so it is in the page cache.
-fn warm(path: &Path) -> anyhow::Result<()> {
+pub(crate) fn warm(path: &Path) -> anyhow::Result<()> {
     use std::io::Read;
     let mut f = std::fs::File::open(path).with_context(|| format!("{}", path.display()))?;
     let mut buf = vec![0u8; 4 << 20];

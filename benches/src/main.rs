@@ -15,6 +15,7 @@ mod data;
 mod digest;
 mod handoff;
 mod report;
+mod restore;
 mod servers;
 mod verify;
 mod verify_sched;
@@ -43,7 +44,8 @@ struct Opts {
     /// Repetitions (median reported).
     #[arg(long, default_value_t = 3)]
     reps: usize,
-    /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
+    /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest
+    /// (read: the restore figures of issue 13, see --cache);
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through
     /// hub and agent, full then a 10 % incremental, against qemu-nbd and
     /// nbdcopy); handoff-bitmap (opt-in: the same with qcow2 sources served
@@ -82,7 +84,7 @@ struct Opts {
     #[arg(long, default_value_t = 15)]
     fio_runtime: u64,
     /// Servers to compare (ours, ours-digest, qemu-nbd, ours-tls,
-    /// qemu-nbd-tls).
+    /// qemu-nbd-tls; ours-base: the build at NBD_BENCH_BASELINE_EXE).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
     /// Scratch directory (images, data, logs).
@@ -101,6 +103,11 @@ struct Opts {
     /// needs root and slows whatever else runs on the machine).
     #[arg(long)]
     no_cold: bool,
+    /// Page-cache states of the read figures, each prepared the same way
+    /// for every server: cold (sync + drop caches, needs root), warm (the
+    /// image read first). Default: both as root, else warm.
+    #[arg(long, value_delimiter = ',')]
+    cache: Vec<String>,
 }
 
 fn tool(name: &str) -> bool {
@@ -295,6 +302,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     for s in &opts.servers {
         match s.as_str() {
             "ours" => kinds.push(Kind::Ours),
+            "ours-base" => kinds.push(Kind::OursBase),
             "ours-digest" => kinds.push(Kind::OursDigest),
             "qemu-nbd" if tool("qemu-nbd") => kinds.push(Kind::QemuNbd),
             "qemu-nbd" => eprintln!("qemu-nbd not installed: skipped"),
@@ -368,6 +376,26 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         }
     }
 
+    let caches = if opts.cache.is_empty() {
+        if opts.no_cold {
+            vec![restore::Cache::Warm]
+        } else {
+            restore::default_caches()
+        }
+    } else {
+        opts.cache
+            .iter()
+            .map(String::as_str)
+            .map(restore::Cache::parse)
+            .collect::<anyhow::Result<Vec<_>>>()?
+    };
+    let chain_dir = wd.join("img").join("chain");
+    let chain = if has("read") {
+        eprintln!("building the {}-deep chain", restore::CHAIN_DEPTH);
+        restore::build_chain(&chain_dir, &base, opts.size)?
+    } else {
+        Vec::new()
+    };
     let mut run = Run {
         workdir: wd.clone(),
         size: opts.size,
@@ -406,8 +434,8 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
                     .with_context(|| format!("{} random", k.name()))?;
             }
             if has("read") {
-                run.read(k, rep)
-                    .with_context(|| format!("{} read", k.name()))?;
+                run.restore(k, rep, &caches, &chain, fio && !k.tls())
+                    .with_context(|| format!("{} restore reads", k.name()))?;
             }
         }
         if has("handoff") {
@@ -451,6 +479,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     eprintln!("\r\x1b[Kdone in {:.0} s", started.elapsed().as_secs_f64());
     let _ = std::fs::remove_file(&base);
     let _ = std::fs::remove_file(&expected);
+    let _ = std::fs::remove_dir_all(&chain_dir);
 
     let baseline = if kinds.contains(&Kind::QemuNbd) {
         "qemu-nbd"

@@ -13,6 +13,10 @@ use anyhow::{bail, Context};
 pub enum Kind {
     /// Our server (`hub-daemon export`, this binary re-executed).
     Ours,
+    /// Our server from another build of this harness, named by
+    /// `NBD_BENCH_BASELINE_EXE` (before/after figures of a change in one
+    /// run, servers interleaved).
+    OursBase,
     /// Our server recording `blake3-tree-v1` digests of what it is sent
     /// (`--digest`), as the hub does for every backup.
     OursDigest,
@@ -32,6 +36,7 @@ impl Kind {
     pub fn name(self) -> &'static str {
         match self {
             Kind::Ours => "ours",
+            Kind::OursBase => "ours-base",
             Kind::OursDigest => "ours-digest",
             Kind::QemuNbd => "qemu-nbd",
             Kind::OursTls => "ours-tls",
@@ -200,8 +205,15 @@ pub fn start_bitmap(
 pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::Result<Running> {
     let t0 = Instant::now();
     match kind {
-        Kind::Ours | Kind::OursDigest | Kind::OursTls => {
-            let exe = std::env::current_exe()?;
+        Kind::Ours | Kind::OursBase | Kind::OursDigest | Kind::OursTls => {
+            let exe = if kind == Kind::OursBase {
+                PathBuf::from(
+                    std::env::var_os("NBD_BENCH_BASELINE_EXE")
+                        .context("ours-base needs NBD_BENCH_BASELINE_EXE")?,
+                )
+            } else {
+                std::env::current_exe()?
+            };
             let mut cmd = Command::new(exe);
             cmd.arg("__export").arg("--listen").arg("127.0.0.1:0");
             // Digests record writes; a read-only export has none.

@@ -638,37 +638,6 @@ impl Run {
         Ok(())
     }
 
-    /// Sequential read of a full backup image (served read-only).
-    pub fn read(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
-        self.progress(format!("{}: sequential read", kind.name()));
-        let spec = [Spec {
-            name: "disk0".into(),
-            path: self.base.clone(),
-            format: "qcow2",
-            size: self.size,
-        }];
-        let opts = Options {
-            readonly: true,
-            ..Options::default()
-        };
-        let srv = servers::start(kind, &spec, opts, &self.log(kind))?;
-        let secs = self.nbdcopy(kind, &["-C", "1", "-T", "1", &srv.uris[0], "null:"])?;
-        self.record_mbps(kind, "read_seq_c1", rep, self.size, secs);
-        let secs = self.nbdcopy(
-            kind,
-            &["--no-extents", "-C", "1", "-T", "1", &srv.uris[0], "null:"],
-        )?;
-        self.record_mbps(kind, "read_seq_c1_no_extents", rep, self.size, secs);
-        // Read back through NBD and compare with the source.
-        let out = self.workdir.join("img").join("readback.raw");
-        self.nbdcopy(kind, &[&srv.uris[0], out.to_str().unwrap_or("")])?;
-        srv.stop()?;
-        let src = self.src.clone();
-        self.verify(kind, "read_seq", rep, "raw", &out, &src);
-        let _ = std::fs::remove_file(&out);
-        Ok(())
-    }
-
     /// The protocol ceiling: a null backend, writes and dense reads.
     pub fn null(&mut self, kind: Kind, rep: usize) -> anyhow::Result<()> {
         self.progress(format!("{}: null backend", kind.name()));

@@ -56,7 +56,11 @@ fn harness_smoke_runs_and_verifies() {
             "write_fresh_qcow2_c4_verified",
             "overlay_write_verified",
             "multi4_disk3_verified",
-            "read_seq_verified",
+            "restore_warm_seq_file_verified",
+            "restore_warm_seq_file_no_extents_verified",
+            "restore_warm_convert_qcow2_verified",
+            "restore_chain20_verified",
+            "restore_warm_chain20_null",
             "idle4_pss_per_export",
         ] {
             assert!(

@@ -10,6 +10,14 @@
 //! without page faults). WRITE payloads stay on the heap (see
 //! `net::request_reader`): there the faults of a fresh map per request
 //! cost too much throughput.
+//!
+//! A backend that overwrites every byte it returns asks for
+//! [`PageBuf::for_overwrite`]: heap buffers of the common read sizes then
+//! come back to a small process-wide pool when the reply is sent and are
+//! handed out again without being zeroed (no allocation, no memset, no
+//! page faults per read). The pool holds at most [`RECYCLE_LIMIT`] bytes.
+
+use std::sync::Mutex;
 
 use bytes::Bytes;
 use memmap2::MmapMut;
@@ -18,6 +26,75 @@ use memmap2::MmapMut;
 pub const MAP_THRESHOLD: usize = 1 << 20;
 
 const PAGE: usize = 4096;
+
+/// Most bytes the recycling pool keeps (the rest is freed as usual).
+pub const RECYCLE_LIMIT: usize = 16 << 20;
+/// Smallest buffer worth recycling (below it the allocator is as quick).
+const RECYCLE_MIN: usize = 32 << 10;
+
+/// Free buffers by size class (a power of two from [`RECYCLE_MIN`] to
+/// below [`MAP_THRESHOLD`]), each `class + PAGE` bytes long, and their
+/// total size.
+struct Recycler {
+    free: Vec<(usize, Vec<Vec<u8>>)>,
+    bytes: usize,
+}
+
+static RECYCLER: Mutex<Recycler> = Mutex::new(Recycler {
+    free: Vec::new(),
+    bytes: 0,
+});
+
+/// The size class of `len`, if buffers of it are recycled.
+fn class_of(len: usize) -> Option<usize> {
+    let class = len.checked_next_power_of_two()?;
+    (RECYCLE_MIN..MAP_THRESHOLD)
+        .contains(&class)
+        .then_some(class)
+}
+
+fn take_recycled(class: usize) -> Option<Vec<u8>> {
+    let mut r = RECYCLER.lock().ok()?;
+    let v = r
+        .free
+        .iter_mut()
+        .find(|(c, _)| *c == class)
+        .and_then(|(_, list)| list.pop())?;
+    r.bytes -= v.len();
+    Some(v)
+}
+
+fn give_back(class: usize, v: Vec<u8>) {
+    let Ok(mut r) = RECYCLER.lock() else {
+        return;
+    };
+    if r.bytes + v.len() > RECYCLE_LIMIT {
+        return;
+    }
+    r.bytes += v.len();
+    match r.free.iter_mut().find(|(c, _)| *c == class) {
+        Some((_, list)) => list.push(v),
+        None => r.free.push((class, vec![v])),
+    }
+}
+
+/// A recycled heap buffer owned by a reply: back to the pool on drop.
+struct Recycled {
+    class: usize,
+    v: Vec<u8>,
+}
+
+impl AsRef<[u8]> for Recycled {
+    fn as_ref(&self) -> &[u8] {
+        &self.v
+    }
+}
+
+impl Drop for Recycled {
+    fn drop(&mut self) {
+        give_back(self.class, std::mem::take(&mut self.v));
+    }
+}
 
 /// A zero-filled buffer of `len` bytes whose start is page aligned.
 #[derive(Debug)]
@@ -30,6 +107,8 @@ pub struct PageBuf {
 #[derive(Debug)]
 enum Storage {
     Heap(Vec<u8>),
+    /// A heap buffer of this size class that goes back to the pool.
+    Recycled(usize, Vec<u8>),
     Mapped(MmapMut),
 }
 
@@ -57,6 +136,23 @@ impl PageBuf {
         }
     }
 
+    /// A page-aligned buffer of `len` bytes whose contents are
+    /// unspecified (bytes of an earlier reply, or zeroes): for callers that
+    /// overwrite all of it before it is sent. Buffers of the common read
+    /// sizes are recycled (see the module documentation).
+    pub fn for_overwrite(len: usize) -> Self {
+        let Some(class) = class_of(len) else {
+            return Self::zeroed(len);
+        };
+        let storage = take_recycled(class).unwrap_or_else(|| vec![0u8; class + PAGE]);
+        let start = storage.as_ptr().align_offset(PAGE).min(PAGE);
+        PageBuf {
+            storage: Storage::Recycled(class, storage),
+            start,
+            len,
+        }
+    }
+
     /// Length in bytes.
     pub fn len(&self) -> usize {
         self.len
@@ -76,18 +172,31 @@ impl PageBuf {
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let (start, len) = (self.start, self.len);
         match &mut self.storage {
-            Storage::Heap(v) => &mut v[start..start + len],
+            Storage::Heap(v) | Storage::Recycled(_, v) => &mut v[start..start + len],
             Storage::Mapped(m) => &mut m[start..start + len],
         }
     }
 
     /// Freeze into `Bytes` without copying; the memory goes when the last
     /// `Bytes` referring to it does.
-    pub fn freeze(self) -> Bytes {
+    pub fn freeze(mut self) -> Bytes {
         let (start, len) = (self.start, self.len);
-        match self.storage {
+        // Taken out (Drop would otherwise give a recycled buffer back).
+        match std::mem::replace(&mut self.storage, Storage::Heap(Vec::new())) {
             Storage::Heap(v) => Bytes::from_owner(v).slice(start..start + len),
+            Storage::Recycled(class, v) => {
+                Bytes::from_owner(Recycled { class, v }).slice(start..start + len)
+            }
             Storage::Mapped(m) => Bytes::from_owner(m).slice(start..start + len),
+        }
+    }
+}
+
+impl Drop for PageBuf {
+    fn drop(&mut self) {
+        // A recycled buffer dropped before it was frozen (a failed read).
+        if let Storage::Recycled(class, v) = &mut self.storage {
+            give_back(*class, std::mem::take(v));
         }
     }
 }
@@ -95,6 +204,45 @@ impl PageBuf {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn recycled_buffers_come_back_and_the_pool_stays_bounded() {
+        let len = 256 << 10;
+        let mut b = PageBuf::for_overwrite(len);
+        assert!(!b.is_mapped());
+        let s = b.as_mut_slice();
+        assert_eq!(s.len(), len);
+        assert_eq!(s.as_ptr() as usize % PAGE, 0);
+        s.fill(9);
+        let frozen = b.freeze();
+        assert_eq!(frozen.as_ptr() as usize % PAGE, 0);
+        assert!(frozen.iter().all(|x| *x == 9));
+        let addr = frozen.as_ptr() as usize;
+        drop(frozen);
+        // Nothing else in this process asks for recycled buffers: the same
+        // memory is handed out again, not zeroed.
+        let mut again = PageBuf::for_overwrite(len);
+        assert_eq!(again.as_mut_slice().as_ptr() as usize, addr);
+        assert!(again.as_mut_slice().iter().all(|x| *x == 9));
+        // Dropped unfrozen (a failed read): back to the pool as well.
+        drop(again);
+        assert_eq!(
+            PageBuf::for_overwrite(len).as_mut_slice().as_ptr() as usize,
+            addr
+        );
+        // However many come back, the pool keeps at most RECYCLE_LIMIT.
+        let many: Vec<Bytes> = (0..(2 * RECYCLE_LIMIT / len))
+            .map(|_| PageBuf::for_overwrite(len).freeze())
+            .collect();
+        drop(many);
+        assert!(RECYCLER.lock().unwrap().bytes <= RECYCLE_LIMIT);
+        // Sizes outside the recycled classes are plain zeroed buffers.
+        let mut small = PageBuf::for_overwrite(4096);
+        assert!(small.as_mut_slice().iter().all(|x| *x == 0));
+        let mut big = PageBuf::for_overwrite(MAP_THRESHOLD);
+        assert!(big.is_mapped());
+        assert!(big.as_mut_slice().iter().all(|x| *x == 0));
+    }
 
     #[test]
     fn window_is_page_aligned_zeroed_and_sized() {

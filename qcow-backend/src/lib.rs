@@ -51,6 +51,7 @@ mod open;
 mod pool;
 mod qcow;
 mod raw;
+mod readahead;
 mod writeback;
 
 pub use chain::{BackingPolicy, DEFAULT_MAX_DEPTH};

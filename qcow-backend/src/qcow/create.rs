@@ -18,6 +18,7 @@ use crate::chain::{backing_name_for, is_qcow2, resolve_chain, BackingPolicy, For
 use crate::error::ImageError;
 use crate::lock::{lock_file, LockMode};
 use crate::pool::IoPool;
+use crate::readahead::ReadAhead;
 
 impl QcowBackend {
     /// Create a new qcow2 image at `path` (which must not exist) and open it
@@ -37,7 +38,7 @@ impl QcowBackend {
             return Err(ImageError::InvalidParameters(format!("cluster size {cs}")));
         }
         let pool = opts.pool()?;
-        let parent = match &create.backing {
+        let mut parent = match &create.backing {
             Some(parent) => {
                 Some(open_parent(&pool, path, parent, create.backing_format, &opts.policy).await?)
             }
@@ -52,6 +53,11 @@ impl QcowBackend {
         if size == 0 || size > crate::header::MAX_VIRTUAL_SIZE {
             return Err(ImageError::InvalidParameters(format!("size {size}")));
         }
+        // The parent's layers are read only: their read-ahead comes along.
+        let readahead = parent
+            .as_mut()
+            .map(|p| std::mem::take(&mut p.readahead))
+            .unwrap_or_default();
         let below = parent
             .as_ref()
             .map(|p| p.layers.clone())
@@ -108,6 +114,7 @@ impl QcowBackend {
             pool,
             access,
             Some(dup),
+            readahead,
             path,
             size,
             u64::from(cs),
@@ -126,6 +133,8 @@ struct Parent {
     size: u64,
     /// Its validated layers, top first.
     layers: Vec<Layer>,
+    /// Read-ahead state of its layers.
+    readahead: ReadAhead,
 }
 
 /// Validate and open `parent` (and its chain) read-only.
@@ -186,7 +195,7 @@ async fn open_parent(
     };
     let chain = layers.clone();
     let nofollow = policy.strict;
-    let (access, _) = pool
+    let (access, _, readahead) = pool
         .run(0, move || open_layers(layers, false, nofollow))
         .await
         .map_err(|e| ImageError::io(parent, io_err(e)))??;
@@ -196,6 +205,7 @@ async fn open_parent(
         format: format.to_owned(),
         size,
         layers: chain,
+        readahead,
     })
 }
 

@@ -37,6 +37,7 @@ use tokio::sync::{RwLock, Semaphore};
 
 use crate::chain::Layer;
 use crate::pool::IoPool;
+use crate::readahead::ReadAhead;
 use crate::writeback::WriteBehind;
 
 /// Most imago operations in flight per image.
@@ -61,6 +62,8 @@ pub struct QcowBackend {
     /// Home I/O thread of this image.
     home: usize,
     inflight: Arc<Semaphore>,
+    /// Read-ahead hints for the layers read only (restores).
+    readahead: Arc<ReadAhead>,
     write_behind: Option<Arc<WriteBehind>>,
     path: PathBuf,
     size: u64,

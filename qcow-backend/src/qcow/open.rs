@@ -15,11 +15,13 @@ use crate::chain::{resolve_chain, Format, Layer};
 use crate::error::ImageError;
 use crate::lock::{lock_file, LockMode};
 use crate::pool::IoPool;
+use crate::readahead::ReadAhead;
 use crate::writeback::WriteBehind;
 
 /// Open one layer's file: exclusive lock for the writable top, shared for
-/// everything else. Also returns a duplicate descriptor of a writable file
-/// (for write-behind hints; same open file, so the locks are shared).
+/// everything else. Also returns a duplicate descriptor (same open file,
+/// so the locks are shared): write-behind hints for a writable file,
+/// read-ahead hints for the others.
 /// With `nofollow` (a strict [`BackingPolicy`]) the open itself refuses a
 /// symlink (`O_NOFOLLOW`), so a link swapped in after the policy check
 /// cannot redirect it.
@@ -27,7 +29,7 @@ pub(super) fn open_file(
     path: &Path,
     writable: bool,
     nofollow: bool,
-) -> Result<(File, Option<StdFile>), ImageError> {
+) -> Result<(File, StdFile), ImageError> {
     use std::os::unix::fs::OpenOptionsExt;
     let mut o = StdFile::options();
     o.read(true).write(writable);
@@ -47,29 +49,33 @@ pub(super) fn open_file(
         LockMode::Shared
     };
     lock_file(&f, mode).map_err(|e| ImageError::locked(path, e))?;
-    let dup = if writable {
-        Some(f.try_clone().map_err(|e| ImageError::io(path, e))?)
-    } else {
-        None
-    };
+    let dup = f.try_clone().map_err(|e| ImageError::io(path, e))?;
     let opts = StorageOpenOptions::new().filename(path).write(writable);
     let file = File::from_open_file(f, opts).map_err(|e| ImageError::io(path, e))?;
     Ok((file, dup))
 }
 
 /// Open the validated layers bottom-up, each explicitly. Returns the top
-/// layer and, if writable, a duplicate descriptor of its file.
+/// layer, if writable a duplicate descriptor of its file, and the
+/// read-ahead state of the layers opened read-only.
 pub(super) async fn open_layers(
     layers: Vec<Layer>,
     top_writable: bool,
     nofollow: bool,
-) -> Result<(Access, Option<StdFile>), ImageError> {
+) -> Result<(Access, Option<StdFile>, ReadAhead), ImageError> {
     let mut below: Option<Arc<Access>> = None;
     let n = layers.len();
+    let readahead = ReadAhead::default();
     for (i, layer) in layers.into_iter().rev().enumerate() {
         let is_top = i + 1 == n;
         let writable = is_top && top_writable;
         let (storage, dup) = open_file(&layer.path, writable, nofollow)?;
+        let dup = if writable {
+            Some(dup)
+        } else {
+            readahead.add(&layer.path, dup);
+            None
+        };
         let access = match layer.format {
             Format::Raw => Raw::builder(storage)
                 .write(writable)
@@ -85,7 +91,7 @@ pub(super) async fn open_layers(
         }
         .map_err(|e| ImageError::engine(&layer.path, e))?;
         if is_top {
-            return Ok((access, dup));
+            return Ok((access, dup, readahead));
         }
         below = Some(Arc::new(access));
     }
@@ -109,7 +115,7 @@ impl QcowBackend {
         let chain = layers.clone();
         let writable = !opts.read_only;
         let nofollow = opts.policy.strict;
-        let (access, dup) = pool
+        let (access, dup, readahead) = pool
             .run(0, move || open_layers(layers, writable, nofollow))
             .await
             .map_err(|e| ImageError::io(path, io_err(e)))??;
@@ -118,6 +124,7 @@ impl QcowBackend {
             pool,
             access,
             dup,
+            readahead,
             path,
             top.size,
             top.cluster_size(),
@@ -131,6 +138,7 @@ impl QcowBackend {
         pool: IoPool,
         access: Access,
         dup: Option<StdFile>,
+        readahead: ReadAhead,
         path: &Path,
         size: u64,
         cluster_size: u64,
@@ -145,6 +153,7 @@ impl QcowBackend {
             home: pool.affinity(),
             pool,
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
+            readahead: Arc::new(readahead),
             write_behind: dup.map(WriteBehind::new),
             path: path.to_owned(),
             size,
