@@ -9,6 +9,7 @@
 //! Our server is this binary re-executed as `hub-daemon export` (the very
 //! same code path), so no separate build is needed.
 
+mod ceilings;
 mod client;
 mod data;
 mod digest;
@@ -43,6 +44,8 @@ struct Opts {
     #[arg(long, default_value_t = 3)]
     reps: usize,
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest;
+    /// ceilings (opt-in: dd with fsync, nbdcopy into nbdkit null plain and
+    /// over TLS, and into our null backend over TLS, per repetition);
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through
     /// hub and agent, full then a 10 % incremental, against qemu-nbd and
     /// nbdcopy); handoff-bitmap (opt-in: the same with qcow2 sources served
@@ -72,7 +75,7 @@ struct Opts {
     #[arg(long, default_value_t = 15)]
     fio_runtime: u64,
     /// Servers to compare (ours, ours-digest, qemu-nbd, ours-tls,
-    /// qemu-nbd-tls).
+    /// qemu-nbd-tls; prev, prev-digest, prev-tls with --prev-exe).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
     /// Scratch directory (images, data, logs).
@@ -87,6 +90,11 @@ struct Opts {
     /// Tiny sizes, one repetition: checks the harness runs and verifies data.
     #[arg(long)]
     smoke: bool,
+    /// An earlier build of this binary: the `prev*` servers run its
+    /// export, so a change is measured against the state before it in the
+    /// same run.
+    #[arg(long)]
+    prev_exe: Option<PathBuf>,
     /// Skip the cold-cache digest figures (they drop the page cache, which
     /// needs root and slows whatever else runs on the machine).
     #[arg(long)]
@@ -290,8 +298,17 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             "ours-tls" => kinds.push(Kind::OursTls),
             "qemu-nbd-tls" if tool("qemu-nbd") => kinds.push(Kind::QemuNbdTls),
             "qemu-nbd-tls" => eprintln!("qemu-nbd not installed: skipped"),
+            "prev" | "prev-digest" | "prev-tls" if opts.prev_exe.is_none() => {
+                bail!("server {s} needs --prev-exe")
+            }
+            "prev" => kinds.push(Kind::Prev),
+            "prev-digest" => kinds.push(Kind::PrevDigest),
+            "prev-tls" => kinds.push(Kind::PrevTls),
             other => bail!("unknown server {other}"),
         }
+    }
+    if let Some(p) = &opts.prev_exe {
+        servers::set_prev_exe(p.clone());
     }
     let has = |t: &str| opts.tests.iter().any(|x| x == t);
     if kinds.iter().any(|k| k.tls()) {
@@ -414,6 +431,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             run.verify_sched(opts.reps, !opts.no_cold)
                 .context("verifysched")?;
         }
+        if has("ceilings") {
+            run.ceilings(rep, nbdkit).context("ceilings")?;
+        }
         if has("null") {
             run.null(Kind::Ours, rep)?;
             if nbdkit {
@@ -456,8 +476,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             } else {
                 "qemu-nbd"
             }
-        } else if test.starts_with("verifysched_") {
-            // Alone vs with verify is its own `*_with_over_alone` row.
+        } else if test.starts_with("verifysched_") || test.starts_with("ceiling_") {
+            // Alone vs with verify is its own `*_with_over_alone` row;
+            // ceilings are read as they are.
             "none"
         } else if test.starts_with("digest_") {
             "sha256sum"
