@@ -10,6 +10,7 @@
 //! same code path), so no separate build is needed.
 
 mod catalog;
+mod ceilings;
 mod client;
 mod data;
 mod digest;
@@ -46,6 +47,8 @@ struct Opts {
     reps: usize,
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest
     /// (read: the restore figures of issue 13, see --cache);
+    /// ceilings (opt-in: dd with fsync, nbdcopy into nbdkit null plain and
+    /// over TLS, and into our null backend over TLS, per repetition);
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through
     /// hub and agent, full then a 10 % incremental, against qemu-nbd and
     /// nbdcopy); handoff-bitmap (opt-in: the same with qcow2 sources served
@@ -84,7 +87,8 @@ struct Opts {
     #[arg(long, default_value_t = 15)]
     fio_runtime: u64,
     /// Servers to compare (ours, ours-digest, qemu-nbd, ours-tls,
-    /// qemu-nbd-tls; ours-base: the build at NBD_BENCH_BASELINE_EXE).
+    /// qemu-nbd-tls; ours-base: the build at NBD_BENCH_BASELINE_EXE;
+    /// prev, prev-digest, prev-tls with --prev-exe).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
     /// Scratch directory (images, data, logs).
@@ -99,6 +103,11 @@ struct Opts {
     /// Tiny sizes, one repetition: checks the harness runs and verifies data.
     #[arg(long)]
     smoke: bool,
+    /// An earlier build of this binary: the `prev*` servers run its
+    /// export, so a change is measured against the state before it in the
+    /// same run.
+    #[arg(long)]
+    prev_exe: Option<PathBuf>,
     /// Skip the cold-cache digest figures (they drop the page cache, which
     /// needs root and slows whatever else runs on the machine).
     #[arg(long)]
@@ -309,8 +318,17 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             "ours-tls" => kinds.push(Kind::OursTls),
             "qemu-nbd-tls" if tool("qemu-nbd") => kinds.push(Kind::QemuNbdTls),
             "qemu-nbd-tls" => eprintln!("qemu-nbd not installed: skipped"),
+            "prev" | "prev-digest" | "prev-tls" if opts.prev_exe.is_none() => {
+                bail!("server {s} needs --prev-exe")
+            }
+            "prev" => kinds.push(Kind::Prev),
+            "prev-digest" => kinds.push(Kind::PrevDigest),
+            "prev-tls" => kinds.push(Kind::PrevTls),
             other => bail!("unknown server {other}"),
         }
+    }
+    if let Some(p) = &opts.prev_exe {
+        servers::set_prev_exe(p.clone());
     }
     let has = |t: &str| opts.tests.iter().any(|x| x == t);
     if kinds.iter().any(|k| k.tls()) {
@@ -457,6 +475,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             run.verify_sched(opts.reps, !opts.no_cold)
                 .context("verifysched")?;
         }
+        if has("ceilings") {
+            run.ceilings(rep, nbdkit).context("ceilings")?;
+        }
         if has("null") {
             run.null(Kind::Ours, rep)?;
             if nbdkit {
@@ -503,8 +524,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         } else if test.starts_with("catalog_") {
             // PostgreSQL against SQLite, the default catalog.
             "sqlite"
-        } else if test.starts_with("verifysched_") {
-            // Alone vs with verify is its own `*_with_over_alone` row.
+        } else if test.starts_with("verifysched_") || test.starts_with("ceiling_") {
+            // Alone vs with verify is its own `*_with_over_alone` row;
+            // ceilings are read as they are.
             "none"
         } else if test.starts_with("digest_") {
             "sha256sum"

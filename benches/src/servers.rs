@@ -29,6 +29,13 @@ pub enum Kind {
     QemuNbdTls,
     /// nbdkit's null plugin (protocol ceiling).
     NbdkitNull,
+    /// [`Kind::Ours`] from an earlier build (`--prev-exe`): the state
+    /// before a change, measured in the same run.
+    Prev,
+    /// [`Kind::OursDigest`] from the earlier build.
+    PrevDigest,
+    /// [`Kind::OursTls`] from the earlier build.
+    PrevTls,
 }
 
 impl Kind {
@@ -42,6 +49,9 @@ impl Kind {
             Kind::OursTls => "ours-tls",
             Kind::QemuNbdTls => "qemu-nbd-tls",
             Kind::NbdkitNull => "nbdkit-null",
+            Kind::Prev => "prev",
+            Kind::PrevDigest => "prev-digest",
+            Kind::PrevTls => "prev-tls",
         }
     }
 }
@@ -49,13 +59,28 @@ impl Kind {
 impl Kind {
     /// Whether clients reach it over TLS.
     pub fn tls(self) -> bool {
-        matches!(self, Kind::OursTls | Kind::QemuNbdTls)
+        matches!(self, Kind::OursTls | Kind::QemuNbdTls | Kind::PrevTls)
     }
 
     /// Whether it records digests (and prints them on exit).
     pub fn digest(self) -> bool {
-        matches!(self, Kind::OursDigest | Kind::OursTls)
+        matches!(
+            self,
+            Kind::OursDigest | Kind::OursTls | Kind::PrevDigest | Kind::PrevTls
+        )
     }
+
+    /// Whether it is our server from the earlier build.
+    fn prev(self) -> bool {
+        matches!(self, Kind::Prev | Kind::PrevDigest | Kind::PrevTls)
+    }
+}
+
+static PREV_EXE: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+/// The earlier `nbd-bench` binary whose `__export` the `prev*` servers run.
+pub fn set_prev_exe(path: PathBuf) {
+    let _ = PREV_EXE.set(path);
 }
 
 static TLS_DIR: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
@@ -127,7 +152,7 @@ pub fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Wait until `port` answers with an NBD greeting.
-fn wait_ready(port: u16, child: &mut Child) -> anyhow::Result<()> {
+pub fn wait_ready(port: u16, child: &mut Child) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(60);
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
     loop {
@@ -205,19 +230,31 @@ pub fn start_bitmap(
 pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::Result<Running> {
     let t0 = Instant::now();
     match kind {
-        Kind::Ours | Kind::OursBase | Kind::OursDigest | Kind::OursTls => {
+        Kind::Ours
+        | Kind::OursBase
+        | Kind::OursDigest
+        | Kind::OursTls
+        | Kind::Prev
+        | Kind::PrevDigest
+        | Kind::PrevTls => {
             let exe = if kind == Kind::OursBase {
                 PathBuf::from(
                     std::env::var_os("NBD_BENCH_BASELINE_EXE")
                         .context("ours-base needs NBD_BENCH_BASELINE_EXE")?,
                 )
+            } else if kind.prev() {
+                PREV_EXE.get().cloned().context("--prev-exe not given")?
             } else {
                 std::env::current_exe()?
             };
             let mut cmd = Command::new(exe);
             cmd.arg("__export").arg("--listen").arg("127.0.0.1:0");
-            // Digests record writes; a read-only export has none.
-            if kind.digest() && !opts.readonly {
+            // Digests record writes; a read-only export has none, and a
+            // null export (a ceiling) keeps nothing to digest.
+            let null = specs
+                .iter()
+                .any(|s| s.path.to_string_lossy().starts_with("null:"));
+            if kind.digest() && !opts.readonly && !null {
                 cmd.arg("--digest");
             }
             if kind.tls() {

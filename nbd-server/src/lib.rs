@@ -96,9 +96,9 @@ mod zeroes;
 
 pub use backend::{
     BackendError, BackendErrorKind, BlockBackend, Caps, Extent, MemoryBackend, NullBackend,
-    ReadChunk, ZeroFlags,
+    ReadChunk, WriteObserver, ZeroFlags,
 };
 pub use error::ServerError;
 pub use export::{Export, ExportRegistry, ExportStats, ExportStatsSnapshot};
-pub use server::{ListenerHandle, Server, ServerConfig};
+pub use server::{ListenerHandle, Server, ServerConfig, DEFAULT_INFLIGHT_PER_CONNECTION};
 pub use tls::{ServerTls, TlsSetupError};

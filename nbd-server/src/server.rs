@@ -36,8 +36,9 @@ pub struct ServerConfig {
     /// Checked when the client picks the export. Same eviction rule.
     pub max_connections_per_export: usize,
     /// Most bytes one connection holds in requests in flight and replies
-    /// not yet written (default 64 MiB). Strict, except that one request
-    /// larger than this is admitted when nothing else is held.
+    /// not yet written (default [`DEFAULT_INFLIGHT_PER_CONNECTION`]).
+    /// Strict, except that one request larger than this is admitted when
+    /// nothing else is held.
     pub max_inflight_bytes_per_connection: u64,
     /// Most bytes all connections together hold in requests and replies
     /// (default 1 GiB, at least 40 MiB).
@@ -61,6 +62,15 @@ pub struct ServerConfig {
     pub tls: Option<ServerTls>,
 }
 
+/// Default per-connection in-flight budget: 32 of nbdcopy's 256 KiB
+/// requests, 4 of qemu-img's 2 MiB ones. A backup stream is bound by the
+/// image writes, not by how much waits for them, so a larger budget only
+/// held more memory: 64 MiB made four parallel backups use 74 MB of RSS
+/// against 43 MB for four qemu-nbd processes (which take 16 requests per
+/// client) at the same throughput. Measured in BENCHMARKS.md, "Write path
+/// round two".
+pub const DEFAULT_INFLIGHT_PER_CONNECTION: u64 = 8 << 20;
+
 impl Default for ServerConfig {
     fn default() -> Self {
         ServerConfig {
@@ -68,7 +78,7 @@ impl Default for ServerConfig {
             max_connections: 4096,
             max_connections_per_listener: 1024,
             max_connections_per_export: 256,
-            max_inflight_bytes_per_connection: 64 << 20,
+            max_inflight_bytes_per_connection: DEFAULT_INFLIGHT_PER_CONNECTION,
             max_buffer_memory: 1 << 30,
             idle_timeout: Duration::from_secs(3600),
             send_timeout: Duration::from_secs(60),

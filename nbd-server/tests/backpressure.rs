@@ -295,8 +295,11 @@ async fn the_process_budget_keeps_room_for_a_small_client() {
 #[tokio::test(flavor = "current_thread")]
 async fn a_client_that_never_reads_is_closed_after_the_send_timeout() {
     let backend = Gated::new();
+    // Per connection larger than the process budget, so the hog is
+    // stopped by the process-wide budget (whose release is checked here).
     let config = ServerConfig {
         max_buffer_memory: 40 * MIB,
+        max_inflight_bytes_per_connection: 64 * MIB,
         send_timeout: Duration::from_millis(300),
         ..ServerConfig::default()
     };

@@ -199,3 +199,52 @@ async fn create_refuses_existing_file_and_bad_parameters() {
         .unwrap_err();
     assert_eq!(e.kind(), crate::ImageErrorKind::InvalidParameters);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_observed_sees_the_payload_on_an_io_thread_before_it_lands() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("obs.qcow2");
+    let b = QcowBackend::create(&p, &CreateOptions::fresh(1 << 20), &OpenOptions::new())
+        .await
+        .unwrap();
+    let data: Vec<u8> = (0..200_000u32).map(|i| (i % 251) as u8 + 1).collect();
+    let seen = Arc::new(std::sync::Mutex::new(None));
+    let s = Arc::clone(&seen);
+    b.write_observed(
+        4096,
+        Bytes::from(data.clone()),
+        Box::new(move |d: &[u8]| {
+            let thread = std::thread::current().name().unwrap_or("").to_owned();
+            *s.lock().unwrap() = Some((d.to_vec(), thread));
+        }),
+    )
+    .await
+    .unwrap();
+    let (observed, thread) = seen.lock().unwrap().take().expect("observer not called");
+    assert_eq!(observed, data);
+    assert!(thread.starts_with("qcow-io-"), "observed on {thread:?}");
+    let back = b.read(4096, data.len() as u32).await.unwrap();
+    let mut got = Vec::new();
+    for c in back {
+        match c {
+            nbd_server::ReadChunk::Data(d) => got.extend_from_slice(&d),
+            nbd_server::ReadChunk::Zero(n) => got.resize(got.len() + n as usize, 0),
+        }
+    }
+    assert_eq!(got, data);
+    // A write refused before it starts does not observe.
+    b.close().await.unwrap();
+    let called = Arc::new(AtomicUsize::new(0));
+    let c = Arc::clone(&called);
+    let r = b
+        .write_observed(
+            0,
+            Bytes::from_static(b"late"),
+            Box::new(move |_| {
+                c.fetch_add(1, Ordering::Relaxed);
+            }),
+        )
+        .await;
+    assert!(r.is_err());
+    assert_eq!(called.load(Ordering::Relaxed), 0);
+}
