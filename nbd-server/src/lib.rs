@@ -96,9 +96,9 @@ mod zeroes;
 
 pub use backend::{
     BackendError, BackendErrorKind, BlockBackend, Caps, Extent, MemoryBackend, NullBackend,
-    ReadChunk, WriteObserver, ZeroFlags,
+    ReadChunk, ZeroFlags,
 };
 pub use error::ServerError;
 pub use export::{Export, ExportRegistry, ExportStats, ExportStatsSnapshot};
-pub use server::{ListenerHandle, Server, ServerConfig, DEFAULT_INFLIGHT_PER_CONNECTION};
+pub use server::{ListenerHandle, Server, ServerConfig};
 pub use tls::{ServerTls, TlsSetupError};

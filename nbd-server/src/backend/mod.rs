@@ -138,10 +138,6 @@ impl Extent {
     }
 }
 
-/// Work a caller wants done on a WRITE's bytes where the backend does its
-/// I/O, right before it (see [`BlockBackend::write_observed`]).
-pub type WriteObserver = Box<dyn FnOnce(&[u8]) + Send>;
-
 /// A block device as the NBD server sees it.
 ///
 /// Buffers are owned (`Bytes`) so a backend can hand them to its own I/O
@@ -160,23 +156,6 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug + 'static {
 
     /// Write `data` at `offset`.
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackendError>;
-
-    /// Write `data` at `offset`, calling `observe` on `data` first. A
-    /// backend that writes on its own threads overrides this to run
-    /// `observe` there, right before the write, while the payload is still
-    /// in that core's cache (the digest wrapper hashes a backup's blocks
-    /// this way instead of on the connection's task). `observe` is not
-    /// called when the write fails before it starts. The default observes
-    /// on the calling task, then writes.
-    async fn write_observed(
-        &self,
-        offset: u64,
-        data: Bytes,
-        observe: WriteObserver,
-    ) -> Result<(), BackendError> {
-        observe(&data);
-        self.write(offset, data).await
-    }
 
     /// Make `len` bytes at `offset` read as zeroes.
     async fn write_zeroes(

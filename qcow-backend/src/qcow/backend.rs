@@ -6,7 +6,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use imago::file::File;
 use imago::{Mapping, Storage, StorageExt};
-use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, WriteObserver, ZeroFlags};
+use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, ZeroFlags};
 
 use super::status::{status_at, MAX_STATUS_EXTENTS};
 use super::zeroes::zero_range;
@@ -45,27 +45,6 @@ impl BlockBackend for QcowBackend {
         let n = data.len() as u64;
         self.with_image("write", move |img| async move {
             let a = img.access.read().await;
-            a.write(&data[..], offset).await
-        })
-        .await
-        .map_err(|e| e.at(offset))?;
-        self.written(n);
-        Ok(())
-    }
-
-    /// `observe` runs on the I/O thread right before imago's write, so a
-    /// digest is computed while the payload is hot in that core's cache and
-    /// off the connection's task (which goes back to reading the socket).
-    async fn write_observed(
-        &self,
-        offset: u64,
-        data: Bytes,
-        observe: WriteObserver,
-    ) -> Result<(), BackendError> {
-        let n = data.len() as u64;
-        self.with_image("write", move |img| async move {
-            let a = img.access.read().await;
-            observe(&data[..]);
             a.write(&data[..], offset).await
         })
         .await
