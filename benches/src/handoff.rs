@@ -479,7 +479,7 @@ impl Run {
                 "handoff: ceilings (hub ingest via nbdcopy, hash, read, write) × {n}"
             ));
             self.copy_path(Kind::OursDigest, &srcs, &full, rep)?;
-            self.ceilings(&dir, &srcs, &full, rep)?;
+            self.handoff_ceilings(&dir, &srcs, &full, rep)?;
         }
 
         self.progress(String::from("handoff: changing 10 % of the blocks"));
@@ -569,7 +569,7 @@ impl Run {
     /// hash every 64 KiB leaf once (the agent's work; the hub hashes the
     /// same bytes again), and write their non-zero 64 KiB blocks to a raw
     /// file with one fsync at the end (the durable write every path owes).
-    fn ceilings(
+    fn handoff_ceilings(
         &mut self,
         dir: &Path,
         srcs: &[PathBuf],

@@ -8,9 +8,9 @@
 //! - `warm`: every file of the image read once just before.
 //!
 //! Figures (`restore_{cache}_…`): sequential nbdcopy of the full image to
-//! `null:` and to a file, with and without extents; a 20-deep chain (base
-//! + 19 overlays each 5 % changed, built once with qemu-img/qemu-io so both
-//! servers read the same files) to `null:`; `qemu-img convert -O qcow2`
+//! `null:` and to a file, with and without extents; a 20-deep chain (a
+//! base and 19 overlays each 5 % changed, built once with qemu-img/qemu-io
+//! so both servers read the same files) to `null:`; `qemu-img convert -O qcow2`
 //! from the export (a restore into a hypervisor); fio 4k random reads at
 //! QD32. Every file written is compared with what it must hold.
 
