@@ -107,7 +107,12 @@ fn quantile(sorted: &[f64], p: f64) -> f64 {
 
 impl Run {
     /// One repetition on SQLite and, with `postgres`, on PostgreSQL.
-    pub fn catalog(&mut self, rep: usize, cycles: usize, postgres: Option<&str>) -> anyhow::Result<()> {
+    pub fn catalog(
+        &mut self,
+        rep: usize,
+        cycles: usize,
+        postgres: Option<&str>,
+    ) -> anyhow::Result<()> {
         let dir = self.workdir.join("catalog");
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
@@ -185,6 +190,9 @@ mod tests {
         assert_eq!(quantile(&v, 0.99), 198.0);
         assert_eq!(quantile(&[3.0], 0.99), 3.0);
         let (b, q) = split_server("postgres://u@h:5/db?sslmode=disable").unwrap();
-        assert_eq!((b.as_str(), q.as_str()), ("postgres://u@h:5", "?sslmode=disable"));
+        assert_eq!(
+            (b.as_str(), q.as_str()),
+            ("postgres://u@h:5", "?sslmode=disable")
+        );
     }
 }

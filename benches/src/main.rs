@@ -9,10 +9,10 @@
 //! Our server is this binary re-executed as `hub-daemon export` (the very
 //! same code path), so no separate build is needed.
 
+mod catalog;
 mod client;
 mod data;
 mod digest;
-mod catalog;
 mod handoff;
 mod report;
 mod servers;

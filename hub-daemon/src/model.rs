@@ -70,6 +70,10 @@ pub struct Repository {
     /// Absolute directory (under a configured repository root; created
     /// if missing).
     pub path: String,
+    /// The node (hub) holding its files: the one it was created through.
+    /// Set by the hub, never by a request.
+    #[serde(default, skip_deserializing)]
+    pub node_id: String,
 }
 
 /// Full or incremental.
@@ -156,6 +160,9 @@ pub struct BackupStarted {
     pub backup_id: String,
     /// VM.
     pub vm_name: String,
+    /// The node running it (its repository's): the one its NBD targets
+    /// are on, and the one to report to.
+    pub node_id: String,
     /// Per disk, in disk order.
     pub disk_results: Vec<DiskResult>,
     /// `disk_key:nbd://host:port/export,...` in disk order, for the SNA.
@@ -291,6 +298,8 @@ pub struct BackupRecord {
     pub vm_name: String,
     /// Repository.
     pub repository_id: String,
+    /// The node (hub) the backup runs or ran on: its repository's.
+    pub node_id: String,
     /// Requested type.
     pub backup_type: String,
     /// Policy.

@@ -578,6 +578,7 @@ impl World {
             .ensure_repository(Repository {
                 id: "default".into(),
                 path: repo.canonicalize().unwrap().display().to_string(),
+                node_id: hub_daemon::catalog::LOCAL.into(),
             })
             .await
             .unwrap();

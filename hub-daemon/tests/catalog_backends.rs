@@ -24,6 +24,8 @@ catalog_cases!(
     ports_are_unique_among_running_backups,
     a_parent_is_not_deleted_under_a_child,
     large_values_round_trip,
+    nodes_lease_and_reaper,
+    rows_belong_to_nodes,
 );
 
 mod cases {
@@ -31,10 +33,12 @@ mod cases {
 
     use hub_daemon::catalog::{
         Backend, Catalog, DiskCompletion, DiskFailure, DiskVerified, JournalEntry, NewBackup,
-        NewBackupDisk, Policy, PruneCommit, Reparent, Role,
+        NewBackupDisk, NodeRegistration, Policy, PruneCommit, Reparent, Role,
     };
     use hub_daemon::error::DaemonError;
     use hub_daemon::model::{DiskSpec, Repository};
+    use hub_daemon::time::now_ms;
+    use std::time::Duration;
 
     use crate::catalog::fixture::Fixture;
 
@@ -51,6 +55,7 @@ mod cases {
         c.ensure_repository(Repository {
             id: "default".into(),
             path: "/srv/default".into(),
+            node_id: hub_daemon::catalog::LOCAL.into(),
         })
         .await
         .unwrap();
@@ -79,7 +84,12 @@ mod cases {
                     disk_id,
                     disk_key: 2000 + disk_id,
                     size_bytes: 8 * GIB,
-                    backup_mode: if parent.is_some() { "incremental" } else { "full" }.into(),
+                    backup_mode: if parent.is_some() {
+                        "incremental"
+                    } else {
+                        "full"
+                    }
+                    .into(),
                     parent_backup_id: parent.map(str::to_owned),
                     mode_reason: None,
                     file: format!("{vm}/{id}-{disk_id}.qcow2"),
@@ -109,6 +119,7 @@ mod cases {
         let r = Repository {
             id: "r2".into(),
             path: "/srv/r2".into(),
+            node_id: hub_daemon::catalog::LOCAL.into(),
         };
         c.create_repository(r.clone()).await.unwrap();
         assert!(is_conflict(&c.create_repository(r.clone()).await));
@@ -116,6 +127,7 @@ mod cases {
         c.ensure_repository(Repository {
             id: "r2".into(),
             path: "/elsewhere".into(),
+            node_id: hub_daemon::catalog::LOCAL.into(),
         })
         .await
         .unwrap();
@@ -168,7 +180,13 @@ mod cases {
         assert_eq!((got.vm_context_id.as_str(), got.disks.len()), ("ctx2", 1));
         assert_eq!(got.sna_url, None);
         c.put_vm("vm0", "c", vec![], None).await.unwrap();
-        let names: Vec<String> = c.vms().await.unwrap().into_iter().map(|v| v.vm_name).collect();
+        let names: Vec<String> = c
+            .vms()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|v| v.vm_name)
+            .collect();
         assert_eq!(names, ["vm0", "vm1"]);
         // Not while a backup of it runs.
         c.insert_running(backup("b1", "vm1", 1, &[(0, None, None)]))
@@ -220,9 +238,14 @@ mod cases {
 
     pub async fn complete_and_fail(f: &Fixture) {
         let c = with_repo(f).await;
-        c.insert_running(backup("b1", "vm", 100, &[(0, None, Some(10100)), (1, None, Some(10101))]))
-            .await
-            .unwrap();
+        c.insert_running(backup(
+            "b1",
+            "vm",
+            100,
+            &[(0, None, Some(10100)), (1, None, Some(10101))],
+        ))
+        .await
+        .unwrap();
         let tok = c.create_callback_token("b1").await.unwrap();
         assert!(c.check_callback_token("b1", &tok).await.unwrap());
         let b = c.backup("b1").await.unwrap().unwrap();
@@ -283,7 +306,10 @@ mod cases {
         assert_eq!(failed.len(), 1);
         c.set_files_missing("b1", true).await.unwrap();
         assert!(c.backup("b1").await.unwrap().unwrap().files_missing);
-        assert_eq!(c.repository_backup_bytes("default").await.unwrap(), 5 * GIB + 7);
+        assert_eq!(
+            c.repository_backup_bytes("default").await.unwrap(),
+            5 * GIB + 7
+        );
     }
 
     pub async fn chain_and_latest_image(f: &Fixture) {
@@ -293,7 +319,10 @@ mod cases {
             .unwrap();
         c.complete("full", vec![done(0, 100)]).await.unwrap();
         let p = c.latest_image("vm", "default", 0).await.unwrap().unwrap();
-        assert_eq!((p.backup_id.as_str(), p.size_bytes, p.format.as_str()), ("full", 8 * GIB, "qcow2"));
+        assert_eq!(
+            (p.backup_id.as_str(), p.size_bytes, p.format.as_str()),
+            ("full", 8 * GIB, "qcow2")
+        );
         c.insert_running(backup("inc1", "vm", 2, &[(0, Some("full"), None)]))
             .await
             .unwrap();
@@ -308,8 +337,14 @@ mod cases {
         let ids: Vec<&str> = chain.iter().map(|l| l.backup_id.as_str()).collect();
         assert_eq!(ids, ["inc1", "full"]);
         assert_eq!(chain[0].parent_backup_id.as_deref(), Some("full"));
-        assert!(matches!(c.chain("inc1", 0, 1).await, Err(DaemonError::BadImage(_))));
-        assert!(matches!(c.chain("nope", 0, 5).await, Err(DaemonError::BadImage(_))));
+        assert!(matches!(
+            c.chain("inc1", 0, 1).await,
+            Err(DaemonError::BadImage(_))
+        ));
+        assert!(matches!(
+            c.chain("nope", 0, 5).await,
+            Err(DaemonError::BadImage(_))
+        ));
         let p = c.latest_image("vm", "default", 0).await.unwrap().unwrap();
         assert_eq!(p.backup_id, "inc1");
         assert_eq!(p.change_id.as_deref(), Some("chg-0"));
@@ -346,7 +381,13 @@ mod cases {
         })
         .await
         .unwrap();
-        let ids: Vec<String> = c.policies().await.unwrap().into_iter().map(|p| p.id).collect();
+        let ids: Vec<String> = c
+            .policies()
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|p| p.id)
+            .collect();
         assert_eq!(ids, ["bronze", "gold"]);
         let mut b = backup("b1", "vm", 1, &[]);
         b.policy_id = Some("gold".into());
@@ -462,14 +503,21 @@ mod cases {
         let mut b = backup("b1", "vm", 1, &[(0, None, None), (1, None, None)]);
         b.policy_id = Some("v".into());
         c.insert_running(b).await.unwrap();
-        c.complete("b1", vec![done(0, 1), done(1, 1)]).await.unwrap();
+        c.complete("b1", vec![done(0, 1), done(1, 1)])
+            .await
+            .unwrap();
         let now = hub_daemon::time::now_ms();
         const DAY: i64 = 86_400_000;
         // 40 days overflow a 32-bit product: the arithmetic must be BIGINT.
         assert!(c.due_for_verify(now, None).await.unwrap().is_empty());
-        assert_eq!(c.due_for_verify(now + 41 * DAY, None).await.unwrap(), ["b1"]);
         assert_eq!(
-            c.due_for_verify(now + 41 * DAY, Some("b1".into())).await.unwrap(),
+            c.due_for_verify(now + 41 * DAY, None).await.unwrap(),
+            ["b1"]
+        );
+        assert_eq!(
+            c.due_for_verify(now + 41 * DAY, Some("b1".into()))
+                .await
+                .unwrap(),
             ["b1"]
         );
         assert!(c
@@ -478,7 +526,11 @@ mod cases {
             .unwrap()
             .is_empty());
         c.set_verify_status("b1", Some("verifying")).await.unwrap();
-        assert!(c.due_for_verify(now + 41 * DAY, None).await.unwrap().is_empty());
+        assert!(c
+            .due_for_verify(now + 41 * DAY, None)
+            .await
+            .unwrap()
+            .is_empty());
         c.record_verify(vec![
             DiskVerified {
                 backup_id: "b1".into(),
@@ -502,7 +554,11 @@ mod cases {
         assert_eq!(r.disks[1].verify_status.as_deref(), Some("corrupt"));
         assert!(r.disks[1].verify.is_some());
         // Corrupt stays out of the schedule.
-        assert!(c.due_for_verify(now + 100 * DAY, None).await.unwrap().is_empty());
+        assert!(c
+            .due_for_verify(now + 100 * DAY, None)
+            .await
+            .unwrap()
+            .is_empty());
     }
 
     pub async fn ports_are_unique_among_running_backups(f: &Fixture) {
@@ -528,9 +584,14 @@ mod cases {
         // An ended backup holds no port.
         c.complete("b1", vec![done(0, 1)]).await.unwrap();
         other.fail("b2", "x", vec![]).await.unwrap();
-        c.insert_running(backup("b3", "vm3", 3, &[(0, None, Some(10100)), (1, None, Some(10101))]))
-            .await
-            .unwrap();
+        c.insert_running(backup(
+            "b3",
+            "vm3",
+            3,
+            &[(0, None, Some(10100)), (1, None, Some(10101))],
+        ))
+        .await
+        .unwrap();
     }
 
     pub async fn a_parent_is_not_deleted_under_a_child(f: &Fixture) {
@@ -597,5 +658,119 @@ mod cases {
         assert_eq!(r.disks[0].bytes_written, 5 << 40);
         assert_eq!(r.image_bytes, 6 << 40);
         assert_eq!(c.repository_backup_bytes("default").await.unwrap(), 6 << 40);
+    }
+
+    fn registration(api: &str) -> NodeRegistration {
+        NodeRegistration {
+            api_url: api.into(),
+            advertise_host: "127.0.0.1".into(),
+            nbd_first_port: 10100,
+            nbd_last_port: 10200,
+            free_bytes: 5 * GIB,
+        }
+    }
+
+    fn on(repo: &str, b: NewBackup) -> NewBackup {
+        NewBackup {
+            repository_id: repo.into(),
+            ..b
+        }
+    }
+
+    pub async fn nodes_lease_and_reaper(f: &Fixture) {
+        let base = with_repo(f).await;
+        let (n1, n2, n3) = (
+            f.open().await.for_node("n1"),
+            f.open().await.for_node("n2"),
+            f.open().await.for_node("n3"),
+        );
+        let hour = Duration::from_secs(3600);
+        n1.register_node(registration("http://n1"), hour)
+            .await
+            .unwrap();
+        // n2's lease runs out at once: as if it had stopped beating.
+        n2.register_node(registration("http://n2"), Duration::ZERO)
+            .await
+            .unwrap();
+        for (c, repo) in [(&n1, "r1"), (&n2, "r2")] {
+            c.create_repository(Repository {
+                id: repo.into(),
+                path: format!("/srv/{repo}"),
+                node_id: c.node_id().into(),
+            })
+            .await
+            .unwrap();
+        }
+        // Each node may use the same port numbers: the index is per node.
+        n1.insert_running(on("r1", backup("b1", "vm1", 1, &[(0, None, Some(10100))])))
+            .await
+            .unwrap();
+        n2.insert_running(on("r2", backup("b2", "vm2", 2, &[(0, None, Some(10100))])))
+            .await
+            .unwrap();
+        assert_eq!(base.backup("b2").await.unwrap().unwrap().node_id, "n2");
+
+        let now = now_ms() + 1000;
+        let nodes = n3.nodes(now).await.unwrap();
+        let state: Vec<(&str, &str, u64)> = nodes
+            .iter()
+            .map(|n| (n.node_id.as_str(), n.lease.as_str(), n.running_backups))
+            .collect();
+        assert_eq!(state, [("n1", "alive", 1), ("n2", "expired", 1)]);
+        assert_eq!(nodes[0].api_url, "http://n1");
+
+        // Two reapers at once: one acts, the other finds nothing left.
+        let (r1, r3) = tokio::join!(n1.reap_expired(now), n3.reap_expired(now));
+        let (r1, r3) = (r1.unwrap(), r3.unwrap());
+        let mut all: Vec<String> = r1.iter().chain(&r3).cloned().collect();
+        all.sort();
+        assert_eq!(all, ["b2"], "reaped by n1: {r1:?}, by n3: {r3:?}");
+        let b2 = base.backup("b2").await.unwrap().unwrap();
+        assert_eq!(b2.status, "failed");
+        let why = b2.error.unwrap();
+        assert!(why.contains("n2") && why.contains("lease"), "{why}");
+        assert_eq!(b2.disks[0].nbd_port, None);
+        // The live node's backup is untouched; a node never reaps itself.
+        assert_eq!(base.backup("b1").await.unwrap().unwrap().status, "running");
+        n2.insert_running(on("r2", backup("b4", "vm4", 4, &[(0, None, None)])))
+            .await
+            .unwrap();
+        assert!(n2.reap_expired(now).await.unwrap().is_empty());
+
+        // A heartbeat brings it back; a node without a row is told so.
+        assert!(n2.heartbeat(hour, 7).await.unwrap());
+        let n = n3.node("n2", now).await.unwrap().unwrap();
+        assert!(n.alive());
+        assert_eq!(n.free_bytes, 7);
+        assert!(n1.reap_expired(now).await.unwrap().is_empty());
+        assert!(!n3.heartbeat(hour, 0).await.unwrap());
+        assert_eq!(n3.node("n3", now).await.unwrap(), None);
+    }
+
+    pub async fn rows_belong_to_nodes(f: &Fixture) {
+        // Rows made before the fleet (the `local` node).
+        let old = with_repo(f).await;
+        old.insert_running(backup("b1", "vm", 1, &[(0, None, None)]))
+            .await
+            .unwrap();
+        old.complete("b1", vec![done(0, 10)]).await.unwrap();
+        let a = f.open().await.for_node("a");
+        assert!(a.prune_candidates(None, None).await.unwrap().is_empty());
+        assert!(a.own_repositories().await.unwrap().is_empty());
+        // The first node to claim them takes the `local` rows...
+        assert_eq!(a.claim_rows(false).await.unwrap(), 3);
+        let b = f.open().await.for_node("b");
+        assert_eq!(b.claim_rows(false).await.unwrap(), 0);
+        assert_eq!(a.backup("b1").await.unwrap().unwrap().node_id, "a");
+        assert_eq!(a.own_repositories().await.unwrap().len(), 1);
+        assert_eq!(a.repositories().await.unwrap()[0].node_id, "a");
+        // ...and only that node prunes them; every node sees them.
+        assert_eq!(a.prune_candidates(None, None).await.unwrap().len(), 1);
+        assert!(b.prune_candidates(None, None).await.unwrap().is_empty());
+        assert!(b.own_repositories().await.unwrap().is_empty());
+        assert_eq!(b.backups(None, None).await.unwrap().len(), 1);
+        // A lone SQLite hub claims everything (a renamed host keeps it).
+        assert_eq!(b.claim_rows(true).await.unwrap(), 3);
+        assert_eq!(b.own_repositories().await.unwrap().len(), 1);
     }
 }

@@ -7,6 +7,7 @@ mod dashboard;
 pub mod doc;
 mod error;
 mod json;
+mod nodes;
 mod ops;
 mod policies;
 mod repositories;
@@ -115,6 +116,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::put, vms::get, vms::delete))
         .routes(routes!(repositories::list, repositories::create))
         .routes(routes!(repositories::get))
+        .routes(routes!(nodes::list))
         .routes(routes!(policies::list))
         .routes(routes!(policies::put, policies::get, policies::delete))
         .routes(routes!(policies::prune))

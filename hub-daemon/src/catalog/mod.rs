@@ -56,11 +56,13 @@
 //! dropped is re-opened on the next call.
 
 pub mod db;
+mod nodes;
 mod policies;
 mod schema;
 mod space;
 mod tokens;
 
+pub use nodes::{NodeInfo, NodeRegistration, LOCAL};
 pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 pub use space::DiskHistory;
 pub use tokens::{Role, TokenInfo, CALLBACK_PREFIX};
@@ -69,8 +71,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-pub use db::{Backend, CatalogUrl, DbError};
 use db::{params, Conn, Row, Sql, Tx};
+pub use db::{Backend, CatalogUrl, DbError};
 
 use crate::error::{DaemonError, Result};
 use crate::model::{BackupDisk, BackupRecord, DiskSpec, Repository, Vm};
@@ -80,6 +82,10 @@ use crate::time::{now_ms, rfc3339};
 #[derive(Debug, Clone)]
 pub struct Catalog {
     conn: Arc<Mutex<Conn>>,
+    /// The node this handle works for: rows it creates belong to it, and
+    /// the per-node questions (own repositories, own running backups) are
+    /// about it. `local` until [`Catalog::for_node`] says otherwise.
+    node: Arc<str>,
 }
 
 /// A backup about to start.
@@ -234,7 +240,19 @@ impl Catalog {
         schema::init(&mut conn)?;
         Ok(Catalog {
             conn: Arc::new(Mutex::new(conn)),
+            node: Arc::from(nodes::LOCAL),
         })
+    }
+
+    /// This handle, working for node `node_id` (same connection).
+    pub fn for_node(mut self, node_id: &str) -> Catalog {
+        self.node = Arc::from(node_id);
+        self
+    }
+
+    /// The node this handle works for.
+    pub fn node_id(&self) -> &str {
+        &self.node
     }
 
     /// Which database this catalog is in.
@@ -291,10 +309,11 @@ impl Catalog {
 
     /// Add a repository; `Conflict` if the id exists.
     pub async fn create_repository(&self, repo: Repository) -> Result<()> {
+        let node = self.node.to_string();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)",
-                params![repo.id, repo.path, now_ms()],
+                "INSERT INTO repositories (id, path, created_ms, node_id) VALUES (?1, ?2, ?3, ?4)",
+                params![repo.id, repo.path, now_ms(), node],
             )
             .map_err(|e| conflict_if_unique(e, || format!("repository {:?} exists", repo.id)))?;
             Ok(())
@@ -304,11 +323,12 @@ impl Catalog {
 
     /// Add a repository unless one with this id exists.
     pub async fn ensure_repository(&self, repo: Repository) -> Result<()> {
+        let node = self.node.to_string();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)
+                "INSERT INTO repositories (id, path, created_ms, node_id) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (id) DO NOTHING",
-                params![repo.id, repo.path, now_ms()],
+                params![repo.id, repo.path, now_ms(), node],
             )?;
             Ok(())
         })
@@ -318,8 +338,31 @@ impl Catalog {
     /// All repositories.
     pub async fn repositories(&self) -> Result<Vec<Repository>> {
         self.with(|c| {
-            let rows = c.query("SELECT id, path FROM repositories ORDER BY id", params![])?;
-            Ok(rows.iter().map(read_repository).collect::<Result<_, DbError>>()?)
+            let rows = c.query(
+                "SELECT id, path, node_id FROM repositories ORDER BY id",
+                params![],
+            )?;
+            Ok(rows
+                .iter()
+                .map(read_repository)
+                .collect::<Result<_, DbError>>()?)
+        })
+        .await
+    }
+
+    /// The repositories of this handle's node (their files are here): what
+    /// start-up reconciliation, prune and the schedulers may touch.
+    pub async fn own_repositories(&self) -> Result<Vec<Repository>> {
+        let node = self.node.to_string();
+        self.with(move |c| {
+            let rows = c.query(
+                "SELECT id, path, node_id FROM repositories WHERE node_id = ?1 ORDER BY id",
+                params![node],
+            )?;
+            Ok(rows
+                .iter()
+                .map(read_repository)
+                .collect::<Result<_, DbError>>()?)
         })
         .await
     }
@@ -328,7 +371,10 @@ impl Catalog {
     pub async fn repository(&self, id: &str) -> Result<Option<Repository>> {
         let id = id.to_owned();
         self.with(move |c| {
-            let row = c.query_opt("SELECT id, path FROM repositories WHERE id = ?1", params![id])?;
+            let row = c.query_opt(
+                "SELECT id, path, node_id FROM repositories WHERE id = ?1",
+                params![id],
+            )?;
             Ok(row.as_ref().map(read_repository).transpose()?)
         })
         .await
@@ -470,20 +516,21 @@ impl Catalog {
     /// decides, also between hubs), if a disk's port is taken, or if a
     /// parent is gone.
     pub async fn insert_running(&self, b: NewBackup) -> Result<()> {
+        let node = self.node.to_string();
         self.with(move |c| {
             let mut tx = c.transaction()?;
             let tags = serde_json::to_string(&b.tags).map_err(|e| DaemonError::Internal(e.to_string()))?;
             tx.execute(
-                "INSERT INTO backups (id, vm_name, repository_id, backup_type, policy_id, tags, status, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
-                params![b.id, b.vm_name, b.repository_id, b.backup_type, b.policy_id, tags, b.created_ms],
+                "INSERT INTO backups (id, vm_name, repository_id, backup_type, policy_id, tags, status, created_ms, node_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)",
+                params![b.id, b.vm_name, b.repository_id, b.backup_type, b.policy_id, tags, b.created_ms, node],
             )
             .map_err(|e| conflict_if_unique(e, || format!("a backup of VM {:?} is already running", b.vm_name)))?;
             for d in &b.disks {
                 tx.execute(
-                    "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port, mode_reason, format)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'qcow2')",
-                    params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port, d.mode_reason],
+                    "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port, mode_reason, format, node_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'qcow2', ?11)",
+                    params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port, d.mode_reason, node],
                 )
                 .map_err(|e| conflict_if_unique(e, || format!("NBD port {:?} is taken", d.nbd_port)))?;
             }
@@ -525,7 +572,9 @@ impl Catalog {
                     params![id, disk, port],
                 )
                 .map_err(|e| {
-                    conflict_if_unique(e, || format!("NBD port {port} is held by another running backup"))
+                    conflict_if_unique(e, || {
+                        format!("NBD port {port} is held by another running backup")
+                    })
                 })?;
             }
             tx.commit()?;
@@ -571,15 +620,27 @@ impl Catalog {
                 tx.execute(
                     "UPDATE backup_disks SET bytes_written = ?3, write_errors = ?4, last_error = ?5
                      WHERE backup_id = ?1 AND disk_id = ?2",
-                    params![id, d.disk_id, d.bytes_written as i64, d.write_errors as i64, d.last_error],
+                    params![
+                        id,
+                        d.disk_id,
+                        d.bytes_written as i64,
+                        d.write_errors as i64,
+                        d.last_error
+                    ],
                 )?;
             }
-            tx.execute("UPDATE backup_disks SET nbd_port = NULL WHERE backup_id = ?1", params![id])?;
+            tx.execute(
+                "UPDATE backup_disks SET nbd_port = NULL WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.execute(
                 "UPDATE backups SET status = 'failed', error = ?2, completed_ms = ?3 WHERE id = ?1",
                 params![id, reason, now_ms()],
             )?;
-            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", params![id])?;
+            tx.execute(
+                "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.commit()?;
             Ok(())
         })
@@ -592,7 +653,10 @@ impl Catalog {
         let id = id.to_owned();
         self.with(move |c| {
             let mut tx = c.transaction()?;
-            tx.execute("DELETE FROM callback_tokens WHERE backup_id = ?1", params![id])?;
+            tx.execute(
+                "DELETE FROM callback_tokens WHERE backup_id = ?1",
+                params![id],
+            )?;
             tx.execute("DELETE FROM backup_disks WHERE backup_id = ?1", params![id])?;
             tx.execute("DELETE FROM backups WHERE id = ?1", params![id])?;
             Self::refuse_orphans(&mut tx, std::slice::from_ref(&id))?;
@@ -709,7 +773,7 @@ impl Catalog {
     fn read_backup(c: &mut impl Sql, id: &str) -> Result<Option<BackupRecord>> {
         let Some(r) = c.query_opt(
             "SELECT vm_name, repository_id, backup_type, policy_id, tags, status, error, created_ms, completed_ms, files_missing,
-                    verify_status, verified_ms
+                    verify_status, verified_ms, node_id
              FROM backups WHERE id = ?1",
             params![id],
         )?
@@ -775,6 +839,7 @@ impl Catalog {
             backup_id: id.to_owned(),
             vm_name: r.get(0)?,
             repository_id: r.get(1)?,
+            node_id: r.get(12)?,
             backup_type: r.get(2)?,
             policy_id: r.get(3)?,
             tags: serde_json::from_str(&tags).unwrap_or_default(),
@@ -871,7 +936,9 @@ impl Catalog {
     /// point stays flagged until someone verifies it on demand) nor being
     /// verified.
     /// With `only`, just that restore point if it is due.
+    /// Only this node's restore points: their files are here.
     pub async fn due_for_verify(&self, now_ms: i64, only: Option<String>) -> Result<Vec<String>> {
+        let node = self.node.to_string();
         self.with(move |c| {
             Self::ids(c.query(
                 "SELECT b.id FROM backups b JOIN policies p ON p.id = b.policy_id
@@ -880,8 +947,9 @@ impl Catalog {
                    AND COALESCE(b.verified_ms, b.completed_ms) <= ?1 - p.verify_every_days * 86400000
                    AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.digest IS NULL)
                    AND (CAST(?2 AS TEXT) IS NULL OR b.id = ?2)
+                   AND b.repository_id IN (SELECT id FROM repositories WHERE node_id = ?3)
                  ORDER BY COALESCE(b.verified_ms, b.completed_ms), b.id",
-                params![now_ms, only],
+                params![now_ms, only, node],
             )?)
         })
         .await
@@ -920,6 +988,7 @@ fn read_repository(r: &Row) -> Result<Repository, DbError> {
     Ok(Repository {
         id: r.get(0)?,
         path: r.get(1)?,
+        node_id: r.get(2)?,
     })
 }
 
@@ -927,9 +996,9 @@ fn read_repository(r: &Row) -> Result<Repository, DbError> {
 /// hub deleted a parent, or this one would orphan a child) is a conflict.
 fn parent_gone(e: DbError) -> DaemonError {
     match e {
-        DbError::ForeignKey(m) => {
-            DaemonError::Conflict(format!("a parent backup is gone or still has children: {m}"))
-        }
+        DbError::ForeignKey(m) => DaemonError::Conflict(format!(
+            "a parent backup is gone or still has children: {m}"
+        )),
         e => e.into(),
     }
 }

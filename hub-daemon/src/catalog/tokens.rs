@@ -157,7 +157,9 @@ impl Catalog {
     /// Whether any token exists (then every API request needs one).
     pub async fn has_tokens(&self) -> Result<bool> {
         self.with(|c| {
-            let n: i64 = c.query_one("SELECT COUNT(*) FROM api_tokens", params![])?.get(0)?;
+            let n: i64 = c
+                .query_one("SELECT COUNT(*) FROM api_tokens", params![])?
+                .get(0)?;
             Ok(n > 0)
         })
         .await
@@ -168,7 +170,10 @@ impl Catalog {
     pub async fn check_token(&self, presented: &str) -> Result<Option<(String, Role)>> {
         let presented = presented.to_owned();
         self.with(move |c| {
-            let rows = c.query("SELECT name, role, salt, token_hash FROM api_tokens", params![])?;
+            let rows = c.query(
+                "SELECT name, role, salt, token_hash FROM api_tokens",
+                params![],
+            )?;
             let mut found = None;
             for r in rows {
                 let (name, role, salt, hash): (String, String, String, String) =
@@ -283,8 +288,10 @@ mod tests {
         let cat = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
         let stored: String = cat
             .with(|c| {
-                Ok(c.query_one("SELECT salt || token_hash FROM api_tokens", params![])?
-                    .get(0)?)
+                Ok(
+                    c.query_one("SELECT salt || token_hash FROM api_tokens", params![])?
+                        .get(0)?,
+                )
             })
             .await
             .unwrap();
@@ -309,6 +316,7 @@ mod tests {
         cat.ensure_repository(crate::model::Repository {
             id: "default".into(),
             path: dir.path().display().to_string(),
+            node_id: crate::catalog::LOCAL.into(),
         })
         .await
         .unwrap();

@@ -20,7 +20,13 @@ pub struct TokenArgs {
     #[arg(long, env = "HUB_DATA_DIR", value_name = "DIR", global = true)]
     data_dir: Option<PathBuf>,
     /// Catalog URL, as `serve --catalog` [default: the data directory's].
-    #[arg(long, env = "HUB_CATALOG", value_name = "URL", global = true, hide_env_values = true)]
+    #[arg(
+        long,
+        env = "HUB_CATALOG",
+        value_name = "URL",
+        global = true,
+        hide_env_values = true
+    )]
     catalog: Option<String>,
     /// What to do.
     #[command(subcommand)]
@@ -66,9 +72,8 @@ pub async fn run(args: TokenArgs) -> anyhow::Result<()> {
     }
     let url = config.catalog_url();
     if matches!(url, crate::catalog::CatalogUrl::Sqlite(_)) {
-        std::fs::create_dir_all(&config.data_dir).with_context(|| {
-            format!("creating data directory {}", config.data_dir.display())
-        })?;
+        std::fs::create_dir_all(&config.data_dir)
+            .with_context(|| format!("creating data directory {}", config.data_dir.display()))?;
     }
     // `url` shows no password.
     let catalog = Catalog::connect(&url)

@@ -267,8 +267,9 @@ pub enum Backend {
 pub enum Conn {
     /// SQLite.
     Sqlite(rusqlite::Connection),
-    /// PostgreSQL.
-    Postgres(PgConn),
+    /// PostgreSQL (boxed: its client is several times an SQLite
+    /// connection's size).
+    Postgres(Box<PgConn>),
 }
 
 impl Conn {
@@ -276,7 +277,7 @@ impl Conn {
     pub fn open(url: &CatalogUrl) -> Result<Conn, DbError> {
         match url {
             CatalogUrl::Sqlite(path) => Ok(Conn::Sqlite(sqlite::open(path)?)),
-            CatalogUrl::Postgres(u) => Ok(Conn::Postgres(PgConn::connect(u)?)),
+            CatalogUrl::Postgres(u) => Ok(Conn::Postgres(Box::new(PgConn::connect(u)?))),
         }
     }
 
@@ -375,14 +376,25 @@ mod tests {
 
     #[test]
     fn getters_refuse_wrong_types_and_nulls() {
-        let r = Row::new(vec![Value::Int(7), Value::Null, Value::Text("x".into()), Value::Int(-1)]);
+        let r = Row::new(vec![
+            Value::Int(7),
+            Value::Null,
+            Value::Text("x".into()),
+            Value::Int(-1),
+        ]);
         assert_eq!(r.get::<u32>(0).unwrap(), 7);
         assert_eq!(r.get::<Option<String>>(1).unwrap(), None);
-        assert!(matches!(r.get::<String>(1), Err(DbError::Column { index: 1, .. })));
+        assert!(matches!(
+            r.get::<String>(1),
+            Err(DbError::Column { index: 1, .. })
+        ));
         assert!(matches!(r.get::<i64>(2), Err(DbError::Column { .. })));
         assert!(matches!(r.get::<u64>(3), Err(DbError::Column { .. })));
         assert!(matches!(r.get::<bool>(0), Err(DbError::Column { .. })));
-        assert!(matches!(r.get::<i64>(9), Err(DbError::Column { index: 9, .. })));
+        assert!(matches!(
+            r.get::<i64>(9),
+            Err(DbError::Column { index: 9, .. })
+        ));
     }
 
     #[test]

@@ -81,9 +81,8 @@ fn translate(sql: &str) -> String {
 impl PgConn {
     /// Connect (blocking).
     pub fn connect(url: &str) -> Result<PgConn, DbError> {
-        let client = Client::connect(url, NoTls).map_err(|e| {
-            DbError::Other(format!("connecting to {}: {e}", redact(url)))
-        })?;
+        let client = Client::connect(url, NoTls)
+            .map_err(|e| DbError::Other(format!("connecting to {}: {e}", redact(url))))?;
         Ok(PgConn {
             client: Some(client),
             cache: HashMap::new(),
@@ -214,7 +213,9 @@ fn read_row(r: &postgres::Row) -> Result<Row, DbError> {
         };
         let ty = col.type_();
         let v = if *ty == Type::INT8 {
-            r.try_get::<_, Option<i64>>(index).map_err(bad)?.map(Value::Int)
+            r.try_get::<_, Option<i64>>(index)
+                .map_err(bad)?
+                .map(Value::Int)
         } else if *ty == Type::INT4 {
             r.try_get::<_, Option<i32>>(index)
                 .map_err(bad)?
@@ -228,7 +229,9 @@ fn read_row(r: &postgres::Row) -> Result<Row, DbError> {
                 .map_err(bad)?
                 .map(|v| Value::Int(v.into()))
         } else if [Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::NAME].contains(ty) {
-            r.try_get::<_, Option<String>>(index).map_err(bad)?.map(Value::Text)
+            r.try_get::<_, Option<String>>(index)
+                .map_err(bad)?
+                .map(Value::Text)
         } else {
             return Err(DbError::Column {
                 index,
@@ -262,8 +265,14 @@ impl ToSql for Value {
                 }
             }
             Value::Text(s) => {
-                if [Type::TEXT, Type::VARCHAR, Type::BPCHAR, Type::NAME, Type::UNKNOWN]
-                    .contains(ty)
+                if [
+                    Type::TEXT,
+                    Type::VARCHAR,
+                    Type::BPCHAR,
+                    Type::NAME,
+                    Type::UNKNOWN,
+                ]
+                .contains(ty)
                 {
                     s.as_str().to_sql(ty, out)
                 } else {

@@ -48,12 +48,12 @@ pub(super) fn query(c: &Connection, sql: &str, params: &[Value]) -> Result<Vec<R
             values.push(match r.get_ref(index)? {
                 ValueRef::Null => Value::Null,
                 ValueRef::Integer(v) => Value::Int(v),
-                ValueRef::Text(t) => Value::Text(
-                    String::from_utf8(t.to_vec()).map_err(|_| DbError::Column {
+                ValueRef::Text(t) => {
+                    Value::Text(String::from_utf8(t.to_vec()).map_err(|_| DbError::Column {
                         index,
                         message: "text is not UTF-8".into(),
-                    })?,
-                ),
+                    })?)
+                }
                 ValueRef::Real(_) | ValueRef::Blob(_) => {
                     return Err(DbError::Column {
                         index,

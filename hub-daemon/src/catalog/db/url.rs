@@ -29,9 +29,8 @@ impl FromStr for CatalogUrl {
         if s.starts_with("postgres://") || s.starts_with("postgresql://") {
             // Let the client check the rest now: a typo fails at start-up
             // with a message, not at the first connection attempt.
-            s.parse::<postgres::Config>().map_err(|e| {
-                format!("bad catalog URL {}: {e}", redact(s))
-            })?;
+            s.parse::<postgres::Config>()
+                .map_err(|e| format!("bad catalog URL {}: {e}", redact(s)))?;
             return Ok(CatalogUrl::Postgres(s.to_owned()));
         }
         Err(format!(
@@ -96,7 +95,9 @@ mod tests {
     #[test]
     fn parses_both_kinds() {
         assert_eq!(
-            "sqlite:/var/lib/hub/c.sqlite".parse::<CatalogUrl>().unwrap(),
+            "sqlite:/var/lib/hub/c.sqlite"
+                .parse::<CatalogUrl>()
+                .unwrap(),
             CatalogUrl::Sqlite("/var/lib/hub/c.sqlite".into())
         );
         assert_eq!(
@@ -104,7 +105,10 @@ mod tests {
             CatalogUrl::Sqlite("rel.db".into())
         );
         for u in ["postgres://hub@db:5432/hub", "postgresql://hub:pw@db/hub"] {
-            assert_eq!(u.parse::<CatalogUrl>().unwrap(), CatalogUrl::Postgres(u.into()));
+            assert_eq!(
+                u.parse::<CatalogUrl>().unwrap(),
+                CatalogUrl::Postgres(u.into())
+            );
         }
         assert!("sqlite:".parse::<CatalogUrl>().is_err());
         assert!("mysql://x/y".parse::<CatalogUrl>().is_err());
