@@ -106,7 +106,8 @@ impl BackupType {
 }
 
 /// `POST /api/v1/backups` body: always the whole VM, never one disk.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+// Serialize: a hub forwards it to the node owning the repository.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRequest {
     /// VM to back up.

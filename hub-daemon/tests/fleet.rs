@@ -162,6 +162,34 @@ async fn two_hubs_share_one_catalog() {
         Some(json!({"reason": "test"})),
     )
     .await;
+
+    // Started through A for B's repository: A forwards, B runs it, and
+    // the answer carries B's targets (written to, completed through B).
+    let r = call(a.api, "POST", "/api/v1/backups", Some(&on_b)).await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let fwd = r.json();
+    assert_eq!(fwd["node_id"], "node-b", "{fwd}");
+    let id = fwd["backup_id"].as_str().unwrap();
+    let targets = parse_targets(fwd["nbd_targets_string"].as_str().unwrap());
+    let src = write_file(
+        dir.path(),
+        "fwd.raw",
+        &support::disk_like(9, 4 * MIB as usize),
+    );
+    run_ok(
+        "nbdcopy",
+        &["--flush", src.to_str().unwrap(), &targets[0].1],
+    )
+    .await;
+    let done = call_ok(
+        b.api,
+        "POST",
+        &format!("/api/v1/backups/{id}/complete"),
+        Some(json!({"disks": [{"disk_id": 0, "change_id": "c0"}]})),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    assert_eq!(done["node_id"], "node-b");
     assert_eq!(a.terminate(), 0);
     assert_eq!(b.terminate(), 0);
 }
@@ -301,6 +329,16 @@ async fn a_killed_hubs_backups_fail_within_the_lease() {
     assert_eq!(nodes[1]["node_id"], "node-b");
     assert_eq!(nodes[1]["lease"], "expired");
     assert_eq!(nodes[1]["running_backups"], 0);
+    // Nothing is forwarded to a node without a lease: 503, error shape.
+    let r = call(
+        a.api,
+        "POST",
+        "/api/v1/backups",
+        Some(&start_body("on-b1", "default-node-b")),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "unavailable", "{}", r.text());
 
     // Nothing else is affected: A's own backup runs on and completes.
     let id = own["backup_id"].as_str().unwrap();

@@ -6,6 +6,7 @@ mod backups;
 mod dashboard;
 pub mod doc;
 mod error;
+mod forward;
 mod json;
 mod nodes;
 mod ops;
