@@ -9,7 +9,14 @@
 //! `user_version`, PostgreSQL's `schema_version` table).
 //!
 //! # Data model
-//! * `repositories(id, path)`.
+//! * `nodes(node_id, api_url, advertise_host, nbd_first_port, nbd_last_port,
+//!   free_bytes, started_ms, heartbeat_ms, lease_until_ms)`: the hubs
+//!   sharing the catalog and their heartbeat leases (`nodes`).
+//! * `repositories(id, path, node_id)`: a repository's files are on its
+//!   node; backups and their disks carry the node they run on too. The
+//!   per-node methods ([`Catalog::own_repositories`], prune candidates,
+//!   the prune journal, scheduled verification) answer for the node the
+//!   handle works for ([`Catalog::for_node`]).
 //! * `vms(name, vm_context_id)` and `vm_disks(vm_name, disk_id, size_bytes,
 //!   unit_number, disk_key, label)`: what a backup of the VM covers.
 //! * `api_tokens(name, role, salt, token_hash, created_ms, last_used_ms)`:

@@ -6,7 +6,7 @@
 //! A method runs a closure on the blocking pool with the connection
 //! ([`Conn`]); inside it, [`Sql::execute`], [`Sql::query`],
 //! [`Sql::query_opt`] and [`Sql::query_one`] take SQL text and
-//! [`params!`](crate::catalog::db::params); rows come back as [`Row`]s
+//! `params!`; rows come back as [`Row`]s
 //! whose typed getter returns an error (never panics) on a wrong type or
 //! an unexpected NULL:
 //!
