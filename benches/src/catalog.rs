@@ -25,6 +25,10 @@ struct Hub {
     daemon: Option<hub_daemon::app::Daemon>,
 }
 
+/// The bench hub's node id (its built-in repository is named after it on
+/// PostgreSQL).
+const BENCH_NODE: &str = "bench";
+
 impl Hub {
     fn start(data_dir: &Path, catalog: hub_daemon::catalog::CatalogUrl) -> anyhow::Result<Hub> {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -38,6 +42,7 @@ impl Hub {
             nbd_ports: hub_daemon::config::PortRange::Ephemeral { capacity: 64 },
             nbd_shared_port: 0,
             prune_interval: None,
+            node_id: BENCH_NODE.into(),
             ..Default::default()
         };
         let daemon = rt.block_on(hub_daemon::app::Daemon::start(config))?;
@@ -162,10 +167,15 @@ impl Run {
         cycles: usize,
     ) -> anyhow::Result<Vec<f64>> {
         std::fs::create_dir_all(data_dir)?;
+        let backend = match url {
+            hub_daemon::catalog::CatalogUrl::Sqlite(_) => hub_daemon::catalog::Backend::Sqlite,
+            hub_daemon::catalog::CatalogUrl::Postgres(_) => hub_daemon::catalog::Backend::Postgres,
+        };
+        let repo = hub_daemon::app::builtin_repository_id(backend, BENCH_NODE);
         let hub = Hub::start(data_dir, url)?;
         let vm = json!({"vm_context_id": "c", "disks": [{"disk_id": 0, "size_bytes": 1u64 << 30, "unit_number": 0}]});
         hub.call("PUT", "/api/v1/vms/catvm", Some(&vm))?;
-        let body = json!({"vm_name": "catvm", "backup_type": "full", "repository_id": "default"});
+        let body = json!({"vm_name": "catvm", "backup_type": "full", "repository_id": repo});
         let mut ms = Vec::with_capacity(cycles);
         for _ in 0..cycles {
             let t = Instant::now();

@@ -11,7 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::api::tls_listener::TlsListener;
 use crate::api::{router, AppState};
 use crate::backup::{Backups, ReconcileReport};
-use crate::catalog::Catalog;
+use crate::catalog::{Backend, Catalog};
 use crate::config::Config;
 use crate::model::Repository;
 use crate::nbd::NbdHub;
@@ -32,6 +32,17 @@ pub struct Daemon {
     http: tokio::task::JoinHandle<std::io::Result<()>>,
     lifecycle: tokio::task::JoinHandle<()>,
     verify_schedule: Option<tokio::task::JoinHandle<()>>,
+    heartbeat: tokio::task::JoinHandle<()>,
+}
+
+/// The id of a node's built-in repository: `default` for a lone hub on
+/// SQLite (as before the fleet), `default-<node id>` on PostgreSQL, where
+/// every node has its own.
+pub fn builtin_repository_id(backend: Backend, node_id: &str) -> String {
+    match backend {
+        Backend::Sqlite => "default".to_owned(),
+        Backend::Postgres => format!("default-{node_id}"),
+    }
 }
 
 impl Daemon {
@@ -43,8 +54,14 @@ impl Daemon {
         // `url` shows no password.
         let catalog = Catalog::connect(&url)
             .await
-            .with_context(|| format!("opening catalog {url}"))?;
-        tracing::info!(catalog = %url, "catalog open");
+            .with_context(|| format!("opening catalog {url}"))?
+            .for_node(&config.node_id);
+        tracing::info!(catalog = %url, node = %config.node_id, "catalog open");
+        let backend = catalog.backend().await?;
+        let claimed = catalog.claim_rows(backend == Backend::Sqlite).await?;
+        if claimed > 0 {
+            tracing::info!(claimed, node = %config.node_id, "catalog rows adopted by this node");
+        }
         if !config.open_without_tokens() && !catalog.has_tokens().await? {
             anyhow::bail!(
                 "refusing to serve the API on {} without authentication: no API token exists. \
@@ -64,11 +81,15 @@ impl Daemon {
         std::fs::create_dir_all(&repo_dir)
             .with_context(|| format!("creating {}", repo_dir.display()))?;
         let repo_dir = repo_dir.canonicalize()?;
+        let default_repo = builtin_repository_id(backend, &config.node_id);
+        crate::names::validate("built-in repository id", &default_repo)
+            .map_err(anyhow::Error::msg)?;
         catalog
             .ensure_repository(Repository {
-                id: "default".into(),
+                id: default_repo,
                 path: repo_dir.display().to_string(),
                 s3: None,
+                node_id: config.node_id.clone(),
             })
             .await?;
         let nbd = NbdHub::start(&config).await?;
@@ -86,6 +107,18 @@ impl Daemon {
             .with_context(|| format!("binding API address {}", config.listen))?;
         let api_addr = listener.local_addr()?;
         backups.set_api_addr(api_addr);
+        let api_url = config
+            .sna
+            .public_url
+            .clone()
+            .unwrap_or_else(|| format!("{}://{api_addr}", config.api_scheme()));
+        let fleet = crate::lifecycle::fleet::Heartbeat::new(
+            backups.catalog().clone(),
+            &config,
+            api_url,
+            repo_dir.clone(),
+        );
+        fleet.register().await?;
         let stop = CancellationToken::new();
         let app = router(AppState::new(Arc::clone(&backups)));
         let stop2 = stop.clone();
@@ -125,6 +158,7 @@ impl Daemon {
         ));
         let verify_schedule =
             crate::lifecycle::verify_schedule::spawn(Arc::clone(&backups), stop.clone());
+        let heartbeat = tokio::spawn(fleet.run(stop.clone()));
         tracing::info!(%api_addr, nbd_shared = ?nbd_shared_addr, data_dir = %config.data_dir.display(), "hub daemon serving");
         Ok(Daemon {
             api_addr,
@@ -136,6 +170,7 @@ impl Daemon {
             http,
             lifecycle,
             verify_schedule,
+            heartbeat,
         })
     }
 
@@ -157,6 +192,7 @@ impl Daemon {
         if let Some(v) = self.verify_schedule {
             v.await.context("verification scheduler")?;
         }
+        self.heartbeat.await.context("heartbeat task")?;
         self.http.await.context("API task")?.context("API server")?;
         Ok(())
     }

@@ -104,6 +104,30 @@ pub struct Config {
     pub prune_interval: Option<Duration>,
     /// Scheduled verification and the verification read budget.
     pub verify: VerifyConfig,
+    /// This hub's name in the fleet (default: the host name); see
+    /// [`crate::catalog`]'s nodes.
+    pub node_id: String,
+    /// How long this node's heartbeat lease lasts; renewed every third of
+    /// it. A node whose lease ran out is taken for dead by the others.
+    pub node_lease: Duration,
+}
+
+/// The host name (the kernel's, read from procfs: no libc call), or
+/// `localhost` where it cannot be read or is not a valid node id.
+pub fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .ok()
+        .map(|h| h.trim().to_owned())
+        .filter(|h| crate::names::validate("node_id", h).is_ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}
+
+/// A node lease in seconds: at least 1 s (renewals come every third).
+pub fn node_lease(secs: u64) -> Result<Duration, String> {
+    if secs == 0 {
+        return Err("node_lease_secs must be at least 1".into());
+    }
+    Ok(Duration::from_secs(secs))
 }
 
 /// Scheduled verification (policies' `verify_every_days`) and the read
@@ -282,6 +306,8 @@ impl Default for Config {
             space_reserve: None,
             prune_interval: Some(Duration::from_secs(3600)),
             verify: VerifyConfig::default(),
+            node_id: host_name(),
+            node_lease: Duration::from_secs(30),
         }
     }
 }
@@ -412,6 +438,10 @@ pub struct FileConfig {
     pub verify_rate: Option<SizeValue>,
     /// Bytes/s, or a size; see [`VerifyConfig::rate_during_backup`].
     pub verify_rate_during_backup: Option<SizeValue>,
+    /// See [`Config::node_id`].
+    pub node_id: Option<String>,
+    /// Seconds; see [`Config::node_lease`].
+    pub node_lease_secs: Option<u64>,
 }
 
 impl FileConfig {
@@ -495,6 +525,13 @@ impl FileConfig {
         }
         if let Some(v) = self.prune_interval_secs {
             c.prune_interval = prune_interval(v);
+        }
+        if let Some(v) = self.node_id {
+            crate::names::validate("node_id", &v)?;
+            c.node_id = v;
+        }
+        if let Some(v) = self.node_lease_secs {
+            c.node_lease = node_lease(v)?;
         }
         c.verify.apply(
             self.verify_check_interval_secs,

@@ -45,7 +45,7 @@ fn main() -> anyhow::Result<()> {
             (Command::Serve(_), Some((config, check))) => {
                 hub_daemon::cli::serve::run_with(config, check).await
             }
-            (Command::Serve(args), None) => hub_daemon::cli::serve::run(args).await,
+            (Command::Serve(args), None) => hub_daemon::cli::serve::run(*args).await,
             (Command::Export(args), _) => hub_daemon::cli::export::run(args).await,
             (Command::Digest(args), _) => hub_daemon::cli::digest::run(args).await,
             (Command::Token(args), _) => hub_daemon::cli::token::run(args).await,

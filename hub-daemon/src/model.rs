@@ -70,6 +70,10 @@ pub struct Repository {
     /// Absolute directory (under a configured repository root; created
     /// if missing).
     pub path: String,
+    /// The node (hub) holding its files: the one it was created through.
+    /// Set by the hub, never by a request.
+    #[serde(default, skip_deserializing)]
+    pub node_id: String,
     /// Its object-storage tier, if any (never the credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3View>,
@@ -176,7 +180,8 @@ impl BackupType {
 }
 
 /// `POST /api/v1/backups` body: always the whole VM, never one disk.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+// Serialize: a hub forwards it to the node owning the repository.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct BackupRequest {
     /// VM to back up.
@@ -230,6 +235,9 @@ pub struct BackupStarted {
     pub backup_id: String,
     /// VM.
     pub vm_name: String,
+    /// The node running it (its repository's): the one its NBD targets
+    /// are on, and the one to report to.
+    pub node_id: String,
     /// Per disk, in disk order.
     pub disk_results: Vec<DiskResult>,
     /// `disk_key:nbd://host:port/export,...` in disk order, for the SNA.
@@ -369,6 +377,8 @@ pub struct BackupRecord {
     pub vm_name: String,
     /// Repository.
     pub repository_id: String,
+    /// The node (hub) the backup runs or ran on: its repository's.
+    pub node_id: String,
     /// Requested type.
     pub backup_type: String,
     /// Policy.

@@ -579,6 +579,7 @@ impl World {
                 id: "default".into(),
                 path: repo.canonicalize().unwrap().display().to_string(),
                 s3: None,
+                node_id: hub_daemon::catalog::LOCAL.into(),
             })
             .await
             .unwrap();

@@ -24,6 +24,8 @@ catalog_cases!(
     ports_are_unique_among_running_backups,
     a_parent_is_not_deleted_under_a_child,
     large_values_round_trip,
+    nodes_lease_and_reaper,
+    rows_belong_to_nodes,
 );
 
 mod cases {
@@ -31,10 +33,12 @@ mod cases {
 
     use hub_daemon::catalog::{
         Backend, Catalog, DiskCompletion, DiskFailure, DiskVerified, JournalEntry, NewBackup,
-        NewBackupDisk, Policy, PruneCommit, Reparent, Role,
+        NewBackupDisk, NodeRegistration, Policy, PruneCommit, Reparent, Role,
     };
     use hub_daemon::error::DaemonError;
     use hub_daemon::model::{DiskSpec, Repository};
+    use hub_daemon::time::now_ms;
+    use std::time::Duration;
 
     use crate::catalog::fixture::Fixture;
 
@@ -52,6 +56,7 @@ mod cases {
             id: "default".into(),
             path: "/srv/default".into(),
             s3: None,
+            node_id: hub_daemon::catalog::LOCAL.into(),
         })
         .await
         .unwrap();
@@ -116,6 +121,7 @@ mod cases {
             id: "r2".into(),
             path: "/srv/r2".into(),
             s3: None,
+            node_id: hub_daemon::catalog::LOCAL.into(),
         };
         c.create_repository(r.clone()).await.unwrap();
         assert!(is_conflict(&c.create_repository(r.clone()).await));
@@ -124,6 +130,7 @@ mod cases {
             id: "r2".into(),
             path: "/elsewhere".into(),
             s3: None,
+            node_id: hub_daemon::catalog::LOCAL.into(),
         })
         .await
         .unwrap();
@@ -654,5 +661,120 @@ mod cases {
         assert_eq!(r.disks[0].bytes_written, 5 << 40);
         assert_eq!(r.image_bytes, 6 << 40);
         assert_eq!(c.repository_backup_bytes("default").await.unwrap(), 6 << 40);
+    }
+
+    fn registration(api: &str) -> NodeRegistration {
+        NodeRegistration {
+            api_url: api.into(),
+            advertise_host: "127.0.0.1".into(),
+            nbd_first_port: 10100,
+            nbd_last_port: 10200,
+            free_bytes: 5 * GIB,
+        }
+    }
+
+    fn on(repo: &str, b: NewBackup) -> NewBackup {
+        NewBackup {
+            repository_id: repo.into(),
+            ..b
+        }
+    }
+
+    pub async fn nodes_lease_and_reaper(f: &Fixture) {
+        let base = with_repo(f).await;
+        let (n1, n2, n3) = (
+            f.open().await.for_node("n1"),
+            f.open().await.for_node("n2"),
+            f.open().await.for_node("n3"),
+        );
+        let hour = Duration::from_secs(3600);
+        n1.register_node(registration("http://n1"), hour)
+            .await
+            .unwrap();
+        // n2's lease runs out at once: as if it had stopped beating.
+        n2.register_node(registration("http://n2"), Duration::ZERO)
+            .await
+            .unwrap();
+        for (c, repo) in [(&n1, "r1"), (&n2, "r2")] {
+            c.create_repository(Repository {
+                id: repo.into(),
+                path: format!("/srv/{repo}"),
+                node_id: c.node_id().into(),
+                s3: None,
+            })
+            .await
+            .unwrap();
+        }
+        // Each node may use the same port numbers: the index is per node.
+        n1.insert_running(on("r1", backup("b1", "vm1", 1, &[(0, None, Some(10100))])))
+            .await
+            .unwrap();
+        n2.insert_running(on("r2", backup("b2", "vm2", 2, &[(0, None, Some(10100))])))
+            .await
+            .unwrap();
+        assert_eq!(base.backup("b2").await.unwrap().unwrap().node_id, "n2");
+
+        let now = now_ms() + 1000;
+        let nodes = n3.nodes(now).await.unwrap();
+        let state: Vec<(&str, &str, u64)> = nodes
+            .iter()
+            .map(|n| (n.node_id.as_str(), n.lease.as_str(), n.running_backups))
+            .collect();
+        assert_eq!(state, [("n1", "alive", 1), ("n2", "expired", 1)]);
+        assert_eq!(nodes[0].api_url, "http://n1");
+
+        // Two reapers at once: one acts, the other finds nothing left.
+        let (r1, r3) = tokio::join!(n1.reap_expired(now), n3.reap_expired(now));
+        let (r1, r3) = (r1.unwrap(), r3.unwrap());
+        let mut all: Vec<String> = r1.iter().chain(&r3).cloned().collect();
+        all.sort();
+        assert_eq!(all, ["b2"], "reaped by n1: {r1:?}, by n3: {r3:?}");
+        let b2 = base.backup("b2").await.unwrap().unwrap();
+        assert_eq!(b2.status, "failed");
+        let why = b2.error.unwrap();
+        assert!(why.contains("n2") && why.contains("lease"), "{why}");
+        assert_eq!(b2.disks[0].nbd_port, None);
+        // The live node's backup is untouched; a node never reaps itself.
+        assert_eq!(base.backup("b1").await.unwrap().unwrap().status, "running");
+        n2.insert_running(on("r2", backup("b4", "vm4", 4, &[(0, None, None)])))
+            .await
+            .unwrap();
+        assert!(n2.reap_expired(now).await.unwrap().is_empty());
+
+        // A heartbeat brings it back; a node without a row is told so.
+        assert!(n2.heartbeat(hour, 7).await.unwrap());
+        let n = n3.node("n2", now).await.unwrap().unwrap();
+        assert!(n.alive());
+        assert_eq!(n.free_bytes, 7);
+        assert!(n1.reap_expired(now).await.unwrap().is_empty());
+        assert!(!n3.heartbeat(hour, 0).await.unwrap());
+        assert_eq!(n3.node("n3", now).await.unwrap(), None);
+    }
+
+    pub async fn rows_belong_to_nodes(f: &Fixture) {
+        // Rows made before the fleet (the `local` node).
+        let old = with_repo(f).await;
+        old.insert_running(backup("b1", "vm", 1, &[(0, None, None)]))
+            .await
+            .unwrap();
+        old.complete("b1", vec![done(0, 10)]).await.unwrap();
+        let a = f.open().await.for_node("a");
+        assert!(a.prune_candidates(None, None).await.unwrap().is_empty());
+        assert!(a.own_repositories().await.unwrap().is_empty());
+        // The first node to claim them takes the `local` rows...
+        assert_eq!(a.claim_rows(false).await.unwrap(), 3);
+        let b = f.open().await.for_node("b");
+        assert_eq!(b.claim_rows(false).await.unwrap(), 0);
+        assert_eq!(a.backup("b1").await.unwrap().unwrap().node_id, "a");
+        assert_eq!(a.own_repositories().await.unwrap().len(), 1);
+        assert_eq!(a.repositories().await.unwrap()[0].node_id, "a");
+        // ...and only that node prunes them; every node sees them.
+        assert_eq!(a.prune_candidates(None, None).await.unwrap().len(), 1);
+        assert!(b.prune_candidates(None, None).await.unwrap().is_empty());
+        assert!(b.own_repositories().await.unwrap().is_empty());
+        assert_eq!(b.backups(None, None).await.unwrap().len(), 1);
+        // A lone SQLite hub claims everything (a renamed host keeps it).
+        assert_eq!(b.claim_rows(true).await.unwrap(), 3);
+        assert_eq!(b.own_repositories().await.unwrap().len(), 1);
     }
 }

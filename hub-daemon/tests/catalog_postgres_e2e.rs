@@ -41,6 +41,8 @@ async fn a_backup_on_a_postgres_catalog() {
         "0",
         "--nbd-shared-port",
         "0",
+        "--node-id",
+        "pg1",
     ];
     // The URL through the environment (HUB_CATALOG), as a service would.
     let d = DaemonProcess::start(&args, &[("HUB_CATALOG", url)]);
@@ -52,10 +54,12 @@ async fn a_backup_on_a_postgres_catalog() {
     )
     .await;
     assert_eq!(r.status, 200, "{}", r.text());
-    let start = json!({"vm_name": "pgvm", "backup_type": "full", "repository_id": "default"});
+    // On PostgreSQL each node has its own built-in repository.
+    let start = json!({"vm_name": "pgvm", "backup_type": "full", "repository_id": "default-pg1"});
     let r = call(d.api, "POST", "/api/v1/backups", Some(&start)).await;
     assert_eq!(r.status, 201, "{}", r.text());
     let b = r.json();
+    assert_eq!(b["node_id"], "pg1", "{b}");
     let id = b["backup_id"].as_str().unwrap().to_owned();
     // A second backup of the VM while this one runs: the database refuses.
     let r = call(d.api, "POST", "/api/v1/backups", Some(&start)).await;

@@ -33,6 +33,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("GET", "/api/v1/repositories"),
     ("POST", "/api/v1/repositories"),
     ("GET", "/api/v1/repositories/{id}"),
+    ("GET", "/api/v1/nodes"),
     ("GET", "/api/v1/policies"),
     ("PUT", "/api/v1/policies/{id}"),
     ("GET", "/api/v1/policies/{id}"),

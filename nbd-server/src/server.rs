@@ -36,7 +36,7 @@ pub struct ServerConfig {
     /// Checked when the client picks the export. Same eviction rule.
     pub max_connections_per_export: usize,
     /// Most bytes one connection holds in requests in flight and replies
-    /// not yet written (default [`DEFAULT_INFLIGHT_PER_CONNECTION`]).
+    /// not yet written (default 8 MiB).
     /// Strict, except that one request larger than this is admitted when
     /// nothing else is held.
     pub max_inflight_bytes_per_connection: u64,

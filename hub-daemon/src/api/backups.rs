@@ -1,7 +1,8 @@
 //! `/api/v1/backups`: start, inspect, complete, abort, delete, restore.
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::{Extension, Json};
 use serde::Deserialize;
 use sna_contract::ProgressRequest;
@@ -42,8 +43,26 @@ fn check_id(id: &str) -> Result<(), ApiError> {
 )]
 pub async fn start(
     State(st): State<AppState>,
+    headers: HeaderMap,
     AppJson(req): AppJson<BackupRequest>,
-) -> Result<(StatusCode, Json<BackupStarted>), ApiError> {
+) -> Result<Response, ApiError> {
+    // A repository of another node: that node runs the backup, and its
+    // answer (its NBD targets) is relayed as it is.
+    if let Some(repo) = st.catalog().repository(&req.repository_id).await? {
+        if repo.node_id != st.catalog().node_id() {
+            let body = serde_json::to_vec(&req)
+                .map_err(|e| DaemonError::Internal(format!("forward body: {e}")))?;
+            return super::forward::to_node(
+                &st,
+                &repo.node_id,
+                Method::POST,
+                "/api/v1/backups",
+                &headers,
+                body.into(),
+            )
+            .await;
+        }
+    }
     // In its own task: a client that hangs up while the appliance is
     // being asked must not cut a start in half (it either completes or
     // releases everything).
@@ -51,7 +70,7 @@ pub async fn start(
     let started = tokio::spawn(async move { backups.start(req).await })
         .await
         .map_err(|e| DaemonError::Internal(format!("backup start task: {e}")))??;
-    Ok((StatusCode::CREATED, Json(started)))
+    Ok((StatusCode::CREATED, Json(started)).into_response())
 }
 
 /// Filters of `GET /api/v1/backups`.

@@ -167,6 +167,7 @@ impl utoipa::IntoResponses for BodyErrors {
         (name = "repositories", description = "Where backups are written"),
         (name = "policies", description = "Retention policies and pruning"),
         (name = "backups", description = "Backups, their callbacks, verification and restore"),
+        (name = "nodes", description = "The hubs sharing the catalog (a fleet)"),
         (name = "ops", description = "Health, metrics and this document"),
     )
 )]

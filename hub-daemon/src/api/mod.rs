@@ -6,7 +6,9 @@ mod backups;
 mod dashboard;
 pub mod doc;
 mod error;
+mod forward;
 mod json;
+mod nodes;
 mod ops;
 mod policies;
 mod repositories;
@@ -115,6 +117,7 @@ fn documented() -> OpenApiRouter<AppState> {
         .routes(routes!(vms::put, vms::get, vms::delete))
         .routes(routes!(repositories::list, repositories::create))
         .routes(routes!(repositories::get))
+        .routes(routes!(nodes::list))
         .routes(routes!(policies::list))
         .routes(routes!(policies::put, policies::get, policies::delete))
         .routes(routes!(policies::prune))

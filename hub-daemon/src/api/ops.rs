@@ -125,6 +125,32 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         "gauge",
         &by_status,
     );
+    // The fleet: every node sharing the catalog, as this hub sees it.
+    let (mut up, mut node_free, mut node_running) = (Vec::new(), Vec::new(), Vec::new());
+    for n in st.catalog().nodes(crate::time::now_ms()).await? {
+        let label = labels(&[("node", &n.node_id)]);
+        up.push((label.clone(), u64::from(n.alive())));
+        node_free.push((label.clone(), n.free_bytes));
+        node_running.push((label, n.running_backups));
+    }
+    gauge(
+        "hub_node_up",
+        "1 while the node's heartbeat lease holds, else 0.",
+        "gauge",
+        &up,
+    );
+    gauge(
+        "hub_node_free_bytes",
+        "Bytes free in the node's built-in repository at its last heartbeat.",
+        "gauge",
+        &node_free,
+    );
+    gauge(
+        "hub_node_running_backups",
+        "Backups running on the node.",
+        "gauge",
+        &node_running,
+    );
     let pool = backups.nbd().pool();
     gauge(
         "hub_nbd_ports_in_use",
@@ -145,9 +171,16 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         &[(String::new(), backups.restoring().await as u64)],
     );
     let (mut cap, mut free, mut held) = (Vec::new(), Vec::new(), Vec::new());
+    let own = st.catalog().node_id().to_owned();
     for r in st.catalog().repositories().await? {
         let label = labels(&[("repository", &r.id)]);
-        if let Ok(fs) = crate::space::fs_space(std::path::Path::new(&r.path)) {
+        // Another node's directory is not on this host: its filesystem
+        // figures come from that node's own /metrics.
+        let here = r.node_id == own;
+        if let Some(fs) = here
+            .then(|| crate::space::fs_space(std::path::Path::new(&r.path)).ok())
+            .flatten()
+        {
             cap.push((label.clone(), fs.capacity_bytes));
             free.push((label.clone(), fs.free_bytes));
         }

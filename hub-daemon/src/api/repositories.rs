@@ -102,6 +102,9 @@ pub struct RepositorySpace {
     pub id: String,
     /// Absolute directory.
     pub path: String,
+    /// The node holding its files. The space figures below are measured
+    /// there: for another node's repository they are 0 (ask that node).
+    pub node_id: String,
     /// Size of the filesystem holding it.
     pub capacity_bytes: u64,
     /// Bytes free for the hub on that filesystem.
@@ -135,15 +138,21 @@ pub async fn get(
         .await?
         .ok_or_else(|| ApiError::not_found("repository", id.clone()))?;
     let path = std::path::PathBuf::from(&repo.path);
-    let fs = tokio::task::spawn_blocking(move || crate::space::fs_space(&path))
-        .await
-        .map_err(|e| DaemonError::Internal(format!("statvfs task failed: {e}")))?
-        .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?;
+    let fs = if repo.node_id == st.catalog().node_id() {
+        tokio::task::spawn_blocking(move || crate::space::fs_space(&path))
+            .await
+            .map_err(|e| DaemonError::Internal(format!("statvfs task failed: {e}")))?
+            .map_err(|e| DaemonError::io(format!("repository {}", repo.path), e))?
+    } else {
+        // Its directory is on another host; the same path here is not it.
+        crate::space::FsSpace::default()
+    };
     let backup_bytes = st.catalog().repository_backup_bytes(&repo.id).await?;
     let reserve = crate::space::reserve(st.backups().config().space_reserve, fs.capacity_bytes);
     Ok(Json(RepositorySpace {
         id: repo.id,
         path: repo.path,
+        node_id: repo.node_id,
         capacity_bytes: fs.capacity_bytes,
         free_bytes: fs.free_bytes,
         used_bytes: fs.used_bytes,
@@ -183,6 +192,7 @@ pub async fn create(
         id: body.id,
         path: canonical.display().to_string(),
         s3: None,
+        node_id: st.catalog().node_id().to_owned(),
     };
     st.catalog().create_repository(repo.clone()).await?;
     if let Some(s) = s3 {

@@ -122,7 +122,11 @@ impl Backups {
         // anything looks at the files (and before the sweep below would
         // take its `.merging` files for litter).
         self.finish_prune_journal().await?;
-        let repos = self.catalog.repositories().await?;
+        // Only this node's: on a shared catalog the other nodes' backups
+        // and files are theirs to reconcile (a dead node's running backups
+        // are failed by the lease reaper, `lifecycle::fleet`).
+        let repos = self.catalog.own_repositories().await?;
+        let own = self.catalog.node_id().to_owned();
         let layout_of = |repo_id: &str| {
             repos
                 .iter()
@@ -130,6 +134,9 @@ impl Backups {
                 .map(|r| Layout::new(&r.path))
         };
         for b in self.catalog.backups(None, Some("running".into())).await? {
+            if b.node_id != own {
+                continue;
+            }
             if let Some(layout) = layout_of(&b.repository_id) {
                 for d in &b.disks {
                     let path = layout.path_of(&d.file);
@@ -151,6 +158,9 @@ impl Backups {
             report.failed.push(b.backup_id);
         }
         for b in self.catalog.backups(None, Some("completed".into())).await? {
+            if b.node_id != own {
+                continue;
+            }
             let Some(layout) = layout_of(&b.repository_id) else {
                 continue;
             };

@@ -131,6 +131,14 @@ impl Backups {
                 what: "repository",
                 id: req.repository_id.clone(),
             })?;
+        // Its files are on another node: that node runs the backup (the
+        // API forwards such a start there before it gets here).
+        if repo.node_id != self.catalog.node_id() {
+            return Err(DaemonError::Conflict(format!(
+                "repository {:?} is on node {:?}; start the backup there",
+                repo.id, repo.node_id
+            )));
+        }
         // A backup naming a policy that does not exist would never be
         // pruned: refuse it rather than store a dangling reference.
         if let Some(p) = &req.policy_id {
@@ -329,6 +337,7 @@ impl Backups {
         }
         tracing::info!(backup = %id, vm = %vm.vm_name, disks = results.len(), appliance = appliance.as_deref().unwrap_or("none"), "backup started");
         Ok(BackupStarted {
+            node_id: self.catalog.node_id().to_owned(),
             backup_id: id,
             vm_name: vm.vm_name,
             disk_results: results,

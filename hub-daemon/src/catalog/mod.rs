@@ -9,7 +9,14 @@
 //! `user_version`, PostgreSQL's `schema_version` table).
 //!
 //! # Data model
-//! * `repositories(id, path)`.
+//! * `nodes(node_id, api_url, advertise_host, nbd_first_port, nbd_last_port,
+//!   free_bytes, started_ms, heartbeat_ms, lease_until_ms)`: the hubs
+//!   sharing the catalog and their heartbeat leases (`nodes`).
+//! * `repositories(id, path, node_id)`: a repository's files are on its
+//!   node; backups and their disks carry the node they run on too. The
+//!   per-node methods ([`Catalog::own_repositories`], prune candidates,
+//!   the prune journal, scheduled verification) answer for the node the
+//!   handle works for ([`Catalog::for_node`]).
 //! * `vms(name, vm_context_id)` and `vm_disks(vm_name, disk_id, size_bytes,
 //!   unit_number, disk_key, label)`: what a backup of the VM covers.
 //! * `api_tokens(name, role, salt, token_hash, created_ms, last_used_ms)`:
@@ -60,12 +67,14 @@
 //! dropped is re-opened on the next call.
 
 pub mod db;
+mod nodes;
 mod offload;
 mod policies;
 mod schema;
 mod space;
 mod tokens;
 
+pub use nodes::{NodeInfo, NodeRegistration, LOCAL};
 pub use offload::{LayerObject, S3Settings, TierCandidate};
 pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 pub use space::DiskHistory;
@@ -86,6 +95,10 @@ use crate::time::{now_ms, rfc3339};
 #[derive(Debug, Clone)]
 pub struct Catalog {
     conn: Arc<Mutex<Conn>>,
+    /// The node this handle works for: rows it creates belong to it, and
+    /// the per-node questions (own repositories, own running backups) are
+    /// about it. `local` until [`Catalog::for_node`] says otherwise.
+    node: Arc<str>,
 }
 
 /// A backup about to start.
@@ -242,7 +255,19 @@ impl Catalog {
         schema::init(&mut conn)?;
         Ok(Catalog {
             conn: Arc::new(Mutex::new(conn)),
+            node: Arc::from(nodes::LOCAL),
         })
+    }
+
+    /// This handle, working for node `node_id` (same connection).
+    pub fn for_node(mut self, node_id: &str) -> Catalog {
+        self.node = Arc::from(node_id);
+        self
+    }
+
+    /// The node this handle works for.
+    pub fn node_id(&self) -> &str {
+        &self.node
     }
 
     /// Which database this catalog is in.
@@ -299,10 +324,11 @@ impl Catalog {
 
     /// Add a repository; `Conflict` if the id exists.
     pub async fn create_repository(&self, repo: Repository) -> Result<()> {
+        let node = self.node.to_string();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)",
-                params![repo.id, repo.path, now_ms()],
+                "INSERT INTO repositories (id, path, created_ms, node_id) VALUES (?1, ?2, ?3, ?4)",
+                params![repo.id, repo.path, now_ms(), node],
             )
             .map_err(|e| conflict_if_unique(e, || format!("repository {:?} exists", repo.id)))?;
             Ok(())
@@ -312,11 +338,12 @@ impl Catalog {
 
     /// Add a repository unless one with this id exists.
     pub async fn ensure_repository(&self, repo: Repository) -> Result<()> {
+        let node = self.node.to_string();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO repositories (id, path, created_ms) VALUES (?1, ?2, ?3)
+                "INSERT INTO repositories (id, path, created_ms, node_id) VALUES (?1, ?2, ?3, ?4)
                  ON CONFLICT (id) DO NOTHING",
-                params![repo.id, repo.path, now_ms()],
+                params![repo.id, repo.path, now_ms(), node],
             )?;
             Ok(())
         })
@@ -326,7 +353,27 @@ impl Catalog {
     /// All repositories.
     pub async fn repositories(&self) -> Result<Vec<Repository>> {
         self.with(|c| {
-            let rows = c.query("SELECT id, path FROM repositories ORDER BY id", params![])?;
+            let rows = c.query(
+                "SELECT id, path, node_id FROM repositories ORDER BY id",
+                params![],
+            )?;
+            Ok(rows
+                .iter()
+                .map(read_repository)
+                .collect::<Result<_, DbError>>()?)
+        })
+        .await
+    }
+
+    /// The repositories of this handle's node (their files are here): what
+    /// start-up reconciliation, prune and the schedulers may touch.
+    pub async fn own_repositories(&self) -> Result<Vec<Repository>> {
+        let node = self.node.to_string();
+        self.with(move |c| {
+            let rows = c.query(
+                "SELECT id, path, node_id FROM repositories WHERE node_id = ?1 ORDER BY id",
+                params![node],
+            )?;
             Ok(rows
                 .iter()
                 .map(read_repository)
@@ -340,7 +387,7 @@ impl Catalog {
         let id = id.to_owned();
         self.with(move |c| {
             let row = c.query_opt(
-                "SELECT id, path FROM repositories WHERE id = ?1",
+                "SELECT id, path, node_id FROM repositories WHERE id = ?1",
                 params![id],
             )?;
             Ok(row.as_ref().map(read_repository).transpose()?)
@@ -484,20 +531,21 @@ impl Catalog {
     /// decides, also between hubs), if a disk's port is taken, or if a
     /// parent is gone.
     pub async fn insert_running(&self, b: NewBackup) -> Result<()> {
+        let node = self.node.to_string();
         self.with(move |c| {
             let mut tx = c.transaction()?;
             let tags = serde_json::to_string(&b.tags).map_err(|e| DaemonError::Internal(e.to_string()))?;
             tx.execute(
-                "INSERT INTO backups (id, vm_name, repository_id, backup_type, policy_id, tags, status, created_ms)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7)",
-                params![b.id, b.vm_name, b.repository_id, b.backup_type, b.policy_id, tags, b.created_ms],
+                "INSERT INTO backups (id, vm_name, repository_id, backup_type, policy_id, tags, status, created_ms, node_id)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, 'running', ?7, ?8)",
+                params![b.id, b.vm_name, b.repository_id, b.backup_type, b.policy_id, tags, b.created_ms, node],
             )
             .map_err(|e| conflict_if_unique(e, || format!("a backup of VM {:?} is already running", b.vm_name)))?;
             for d in &b.disks {
                 tx.execute(
-                    "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port, mode_reason, format)
-                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'qcow2')",
-                    params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port, d.mode_reason],
+                    "INSERT INTO backup_disks (backup_id, disk_id, disk_key, size_bytes, backup_mode, parent_backup_id, file, export_name, nbd_port, mode_reason, format, node_id)
+                     VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, 'qcow2', ?11)",
+                    params![b.id, d.disk_id, d.disk_key, d.size_bytes as i64, d.backup_mode, d.parent_backup_id, d.file, d.export_name, d.nbd_port, d.mode_reason, node],
                 )
                 .map_err(|e| conflict_if_unique(e, || format!("NBD port {:?} is taken", d.nbd_port)))?;
             }
@@ -741,7 +789,7 @@ impl Catalog {
     fn read_backup(c: &mut impl Sql, id: &str) -> Result<Option<BackupRecord>> {
         let Some(r) = c.query_opt(
             "SELECT vm_name, repository_id, backup_type, policy_id, tags, status, error, created_ms, completed_ms, files_missing,
-                    verify_status, verified_ms
+                    verify_status, verified_ms, node_id
              FROM backups WHERE id = ?1",
             params![id],
         )?
@@ -808,6 +856,7 @@ impl Catalog {
             backup_id: id.to_owned(),
             vm_name: r.get(0)?,
             repository_id: r.get(1)?,
+            node_id: r.get(12)?,
             backup_type: r.get(2)?,
             policy_id: r.get(3)?,
             tags: serde_json::from_str(&tags).unwrap_or_default(),
@@ -906,7 +955,9 @@ impl Catalog {
     /// checked whenever it is re-hydrated). Plain SQL (`COALESCE` and integer arithmetic) so it runs
     /// on PostgreSQL too.
     /// With `only`, just that restore point if it is due.
+    /// Only this node's restore points: their files are here.
     pub async fn due_for_verify(&self, now_ms: i64, only: Option<String>) -> Result<Vec<String>> {
+        let node = self.node.to_string();
         self.with(move |c| {
             Self::ids(c.query(
                 "SELECT b.id FROM backups b JOIN policies p ON p.id = b.policy_id
@@ -916,8 +967,9 @@ impl Catalog {
                    AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.digest IS NULL)
                    AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.location = 's3')
                    AND (CAST(?2 AS TEXT) IS NULL OR b.id = ?2)
+                   AND b.repository_id IN (SELECT id FROM repositories WHERE node_id = ?3)
                  ORDER BY COALESCE(b.verified_ms, b.completed_ms), b.id",
-                params![now_ms, only],
+                params![now_ms, only, node],
             )?)
         })
         .await
@@ -957,6 +1009,7 @@ fn read_repository(r: &Row) -> Result<Repository, DbError> {
         id: r.get(0)?,
         path: r.get(1)?,
         s3: None,
+        node_id: r.get(2)?,
     })
 }
 

@@ -223,16 +223,19 @@ impl Catalog {
         .await
     }
 
-    /// Completed layers whose policy offloads or evicts, oldest first.
+    /// Completed layers whose policy offloads or evicts, oldest first;
+    /// only this node's (their files are here).
     pub async fn tier_candidates(&self) -> Result<Vec<TierCandidate>> {
-        self.with(|c| {
+        let node = self.node.to_string();
+        self.with(move |c| {
             let rows = c.query(
                 "SELECT d.backup_id, d.disk_id, d.location, b.completed_ms, p.offload_after_days, p.evict_local_after_days
                  FROM backup_disks d JOIN backups b ON b.id = d.backup_id JOIN policies p ON p.id = b.policy_id
                  WHERE b.status = 'completed' AND b.completed_ms IS NOT NULL
                    AND (p.offload_after_days > 0 OR p.evict_local_after_days > 0)
+                   AND b.repository_id IN (SELECT id FROM repositories WHERE node_id = ?1)
                  ORDER BY b.completed_ms, d.backup_id, d.disk_id",
-                params![],
+                params![node],
             )?;
             rows.iter()
                 .map(|r| {
@@ -263,6 +266,7 @@ mod tests {
             id: "r".into(),
             path: dir.display().to_string(),
             s3: None,
+            node_id: crate::catalog::LOCAL.into(),
         })
         .await
         .unwrap();

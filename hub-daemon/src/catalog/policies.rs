@@ -210,19 +210,23 @@ impl Catalog {
         .await
     }
 
-    /// Completed backups (optionally of one VM / repository), oldest first.
+    /// Completed backups (optionally of one VM / repository), oldest first;
+    /// only in this node's repositories (prune and synthetic fulls work on
+    /// files, which are on the node holding the repository).
     pub async fn prune_candidates(
         &self,
         vm: Option<String>,
         repo: Option<String>,
     ) -> Result<Vec<PruneCandidate>> {
+        let node = self.node.to_string();
         self.with(move |c| {
             let mut out: Vec<PruneCandidate> = c
                 .query(
                     "SELECT id, vm_name, repository_id, policy_id, created_ms FROM backups
                      WHERE status = 'completed' AND (CAST(?1 AS TEXT) IS NULL OR vm_name = ?1) AND (CAST(?2 AS TEXT) IS NULL OR repository_id = ?2)
+                       AND repository_id IN (SELECT id FROM repositories WHERE node_id = ?3)
                      ORDER BY created_ms, id",
-                    params![vm, repo],
+                    params![vm, repo, node],
                 )?
                 .iter()
                 .map(|r| {
@@ -305,12 +309,15 @@ impl Catalog {
         .await
     }
 
-    /// File work committed prunes still owe.
+    /// File work committed prunes still owe in this node's repositories.
     pub async fn prune_journal(&self) -> Result<Vec<JournalEntry>> {
-        self.with(|c| {
+        let node = self.node.to_string();
+        self.with(move |c| {
             let rows = c.query(
-                "SELECT repository_id, path, action FROM prune_journal ORDER BY repository_id, path",
-                params![],
+                "SELECT repository_id, path, action FROM prune_journal
+                 WHERE repository_id IN (SELECT id FROM repositories WHERE node_id = ?1)
+                 ORDER BY repository_id, path",
+                params![node],
             )?;
             Ok(rows
                 .iter()

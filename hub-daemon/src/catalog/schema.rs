@@ -147,6 +147,31 @@ pub const MIGRATIONS: &[Migration] = &[
      ALTER TABLE policies ADD COLUMN offload_after_days BIGINT NOT NULL DEFAULT 0;
      ALTER TABLE policies ADD COLUMN evict_local_after_days BIGINT NOT NULL DEFAULT 0;",
     ),
+    // 9: several hubs, one fleet. Each hub is a node with a heartbeat
+    // lease; repositories, backups and the ports a running backup's disks
+    // hold belong to a node (the files and listeners live there). Rows
+    // from before get 'local': SQL cannot know the node id, so the hub
+    // claims them at start-up (`Catalog::claim_rows`). The port index
+    // becomes per node: two hosts may use the same port numbers.
+    Migration::Both(
+        "CREATE TABLE nodes (
+             node_id         TEXT PRIMARY KEY,
+             api_url         TEXT NOT NULL,
+             advertise_host  TEXT NOT NULL,
+             nbd_first_port  BIGINT NOT NULL,
+             nbd_last_port   BIGINT NOT NULL,
+             free_bytes      BIGINT NOT NULL DEFAULT 0,
+             started_ms      BIGINT NOT NULL,
+             heartbeat_ms    BIGINT NOT NULL,
+             lease_until_ms  BIGINT NOT NULL
+         );
+         ALTER TABLE repositories ADD COLUMN node_id TEXT NOT NULL DEFAULT 'local';
+         ALTER TABLE backups ADD COLUMN node_id TEXT NOT NULL DEFAULT 'local';
+         ALTER TABLE backup_disks ADD COLUMN node_id TEXT NOT NULL DEFAULT 'local';
+         CREATE INDEX backups_by_node ON backups(node_id, status);
+         DROP INDEX one_backup_per_port;
+         CREATE UNIQUE INDEX one_backup_per_port ON backup_disks(node_id, nbd_port) WHERE nbd_port IS NOT NULL;",
+    ),
 ];
 
 /// The tables of version 0 (`IF NOT EXISTS`: run on every start).

@@ -317,6 +317,7 @@ mod tests {
             id: "default".into(),
             path: dir.path().display().to_string(),
             s3: None,
+            node_id: crate::catalog::LOCAL.into(),
         })
         .await
         .unwrap();

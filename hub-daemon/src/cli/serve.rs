@@ -67,6 +67,14 @@ pub struct ServeArgs {
     /// [default: 3600].
     #[arg(long, env = "HUB_PRUNE_INTERVAL", value_name = "SECS")]
     prune_interval: Option<u64>,
+    /// This hub's name in a fleet sharing one PostgreSQL catalog
+    /// [default: the host name].
+    #[arg(long, env = "HUB_NODE_ID", value_name = "NAME")]
+    node_id: Option<String>,
+    /// Heartbeat lease of this node, seconds: a node not heard from this
+    /// long is taken for dead and its running backups fail [default: 30].
+    #[arg(long, env = "HUB_NODE_LEASE", value_name = "SECS")]
+    node_lease: Option<u64>,
     /// Check the configuration (file, environment, flags, TLS credentials,
     /// directories) and exit: 0 if the hub would start with it.
     #[arg(long)]
@@ -174,6 +182,13 @@ impl ServeArgs {
         }
         if let Some(v) = self.prune_interval {
             c.prune_interval = crate::config::prune_interval(v);
+        }
+        if let Some(v) = &self.node_id {
+            crate::names::validate("node_id", v).map_err(anyhow::Error::msg)?;
+            c.node_id = v.clone();
+        }
+        if let Some(v) = self.node_lease {
+            c.node_lease = crate::config::node_lease(v).map_err(anyhow::Error::msg)?;
         }
         if self.nbd_list_exports {
             c.nbd_list_exports = true;
