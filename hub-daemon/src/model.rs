@@ -71,8 +71,9 @@ pub struct Repository {
     /// if missing).
     pub path: String,
     /// The node (hub) holding its files: the one it was created through.
-    /// Set by the hub, never by a request.
-    #[serde(default, skip_deserializing)]
+    /// Set by the hub; requests use [`RepositoryBody`], which has no such
+    /// field.
+    #[serde(default)]
     pub node_id: String,
     /// Its object-storage tier, if any (never the credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
