@@ -111,26 +111,6 @@ async fn start_backup(hub: &Hub, vm: &str, kind: &str, policy: &str) -> (String,
     (id_of(&b), uri)
 }
 
-async fn record(hub: &Hub, id: &str) -> Value {
-    let r = hub.get(&format!("/api/v1/backups/{id}")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-async fn verify_ok(hub: &Hub, id: &str) {
-    let r = hub
-        .post(&format!("/api/v1/backups/{id}/verify"), Value::Null)
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
-    let v = eventually(60, || async {
-        let b = record(hub, id).await;
-        let s = b["verify_status"].as_str().unwrap_or("").to_owned();
-        (s != "verifying" && !s.is_empty()).then_some(b)
-    })
-    .await;
-    assert_eq!(v["verify_status"], "ok", "{v}");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
     if !tools() {
@@ -168,7 +148,7 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
     hub.complete(&i2).await;
     let backups = std::sync::Arc::clone(hub.daemon.as_ref().unwrap().backups());
     assert_eq!(backups.synthetic_pass(None).await.unwrap(), vec![]);
-    let b2 = record(&hub, &i2).await;
+    let b2 = hub.record(&i2).await;
     assert_eq!(b2["disks"][0]["synthetic"], false, "{b2}");
     assert_eq!(b2["disks"][0]["parent_backup_id"], i1.as_str());
     assert_eq!(chain_len(&img(&b2)).await, 3);
@@ -186,7 +166,7 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
         .await
         .unwrap();
     assert!(pass.synthetic.is_empty(), "{pass:?}");
-    assert_eq!(record(&hub, &i2).await["disks"][0]["synthetic"], false);
+    assert_eq!(hub.record(&i2).await["disks"][0]["synthetic"], false);
     let r = hub
         .post(&format!("/api/v1/backups/{running}/abort"), json!({}))
         .await;
@@ -198,7 +178,7 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
         .unwrap();
     assert!(pass.skipped.is_empty(), "{pass:?}");
     let b2 = eventually(60, || async {
-        let b = record(&hub, &i2).await;
+        let b = hub.record(&i2).await;
         (b["disks"][0]["synthetic"] == true).then_some(b)
     })
     .await;
@@ -217,7 +197,7 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
     // their own chain.
     let ids = [&f, &i1, &i2];
     for (id, exp) in ids.iter().zip(&m.expected) {
-        let b = record(&hub, id).await;
+        let b = hub.record(id).await;
         let file = img(&b);
         assert_check_clean(&file, false).await;
         assert_identical(
@@ -228,21 +208,21 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
         )
         .await;
     }
-    let b1 = record(&hub, &i1).await;
+    let b1 = hub.record(&i1).await;
     assert_eq!(b1["disks"][0]["synthetic"], false);
     assert_eq!(b1["disks"][0]["parent_backup_id"], f.as_str());
     assert_eq!(chain_len(&img(&b1)).await, 2);
     // Its recorded digest still holds.
-    verify_ok(&hub, &i2).await;
+    hub.verify_ok(&i2).await;
 
     // The next incremental builds on the synthetic full: a short chain.
     let (i3, uri) = start_backup(&hub, "app", "incremental", "short").await;
-    let r = record(&hub, &i3).await;
+    let r = hub.record(&i3).await;
     assert_eq!(r["disks"][0]["parent_backup_id"], i2.as_str(), "{r}");
     assert_eq!(r["disks"][0]["backup_mode"], "incremental", "{r}");
     m.incremental(&uri, &["write -P 0xb3 0 4k"]).await;
     hub.complete(&i3).await;
-    let b3 = record(&hub, &i3).await;
+    let b3 = hub.record(&i3).await;
     let file3 = img(&b3);
     assert_eq!(chain_len(&file3).await, 2);
     assert_check_clean(&file3, false).await;
@@ -259,7 +239,7 @@ async fn max_chain_length_builds_a_synthetic_full_that_reads_the_same() {
     // are certain to free nothing.
     let mut total = 0;
     for (id, builds_on_it) in [(&f, true), (&i1, false), (&i2, true), (&i3, false)] {
-        let b = record(&hub, id).await;
+        let b = hub.record(id).await;
         let d = &b["disks"][0];
         let image = d["image_bytes"].as_u64().unwrap();
         assert!(image > 0);
@@ -314,7 +294,7 @@ async fn scheduled_prune_runs_without_a_request() {
     })
     .await;
     let b = eventually(60, || async {
-        let b = record(&hub, &i1).await;
+        let b = hub.record(&i1).await;
         // The file work follows the commit: wait for the old image to go.
         (!f_file.exists() && !has_merging(&hub.repo())).then_some(b)
     })

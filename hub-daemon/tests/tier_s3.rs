@@ -9,7 +9,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
-use common::hub::{eventually, parse_targets, Hub};
+use common::hub::{parse_targets, Hub};
 use integration_tests::seaweed::{self, SeaweedFs};
 use integration_tests::support::{self, assert_identical, require, run_ok, write_file};
 use serde_json::{json, Value};
@@ -83,26 +83,6 @@ async fn start_backup(
     (id_of(&b), uri)
 }
 
-async fn record(hub: &Hub, id: &str) -> Value {
-    let r = hub.get(&format!("/api/v1/backups/{id}")).await;
-    assert_eq!(r.status, 200, "{}", r.text());
-    r.json()
-}
-
-async fn verify_ok(hub: &Hub, id: &str) {
-    let r = hub
-        .post(&format!("/api/v1/backups/{id}/verify"), Value::Null)
-        .await;
-    assert_eq!(r.status, 202, "{}", r.text());
-    let v = eventually(60, || async {
-        let b = record(hub, id).await;
-        let s = b["verify_status"].as_str().unwrap_or("").to_owned();
-        (s != "verifying" && !s.is_empty()).then_some(b)
-    })
-    .await;
-    assert_eq!(v["verify_status"], "ok", "{v}");
-}
-
 fn location(b: &Value) -> &str {
     b["disks"][0]["location"].as_str().unwrap()
 }
@@ -174,7 +154,7 @@ async fn a_chain_offloaded_and_evicted_restores_identical_and_stays_locked() {
     }
     let newest = ids.last().unwrap().clone();
     assert_eq!(
-        record(&hub, &newest).await["disks"][0]["parent_backup_id"],
+        hub.record(&newest).await["disks"][0]["parent_backup_id"],
         ids[1].as_str()
     );
 
@@ -190,7 +170,7 @@ async fn a_chain_offloaded_and_evicted_restores_identical_and_stays_locked() {
     assert_eq!(r.status, 409, "{}", r.text());
 
     for id in &ids {
-        verify_ok(&hub, id).await;
+        hub.verify_ok(id).await;
         let r = hub
             .post(&format!("/api/v1/backups/{id}/offload"), Value::Null)
             .await;
@@ -215,7 +195,7 @@ async fn a_chain_offloaded_and_evicted_restores_identical_and_stays_locked() {
         );
         assert_eq!(
             o.size_bytes,
-            std::fs::metadata(image(&repo, &record(&hub, id).await))
+            std::fs::metadata(image(&repo, &hub.record(id).await))
                 .unwrap()
                 .len()
         );
@@ -243,7 +223,7 @@ async fn a_chain_offloaded_and_evicted_restores_identical_and_stays_locked() {
     // and reads exactly what was backed up.
     restore_compares(&hub, &newest, expected.last().unwrap()).await;
     for id in &ids {
-        let b = record(&hub, id).await;
+        let b = hub.record(id).await;
         assert_eq!(location(&b), "local+s3", "{b}");
         assert!(image(&repo, &b).exists());
     }
@@ -299,7 +279,7 @@ async fn a_damaged_object_is_caught_at_rehydration_and_never_served() {
     let (f, uri) = start_backup(&hub, "db", "full", "plain", "p").await;
     run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await;
     hub.complete(&f).await;
-    verify_ok(&hub, &f).await;
+    hub.verify_ok(&f).await;
     let r = hub
         .post(&format!("/api/v1/backups/{f}/offload"), Value::Null)
         .await;
@@ -362,13 +342,13 @@ async fn a_damaged_object_is_caught_at_rehydration_and_never_served() {
         .filter(|p| p.to_string_lossy().ends_with(".rehydrating"))
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-    let b = record(&hub, &f).await;
+    let b = hub.record(&f).await;
     assert_eq!(location(&b), "s3", "{b}");
     assert_eq!(b["disks"][0]["verify_status"], "corrupt", "{b}");
     assert_eq!(b["verify_status"], "corrupt", "{b}");
     // A next backup does not build on it.
     let (next, _) = start_backup(&hub, "db", "incremental", "plain", "p").await;
-    let n = record(&hub, &next).await;
+    let n = hub.record(&next).await;
     assert_eq!(n["disks"][0]["backup_mode"], "full", "{n}");
 }
 
@@ -403,7 +383,7 @@ async fn policies_offload_then_evict_on_schedule_and_skip_unverified_points() {
     let (unverified, uri) = start_backup(&hub, "web", "full", "sched", "tiering").await;
     run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await;
     hub.complete(&unverified).await;
-    verify_ok(&hub, &f).await;
+    hub.verify_ok(&f).await;
 
     let backups = std::sync::Arc::clone(hub.daemon.as_ref().unwrap().backups());
     let now = hub_daemon::time::now_ms();
@@ -411,7 +391,7 @@ async fn policies_offload_then_evict_on_schedule_and_skip_unverified_points() {
     // Not due yet: nothing moves.
     let pass = backups.tier_pass(now).await.unwrap();
     assert_eq!(pass, Default::default(), "{pass:?}");
-    assert_eq!(location(&record(&hub, &f).await), "local");
+    assert_eq!(location(&hub.record(&f).await), "local");
     // A day and a half on: offloaded, not evicted; the unverified point
     // waits (409 from offload, reported as skipped).
     let pass = backups.tier_pass(now + DAY * 3 / 2).await.unwrap();
@@ -419,12 +399,12 @@ async fn policies_offload_then_evict_on_schedule_and_skip_unverified_points() {
     assert!(pass.evicted.is_empty(), "{pass:?}");
     assert_eq!(pass.skipped.len(), 1, "{pass:?}");
     assert_eq!(pass.skipped[0].0, unverified);
-    assert_eq!(location(&record(&hub, &f).await), "local+s3");
-    assert_eq!(location(&record(&hub, &unverified).await), "local");
+    assert_eq!(location(&hub.record(&f).await), "local+s3");
+    assert_eq!(location(&hub.record(&unverified).await), "local");
     // Three days on: evicted.
     let pass = backups.tier_pass(now + DAY * 3).await.unwrap();
     assert_eq!(pass.evicted, vec![f.clone()], "{pass:?}");
-    let b = record(&hub, &f).await;
+    let b = hub.record(&f).await;
     assert_eq!(location(&b), "s3");
     assert!(!image(&repo, &b).exists());
     // Scheduled verification leaves an evicted point alone (the local

@@ -163,6 +163,28 @@ impl Hub {
         v
     }
 
+    /// `GET /api/v1/backups/{id}`, which must answer 200.
+    pub async fn record(&self, id: &str) -> Value {
+        let r = self.get(&format!("/api/v1/backups/{id}")).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    }
+
+    /// Verify a restore point on demand and wait until it reports `ok`.
+    pub async fn verify_ok(&self, id: &str) {
+        let r = self
+            .post(&format!("/api/v1/backups/{id}/verify"), Value::Null)
+            .await;
+        assert_eq!(r.status, 202, "{}", r.text());
+        let v = eventually(60, || async {
+            let b = self.record(id).await;
+            let s = b["verify_status"].as_str().unwrap_or("").to_owned();
+            (s != "verifying" && !s.is_empty()).then_some(b)
+        })
+        .await;
+        assert_eq!(v["verify_status"], "ok", "{v}");
+    }
+
     /// A metric's value from /metrics.
     pub async fn metric(&self, name: &str) -> u64 {
         let text = self.get("/metrics").await.text();
