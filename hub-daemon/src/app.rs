@@ -107,11 +107,8 @@ impl Daemon {
             .with_context(|| format!("binding API address {}", config.listen))?;
         let api_addr = listener.local_addr()?;
         backups.set_api_addr(api_addr);
-        let api_url = config
-            .sna
-            .public_url
-            .clone()
-            .unwrap_or_else(|| format!("{}://{api_addr}", config.api_scheme()));
+        // Other hubs forward to where appliances call back.
+        let api_url = backups.public_url()?.to_owned();
         let fleet = crate::lifecycle::fleet::Heartbeat::new(
             backups.catalog().clone(),
             &config,
@@ -120,7 +117,16 @@ impl Daemon {
         );
         fleet.register().await?;
         let stop = CancellationToken::new();
-        let app = router(AppState::new(Arc::clone(&backups)));
+        let mut state = AppState::new(Arc::clone(&backups));
+        if config.api_tls {
+            // Other hubs of the fleet serve HTTPS with certificates of the
+            // same CA (see api::forward).
+            let ca = config.tls_dir().join("ca-cert.pem");
+            let tls = crate::http_client::connector(&ca)
+                .map_err(|e| anyhow::anyhow!("--api-tls: the fleet CA {}: {e}", ca.display()))?;
+            state = state.with_fleet_tls(tls);
+        }
+        let app = router(state);
         let stop2 = stop.clone();
         let shutdown = async move { stop2.cancelled().await };
         let http = if config.api_tls {

@@ -7,8 +7,15 @@
 //! * the same VM started on both at once: exactly one 201 and one 409;
 //! * 20 VMs × 2 disks started alternately through both hubs, written with
 //!   nbdcopy, completed, and `qemu-img compare`d with their sources;
+//! * every request on a backup works through either hub: progress, live
+//!   figures, complete, verify, restore (read back and compared), abort
+//!   and delete (its files gone from the owner's repository) of B's
+//!   backups through A; a request forwarded once is never forwarded again;
+//! * with `--api-tls` the hubs forward to each other over HTTPS, trusting
+//!   the fleet's CA;
 //! * kill -9 of one hub during backups: the other reports them failed
-//!   within the lease (plus one beat), and its own backup completes.
+//!   within the lease (plus one beat), and its own backup completes;
+//!   nothing is forwarded to the dead node (503), a GET still answers.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 mod catalog {
@@ -33,25 +40,29 @@ const LEASE_SECS: u64 = 2;
 
 /// A hub of the fleet: node `node`, its data under `dir/node`.
 fn hub(dir: &Path, node: &str, url: &str) -> DaemonProcess {
+    hub_with(dir, node, url, &[])
+}
+
+/// [`hub`] with more arguments.
+fn hub_with(dir: &Path, node: &str, url: &str, more: &[&str]) -> DaemonProcess {
     let data = dir.join(node);
     let lease = LEASE_SECS.to_string();
-    DaemonProcess::start(
-        &[
-            "--listen",
-            "127.0.0.1:0",
-            "--data-dir",
-            data.to_str().unwrap(),
-            "--nbd-ports",
-            "0",
-            "--nbd-shared-port",
-            "0",
-            "--node-id",
-            node,
-            "--node-lease",
-            &lease,
-        ],
-        &[("HUB_CATALOG", url)],
-    )
+    let mut args = vec![
+        "--listen",
+        "127.0.0.1:0",
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--nbd-ports",
+        "0",
+        "--nbd-shared-port",
+        "0",
+        "--node-id",
+        node,
+        "--node-lease",
+        &lease,
+    ];
+    args.extend_from_slice(more);
+    DaemonProcess::start(&args, &[("HUB_CATALOG", url)])
 }
 
 /// A PostgreSQL database of its own, and a temporary directory; `None`
@@ -280,6 +291,216 @@ async fn twenty_vms_alternately_through_both_hubs() {
     }
 }
 
+/// `method path` sent to `api`, which must relay it to node `owner`:
+/// the answer (status `want`) and its body.
+async fn relayed(
+    api: std::net::SocketAddr,
+    owner: &str,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    want: u16,
+) -> integration_tests::http::Response {
+    let r = call(api, method, path, body.as_ref()).await;
+    assert_eq!(r.status, want, "{method} {path}: {}", r.text());
+    assert_eq!(
+        r.header("x-hub-node"),
+        Some(owner),
+        "{method} {path}: served by"
+    );
+    r
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_backup_request_works_through_either_hub() {
+    let Some((_f, url, dir)) = setup() else {
+        return;
+    };
+    let a = hub(dir.path(), "node-a", &url);
+    let b = hub(dir.path(), "node-b", &url);
+    register(a.api, "far", 1, 4 * MIB).await;
+    let on_b = start_body("far", "default-node-b");
+    let b_files = || -> Vec<std::path::PathBuf> {
+        common::files_under(&dir.path().join("node-b"))
+            .into_iter()
+            .filter(|p| p.to_string_lossy().contains("/repository/"))
+            .filter(|p| {
+                p.extension()
+                    .is_some_and(|e| e == "qcow2" || e == "partial")
+            })
+            .collect()
+    };
+
+    // Started, fed and completed entirely through A; B runs it.
+    let started = call_ok(a.api, "POST", "/api/v1/backups", Some(on_b.clone())).await;
+    assert_eq!(started["node_id"], "node-b", "{started}");
+    let id = started["backup_id"].as_str().unwrap().to_owned();
+    let targets = parse_targets(started["nbd_targets_string"].as_str().unwrap());
+    let data = support::disk_like(21, 4 * MIB as usize);
+    let src = write_file(dir.path(), "far.raw", &data);
+    run_ok(
+        "nbdcopy",
+        &["--flush", src.to_str().unwrap(), &targets[0].1],
+    )
+    .await;
+    let r = call(
+        a.api,
+        "POST",
+        &format!("/api/v1/backups/{id}/progress"),
+        Some(&json!({"disks": [{"disk_id": 0, "bytes_done": 4 * MIB, "bytes_total": 4 * MIB}]})),
+    )
+    .await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert_eq!(
+        r.header("x-hub-node"),
+        Some("node-b"),
+        "served by the owner"
+    );
+    // Live figures exist only on B: A's GET of a running backup shows them.
+    let live = call_ok(a.api, "GET", &format!("/api/v1/backups/{id}"), None).await;
+    assert_eq!(
+        live["disks"][0]["progress"]["bytes_done"],
+        4 * MIB,
+        "{live}"
+    );
+    // (nbdcopy sends zero runs as WRITE_ZEROES: fewer bytes than the disk.)
+    assert!(
+        live["disks"][0]["bytes_written"].as_u64().unwrap() > 0,
+        "{live}"
+    );
+    let done = relayed(
+        a.api,
+        "node-b",
+        "POST",
+        &format!("/api/v1/backups/{id}/complete"),
+        Some(json!({"disks": [{"disk_id": 0, "change_id": "c0"}]})),
+        200,
+    )
+    .await
+    .json();
+    assert_eq!(done["status"], "completed", "{done}");
+
+    // Verified through A: B re-reads its chain.
+    let path = format!("/api/v1/backups/{id}/verify");
+    relayed(a.api, "node-b", "POST", &path, None, 202).await;
+    let verified = eventually(60, || async {
+        let v = call_ok(a.api, "GET", &format!("/api/v1/backups/{id}"), None).await;
+        (v["verify_status"] != "verifying" && !v["verify_status"].is_null()).then_some(v)
+    })
+    .await;
+    assert_eq!(verified["verify_status"], "ok", "{verified}");
+
+    // Restored through A: B serves it; read back, it is the source.
+    let path = format!("/api/v1/backups/{id}/restore");
+    let r = relayed(a.api, "node-b", "POST", &path, None, 201).await;
+    let restore = parse_targets(r.json()["nbd_targets_string"].as_str().unwrap());
+    let back = dir.path().join("far-back.raw");
+    std::fs::write(&back, b"").unwrap();
+    run_ok("nbdcopy", &[&restore[0].1, back.to_str().unwrap()]).await;
+    assert_eq!(std::fs::read(&back).unwrap(), data, "restored through A");
+    relayed(a.api, "node-b", "DELETE", &path, None, 204).await;
+
+    // One hop only: a request that says it was forwarded already, for a
+    // backup this hub does not own, is refused, not sent on.
+    let r = integration_tests::http::request(
+        a.api,
+        "DELETE",
+        &format!("/api/v1/backups/{id}"),
+        &[("X-Hub-Forwarded-By", "node-x")],
+        b"",
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("second time"), "{}", r.text());
+
+    // Aborted through A: B closes the exports and removes the partial.
+    let second = call_ok(
+        a.api,
+        "POST",
+        "/api/v1/backups",
+        Some(start_body("far", "default-node-b")),
+    )
+    .await;
+    let id2 = second["backup_id"].as_str().unwrap();
+    let aborted = relayed(
+        a.api,
+        "node-b",
+        "POST",
+        &format!("/api/v1/backups/{id2}/abort"),
+        Some(json!({"reason": "through A"})),
+        200,
+    )
+    .await
+    .json();
+    assert_eq!(aborted["status"], "failed", "{aborted}");
+    assert!(b_files()
+        .iter()
+        .all(|p| !p.to_string_lossy().ends_with(".partial")));
+
+    // Deleted through A: the image leaves B's repository too.
+    assert_eq!(b_files().len(), 1, "{:?}", b_files());
+    let path = format!("/api/v1/backups/{id}");
+    relayed(a.api, "node-b", "DELETE", &path, None, 204).await;
+    assert!(b_files().is_empty(), "{:?}", b_files());
+    let r = call(b.api, "GET", &format!("/api/v1/backups/{id}"), None).await;
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(a.terminate(), 0);
+    assert_eq!(b.terminate(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hubs_forward_to_each_other_over_https() {
+    use axum::http::Method;
+    use hub_daemon::cli::client::http::HubClient;
+    let Some((_f, url, dir)) = setup() else {
+        return;
+    };
+    // One CA for the fleet: each hub serves HTTPS with a certificate it
+    // signed, and trusts it for the other hub.
+    let creds = dir.path().join("creds");
+    hub_daemon::tls::init(&creds, &[]).unwrap();
+    let tls = ["--api-tls", "--tls-certificates", creds.to_str().unwrap()];
+    let a = hub_with(dir.path(), "node-a", &url, &tls);
+    let b = hub_with(dir.path(), "node-b", &url, &tls);
+    let ca = creds.join("ca-cert.pem");
+    let client = HubClient::new(&format!("https://{}", a.api), Some(&ca), None, None).unwrap();
+    let call = |method: Method, path: String, body: Option<Value>| {
+        let client = &client;
+        async move {
+            let bytes = client.call(method, &path, body.as_ref()).await.unwrap();
+            serde_json::from_slice::<Value>(&bytes).unwrap_or(Value::Null)
+        }
+    };
+    let disks = json!([{"disk_id": 0, "size_bytes": MIB, "unit_number": 0}]);
+    call(
+        Method::PUT,
+        "/api/v1/vms/tls-vm".into(),
+        Some(json!({"vm_context_id": "ctx", "disks": disks})),
+    )
+    .await;
+    let nodes = call(Method::GET, "/api/v1/nodes".into(), None).await;
+    assert_eq!(nodes[1]["api_url"], format!("https://{}", b.api), "{nodes}");
+    // Through A over HTTPS, to B over HTTPS, and back.
+    let started = call(
+        Method::POST,
+        "/api/v1/backups".into(),
+        Some(start_body("tls-vm", "default-node-b")),
+    )
+    .await;
+    assert_eq!(started["node_id"], "node-b", "{started}");
+    let id = started["backup_id"].as_str().unwrap();
+    let aborted = call(
+        Method::POST,
+        format!("/api/v1/backups/{id}/abort"),
+        Some(json!({"reason": "over https"})),
+    )
+    .await;
+    assert_eq!(aborted["status"], "failed", "{aborted}");
+    assert_eq!(aborted["error"], "over https", "{aborted}");
+    assert_eq!(a.terminate(), 0);
+    assert_eq!(b.terminate(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_hubs_backups_fail_within_the_lease() {
     let Some((_f, url, dir)) = setup() else {
@@ -339,6 +560,11 @@ async fn a_killed_hubs_backups_fail_within_the_lease() {
     .await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "unavailable", "{}", r.text());
+    // Nor a delete of its backup (its files are there): 503, kept.
+    let gone = &doomed[0];
+    let r = call(a.api, "DELETE", &format!("/api/v1/backups/{gone}"), None).await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("lease"), "{}", r.text());
 
     // Nothing else is affected: A's own backup runs on and completes.
     let id = own["backup_id"].as_str().unwrap();

@@ -50,6 +50,14 @@ pub async fn start(
     // answer (its NBD targets) is relayed as it is.
     if let Some(repo) = st.catalog().repository(&req.repository_id).await? {
         if repo.node_id != st.catalog().node_id() {
+            if headers.contains_key(super::forward::FORWARDED_BY) {
+                return Err(DaemonError::Unavailable(format!(
+                    "forwarded here, but repository {} belongs to node {:?}: \
+                     not forwarding a second time",
+                    repo.id, repo.node_id
+                ))
+                .into());
+            }
             let body = serde_json::to_vec(&req)
                 .map_err(|e| DaemonError::Internal(format!("forward body: {e}")))?;
             return super::forward::to_node(

@@ -31,11 +31,22 @@ use crate::backup::Backups;
 use crate::catalog::Catalog;
 
 /// Shared state of every handler.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct AppState {
     backups: Arc<Backups>,
     auth: Arc<auth::Auth>,
     throughput: Arc<ops::Throughput>,
+    /// Trust for other hubs' HTTPS API (see [`forward`]).
+    fleet_tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl std::fmt::Debug for AppState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AppState")
+            .field("backups", &self.backups)
+            .field("fleet_tls", &self.fleet_tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl AppState {
@@ -45,7 +56,19 @@ impl AppState {
             backups,
             auth: Arc::default(),
             throughput: Arc::default(),
+            fleet_tls: None,
         }
+    }
+
+    /// Reach other hubs of the fleet over HTTPS with this trust (their
+    /// certificates signed by the fleet's CA).
+    pub fn with_fleet_tls(mut self, tls: tokio_rustls::TlsConnector) -> Self {
+        self.fleet_tls = Some(tls);
+        self
+    }
+
+    fn fleet_tls(&self) -> Option<tokio_rustls::TlsConnector> {
+        self.fleet_tls.clone()
     }
 
     fn backups(&self) -> &Arc<Backups> {
@@ -145,8 +168,14 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(json::BODY_LIMIT))
+        // What only a backup's own node can serve goes there, once the
+        // caller is authenticated (and again, by the owner).
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            forward::layer,
+        ))
         // Authentication before anything reads the body (layers added
-        // later run first: URI limit, then authentication).
+        // later run first: URI limit, authentication, forwarding).
         .layer(middleware::from_fn_with_state(state.clone(), auth::layer))
         .layer(middleware::from_fn(limit_uri))
         .with_state(state)

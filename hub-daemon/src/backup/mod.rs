@@ -183,17 +183,19 @@ impl Backups {
         &self.lifecycle_kick
     }
 
-    /// Where the API listens: the appliances' callback base URL, unless
-    /// `public_url` is configured.
+    /// Where the API listens: the base URL appliances call back to and
+    /// other hubs of the fleet forward to, unless `public_url` is
+    /// configured. On every address (`0.0.0.0`, `[::]`) that is the
+    /// advertised host (the one the NBD targets name: appliances reach it).
     pub fn set_api_addr(&self, addr: std::net::SocketAddr) {
-        let url = format!("{}://{addr}", self.config.api_scheme());
+        let url = api_url(self.config.api_scheme(), addr, &self.config.advertise_host);
         if self.public_url.set(url).is_ok() && addr.ip().is_unspecified() {
-            tracing::warn!(%addr, "the API listens on every address: appliances cannot call back to it; set --public-url");
+            tracing::info!(%addr, host = %self.config.advertise_host, "the API listens on every address: it is reached at the advertised host (set --public-url otherwise)");
         }
     }
 
-    /// The base URL appliances call back to.
-    fn public_url(&self) -> Result<&str> {
+    /// The base URL appliances call back to and other hubs forward to.
+    pub fn public_url(&self) -> Result<&str> {
         self.public_url
             .get()
             .map(String::as_str)
@@ -668,5 +670,47 @@ impl Backups {
         if let Err(e) = self.nbd.shutdown().await {
             tracing::error!(error = %e, "NBD shutdown failed");
         }
+    }
+}
+
+/// The API's base URL for a listener on `addr`: its own address, or
+/// `advertise_host` when it listens on every address (nobody can call
+/// `0.0.0.0`).
+fn api_url(scheme: &str, addr: std::net::SocketAddr, advertise_host: &str) -> String {
+    if !addr.ip().is_unspecified() {
+        return format!("{scheme}://{addr}");
+    }
+    let host = advertise_host.trim();
+    if host.contains(':') && !host.starts_with('[') {
+        format!("{scheme}://[{host}]:{}", addr.port())
+    } else {
+        format!("{scheme}://{host}:{}", addr.port())
+    }
+}
+
+#[cfg(test)]
+mod api_url_tests {
+    use super::api_url;
+
+    #[test]
+    fn every_address_is_reached_at_the_advertised_host() {
+        let a = |s: &str| s.parse().unwrap();
+        assert_eq!(
+            api_url("http", a("127.0.0.1:8082"), "h"),
+            "http://127.0.0.1:8082"
+        );
+        assert_eq!(api_url("https", a("[::1]:8082"), "h"), "https://[::1]:8082");
+        assert_eq!(
+            api_url("http", a("0.0.0.0:8082"), "hub1.example"),
+            "http://hub1.example:8082"
+        );
+        assert_eq!(
+            api_url("http", a("[::]:9"), "fd00::5"),
+            "http://[fd00::5]:9"
+        );
+        assert_eq!(
+            api_url("http", a("[::]:9"), "[fd00::5]"),
+            "http://[fd00::5]:9"
+        );
     }
 }

@@ -222,6 +222,23 @@ impl Catalog {
         .await
     }
 
+    /// The node a backup's files and exports are on, and its status
+    /// (`None`: no such backup). Requests acting on a backup are served
+    /// by that node; see `api::forward`.
+    pub async fn backup_owner(&self, backup_id: &str) -> Result<Option<(String, String)>> {
+        let id = backup_id.to_owned();
+        self.with(move |c| {
+            let row = c.query_opt(
+                "SELECT node_id, status FROM backups WHERE id = ?1",
+                params![id],
+            )?;
+            Ok(row
+                .map(|r| Ok::<_, DbError>((r.get(0)?, r.get(1)?)))
+                .transpose()?)
+        })
+        .await
+    }
+
     /// Make the rows of another node id this node's: on SQLite every row
     /// (the file is one hub's: a renamed host keeps its data), on
     /// PostgreSQL those still [`LOCAL`] (a catalog from before the fleet

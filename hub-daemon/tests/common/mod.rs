@@ -179,7 +179,10 @@ impl DaemonProcess {
         let mut all = vec!["serve"];
         all.extend_from_slice(args);
         let proc = Proc::start_logged(&all, env, stderr, |line| {
-            if let Some(a) = line.strip_prefix("api http://") {
+            if let Some(a) = line
+                .strip_prefix("api http://")
+                .or_else(|| line.strip_prefix("api https://"))
+            {
                 api = Some(a.parse().unwrap());
             }
             line == "ready"
