@@ -86,6 +86,7 @@ impl Daemon {
             .map_err(anyhow::Error::msg)?;
         catalog
             .ensure_repository(Repository {
+                shared: false,
                 id: default_repo,
                 path: repo_dir.display().to_string(),
                 s3: None,

@@ -30,6 +30,7 @@ pub mod names;
 pub mod nbd;
 pub mod ports;
 pub mod secret;
+pub mod shared_repo;
 pub mod sna;
 pub mod space;
 pub mod tier;

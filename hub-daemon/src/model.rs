@@ -75,6 +75,11 @@ pub struct Repository {
     /// field.
     #[serde(default)]
     pub node_id: String,
+    /// On storage every node of the fleet mounts at `path` (NFS, CephFS…):
+    /// backups are placed on any node, each VM's chain managed by one
+    /// node at a time. Otherwise the files are on `node_id` only.
+    #[serde(default)]
+    pub shared: bool,
     /// Its object-storage tier, if any (never the credentials).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3View>,
@@ -90,6 +95,12 @@ pub struct RepositoryBody {
     /// Absolute directory (under a configured repository root; created
     /// if missing).
     pub path: String,
+    /// The directory is on storage every node of the fleet mounts at the
+    /// same path: backups go to the least-loaded node (a VM's chain stays
+    /// on one node while it is alive). The hub writes `.hub-repository`
+    /// there; a node that cannot read it (storage not mounted) is refused.
+    #[serde(default)]
+    pub shared: bool,
     /// An S3 bucket restore points can be offloaded to.
     #[serde(default)]
     pub s3: Option<S3Body>,

@@ -576,6 +576,7 @@ impl World {
         std::fs::create_dir_all(&repo).unwrap();
         catalog
             .ensure_repository(Repository {
+                shared: false,
                 id: "default".into(),
                 path: repo.canonicalize().unwrap().display().to_string(),
                 s3: None,

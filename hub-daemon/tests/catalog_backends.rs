@@ -26,6 +26,7 @@ catalog_cases!(
     large_values_round_trip,
     nodes_lease_and_reaper,
     rows_belong_to_nodes,
+    shared_repository_chains,
 );
 
 mod cases {
@@ -53,6 +54,7 @@ mod cases {
         };
         assert_eq!(c.backend().await.unwrap(), want);
         c.ensure_repository(Repository {
+            shared: false,
             id: "default".into(),
             path: "/srv/default".into(),
             s3: None,
@@ -118,6 +120,7 @@ mod cases {
     pub async fn repositories(f: &Fixture) {
         let c = with_repo(f).await;
         let r = Repository {
+            shared: false,
             id: "r2".into(),
             path: "/srv/r2".into(),
             s3: None,
@@ -127,6 +130,7 @@ mod cases {
         assert!(is_conflict(&c.create_repository(r.clone()).await));
         // ensure_repository leaves an existing one as it is.
         c.ensure_repository(Repository {
+            shared: false,
             id: "r2".into(),
             path: "/elsewhere".into(),
             s3: None,
@@ -697,6 +701,7 @@ mod cases {
             .unwrap();
         for (c, repo) in [(&n1, "r1"), (&n2, "r2")] {
             c.create_repository(Repository {
+                shared: false,
                 id: repo.into(),
                 path: format!("/srv/{repo}"),
                 node_id: c.node_id().into(),
@@ -776,5 +781,115 @@ mod cases {
         // A lone SQLite hub claims everything (a renamed host keeps it).
         assert_eq!(b.claim_rows(true).await.unwrap(), 3);
         assert_eq!(b.own_repositories().await.unwrap().len(), 1);
+    }
+
+    pub async fn shared_repository_chains(f: &Fixture) {
+        let _base = with_repo(f).await;
+        let (a, b) = (f.open().await.for_node("a"), f.open().await.for_node("b"));
+        let hour = Duration::from_secs(3600);
+        a.register_node(registration("http://a"), hour)
+            .await
+            .unwrap();
+        b.register_node(registration("http://b"), hour)
+            .await
+            .unwrap();
+        a.create_repository(Repository {
+            shared: true,
+            id: "sh".into(),
+            path: "/mnt/shared".into(),
+            node_id: "a".into(),
+            s3: None,
+        })
+        .await
+        .unwrap();
+        assert!(b.repository("sh").await.unwrap().unwrap().shared);
+        // Both nodes reach it: both reconcile in it.
+        assert_eq!(b.own_repositories().await.unwrap().len(), 1);
+        let now = now_ms();
+        // A new VM goes to the least-loaded node (equal: the id decides).
+        assert_eq!(
+            a.place_in_shared("vm1", "sh", now)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("a")
+        );
+        a.insert_running(on("sh", backup("f1", "vm1", 1, &[(0, None, None)])))
+            .await
+            .unwrap();
+        // a is busier now: vm2 goes to b.
+        assert_eq!(
+            b.place_in_shared("vm2", "sh", now)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("b")
+        );
+        b.insert_running(on("sh", backup("f2", "vm2", 2, &[(0, None, None)])))
+            .await
+            .unwrap();
+        // Each running backup is served by the node running it.
+        let owner = b.backup_owner("f1").await.unwrap().unwrap();
+        assert_eq!(
+            (owner.node_id.as_str(), owner.status.as_str(), owner.shared),
+            ("a", "running", true)
+        );
+        a.complete("f1", vec![done(0, 10)]).await.unwrap();
+        b.complete("f2", vec![done(0, 10)]).await.unwrap();
+        // A chain stays with its node while it lives, however loaded:
+        // b runs something else, vm2 still goes to b.
+        b.insert_running(on("sh", backup("f3", "vm3", 3, &[(0, None, None)])))
+            .await
+            .unwrap();
+        assert_eq!(
+            a.place_in_shared("vm2", "sh", now)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("b")
+        );
+        // Maintenance follows the chain: each node prunes its own chains.
+        let ids = |v: Vec<hub_daemon::catalog::PruneCandidate>| {
+            v.into_iter().map(|c| c.backup_id).collect::<Vec<_>>()
+        };
+        assert_eq!(ids(a.prune_candidates(None, None).await.unwrap()), ["f1"]);
+        assert_eq!(ids(b.prune_candidates(None, None).await.unwrap()), ["f2"]);
+        // Leftovers: a may sweep vm1's, not vm3's (running on b) nor
+        // vm2's (b's chain); b (at its start-up, its own running backups
+        // failed first) both of its chains.
+        assert_eq!(a.sweepable_vms("sh").await.unwrap(), ["vm1"]);
+        assert_eq!(b.sweepable_vms("sh").await.unwrap(), ["vm2", "vm3"]);
+        b.fail("f3", "test", Vec::new()).await.unwrap();
+        // b's lease runs out: vm2's next backup goes to a, which then
+        // manages the whole chain (b's old backup included).
+        b.register_node(registration("http://b"), Duration::ZERO)
+            .await
+            .unwrap();
+        let later = now_ms() + 1000;
+        assert_eq!(
+            a.place_in_shared("vm2", "sh", later)
+                .await
+                .unwrap()
+                .as_deref(),
+            Some("a")
+        );
+        a.insert_running(on("sh", backup("i2", "vm2", 5, &[(0, Some("f2"), None)])))
+            .await
+            .unwrap();
+        a.complete("i2", vec![done(0, 10)]).await.unwrap();
+        assert_eq!(b.backup_owner("f2").await.unwrap().unwrap().node_id, "a");
+        assert_eq!(
+            ids(a.prune_candidates(None, None).await.unwrap()),
+            ["f1", "f2", "i2"]
+        );
+        assert!(ids(b.prune_candidates(None, None).await.unwrap()).is_empty());
+        // A repository of one node is never placed elsewhere by this.
+        let owner = a.backup_owner("nope").await.unwrap();
+        assert_eq!(owner, None);
+        // No node alive at all: nothing to place on.
+        a.register_node(registration("http://a"), Duration::ZERO)
+            .await
+            .unwrap();
+        assert_eq!(a.place_in_shared("vm9", "sh", later).await.unwrap(), None);
     }
 }

@@ -11,6 +11,10 @@
 //!   figures, complete, verify, restore (read back and compared), abort
 //!   and delete (its files gone from the owner's repository) of B's
 //!   backups through A; a request forwarded once is never forwarded again;
+//! * a shared repository (one directory both nodes reach): VMs spread
+//!   over the nodes, a chain stays on its node, and when that node dies
+//!   the other continues the chain on its files and serves its restores;
+//!   without the repository's mark (storage not mounted) a node refuses;
 //! * with `--api-tls` the hubs forward to each other over HTTPS, trusting
 //!   the fleet's CA;
 //! * kill -9 of one hub during backups: the other reports them failed
@@ -499,6 +503,185 @@ async fn hubs_forward_to_each_other_over_https() {
     assert_eq!(aborted["error"], "over https", "{aborted}");
     assert_eq!(a.terminate(), 0);
     assert_eq!(b.terminate(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_repository_spreads_vms_and_outlives_a_node() {
+    let Some((_f, url, dir)) = setup() else {
+        return;
+    };
+    // Storage both nodes mount at one path: here, one directory.
+    let mount = dir.path().join("mnt");
+    std::fs::create_dir(&mount).unwrap();
+    let root = ["--repository-root", mount.to_str().unwrap()];
+    let a = hub_with(dir.path(), "node-a", &url, &root);
+    let b = hub_with(dir.path(), "node-b", &url, &root);
+    let repo = call_ok(
+        a.api,
+        "POST",
+        "/api/v1/repositories",
+        Some(json!({"id": "sh", "path": mount.join("repo").to_str().unwrap(), "shared": true})),
+    )
+    .await;
+    assert_eq!(repo["shared"], true, "{repo}");
+    let marker = Path::new(repo["path"].as_str().unwrap()).join(".hub-repository");
+    assert_eq!(std::fs::read_to_string(&marker).unwrap(), "sh\n");
+    for vm in ["s1", "s2", "s3"] {
+        register(a.api, vm, 1, 2 * MIB).await;
+    }
+    let start =
+        |vm: &str, kind: &str| json!({"vm_name": vm, "backup_type": kind, "repository_id": "sh"});
+    let write = |uri: String, data: Vec<u8>, name: &str| {
+        let src = write_file(dir.path(), name, &data);
+        async move { run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await }
+    };
+    let target = |b: &Value| {
+        parse_targets(b["nbd_targets_string"].as_str().unwrap())[0]
+            .1
+            .clone()
+    };
+
+    // Two VMs at once spread over both nodes, wherever they are started.
+    let s1 = call_ok(b.api, "POST", "/api/v1/backups", Some(start("s1", "full"))).await;
+    let s2 = call_ok(b.api, "POST", "/api/v1/backups", Some(start("s2", "full"))).await;
+    let (n1, n2) = (
+        s1["node_id"].as_str().unwrap().to_owned(),
+        s2["node_id"].as_str().unwrap().to_owned(),
+    );
+    assert_ne!(n1, n2, "the second VM goes to the idle node");
+    let data1 = support::disk_like(31, 2 * MIB as usize);
+    write(target(&s1), data1.clone(), "s1.raw").await;
+    write(
+        target(&s2),
+        support::disk_like(32, 2 * MIB as usize),
+        "s2.raw",
+    )
+    .await;
+    for (b, c) in [(&s1, "c1"), (&s2, "c2")] {
+        let id = b["backup_id"].as_str().unwrap();
+        call_ok(
+            a.api,
+            "POST",
+            &format!("/api/v1/backups/{id}/complete"),
+            Some(json!({"disks": [{"disk_id": 0, "change_id": c}]})),
+        )
+        .await;
+    }
+
+    // A chain stays on its node while that node lives, busy or not: s3
+    // lands somewhere, and the VM whose chain is there follows it.
+    let s3 = call_ok(a.api, "POST", "/api/v1/backups", Some(start("s3", "full"))).await;
+    let busy = s3["node_id"].as_str().unwrap().to_owned();
+    let homed = if busy == n1 { "s1" } else { "s2" };
+    let inc = call_ok(
+        b.api,
+        "POST",
+        "/api/v1/backups",
+        Some(start(homed, "incremental")),
+    )
+    .await;
+    assert_eq!(inc["node_id"], busy.as_str(), "{inc}");
+    for x in [&s3, &inc] {
+        let id = x["backup_id"].as_str().unwrap();
+        call_ok(a.api, "POST", &format!("/api/v1/backups/{id}/abort"), None).await;
+    }
+
+    // The node of s1's chain dies: s1's next incremental runs on the
+    // other, on top of the dead node's full (the files are shared).
+    let (dead, alive, alive_id) = if n1 == "node-a" {
+        (a, b, n2)
+    } else {
+        (b, a, n2)
+    };
+    dead.kill9();
+    eventually(LEASE_SECS * 5, || async {
+        let nodes = call_ok(alive.api, "GET", "/api/v1/nodes", None).await;
+        nodes
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|n| n["node_id"] == n1.as_str() && n["lease"] == "expired")
+            .then_some(())
+    })
+    .await;
+    let inc = call_ok(
+        alive.api,
+        "POST",
+        "/api/v1/backups",
+        Some(start("s1", "incremental")),
+    )
+    .await;
+    assert_eq!(inc["node_id"], alive_id.as_str(), "{inc}");
+    assert_eq!(
+        inc["disk_results"][0]["backup_mode"], "incremental",
+        "{inc}"
+    );
+    assert_eq!(
+        inc["disk_results"][0]["parent_backup_id"], s1["backup_id"],
+        "{inc}"
+    );
+    let mut data1b = data1.clone();
+    data1b[..65536].fill(0xA5);
+    write(target(&inc), data1b.clone(), "s1b.raw").await;
+    let id = inc["backup_id"].as_str().unwrap();
+    let done = call_ok(
+        alive.api,
+        "POST",
+        &format!("/api/v1/backups/{id}/complete"),
+        Some(json!({"disks": [{"disk_id": 0, "change_id": "c1b"}]})),
+    )
+    .await;
+    assert_eq!(done["status"], "completed", "{done}");
+    // Restored by the survivor (the dead node's full is the base).
+    let r = call_ok(
+        alive.api,
+        "POST",
+        &format!("/api/v1/backups/{id}/restore"),
+        None,
+    )
+    .await;
+    let back = dir.path().join("s1-back.raw");
+    std::fs::write(&back, b"").unwrap();
+    run_ok("nbdcopy", &[&target(&r), back.to_str().unwrap()]).await;
+    assert_eq!(std::fs::read(&back).unwrap(), data1b);
+    call_ok(
+        alive.api,
+        "DELETE",
+        &format!("/api/v1/backups/{id}/restore"),
+        None,
+    )
+    .await;
+    // The dead node's own restore point is served by the survivor too.
+    let full = s1["backup_id"].as_str().unwrap();
+    let r = call(
+        alive.api,
+        "POST",
+        &format!("/api/v1/backups/{full}/restore"),
+        None,
+    )
+    .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.header("x-hub-node"), Some(alive_id.as_str()));
+    call_ok(
+        alive.api,
+        "DELETE",
+        &format!("/api/v1/backups/{full}/restore"),
+        None,
+    )
+    .await;
+
+    // Storage not mounted (no mark): the node refuses to write there.
+    std::fs::remove_file(&marker).unwrap();
+    let r = call(
+        alive.api,
+        "POST",
+        "/api/v1/backups",
+        Some(&start("s2", "full")),
+    )
+    .await;
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert!(r.text().contains("mounted"), "{}", r.text());
+    assert_eq!(alive.terminate(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

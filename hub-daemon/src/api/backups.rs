@@ -47,10 +47,22 @@ pub async fn start(
     AppJson(req): AppJson<BackupRequest>,
 ) -> Result<Response, ApiError> {
     // A repository of another node: that node runs the backup, and its
-    // answer (its NBD targets) is relayed as it is.
+    // answer (its NBD targets) is relayed as it is. A shared repository:
+    // the node placement picks (this one unless forwarded here already).
+    let forwarded = headers.contains_key(super::forward::FORWARDED_BY);
     if let Some(repo) = st.catalog().repository(&req.repository_id).await? {
-        if repo.node_id != st.catalog().node_id() {
-            if headers.contains_key(super::forward::FORWARDED_BY) {
+        let runner = if repo.shared && !forwarded {
+            st.catalog()
+                .place_in_shared(&req.vm_name, &repo.id, crate::time::now_ms())
+                .await?
+                .unwrap_or_else(|| st.catalog().node_id().to_owned())
+        } else if repo.shared {
+            st.catalog().node_id().to_owned()
+        } else {
+            repo.node_id.clone()
+        };
+        if runner != st.catalog().node_id() {
+            if forwarded {
                 return Err(DaemonError::Unavailable(format!(
                     "forwarded here, but repository {} belongs to node {:?}: \
                      not forwarding a second time",
@@ -62,7 +74,7 @@ pub async fn start(
                 .map_err(|e| DaemonError::Internal(format!("forward body: {e}")))?;
             return super::forward::to_node(
                 &st,
-                &repo.node_id,
+                &runner,
                 Method::POST,
                 "/api/v1/backups",
                 &headers,

@@ -8,9 +8,12 @@
 //!   and `Authorization` (the fleet shares the catalog, so a token or a
 //!   backup's callback token valid here is valid there: the owner checks
 //!   it again). The owner's answer comes back verbatim, status and body.
-//! * A node whose lease ran out gets nothing forwarded: 503 in the error
-//!   shape. Only a `GET` falls back to what the catalog says (without the
-//!   live figures only the owner has).
+//! * In a shared repository (storage every node mounts) the owner is the
+//!   node managing the backup's chain; while it is away, any hub serves
+//!   (the files are reachable from all).
+//! * Otherwise a node whose lease ran out gets nothing forwarded: 503 in
+//!   the error shape. Only a `GET` falls back to what the catalog says
+//!   (without the live figures only the owner has).
 //! * One hop at most: a forwarded request carries [`FORWARDED_BY`]; a hub
 //!   that receives one for a backup it does not own (the two hubs disagree
 //!   about the catalog, say during a node's rename) answers 503 instead
@@ -90,18 +93,28 @@ async fn route(st: &AppState, req: Request, next: Next) -> Response {
     let Some(id) = owned_target(req.method(), req.uri().path()).map(str::to_owned) else {
         return next.run(req).await;
     };
-    let (node, status) = match st.catalog().backup_owner(&id).await {
+    let owner = match st.catalog().backup_owner(&id).await {
         Ok(Some(owner)) => owner,
         Ok(None) => return next.run(req).await,
         Err(e) => return ApiError::from(e).into_response(),
     };
+    let node = owner.node_id;
     if node == st.catalog().node_id() {
         return next.run(req).await;
     }
     let is_get = req.method() == Method::GET;
     // Only a running backup has figures the catalog lacks.
-    if is_get && status != "running" {
+    if is_get && owner.status != "running" {
         return next.run(req).await;
+    }
+    // A shared repository's files are here too: while the node managing
+    // the chain is away, this one serves (a dead node touches nothing).
+    if owner.shared {
+        match st.catalog().node(&node, now_ms()).await {
+            Ok(Some(n)) if n.alive() => {}
+            Ok(_) => return next.run(req).await,
+            Err(e) => return ApiError::from(e).into_response(),
+        }
     }
     if let Some(from) = req.headers().get(FORWARDED_BY) {
         let from = String::from_utf8_lossy(from.as_bytes())

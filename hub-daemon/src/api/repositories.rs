@@ -105,6 +105,8 @@ pub struct RepositorySpace {
     /// The node holding its files. The space figures below are measured
     /// there: for another node's repository they are 0 (ask that node).
     pub node_id: String,
+    /// On storage every node mounts (measured here, as any node sees it).
+    pub shared: bool,
     /// Size of the filesystem holding it.
     pub capacity_bytes: u64,
     /// Bytes free for the hub on that filesystem.
@@ -138,7 +140,7 @@ pub async fn get(
         .await?
         .ok_or_else(|| ApiError::not_found("repository", id.clone()))?;
     let path = std::path::PathBuf::from(&repo.path);
-    let fs = if repo.node_id == st.catalog().node_id() {
+    let fs = if repo.node_id == st.catalog().node_id() || repo.shared {
         tokio::task::spawn_blocking(move || crate::space::fs_space(&path))
             .await
             .map_err(|e| DaemonError::Internal(format!("statvfs task failed: {e}")))?
@@ -153,6 +155,7 @@ pub async fn get(
         id: repo.id,
         path: repo.path,
         node_id: repo.node_id,
+        shared: repo.shared,
         capacity_bytes: fs.capacity_bytes,
         free_bytes: fs.free_bytes,
         used_bytes: fs.used_bytes,
@@ -188,11 +191,18 @@ pub async fn create(
     let canonical = tokio::task::spawn_blocking(move || names::repository_dir(&path, &roots))
         .await
         .map_err(|e| DaemonError::Internal(format!("repository task failed: {e}")))??;
+    if body.shared {
+        let (dir, id) = (canonical.clone(), body.id.clone());
+        tokio::task::spawn_blocking(move || crate::shared_repo::write(&dir, &id))
+            .await
+            .map_err(|e| DaemonError::Internal(format!("repository task failed: {e}")))??;
+    }
     let repo = Repository {
         id: body.id,
         path: canonical.display().to_string(),
         s3: None,
         node_id: st.catalog().node_id().to_owned(),
+        shared: body.shared,
     };
     st.catalog().create_repository(repo.clone()).await?;
     if let Some(s) = s3 {

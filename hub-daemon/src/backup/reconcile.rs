@@ -75,10 +75,16 @@ fn plain_dirs(dir: &Path) -> Vec<String> {
 /// [`is_own_partial`], in the hub's layout `<repo>/<vm>/disk<N>/`, plain
 /// files reached through plain directories. Symlinks are never followed
 /// (and removal itself goes through [`Layout::remove`]).
-fn sweep_partials(layout: &Layout, removed: &mut usize) {
+///
+/// In a shared repository other nodes' backups, merges and restores have
+/// files in progress too: only the VMs in `only` are swept there.
+fn sweep_partials(layout: &Layout, only: Option<&[String]>, removed: &mut usize) {
     let root = layout.root();
     for vm in plain_dirs(root) {
         if crate::names::validate("vm_name", &vm).is_err() {
+            continue;
+        }
+        if only.is_some_and(|vms| !vms.contains(&vm)) {
             continue;
         }
         let vm_dir = root.join(&vm);
@@ -187,7 +193,16 @@ impl Backups {
             }
         }
         for r in &repos {
-            sweep_partials(&Layout::new(&r.path), &mut report.removed_partials);
+            let only = if r.shared {
+                Some(self.catalog.sweepable_vms(&r.id).await?)
+            } else {
+                None
+            };
+            sweep_partials(
+                &Layout::new(&r.path),
+                only.as_deref(),
+                &mut report.removed_partials,
+            );
         }
         Ok(report)
     }

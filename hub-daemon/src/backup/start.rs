@@ -133,7 +133,18 @@ impl Backups {
             })?;
         // Its files are on another node: that node runs the backup (the
         // API forwards such a start there before it gets here).
-        if repo.node_id != self.catalog.node_id() {
+        if repo.shared {
+            // Every node mounts it, or should: a node that does not must
+            // not write the backup onto its own disk under the mount point.
+            let (dir, id, node) = (
+                std::path::PathBuf::from(&repo.path),
+                repo.id.clone(),
+                self.catalog.node_id().to_owned(),
+            );
+            tokio::task::spawn_blocking(move || crate::shared_repo::check(&dir, &id, &node))
+                .await
+                .map_err(|e| DaemonError::Internal(format!("repository check task: {e}")))??;
+        } else if repo.node_id != self.catalog.node_id() {
             return Err(DaemonError::Conflict(format!(
                 "repository {:?} is on node {:?}; start the backup there",
                 repo.id, repo.node_id

@@ -74,7 +74,7 @@ mod schema;
 mod space;
 mod tokens;
 
-pub use nodes::{NodeInfo, NodeRegistration, LOCAL};
+pub use nodes::{BackupOwner, NodeInfo, NodeRegistration, LOCAL};
 pub use offload::{LayerObject, S3Settings, TierCandidate};
 pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 pub use space::DiskHistory;
@@ -327,8 +327,8 @@ impl Catalog {
         let node = self.node.to_string();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO repositories (id, path, created_ms, node_id) VALUES (?1, ?2, ?3, ?4)",
-                params![repo.id, repo.path, now_ms(), node],
+                "INSERT INTO repositories (id, path, created_ms, node_id, shared) VALUES (?1, ?2, ?3, ?4, ?5)",
+                params![repo.id, repo.path, now_ms(), node, repo.shared],
             )
             .map_err(|e| conflict_if_unique(e, || format!("repository {:?} exists", repo.id)))?;
             Ok(())
@@ -341,9 +341,9 @@ impl Catalog {
         let node = self.node.to_string();
         self.with(move |c| {
             c.execute(
-                "INSERT INTO repositories (id, path, created_ms, node_id) VALUES (?1, ?2, ?3, ?4)
+                "INSERT INTO repositories (id, path, created_ms, node_id, shared) VALUES (?1, ?2, ?3, ?4, ?5)
                  ON CONFLICT (id) DO NOTHING",
-                params![repo.id, repo.path, now_ms(), node],
+                params![repo.id, repo.path, now_ms(), node, repo.shared],
             )?;
             Ok(())
         })
@@ -354,7 +354,7 @@ impl Catalog {
     pub async fn repositories(&self) -> Result<Vec<Repository>> {
         self.with(|c| {
             let rows = c.query(
-                "SELECT id, path, node_id FROM repositories ORDER BY id",
+                "SELECT id, path, node_id, shared FROM repositories ORDER BY id",
                 params![],
             )?;
             Ok(rows
@@ -365,13 +365,14 @@ impl Catalog {
         .await
     }
 
-    /// The repositories of this handle's node (their files are here): what
-    /// start-up reconciliation, prune and the schedulers may touch.
+    /// The repositories whose files this handle's node can reach: its own
+    /// and the shared ones. What start-up reconciliation looks at (in a
+    /// shared one, only at the backups this node runs or manages).
     pub async fn own_repositories(&self) -> Result<Vec<Repository>> {
         let node = self.node.to_string();
         self.with(move |c| {
             let rows = c.query(
-                "SELECT id, path, node_id FROM repositories WHERE node_id = ?1 ORDER BY id",
+                "SELECT id, path, node_id, shared FROM repositories WHERE node_id = ?1 OR shared = 1 ORDER BY id",
                 params![node],
             )?;
             Ok(rows
@@ -387,7 +388,7 @@ impl Catalog {
         let id = id.to_owned();
         self.with(move |c| {
             let row = c.query_opt(
-                "SELECT id, path, node_id FROM repositories WHERE id = ?1",
+                "SELECT id, path, node_id, shared FROM repositories WHERE id = ?1",
                 params![id],
             )?;
             Ok(row.as_ref().map(read_repository).transpose()?)
@@ -960,15 +961,15 @@ impl Catalog {
         let node = self.node.to_string();
         self.with(move |c| {
             Self::ids(c.query(
-                "SELECT b.id FROM backups b JOIN policies p ON p.id = b.policy_id
+                &format!("SELECT b.id FROM backups b JOIN policies p ON p.id = b.policy_id
                  WHERE b.status = 'completed' AND b.files_missing = 0 AND p.verify_every_days > 0
                    AND (b.verify_status IS NULL OR b.verify_status = 'ok')
                    AND COALESCE(b.verified_ms, b.completed_ms) <= ?1 - p.verify_every_days * 86400000
                    AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.digest IS NULL)
                    AND NOT EXISTS (SELECT 1 FROM backup_disks d WHERE d.backup_id = b.id AND d.location = 's3')
                    AND (CAST(?2 AS TEXT) IS NULL OR b.id = ?2)
-                   AND b.repository_id IN (SELECT id FROM repositories WHERE node_id = ?3)
-                 ORDER BY COALESCE(b.verified_ms, b.completed_ms), b.id",
+                   AND {}
+                 ORDER BY COALESCE(b.verified_ms, b.completed_ms), b.id", nodes::managed_by("b", 3)),
                 params![now_ms, only, node],
             )?)
         })
@@ -1010,6 +1011,7 @@ fn read_repository(r: &Row) -> Result<Repository, DbError> {
         path: r.get(1)?,
         s3: None,
         node_id: r.get(2)?,
+        shared: r.get(3)?,
     })
 }
 

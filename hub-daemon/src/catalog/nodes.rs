@@ -27,6 +27,36 @@ use crate::time::{now_ms, rfc3339};
 /// handle works for until told otherwise.
 pub const LOCAL: &str = "local";
 
+/// The node that ran the newest backup of row `b`'s VM in `b`'s
+/// repository: who manages that chain in a shared repository.
+const CHAIN_HOME: &str = "(SELECT h.node_id FROM backups h
+      WHERE h.vm_name = b.vm_name AND h.repository_id = b.repository_id
+      ORDER BY h.created_ms DESC, h.id DESC LIMIT 1)";
+
+/// SQL condition: backups row `alias` is node `?n`'s to maintain (prune,
+/// verify, offload): every backup in the node's own repositories, and in a
+/// shared repository the chains whose newest backup the node ran. Run by
+/// anyone else, two nodes could merge and read one chain at once.
+pub(crate) fn managed_by(alias: &str, n: u32) -> String {
+    format!(
+        "(({alias}.repository_id IN (SELECT id FROM repositories WHERE node_id = ?{n} AND shared = 0))
+          OR ({alias}.repository_id IN (SELECT id FROM repositories WHERE shared = 1)
+              AND ?{n} = {}))",
+        CHAIN_HOME.replace("b.", &format!("{alias}."))
+    )
+}
+
+/// See [`Catalog::backup_owner`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackupOwner {
+    /// The node that serves requests on it.
+    pub node_id: String,
+    /// `running`, `completed` or `failed`.
+    pub status: String,
+    /// Its repository is shared: its files are reachable from every node.
+    pub shared: bool,
+}
+
 /// What a hub registers about itself.
 #[derive(Debug, Clone)]
 pub struct NodeRegistration {
@@ -222,21 +252,107 @@ impl Catalog {
         .await
     }
 
-    /// The node a backup's files and exports are on, and its status
-    /// (`None`: no such backup). Requests acting on a backup are served
-    /// by that node; see `api::forward`.
-    pub async fn backup_owner(&self, backup_id: &str) -> Result<Option<(String, String)>> {
+    /// Who serves requests on a backup (see `api::forward`), its status,
+    /// and whether its repository is shared (`None`: no such backup). In a
+    /// repository of one node, that node. In a shared one, the node
+    /// managing the backup's chain: the one that ran the VM's newest
+    /// backup there (a running backup is its VM's newest).
+    pub async fn backup_owner(&self, backup_id: &str) -> Result<Option<BackupOwner>> {
         let id = backup_id.to_owned();
         self.with(move |c| {
             let row = c.query_opt(
-                "SELECT node_id, status FROM backups WHERE id = ?1",
+                &format!(
+                    "SELECT b.node_id, b.status, r.shared, {CHAIN_HOME}
+                     FROM backups b JOIN repositories r ON r.id = b.repository_id
+                     WHERE b.id = ?1"
+                ),
                 params![id],
             )?;
             Ok(row
-                .map(|r| Ok::<_, DbError>((r.get(0)?, r.get(1)?)))
+                .map(|r| {
+                    let shared: bool = r.get(2)?;
+                    let node: String = r.get(0)?;
+                    let home: Option<String> = r.get(3)?;
+                    Ok::<_, DbError>(BackupOwner {
+                        node_id: if shared { home.unwrap_or(node) } else { node },
+                        status: r.get(1)?,
+                        shared,
+                    })
+                })
                 .transpose()?)
         })
         .await
+    }
+
+    /// The VMs of shared repository `repo` whose leftover files this node
+    /// may sweep at start-up: the chains it manages, none of whose backups
+    /// runs on another node.
+    pub async fn sweepable_vms(&self, repo: &str) -> Result<Vec<String>> {
+        let (repo, node) = (repo.to_owned(), self.node.to_string());
+        self.with(move |c| {
+            let rows = c.query(
+                &format!(
+                    "SELECT DISTINCT b.vm_name FROM backups b
+                     WHERE b.repository_id = ?1 AND {}
+                       AND NOT EXISTS (SELECT 1 FROM backups o WHERE o.vm_name = b.vm_name
+                                       AND o.status = 'running' AND o.node_id <> ?2)
+                     ORDER BY b.vm_name",
+                    managed_by("b", 2)
+                ),
+                params![repo, node],
+            )?;
+            Ok(rows
+                .iter()
+                .map(|r| r.get(0))
+                .collect::<Result<_, DbError>>()?)
+        })
+        .await
+    }
+
+    /// The node a new backup of `vm` in shared repository `repo` runs on:
+    /// the node managing its chain while that node's lease holds (one
+    /// node at a time touches a chain), else the alive node with the
+    /// fewest running backups (ties: the most free space, then the id).
+    /// `None` when no node is alive.
+    pub async fn place_in_shared(
+        &self,
+        vm: &str,
+        repo: &str,
+        now_ms: i64,
+    ) -> Result<Option<String>> {
+        let (vm, repo) = (vm.to_owned(), repo.to_owned());
+        let home: Option<String> = self
+            .with(move |c| {
+                let row = c.query_opt(
+                    "SELECT h.node_id FROM backups h WHERE h.vm_name = ?1 AND h.repository_id = ?2
+                     ORDER BY h.created_ms DESC, h.id DESC LIMIT 1",
+                    params![vm, repo],
+                )?;
+                Ok(row.map(|r| r.get(0)).transpose()?)
+            })
+            .await?;
+        let nodes = self.nodes(now_ms).await?;
+        if let Some(h) = home {
+            if nodes.iter().any(|n| n.node_id == h && n.alive()) {
+                return Ok(Some(h));
+            }
+        }
+        Ok(nodes
+            .into_iter()
+            .filter(NodeInfo::alive)
+            .min_by(|a, b| {
+                (
+                    a.running_backups,
+                    std::cmp::Reverse(a.free_bytes),
+                    &a.node_id,
+                )
+                    .cmp(&(
+                        b.running_backups,
+                        std::cmp::Reverse(b.free_bytes),
+                        &b.node_id,
+                    ))
+            })
+            .map(|n| n.node_id))
     }
 
     /// Make the rows of another node id this node's: on SQLite every row
@@ -249,7 +365,7 @@ impl Catalog {
         self.with(move |c| {
             let mut tx = c.transaction()?;
             let mut n = 0;
-            for table in ["repositories", "backups", "backup_disks"] {
+            for table in ["repositories", "backups", "backup_disks", "prune_journal"] {
                 // The table name is one of ours, not input.
                 n += tx.execute(
                     &format!(

@@ -229,12 +229,12 @@ impl Catalog {
         let node = self.node.to_string();
         self.with(move |c| {
             let rows = c.query(
-                "SELECT d.backup_id, d.disk_id, d.location, b.completed_ms, p.offload_after_days, p.evict_local_after_days
+                &format!("SELECT d.backup_id, d.disk_id, d.location, b.completed_ms, p.offload_after_days, p.evict_local_after_days
                  FROM backup_disks d JOIN backups b ON b.id = d.backup_id JOIN policies p ON p.id = b.policy_id
                  WHERE b.status = 'completed' AND b.completed_ms IS NOT NULL
                    AND (p.offload_after_days > 0 OR p.evict_local_after_days > 0)
-                   AND b.repository_id IN (SELECT id FROM repositories WHERE node_id = ?1)
-                 ORDER BY b.completed_ms, d.backup_id, d.disk_id",
+                   AND {}
+                 ORDER BY b.completed_ms, d.backup_id, d.disk_id", super::nodes::managed_by("b", 1)),
                 params![node],
             )?;
             rows.iter()
@@ -263,6 +263,7 @@ mod tests {
     async fn catalog_with_backup(dir: &std::path::Path) -> Catalog {
         let cat = Catalog::open(&dir.join("c.sqlite")).unwrap();
         cat.ensure_repository(Repository {
+            shared: false,
             id: "r".into(),
             path: dir.display().to_string(),
             s3: None,

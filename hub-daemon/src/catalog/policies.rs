@@ -222,10 +222,10 @@ impl Catalog {
         self.with(move |c| {
             let mut out: Vec<PruneCandidate> = c
                 .query(
-                    "SELECT id, vm_name, repository_id, policy_id, created_ms FROM backups
-                     WHERE status = 'completed' AND (CAST(?1 AS TEXT) IS NULL OR vm_name = ?1) AND (CAST(?2 AS TEXT) IS NULL OR repository_id = ?2)
-                       AND repository_id IN (SELECT id FROM repositories WHERE node_id = ?3)
-                     ORDER BY created_ms, id",
+                    &format!("SELECT b.id, b.vm_name, b.repository_id, b.policy_id, b.created_ms FROM backups b
+                     WHERE b.status = 'completed' AND (CAST(?1 AS TEXT) IS NULL OR b.vm_name = ?1) AND (CAST(?2 AS TEXT) IS NULL OR b.repository_id = ?2)
+                       AND {}
+                     ORDER BY b.created_ms, b.id", super::nodes::managed_by("b", 3)),
                     params![vm, repo, node],
                 )?
                 .iter()
@@ -260,6 +260,7 @@ impl Catalog {
     /// journalled. `Conflict` if a backup of the VM started meanwhile (it
     /// may have picked a parent that is going).
     pub async fn commit_prune(&self, p: PruneCommit) -> Result<()> {
+        let node = self.node.to_string();
         self.with(move |c| {
             let mut tx = c.transaction()?;
             if Catalog::running_count(&mut tx, &p.vm_name)? > 0 {
@@ -299,8 +300,8 @@ impl Catalog {
             Catalog::refuse_orphans(&mut tx, &p.remove)?;
             for j in &p.journal {
                 tx.execute(
-                    "INSERT INTO prune_journal (repository_id, path, action) VALUES (?1, ?2, ?3)",
-                    params![j.repository_id, j.path, j.action],
+                    "INSERT INTO prune_journal (repository_id, path, action, node_id) VALUES (?1, ?2, ?3, ?4)",
+                    params![j.repository_id, j.path, j.action, node],
                 )?;
             }
             tx.commit().map_err(super::parent_gone)?;
@@ -315,7 +316,7 @@ impl Catalog {
         self.with(move |c| {
             let rows = c.query(
                 "SELECT repository_id, path, action FROM prune_journal
-                 WHERE repository_id IN (SELECT id FROM repositories WHERE node_id = ?1)
+                 WHERE node_id = ?1
                  ORDER BY repository_id, path",
                 params![node],
             )?;

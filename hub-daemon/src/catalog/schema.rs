@@ -172,6 +172,15 @@ pub const MIGRATIONS: &[Migration] = &[
          DROP INDEX one_backup_per_port;
          CREATE UNIQUE INDEX one_backup_per_port ON backup_disks(node_id, nbd_port) WHERE nbd_port IS NOT NULL;",
     ),
+    // 10: shared repositories. A repository on storage every node mounts
+    // at the same path (0/1); each VM's chain in it is managed by one node
+    // at a time (see `Catalog::backup_owner`). A prune's owed file work is
+    // the pruning node's to finish (it may not be the repository's).
+    Migration::Both(
+        "ALTER TABLE repositories ADD COLUMN shared BIGINT NOT NULL DEFAULT 0;
+         ALTER TABLE prune_journal ADD COLUMN node_id TEXT NOT NULL DEFAULT 'local';
+         CREATE INDEX backups_by_chain ON backups(vm_name, repository_id, created_ms);",
+    ),
 ];
 
 /// The tables of version 0 (`IF NOT EXISTS`: run on every start).

@@ -314,6 +314,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let cat = Catalog::open(&dir.path().join("c.sqlite")).unwrap();
         cat.ensure_repository(crate::model::Repository {
+            shared: false,
             id: "default".into(),
             path: dir.path().display().to_string(),
             s3: None,
