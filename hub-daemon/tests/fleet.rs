@@ -360,6 +360,17 @@ async fn every_backup_request_works_through_either_hub() {
         Some("node-b"),
         "served by the owner"
     );
+    // A body over the API's limit is refused here, not relayed.
+    let big = json!({"disks": [], "pad": "x".repeat(3 << 20)});
+    let r = call(
+        a.api,
+        "POST",
+        &format!("/api/v1/backups/{id}/progress"),
+        Some(&big),
+    )
+    .await;
+    assert_eq!(r.status, 413, "{}", r.text());
+    assert_eq!(r.header("x-hub-node"), Some("node-a"));
     // Live figures exist only on B: A's GET of a running backup shows them.
     let live = call_ok(a.api, "GET", &format!("/api/v1/backups/{id}"), None).await;
     assert_eq!(
