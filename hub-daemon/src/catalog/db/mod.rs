@@ -45,6 +45,7 @@
 //!   in order on both backends).
 
 mod pg;
+mod pg_tls;
 mod sqlite;
 mod url;
 

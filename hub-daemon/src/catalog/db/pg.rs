@@ -14,7 +14,7 @@ use postgres::error::SqlState;
 use postgres::types::{to_sql_checked, IsNull, ToSql, Type};
 use postgres::{Client, NoTls, Statement};
 
-use super::url::redact;
+use super::url::{pg_target, redact};
 use super::{DbError, Row, Value};
 
 /// Most statements kept prepared (the catalog has far fewer distinct
@@ -81,8 +81,23 @@ fn translate(sql: &str) -> String {
 impl PgConn {
     /// Connect (blocking).
     pub fn connect(url: &str) -> Result<PgConn, DbError> {
-        let mut client = Client::connect(url, NoTls)
-            .map_err(|e| DbError::Other(format!("connecting to {}: {e}", redact(url))))?;
+        let target = pg_target(url).map_err(DbError::Other)?;
+        let failed =
+            |e: &dyn fmt::Display| DbError::Other(format!("connecting to {}: {e}", redact(url)));
+        let mut client = match target.tls {
+            None => target
+                .config
+                .connect(NoTls)
+                .map_err(|e| failed(&crate::http_client::error_chain(&e)))?,
+            Some((mode, ca)) => {
+                let tls = crate::http_client::connector(&ca).map_err(|e| failed(&e))?;
+                let mut config = target.config;
+                config.ssl_mode(mode);
+                config
+                    .connect(super::pg_tls::RustlsConnect(tls))
+                    .map_err(|e| failed(&crate::http_client::error_chain(&e)))?
+            }
+        };
         // The schema script's `IF NOT EXISTS` notices would otherwise be
         // logged at every start.
         client.batch_execute("SET client_min_messages TO warning")?;
