@@ -32,20 +32,8 @@ async fn a_backup_on_a_postgres_catalog() {
     };
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = [
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--nbd-ports",
-        "0",
-        "--nbd-shared-port",
-        "0",
-        "--node-id",
-        "pg1",
-    ];
     // The URL through the environment (HUB_CATALOG), as a service would.
-    let d = DaemonProcess::start(&args, &[("HUB_CATALOG", url)]);
+    let d = DaemonProcess::start_in_with(&data, &["--node-id", "pg1"], &[("HUB_CATALOG", url)]);
     let r = call(
         d.api,
         "PUT",
@@ -96,7 +84,7 @@ async fn a_backup_on_a_postgres_catalog() {
     drop(cat);
 
     // A restarted hub on the same catalog serves the restore point.
-    let d = DaemonProcess::start(&args, &[("HUB_CATALOG", url)]);
+    let d = DaemonProcess::start_in_with(&data, &["--node-id", "pg1"], &[("HUB_CATALOG", url)]);
     let r = call(d.api, "GET", &format!("/api/v1/backups/{id}"), None).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["status"], "completed");

@@ -49,24 +49,10 @@ fn hub(dir: &Path, node: &str, url: &str) -> DaemonProcess {
 
 /// [`hub`] with more arguments.
 fn hub_with(dir: &Path, node: &str, url: &str, more: &[&str]) -> DaemonProcess {
-    let data = dir.join(node);
     let lease = LEASE_SECS.to_string();
-    let mut args = vec![
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data.to_str().unwrap(),
-        "--nbd-ports",
-        "0",
-        "--nbd-shared-port",
-        "0",
-        "--node-id",
-        node,
-        "--node-lease",
-        &lease,
-    ];
+    let mut args = vec!["--node-id", node, "--node-lease", &lease];
     args.extend_from_slice(more);
-    DaemonProcess::start(&args, &[("HUB_CATALOG", url)])
+    DaemonProcess::start_in_with(&dir.join(node), &args, &[("HUB_CATALOG", url)])
 }
 
 /// A PostgreSQL database of its own, and a temporary directory; `None`

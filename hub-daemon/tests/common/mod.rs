@@ -157,20 +157,28 @@ impl DaemonProcess {
     /// `start` with the data directory `data`, the API on a free loopback
     /// port and NBD on free ports (what the crash tests restart over).
     pub fn start_in(data: &std::path::Path) -> DaemonProcess {
+        Self::start_in_with(data, &[], &[])
+    }
+
+    /// [`DaemonProcess::start_in`] with more arguments and environment.
+    pub fn start_in_with(
+        data: &std::path::Path,
+        more: &[&str],
+        env: &[(&str, &str)],
+    ) -> DaemonProcess {
         let data = data.to_str().unwrap();
-        Self::start(
-            &[
-                "--listen",
-                "127.0.0.1:0",
-                "--data-dir",
-                data,
-                "--nbd-ports",
-                "0",
-                "--nbd-shared-port",
-                "0",
-            ],
-            &[],
-        )
+        let mut args = vec![
+            "--listen",
+            "127.0.0.1:0",
+            "--data-dir",
+            data,
+            "--nbd-ports",
+            "0",
+            "--nbd-shared-port",
+            "0",
+        ];
+        args.extend_from_slice(more);
+        Self::start(&args, env)
     }
 
     /// Like `start`, with the daemon's log (stderr) sent to `stderr`.
