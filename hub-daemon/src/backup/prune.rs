@@ -236,7 +236,7 @@ impl Backups {
     pub async fn prune(&self, req: PruneRequest) -> Result<Vec<PruneReport>> {
         // A dry run too: its plan should be the one a run would carry out,
         // not one a concurrent merge is about to change.
-        let _lifecycle = self.lifecycle.lock().await;
+        let lifecycle = self.lifecycle.lock().await;
         let cands = self
             .catalog
             .prune_candidates(req.vm_name.clone(), req.repository_id.clone())
@@ -269,10 +269,22 @@ impl Backups {
         for (r, group) in reports.iter().filter(|r| !r.0.remove.is_empty()) {
             self.check_idle(r, group).await?;
         }
+        let mut executed = false;
         for (r, group) in &reports {
             if !r.remove.is_empty() {
-                self.execute(r, group).await?;
+                executed = true;
+                let done = self.execute(r, group).await;
+                if done.is_err() {
+                    // What earlier groups' commits queued is still owed.
+                    self.sweep_objects_quietly(&lifecycle).await;
+                }
+                done?;
             }
+        }
+        if executed {
+            // The merged layers' old objects and the removed backups'
+            // ones are unreferenced now (queued by `commit_prune`).
+            self.sweep_objects_quietly(&lifecycle).await;
         }
         Ok(reports.into_iter().map(|r| r.0).collect())
     }

@@ -178,6 +178,9 @@ impl Catalog {
                     o.disk_id, o.backup_id
                 )));
             }
+            // A record left from before is stale (the layer was local
+            // only): its object is owed a deletion, not forgotten.
+            Catalog::queue_object_deletions(&mut tx, &o.backup_id, Some(o.disk_id), o.uploaded_ms)?;
             tx.execute(
                 "DELETE FROM layer_objects WHERE backup_id = ?1 AND disk_id = ?2",
                 params![o.backup_id, o.disk_id],
