@@ -5,7 +5,9 @@
 //! A layer's `location` is `local` (only the repository file), `local+s3`
 //! (both; the object is recorded in `layer_objects`) or `s3` (the local
 //! file was evicted; a reader re-hydrates it first). The digest sidecar
-//! always stays local. Portable SQL only (SQLite and PostgreSQL).
+//! always stays local. Whatever drops a `layer_objects` row queues its
+//! object's deletion in the same transaction (`object_deletions`).
+//! Portable SQL only (SQLite and PostgreSQL).
 
 use super::db::{params, Sql};
 use super::Catalog;
