@@ -774,6 +774,8 @@ async fn a_deleted_backups_locked_object_stays_queued_until_its_retention_ends()
     assert_eq!(queued[0].version_id.as_deref(), Some(version.as_str()));
     assert!(queued[0].last_error.is_some(), "{queued:?}");
     assert!(object_exists(&tier, &o.object_key, Some(&version)).await);
+    let pending = "hub_s3_object_deletions_pending{repository=\"held\"}";
+    assert_eq!(hub.metric(pending).await, 1);
 
     // Once the retention has ended, a sweep deletes that version for good.
     let swept = common::hub::eventually(30, || async {
@@ -793,4 +795,5 @@ async fn a_deleted_backups_locked_object_stays_queued_until_its_retention_ends()
         .await
         .unwrap()
         .is_empty());
+    assert_eq!(hub.metric(pending).await, 0);
 }
