@@ -27,14 +27,16 @@ catalog_cases!(
     nodes_lease_and_reaper,
     rows_belong_to_nodes,
     shared_repository_chains,
+    object_deletions,
 );
 
 mod cases {
     use std::collections::BTreeMap;
 
     use hub_daemon::catalog::{
-        Backend, Catalog, DiskCompletion, DiskFailure, DiskVerified, JournalEntry, NewBackup,
-        NewBackupDisk, NodeRegistration, Policy, PruneCommit, Reparent, Role,
+        Backend, Catalog, DiskCompletion, DiskFailure, DiskVerified, JournalEntry, LayerObject,
+        NewBackup, NewBackupDisk, NodeRegistration, ObjectDeletion, Policy, PruneCommit, Reparent,
+        Role,
     };
     use hub_daemon::error::DaemonError;
     use hub_daemon::model::{DiskSpec, Repository};
@@ -891,5 +893,136 @@ mod cases {
             .await
             .unwrap();
         assert_eq!(a.place_in_shared("vm9", "sh", later).await.unwrap(), None);
+    }
+
+    fn object(id: &str, disk: u32, version: Option<&str>, until: Option<i64>) -> LayerObject {
+        LayerObject {
+            backup_id: id.into(),
+            disk_id: disk,
+            object_key: format!("default/vm/{id}-{disk}.qcow2"),
+            size_bytes: 10,
+            sha256: "ab".repeat(32),
+            version_id: version.map(str::to_owned),
+            retain_until_ms: until,
+            uploaded_ms: 1,
+        }
+    }
+
+    pub async fn object_deletions(f: &Fixture) {
+        let c = with_repo(f).await;
+        c.insert_running(backup("a", "vm", 1, &[(0, None, None), (1, None, None)]))
+            .await
+            .unwrap();
+        c.complete("a", vec![done(0, 10), done(1, 10)])
+            .await
+            .unwrap();
+        for (id, t) in [("b", 2), ("c", 3)] {
+            let parent = (id == "b").then_some("a");
+            c.insert_running(backup(id, "vm", t, &[(0, parent, None)]))
+                .await
+                .unwrap();
+            c.complete(id, vec![done(0, 10)]).await.unwrap();
+        }
+        // A locked version, and two objects of a bucket without versions.
+        c.record_offload(object("a", 0, Some("v1"), Some(5_000)))
+            .await
+            .unwrap();
+        c.record_offload(object("a", 1, None, None)).await.unwrap();
+        c.record_offload(object("b", 0, None, None)).await.unwrap();
+        assert!(c.object_deletions(None).await.unwrap().is_empty());
+
+        // A prune that merges b over a and removes a owes all three.
+        let merge_b = PruneCommit {
+            vm_name: "vm".into(),
+            repository_id: "default".into(),
+            reparent: vec![Reparent {
+                backup_id: "b".into(),
+                disk_id: 0,
+                parent: None,
+                image_bytes: 7,
+            }],
+            remove: vec!["a".into()],
+            journal: vec![],
+        };
+        c.commit_prune(merge_b.clone()).await.unwrap();
+        assert!(c.layer_object("b", 0).await.unwrap().is_none());
+        let owed = c.object_deletions(None).await.unwrap();
+        let keys: Vec<(&str, Option<&str>)> = owed
+            .iter()
+            .map(|d| (d.object_key.as_str(), d.version_id.as_deref()))
+            .collect();
+        assert_eq!(
+            keys,
+            [
+                ("default/vm/a-0.qcow2", Some("v1")),
+                ("default/vm/a-1.qcow2", None),
+                ("default/vm/b-0.qcow2", None),
+            ]
+        );
+        assert!(owed.iter().all(|d| d.repository_id == "default"
+            && d.attempts == 0
+            && d.last_error.is_none()
+            && d.queued_ms > 0));
+        assert_eq!(owed[0].retain_until_ms, Some(5_000));
+        // Not due while the recorded retention lasts.
+        assert_eq!(c.object_deletions(Some(4_999)).await.unwrap().len(), 2);
+        assert_eq!(c.object_deletions(Some(5_000)).await.unwrap().len(), 3);
+        // Only the node whose repository it is sweeps.
+        assert!(f
+            .open()
+            .await
+            .for_node("elsewhere")
+            .object_deletions(None)
+            .await
+            .unwrap()
+            .is_empty());
+
+        // The merged layer offloaded again reuses its key: a deletion
+        // without a version must not take the new object along.
+        let find = |key: &str| -> ObjectDeletion {
+            owed.iter().find(|d| d.object_key == key).unwrap().clone()
+        };
+        let (a0, a1, b0) = (
+            find("default/vm/a-0.qcow2"),
+            find("default/vm/a-1.qcow2"),
+            find("default/vm/b-0.qcow2"),
+        );
+        c.record_offload(object("b", 0, None, None)).await.unwrap();
+        assert!(c.object_in_use(&b0).await.unwrap());
+        assert!(!c.object_in_use(&a0).await.unwrap());
+        assert!(!c.object_in_use(&a1).await.unwrap());
+        // Another version of a used key is not in use.
+        let mut other = b0.clone();
+        other.version_id = Some("old".into());
+        assert!(!c.object_in_use(&other).await.unwrap());
+        // Merged again, the same object is owed once, not twice.
+        let mut again = merge_b;
+        again.remove.clear();
+        c.commit_prune(again).await.unwrap();
+        assert_eq!(c.object_deletions(None).await.unwrap().len(), 3);
+
+        // A refusal is counted and kept; a deletion done is forgotten.
+        c.object_deletion_failed(&a0, "403 AccessDenied")
+            .await
+            .unwrap();
+        c.object_deletion_failed(&a0, "403 AccessDenied again")
+            .await
+            .unwrap();
+        let now = c.object_deletions(None).await.unwrap();
+        assert_eq!(now[0].attempts, 2);
+        assert_eq!(now[0].last_error.as_deref(), Some("403 AccessDenied again"));
+        c.object_deletion_done(&a1).await.unwrap();
+        c.object_deletion_done(&b0).await.unwrap();
+        assert_eq!(c.object_deletions(None).await.unwrap().len(), 1);
+
+        // Deleting an offloaded backup owes its object too.
+        c.record_offload(object("c", 0, Some("v7"), None))
+            .await
+            .unwrap();
+        c.delete_backup("c").await.unwrap();
+        let now = c.object_deletions(None).await.unwrap();
+        assert_eq!(now.len(), 2);
+        assert_eq!(now[1].object_key, "default/vm/c-0.qcow2");
+        assert_eq!(now[1].version_id.as_deref(), Some("v7"));
     }
 }

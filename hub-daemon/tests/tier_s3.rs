@@ -1,6 +1,9 @@
 //! The object-storage tier against a real S3 server (SeaweedFS, started
 //! per test): offload, evict, re-hydrate and restore a chain; Object Lock
-//! holds; a damaged object is caught at re-hydration and never served.
+//! holds; a damaged object is caught at re-hydration and never served;
+//! verify, synthetic fulls and prune bring evicted layers back first; the
+//! objects a merge, prune or delete leaves unreferenced are deleted, a
+//! locked one once its retention ends.
 //! Images are written by nbdcopy / qemu-io and judged by qemu-img against
 //! contents built independently of the hub.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -89,6 +92,124 @@ fn location(b: &Value) -> &str {
 
 fn image(repo: &Path, b: &Value) -> PathBuf {
     repo.join(b["disks"][0]["file"].as_str().unwrap())
+}
+
+/// A chain in `repo` under `policy`: a full of `size` bytes, then one
+/// incremental per entry of `incrementals` (qemu-io commands). Returns
+/// the ids and, for each, a raw file of what it must restore.
+async fn backup_chain(
+    hub: &Hub,
+    vm: &str,
+    repo: &str,
+    policy: &str,
+    size: u64,
+    incrementals: &[&[&str]],
+) -> (Vec<String>, Vec<PathBuf>) {
+    let dir = hub.dir.path();
+    let src = write_file(
+        dir,
+        &format!("{vm}-src.raw"),
+        &support::disk_like(11, size as usize),
+    );
+    let (f, uri) = start_backup(hub, vm, "full", repo, policy).await;
+    run_ok("nbdcopy", &["--flush", src.to_str().unwrap(), &uri]).await;
+    hub.complete(&f).await;
+    let (mut ids, mut expected) = (vec![f], vec![src]);
+    for (n, cmds) in incrementals.iter().enumerate() {
+        let (id, uri) = start_backup(hub, vm, "incremental", repo, policy).await;
+        let mut with_flush = cmds.to_vec();
+        with_flush.push("flush");
+        qemu_io("raw", &uri, &with_flush).await;
+        hub.complete(&id).await;
+        let next = dir.join(format!("{vm}-expected-{n}.raw"));
+        std::fs::copy(expected.last().unwrap(), &next).unwrap();
+        qemu_io("raw", next.to_str().unwrap(), cmds).await;
+        expected.push(next);
+        ids.push(id);
+    }
+    (ids, expected)
+}
+
+/// Offload (once verified) and evict each of `ids`.
+async fn offload_and_evict(hub: &Hub, ids: &[String]) {
+    for id in ids {
+        if hub.record(id).await["verify_status"] != "ok" {
+            hub.verify_ok(id).await;
+        }
+        if location(&hub.record(id).await) == "local" {
+            let r = hub
+                .post(&format!("/api/v1/backups/{id}/offload"), Value::Null)
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+        let r = hub
+            .post(&format!("/api/v1/backups/{id}/evict"), Value::Null)
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(location(&r.json()), "s3", "{}", r.text());
+    }
+}
+
+/// The object key of each of `ids` (disk 0).
+async fn keys_of(hub: &Hub, ids: &[String]) -> Vec<String> {
+    let catalog = hub.daemon.as_ref().unwrap().backups().catalog();
+    let mut keys = Vec::new();
+    for id in ids {
+        let o = catalog.layer_object(id, 0).await.unwrap().unwrap();
+        keys.push(o.object_key);
+    }
+    keys
+}
+
+/// Repository `repo`'s bucket, connected as the hub connects it.
+async fn tier_of(hub: &Hub, repo: &str) -> hub_daemon::tier::ObjectTier {
+    let settings = hub
+        .daemon
+        .as_ref()
+        .unwrap()
+        .backups()
+        .catalog()
+        .repository_s3(repo)
+        .await
+        .unwrap()
+        .unwrap();
+    hub_daemon::tier::ObjectTier::connect(&settings).unwrap()
+}
+
+/// Every key under repository `repo`'s prefix, sorted.
+async fn listed(tier: &hub_daemon::tier::ObjectTier, repo: &str) -> Vec<String> {
+    use futures_util::TryStreamExt as _;
+    use object_store::ObjectStore as _;
+    let prefix = object_store::path::Path::parse(repo).unwrap();
+    let mut keys: Vec<String> = tier
+        .store()
+        .list(Some(&prefix))
+        .map_ok(|m| m.location.to_string())
+        .try_collect()
+        .await
+        .unwrap();
+    keys.sort();
+    keys
+}
+
+/// Whether version `version` (else the latest) of `key` exists.
+async fn object_exists(
+    tier: &hub_daemon::tier::ObjectTier,
+    key: &str,
+    version: Option<&str>,
+) -> bool {
+    use object_store::ObjectStore as _;
+    let path = object_store::path::Path::parse(key).unwrap();
+    let opts = object_store::GetOptions {
+        version: version.map(str::to_owned),
+        head: true,
+        ..Default::default()
+    };
+    match tier.store().get_opts(&path, opts).await {
+        Ok(_) => true,
+        Err(object_store::Error::NotFound { .. }) => false,
+        Err(e) => panic!("{key} {version:?}: {e}"),
+    }
 }
 
 /// Read restore point `id`'s disk through a read-only restore export and
@@ -254,6 +375,41 @@ async fn a_chain_offloaded_and_evicted_restores_identical_and_stays_locked() {
         .await;
     assert_eq!(r.status, 200, "{}", r.text());
     restore_compares(&hub, &newest, expected.last().unwrap()).await;
+
+    // Deleting the newest point queues its locked object with the
+    // retention recorded: no attempt before it ends...
+    let r = hub.delete(&format!("/api/v1/backups/{newest}")).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    let o = objects.last().unwrap();
+    let catalog = backups.catalog();
+    let queued = catalog.object_deletions(None).await.unwrap();
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(
+        (
+            &queued[0].object_key,
+            &queued[0].version_id,
+            queued[0].retain_until_ms
+        ),
+        (&o.object_key, &o.version_id, o.retain_until_ms)
+    );
+    let swept = backups
+        .sweep_objects(hub_daemon::time::now_ms())
+        .await
+        .unwrap();
+    assert!(swept.deleted.is_empty(), "{swept:?}");
+    assert_eq!(swept.pending, 1);
+    assert_eq!(catalog.object_deletions(None).await.unwrap()[0].attempts, 0);
+    // ...and when the hub's clock says it has but the store's does not,
+    // the store refuses and the deletion stays owed, with the reason.
+    let later = hub_daemon::time::now_ms() + 2 * 86_400_000;
+    let swept = backups.sweep_objects(later).await.unwrap();
+    assert!(swept.deleted.is_empty(), "{swept:?}");
+    assert_eq!(swept.pending, 1);
+    let queued = catalog.object_deletions(None).await.unwrap();
+    assert_eq!(queued[0].attempts, 1, "{queued:?}");
+    assert!(queued[0].last_error.is_some(), "{queued:?}");
+    let tier = tier_of(&hub, "tiered").await;
+    assert!(object_exists(&tier, &o.object_key, o.version_id.as_deref()).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -424,4 +580,221 @@ async fn policies_offload_then_evict_on_schedule_and_skip_unverified_points() {
         .unwrap()
         .is_empty());
     restore_compares(&hub, &f, &src).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn verify_and_a_synthetic_full_bring_evicted_layers_back_and_drop_the_replaced_object() {
+    if !tools() {
+        return;
+    }
+    let Some(s3) = SeaweedFs::start().await else {
+        return;
+    };
+    s3.create_bucket("hub-flat", false).await;
+    let hub = Hub::start().await;
+    let repo = tiered_repo(&hub, &s3, "flat", "hub-flat").await;
+    hub.register("app", &[4 * MIB]).await;
+    let r = hub
+        .put("/api/v1/policies/p", json!({"keep_last": 10}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (ids, expected) = backup_chain(
+        &hub,
+        "app",
+        "flat",
+        "p",
+        4 * MIB,
+        &[&["write -P 0xb1 1M 64k", "write -z 3M 128k"]],
+    )
+    .await;
+    offload_and_evict(&hub, &ids).await;
+    let keys = keys_of(&hub, &ids).await;
+    let tier = tier_of(&hub, "flat").await;
+    assert_eq!(listed(&tier, "flat").await, {
+        let mut k = keys.clone();
+        k.sort();
+        k
+    });
+
+    // Verifying the incremental reads its whole chain, which is only in
+    // the bucket: it comes back first, checked, and verifies ok.
+    hub.verify_ok(&ids[1]).await;
+    for id in &ids {
+        let b = hub.record(id).await;
+        assert_eq!(location(&b), "local+s3", "{b}");
+        assert_eq!(b["disks"][0]["verify_status"], "ok", "{b}");
+        assert!(image(&repo, &b).exists());
+    }
+
+    // Evicted again, the chain is flattened by a synthetic full: both
+    // layers come back for the merge; the rewritten layer is local only
+    // and its old object, which no longer matches it, leaves the bucket.
+    offload_and_evict(&hub, &ids).await;
+    let r = hub
+        .put(
+            "/api/v1/policies/p",
+            json!({"keep_last": 10, "max_chain_length": 2}),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let backups = std::sync::Arc::clone(hub.daemon.as_ref().unwrap().backups());
+    let built = backups.synthetic_pass(None).await.unwrap();
+    assert_eq!(built.len(), 1, "{built:?}");
+    assert_eq!(built[0].backup_id, ids[1]);
+    let b = hub.record(&ids[1]).await;
+    assert_eq!(location(&b), "local", "{b}");
+    assert_eq!(b["disks"][0]["parent_backup_id"], Value::Null, "{b}");
+    assert_eq!(location(&hub.record(&ids[0]).await), "local+s3");
+    assert_eq!(listed(&tier, "flat").await, vec![keys[0].clone()]);
+    assert!(backups
+        .catalog()
+        .object_deletions(None)
+        .await
+        .unwrap()
+        .is_empty());
+    restore_compares(&hub, &ids[1], &expected[1]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_prune_merges_evicted_layers_and_deletes_every_object_it_removed() {
+    if !tools() {
+        return;
+    }
+    let Some(s3) = SeaweedFs::start().await else {
+        return;
+    };
+    s3.create_bucket("hub-prune", false).await;
+    let hub = Hub::start().await;
+    tiered_repo(&hub, &s3, "pruned", "hub-prune").await;
+    hub.register("web", &[4 * MIB]).await;
+    let r = hub
+        .put("/api/v1/policies/p", json!({"keep_last": 10}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (ids, expected) = backup_chain(
+        &hub,
+        "web",
+        "pruned",
+        "p",
+        4 * MIB,
+        &[&["write -P 0xc1 1M 64k"], &["write -P 0xc2 2M 4k"]],
+    )
+    .await;
+    offload_and_evict(&hub, &ids).await;
+    let tier = tier_of(&hub, "pruned").await;
+    assert_eq!(listed(&tier, "pruned").await.len(), 3);
+
+    // Keeping only the newest merges it over its evicted ancestors (they
+    // come back first) and removes them: no object is left behind, the
+    // merged layer's old one included.
+    let r = hub.put("/api/v1/policies/p", json!({"keep_last": 1})).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = hub
+        .post("/api/v1/prune", json!({"vm_name": "web", "dry_run": false}))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let report = r.json();
+    let mut removed: Vec<&str> = report[0]["remove"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap())
+        .collect();
+    removed.sort_unstable();
+    let mut want = vec![ids[0].as_str(), ids[1].as_str()];
+    want.sort_unstable();
+    assert_eq!(removed, want, "{report}");
+    for id in &ids[..2] {
+        assert_eq!(hub.get(&format!("/api/v1/backups/{id}")).await.status, 404);
+    }
+    let b = hub.record(&ids[2]).await;
+    assert_eq!(location(&b), "local", "{b}");
+    assert_eq!(b["disks"][0]["parent_backup_id"], Value::Null, "{b}");
+    assert_eq!(listed(&tier, "pruned").await, Vec::<String>::new());
+    let backups = hub.daemon.as_ref().unwrap().backups();
+    assert!(backups
+        .catalog()
+        .object_deletions(None)
+        .await
+        .unwrap()
+        .is_empty());
+    restore_compares(&hub, &ids[2], &expected[2]).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_backups_locked_object_stays_queued_until_its_retention_ends() {
+    if !tools() {
+        return;
+    }
+    let Some(s3) = SeaweedFs::start().await else {
+        return;
+    };
+    s3.create_bucket("hub-held", true).await;
+    let hub = Hub::start().await;
+    let repo = tiered_repo(&hub, &s3, "held", "hub-held").await;
+    hub.register("db", &[4 * MIB]).await;
+    // No min_retention_days: the hub sets no retention itself.
+    let r = hub
+        .put("/api/v1/policies/p", json!({"keep_last": 10}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (ids, _) = backup_chain(&hub, "db", "held", "p", 4 * MIB, &[]).await;
+    let f = &ids[0];
+    hub.verify_ok(f).await;
+    let r = hub
+        .post(&format!("/api/v1/backups/{f}/offload"), Value::Null)
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let b = r.json();
+    let backups = std::sync::Arc::clone(hub.daemon.as_ref().unwrap().backups());
+    let o = backups.catalog().layer_object(f, 0).await.unwrap().unwrap();
+    assert_eq!(o.retain_until_ms, None, "{o:?}");
+    let version = o.version_id.clone().expect("a locked bucket versions");
+    // A retention of a few seconds, set behind the hub's back (the hub
+    // locks for days): the catalog does not know it, the store does.
+    let tier = tier_of(&hub, "held").await;
+    let until = (hub_daemon::time::now_ms() / 1000 + 8) * 1000;
+    tier.signer()
+        .put_retention(&o.object_key, Some(&version), until)
+        .await
+        .unwrap();
+
+    // The delete removes the files and queues the object; the sweep it
+    // starts in the background (well within the retention's seconds) is
+    // refused by the store, and the deletion stays owed.
+    let r = hub.delete(&format!("/api/v1/backups/{f}")).await;
+    assert_eq!(r.status, 204, "{}", r.text());
+    assert!(!image(&repo, &b).exists());
+    let queued = common::hub::eventually(30, || async {
+        let q = backups.catalog().object_deletions(None).await.unwrap();
+        q.iter().any(|d| d.attempts >= 1).then_some(q)
+    })
+    .await;
+    assert_eq!(queued.len(), 1, "{queued:?}");
+    assert_eq!(queued[0].object_key, o.object_key);
+    assert_eq!(queued[0].version_id.as_deref(), Some(version.as_str()));
+    assert!(queued[0].last_error.is_some(), "{queued:?}");
+    assert!(object_exists(&tier, &o.object_key, Some(&version)).await);
+    let pending = "hub_s3_object_deletions_pending{repository=\"held\"}";
+    assert_eq!(hub.metric(pending).await, 1);
+
+    // Once the retention has ended, a sweep deletes that version for good.
+    let swept = common::hub::eventually(30, || async {
+        let s = backups
+            .sweep_objects(hub_daemon::time::now_ms())
+            .await
+            .unwrap();
+        (!s.deleted.is_empty()).then_some(s)
+    })
+    .await;
+    assert_eq!(swept.deleted, vec![o.object_key.clone()]);
+    assert_eq!(swept.pending, 0);
+    assert!(!object_exists(&tier, &o.object_key, Some(&version)).await);
+    assert!(backups
+        .catalog()
+        .object_deletions(None)
+        .await
+        .unwrap()
+        .is_empty());
+    assert_eq!(hub.metric(pending).await, 0);
 }

@@ -172,11 +172,21 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
     );
     let (mut cap, mut free, mut held) = (Vec::new(), Vec::new(), Vec::new());
     let own = st.catalog().node_id().to_owned();
+    // This node's only: it is the one that sweeps them.
+    let owed_objects = st.catalog().object_deletions(None).await?;
+    let mut owed = Vec::new();
     for r in st.catalog().repositories().await? {
         let label = labels(&[("repository", &r.id)]);
         // Another node's directory is not on this host: its filesystem
         // figures come from that node's own /metrics.
         let here = r.node_id == own;
+        if here {
+            let n = owed_objects
+                .iter()
+                .filter(|d| d.repository_id == r.id)
+                .count();
+            owed.push((label.clone(), n as u64));
+        }
         if let Some(fs) = here
             .then(|| crate::space::fs_space(std::path::Path::new(&r.path)).ok())
             .flatten()
@@ -203,6 +213,12 @@ pub async fn metrics(State(st): State<AppState>) -> Result<impl IntoResponse, Ap
         "Bytes of completed restore points' images in the repository.",
         "gauge",
         &held,
+    );
+    gauge(
+        "hub_s3_object_deletions_pending",
+        "Unreferenced objects in the repository's bucket still to delete (under Object Lock retention, refused, or the store unreachable).",
+        "gauge",
+        &owed,
     );
     // Per restore point and disk: what it holds and what deleting it
     // would give back (the estimate documented on the backup's

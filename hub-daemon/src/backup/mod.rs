@@ -22,6 +22,7 @@
 //! The client of the contract is [`crate::sna`].
 
 mod layout;
+mod object_sweep;
 mod offload;
 mod prune;
 mod reconcile;
@@ -49,6 +50,7 @@ use crate::model::{BackupRecord, CompleteRequest, Progress};
 use crate::nbd::{NbdHub, Published};
 
 pub use layout::Layout;
+pub use object_sweep::SweepReport;
 pub use offload::TierReport;
 pub use prune::{KeptPoint, MergeStep, PruneReport, PruneRequest};
 pub use reconcile::ReconcileReport;
@@ -594,8 +596,10 @@ impl Backups {
     }
 
     /// Delete a finished backup and its files; `Conflict` while it runs, is
-    /// being restored, or another backup depends on it.
-    pub async fn delete(&self, id: &str) -> Result<()> {
+    /// being restored, or another backup depends on it. Its offloaded
+    /// objects are queued for deletion with its rows and swept in the
+    /// background (see `object_sweep`).
+    pub async fn delete(self: &Arc<Self>, id: &str) -> Result<()> {
         let b = self.record(id).await?;
         if b.status == "running" {
             return Err(DaemonError::Conflict(format!(
@@ -649,6 +653,9 @@ impl Backups {
         }
         self.catalog.delete_backup(id).await?;
         tracing::info!(backup = id, "backup deleted");
+        if b.disks.iter().any(|d| d.location != "local") {
+            self.sweep_objects_soon();
+        }
         Ok(())
     }
 

@@ -12,6 +12,8 @@
 //! * **Re-hydrate** ([`Backups::ensure_local`]) brings every `s3` layer of
 //!   a restore point's chains back before anything opens them: restore,
 //!   verify, prune and synthetic merges, and an incremental's parent.
+//! * Objects no layer counts on any more are deleted by the sweep
+//!   (`object_sweep`), which holds `lifecycle` like offload.
 //!
 //! # Locks (always in this order)
 //! `lifecycle` (offload and evict, as prune and synthetic builds hold it:
@@ -44,6 +46,8 @@ pub struct TierReport {
     pub evicted: Vec<String>,
     /// Restore points due but left for the next pass, and why.
     pub skipped: Vec<(String, String)>,
+    /// Unreferenced objects deleted, and the deletions still owed.
+    pub objects: super::SweepReport,
 }
 
 impl Backups {
@@ -51,6 +55,8 @@ impl Backups {
     /// than their policy's `offload_after_days` (once verified ok), then
     /// evict offloaded ones older than `evict_local_after_days`. A busy or
     /// not yet verified point is skipped and retried at the next pass.
+    /// Last, the objects still owed a deletion whose retention has ended
+    /// by `now_ms` are deleted (see `object_sweep`).
     pub async fn tier_pass(&self, now_ms: i64) -> Result<TierReport> {
         const DAY_MS: i64 = 86_400_000;
         let mut report = TierReport::default();
@@ -94,6 +100,12 @@ impl Backups {
                     }
                 }
             }
+        }
+        // Retries the deletions earlier merges, prunes and deletes queued
+        // (a locked object's, once its retention has ended).
+        match self.sweep_objects(now_ms).await {
+            Ok(s) => report.objects = s,
+            Err(e) => tracing::warn!(error = %e, "object sweep failed; the next pass retries it"),
         }
         Ok(report)
     }

@@ -13,7 +13,9 @@
 //! 1. every merge writes `<image>.merging` (and `<image>.digest.merging`),
 //!    made durable; nothing else has changed;
 //! 2. ONE catalog transaction re-parents the merged images, deletes the
-//!    removed backups' rows, and journals the file work still owed
+//!    removed backups' rows (queuing the deletion of every S3 object the
+//!    merged and removed layers had; see `object_sweep`, run after the
+//!    prune), and journals the file work still owed
 //!    (`prune_journal`: rename each `.merging` over its image, remove each
 //!    removed image and sidecar);
 //! 3. the journal is carried out (renames first, each syncing its
@@ -236,7 +238,7 @@ impl Backups {
     pub async fn prune(&self, req: PruneRequest) -> Result<Vec<PruneReport>> {
         // A dry run too: its plan should be the one a run would carry out,
         // not one a concurrent merge is about to change.
-        let _lifecycle = self.lifecycle.lock().await;
+        let lifecycle = self.lifecycle.lock().await;
         let cands = self
             .catalog
             .prune_candidates(req.vm_name.clone(), req.repository_id.clone())
@@ -269,11 +271,21 @@ impl Backups {
         for (r, group) in reports.iter().filter(|r| !r.0.remove.is_empty()) {
             self.check_idle(r, group).await?;
         }
-        for (r, group) in &reports {
-            if !r.remove.is_empty() {
-                self.execute(r, group).await?;
+        let (mut executed, mut outcome) = (false, Ok(()));
+        for (r, group) in reports.iter().filter(|r| !r.0.remove.is_empty()) {
+            executed = true;
+            outcome = self.execute(r, group).await;
+            if outcome.is_err() {
+                break;
             }
         }
+        if executed {
+            // The merged layers' old objects and the removed backups' ones
+            // are unreferenced now (queued by `commit_prune`), also those
+            // of the groups done before one failed.
+            self.sweep_objects_quietly(&lifecycle).await;
+        }
+        outcome?;
         Ok(reports.into_iter().map(|r| r.0).collect())
     }
 

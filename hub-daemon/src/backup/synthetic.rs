@@ -106,7 +106,7 @@ impl Backups {
     /// VM/repository at a time. A busy or failing group is logged and
     /// skipped (the next pass retries it); the answer lists what was built.
     pub async fn synthetic_pass(&self, vm: Option<String>) -> Result<Vec<SyntheticFull>> {
-        let _lifecycle = self.lifecycle.lock().await;
+        let lifecycle = self.lifecycle.lock().await;
         let limits: HashMap<String, u32> = self
             .catalog
             .policies()
@@ -140,6 +140,10 @@ impl Backups {
                     tracing::error!(vm, repository = repo, error = %e, "synthetic full failed");
                 }
             }
+        }
+        if !built.is_empty() {
+            // A flattened layer's old object is unreferenced now.
+            self.sweep_objects_quietly(&lifecycle).await;
         }
         Ok(built)
     }

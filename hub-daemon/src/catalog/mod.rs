@@ -29,6 +29,10 @@
 //!   `layer_objects(backup_id, disk_id, object_key, sha256, …)`: the
 //!   object-storage tier (`offload`); `backup_disks.location` says where
 //!   each layer lives.
+//! * `object_deletions(repository_id, object_key, version_id,
+//!   retain_until_ms, …)`: objects no layer counts on any more, queued in
+//!   the transaction that forgot them and deleted from the bucket once
+//!   their retention allows (`object_deletions`).
 //! * `prune_journal(repository_id, path, action)`: file work a committed
 //!   prune still owes, finished at start-up after a crash.
 //! * `backups(id, vm_name, repository_id, backup_type, status, ...)` with
@@ -68,6 +72,7 @@
 
 pub mod db;
 mod nodes;
+mod object_deletions;
 mod offload;
 mod policies;
 mod schema;
@@ -75,6 +80,7 @@ mod space;
 mod tokens;
 
 pub use nodes::{BackupOwner, NodeInfo, NodeRegistration, LOCAL};
+pub use object_deletions::ObjectDeletion;
 pub use offload::{LayerObject, S3Settings, TierCandidate};
 pub use policies::{JournalEntry, Policy, PruneCandidate, PruneCommit, Reparent};
 pub use space::DiskHistory;
@@ -669,6 +675,9 @@ impl Catalog {
         let id = id.to_owned();
         self.with(move |c| {
             let mut tx = c.transaction()?;
+            // Its objects (the rows go with the backup's) are owed a
+            // deletion from the bucket.
+            Self::queue_object_deletions(&mut tx, &id, None, now_ms())?;
             tx.execute(
                 "DELETE FROM callback_tokens WHERE backup_id = ?1",
                 params![id],

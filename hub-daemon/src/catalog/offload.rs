@@ -5,7 +5,9 @@
 //! A layer's `location` is `local` (only the repository file), `local+s3`
 //! (both; the object is recorded in `layer_objects`) or `s3` (the local
 //! file was evicted; a reader re-hydrates it first). The digest sidecar
-//! always stays local. Portable SQL only (SQLite and PostgreSQL).
+//! always stays local. Whatever drops a `layer_objects` row queues its
+//! object's deletion in the same transaction (`object_deletions`).
+//! Portable SQL only (SQLite and PostgreSQL).
 
 use super::db::{params, Sql};
 use super::Catalog;
@@ -178,6 +180,9 @@ impl Catalog {
                     o.disk_id, o.backup_id
                 )));
             }
+            // A record left from before is stale (the layer was local
+            // only): its object is owed a deletion, not forgotten.
+            Catalog::queue_object_deletions(&mut tx, &o.backup_id, Some(o.disk_id), o.uploaded_ms)?;
             tx.execute(
                 "DELETE FROM layer_objects WHERE backup_id = ?1 AND disk_id = ?2",
                 params![o.backup_id, o.disk_id],

@@ -261,6 +261,7 @@ impl Catalog {
     /// may have picked a parent that is going).
     pub async fn commit_prune(&self, p: PruneCommit) -> Result<()> {
         let node = self.node.to_string();
+        let now = now_ms();
         self.with(move |c| {
             let mut tx = c.transaction()?;
             if Catalog::running_count(&mut tx, &p.vm_name)? > 0 {
@@ -274,7 +275,7 @@ impl Catalog {
                 // a kept parent leaves the flag as it was.
                 // The merged file is new bytes: any object the old one was
                 // offloaded to no longer matches it, so the layer is local
-                // only again (the object stays in the bucket, unreferenced).
+                // only again and that object is owed a deletion.
                 tx.execute(
                     "UPDATE backup_disks SET parent_backup_id = ?3, image_bytes = ?4,
                        synthetic = CASE WHEN CAST(?3 AS TEXT) IS NULL THEN 1 ELSE synthetic END,
@@ -282,12 +283,14 @@ impl Catalog {
                      WHERE backup_id = ?1 AND disk_id = ?2",
                     params![r.backup_id, r.disk_id, r.parent, r.image_bytes as i64],
                 )?;
+                Catalog::queue_object_deletions(&mut tx, &r.backup_id, Some(r.disk_id), now)?;
                 tx.execute(
                     "DELETE FROM layer_objects WHERE backup_id = ?1 AND disk_id = ?2",
                     params![r.backup_id, r.disk_id],
                 )?;
             }
             for id in &p.remove {
+                Catalog::queue_object_deletions(&mut tx, id, None, now)?;
                 tx.execute(
                     "DELETE FROM callback_tokens WHERE backup_id = ?1",
                     params![id],

@@ -181,6 +181,23 @@ pub const MIGRATIONS: &[Migration] = &[
          ALTER TABLE prune_journal ADD COLUMN node_id TEXT NOT NULL DEFAULT 'local';
          CREATE INDEX backups_by_chain ON backups(vm_name, repository_id, created_ms);",
     ),
+    // 11: objects the S3 tier still owes a deletion: queued in the same
+    // transaction that forgets their layer (a merge, a prune, a delete),
+    // so none is orphaned, and removed by the tier's sweep once their
+    // Object Lock retention allows. `version_id` is '' where the bucket
+    // gave none (a primary key column cannot be NULL on PostgreSQL).
+    Migration::Both(
+        "CREATE TABLE object_deletions (
+             repository_id    TEXT NOT NULL,
+             object_key       TEXT NOT NULL,
+             version_id       TEXT NOT NULL,
+             retain_until_ms  BIGINT,
+             queued_ms        BIGINT NOT NULL,
+             attempts         BIGINT NOT NULL DEFAULT 0,
+             last_error       TEXT,
+             PRIMARY KEY (repository_id, object_key, version_id)
+         );",
+    ),
 ];
 
 /// The tables of version 0 (`IF NOT EXISTS`: run on every start).

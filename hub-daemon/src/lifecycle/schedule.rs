@@ -1,7 +1,9 @@
 //! The daemon's own lifecycle work, in the background: every
 //! `prune_interval` it prunes every VM with policy-governed backups and
 //! builds the synthetic fulls that are due, then offloads and evicts what
-//! the policies' `offload_after_days` / `evict_local_after_days` say; when a backup completes (and
+//! the policies' `offload_after_days` / `evict_local_after_days` say, and
+//! deletes the unreferenced objects still owed (retrying what a lock or
+//! the store refused before); when a backup completes (and
 //! once at start, to finish what a crash interrupted) it builds the
 //! synthetic fulls only.
 //!
@@ -31,7 +33,7 @@ pub struct PassReport {
     /// Synthetic fulls built.
     pub synthetic: Vec<SyntheticFull>,
     /// Offloads and evictions (`offload_after_days`,
-    /// `evict_local_after_days`).
+    /// `evict_local_after_days`), and the object sweep.
     pub tier: TierReport,
 }
 

@@ -1,14 +1,18 @@
-//! Object Lock retention: `PUT /<key>?retention&versionId=…` with a
-//! COMPLIANCE retention, the one S3 call `object_store` has no method
-//! for. The request is presigned (SigV4, `rusty-s3`; the body's
-//! `Content-MD5`, which S3 requires on this call, is a signed header) and
+//! Object Lock: the two S3 calls `object_store` has no method for.
+//! * `PUT /<key>?retention&versionId=…` with a COMPLIANCE retention;
+//! * `DELETE /<key>?versionId=…`: removing one version for good (which
+//!   the store refuses while that version's retention lasts), where a
+//!   plain delete of a versioned key would only add a delete marker.
+//!
+//! The requests are presigned (SigV4, `rusty-s3`; the retention body's
+//! `Content-MD5`, which S3 requires on that call, is a signed header) and
 //! sent with reqwest.
 
 use std::time::Duration;
 
 use base64::Engine as _;
 use md5::Digest as _;
-use rusty_s3::actions::{PutObject, S3Action as _};
+use rusty_s3::actions::{DeleteObject, PutObject, S3Action as _};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
 
 use crate::catalog::S3Settings;
@@ -91,16 +95,43 @@ impl Signer {
             .send()
             .await
             .map_err(|e| DaemonError::ObjectStore(format!("retention of {key}: {e}")))?;
-        let status = resp.status();
-        if !status.is_success() {
-            let text = resp.text().await.unwrap_or_default();
-            let text: String = text.chars().take(300).collect();
-            return Err(DaemonError::ObjectStore(format!(
-                "retention of {key}: {status}: {text}"
-            )));
-        }
-        Ok(())
+        check(resp, &format!("retention of {key}")).await
     }
+
+    /// Delete object `key` for good: version `version`, else (a bucket
+    /// without versions) the key itself. An object already gone counts
+    /// as deleted; a version under retention is refused (an error).
+    pub async fn delete_object(&self, key: &str, version: Option<&str>) -> Result<()> {
+        let mut action = DeleteObject::new(&self.bucket, Some(&self.credentials), key);
+        if let Some(v) = version {
+            action.query_mut().insert("versionId", v.to_owned());
+        }
+        let url = action.sign(PRESIGN_FOR);
+        let resp = self
+            .http
+            .delete(url)
+            .send()
+            .await
+            .map_err(|e| DaemonError::ObjectStore(format!("deleting {key}: {e}")))?;
+        if resp.status() == reqwest::StatusCode::NOT_FOUND {
+            return Ok(());
+        }
+        check(resp, &format!("deleting {key}")).await
+    }
+}
+
+/// A store's answer as a result: its status and the start of its error
+/// document (S3 says why there, e.g. `AccessDenied` for a locked version).
+async fn check(resp: reqwest::Response, what: &str) -> Result<()> {
+    let status = resp.status();
+    if status.is_success() {
+        return Ok(());
+    }
+    let text = resp.text().await.unwrap_or_default();
+    let text: String = text.chars().take(300).collect();
+    Err(DaemonError::ObjectStore(format!(
+        "{what}: {status}: {text}"
+    )))
 }
 
 #[cfg(test)]

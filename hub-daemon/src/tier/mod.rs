@@ -16,13 +16,32 @@
 //! * Re-hydration downloads the recorded version to `<image>.rehydrating`,
 //!   checks size and SHA-256, fsyncs, and renames it into place; a
 //!   mismatch deletes the download and fails the operation, so a damaged
-//!   object is never served.
+//!   object is never served. Everything that reads a chain re-hydrates
+//!   its evicted layers first: restore, verify, the merges of prune and
+//!   synthetic fulls, and an incremental's parent.
+//!
+//! # No object is lost track of
+//! A merge rewrites a layer (the result is `local` only, offloaded anew to
+//! the same key), a prune or a delete removes restore points: the catalog
+//! transaction that forgets their objects also queues each for deletion
+//! (`catalog::object_deletions`). The sweep (`backup::object_sweep`)
+//! deletes the queued objects — the recorded version, where the bucket
+//! versions, so nothing newer under the same key is touched — right after
+//! a prune or synthetic full, in the background after a delete, and again
+//! in every scheduled lifecycle pass. An object whose recorded retention
+//! has not ended is not tried; one the store refuses (Object Lock) or
+//! cannot be reached for stays queued, its attempts and last error kept,
+//! until a later pass succeeds. A queued deletion without a version is
+//! dropped instead once a layer counts on that key again (a re-offloaded
+//! merged layer overwrote it). A repository's bucket is set when it is
+//! registered and never changes, so a queued object is always in it.
 //!
 //! # Clients
 //! Transfers use `object_store` (Apache Arrow's S3 client) over reqwest
 //! with rustls and ring, as the rest of the workspace (no aws-lc). It has
-//! no call for an object's retention, so that one request is presigned
-//! with `rusty-s3` (SigV4 only, no I/O) and sent with the same reqwest.
+//! no call for an object's retention nor for deleting one version, so
+//! those two requests are presigned with `rusty-s3` (SigV4 only, no I/O)
+//! and sent with reqwest ([`lock`]).
 
 pub mod lock;
 pub mod transfer;
