@@ -267,11 +267,13 @@ mod tests {
         {
             let fut = r.body(&h);
             tokio::pin!(fut);
-            // Polled once (it reads what is there and waits for more),
-            // then dropped: cancelled halfway.
-            let p = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-            if let Poll::Ready(r) = p {
-                panic!("finished early: {:?}", r.map(|b| b.len()));
+            // Polled until it waits for more, then dropped (cancelled).
+            loop {
+                let p = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
+                match p {
+                    Poll::Pending => break,
+                    Poll::Ready(r) => panic!("finished early: {:?}", r.map(|b| b.len())),
+                }
             }
         }
         client.write_all(&req[cut..]).await.unwrap();
