@@ -7,9 +7,9 @@
 //! the process at hundreds of MiB after a burst of clients: glibc serves
 //! them from per-thread arenas it rarely trims, and mimalloc keeps them in
 //! the heaps of live threads. Smaller buffers come from the heap (reused
-//! without page faults). WRITE payloads of the recycled sizes come from
-//! the pool too; larger ones stay on the heap (see `net::request_reader`):
-//! there the faults of a fresh map per request cost too much throughput.
+//! without page faults). WRITE payloads stay on the heap (see
+//! `net::request_reader`): there the faults of a fresh map per request
+//! cost too much throughput.
 //!
 //! A backend that overwrites every byte it returns asks for
 //! [`PageBuf::for_overwrite`]: heap buffers of the common read sizes then
@@ -151,12 +151,6 @@ impl PageBuf {
             start,
             len,
         }
-    }
-
-    /// Whether [`PageBuf::for_overwrite`] of `len` bytes comes from the
-    /// recycling pool (else it is a fresh allocation).
-    pub fn recycles(len: usize) -> bool {
-        class_of(len).is_some()
     }
 
     /// Length in bytes.

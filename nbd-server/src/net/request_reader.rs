@@ -6,20 +6,15 @@
 //! header buffer reads at most [`WINDOW`] bytes ahead, and a payload larger
 //! than what is already buffered gets its own exact-size buffer (so the
 //! header buffer never grows to 32 MiB and keeps that capacity for the
-//! life of the connection). Payloads of the common sizes (32 KiB to
-//! 512 KiB: nbdcopy's 256 KiB, say) come from the recycled buffers READ
-//! replies use ([`PageBuf::for_overwrite`]): received into memory that is
-//! already mapped, they cost no allocation and no page fault, and the pool
-//! is bounded. Larger ones stay on the heap: a memory map per request (as
-//! large READ buffers get, see [`crate::buffer`]) cost 2 MiB writes about
-//! 40% of their throughput in page faults, while heap buffers are mostly
+//! life of the connection). Payloads stay on the heap: a memory map per
+//! request (as READ buffers get, see [`crate::buffer`]) cost 2 MiB writes
+//! about 40% of their throughput in page faults, while heap buffers are
 //! reused from one write to the next. What the allocator keeps of them is
 //! bounded by the budgets.
 
 use bytes::{Buf, Bytes, BytesMut};
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use crate::buffer::PageBuf;
 use crate::proto::request::FrameError;
 use crate::proto::RequestHeader;
 
@@ -41,80 +36,9 @@ pub(crate) struct RequestReader<R> {
     body: Option<Body>,
 }
 
-/// A payload being read.
-enum Body {
-    /// Its own heap buffer (its length is how much has arrived).
-    Heap(BytesMut),
-    /// A recycled buffer of the common write sizes (see
-    /// [`PageBuf::for_overwrite`]): no allocation and no page faults per
-    /// request; `filled` bytes have arrived.
-    Pooled { buf: PageBuf, filled: usize },
-}
-
-impl Body {
-    fn for_payload(len: usize) -> Body {
-        if PageBuf::recycles(len) {
-            Body::Pooled {
-                buf: PageBuf::for_overwrite(len),
-                filled: 0,
-            }
-        } else {
-            Body::Heap(BytesMut::with_capacity(len))
-        }
-    }
-
-    fn filled(&self) -> usize {
-        match self {
-            Body::Heap(b) => b.len(),
-            Body::Pooled { filled, .. } => *filled,
-        }
-    }
-
-    #[cfg(test)]
-    fn capacity(&self) -> usize {
-        match self {
-            Body::Heap(b) => b.capacity(),
-            Body::Pooled { buf, .. } => buf.len(),
-        }
-    }
-
-    /// Append bytes already buffered (at most what is missing).
-    fn extend(&mut self, data: &[u8]) {
-        match self {
-            Body::Heap(b) => b.extend_from_slice(data),
-            Body::Pooled { buf, filled } => {
-                let end = (*filled + data.len()).min(buf.len());
-                let n = end - *filled;
-                buf.as_mut_slice()[*filled..end].copy_from_slice(&data[..n]);
-                *filled = end;
-            }
-        }
-    }
-
-    /// Read more of the payload (at most `missing` bytes); 0 at the end of
-    /// the stream.
-    async fn read_from<R: AsyncRead + Unpin>(
-        &mut self,
-        rd: &mut R,
-        missing: usize,
-    ) -> std::io::Result<usize> {
-        match self {
-            Body::Heap(b) => rd.take(missing as u64).read_buf(b).await,
-            Body::Pooled { buf, filled } => {
-                let end = filled.saturating_add(missing).min(buf.len());
-                let n = rd.read(&mut buf.as_mut_slice()[*filled..end]).await?;
-                *filled += n;
-                Ok(n)
-            }
-        }
-    }
-
-    fn freeze(self) -> Bytes {
-        match self {
-            Body::Heap(b) => b.freeze(),
-            Body::Pooled { buf, .. } => buf.freeze(),
-        }
-    }
+/// A payload being read (its length is how much has arrived).
+struct Body {
+    buf: BytesMut,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -140,7 +64,7 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
     /// Capacity held by the reader's buffers (for tests).
     #[cfg(test)]
     pub fn capacity(&self) -> usize {
-        self.buf.capacity() + self.body.as_ref().map_or(0, Body::capacity)
+        self.buf.capacity() + self.body.as_ref().map_or(0, |b| b.buf.capacity())
     }
 
     /// Wait for the next header without consuming it; `None` at a clean
@@ -205,23 +129,28 @@ impl<R: AsyncRead + Unpin> RequestReader<R> {
             }
             // The payload gets its own buffer of exactly its size (≤
             // MAX_PAYLOAD, and already reserved from the budgets).
-            let mut body = Body::for_payload(plen);
+            let mut buf = BytesMut::with_capacity(plen);
             self.buf.advance(hlen.min(self.buf.len()));
             let have = self.buf.len().min(plen);
-            body.extend(&self.buf[..have]);
+            buf.extend_from_slice(&self.buf[..have]);
             self.buf.advance(have);
-            self.body = Some(body);
+            self.body = Some(Body { buf });
         }
         loop {
             let Some(body) = self.body.as_mut() else {
                 return Ok(Bytes::new());
             };
-            let missing = plen.saturating_sub(body.filled());
+            let missing = plen.saturating_sub(body.buf.len());
             if missing == 0 {
-                return Ok(self.body.take().map(Body::freeze).unwrap_or_default());
+                return Ok(self.body.take().map(|b| b.buf.freeze()).unwrap_or_default());
             }
-            if body.read_from(&mut self.rd, missing).await? == 0 {
-                return Err(ReadError::Truncated(body.filled() + hlen));
+            if (&mut self.rd)
+                .take(missing as u64)
+                .read_buf(&mut body.buf)
+                .await?
+                == 0
+            {
+                return Err(ReadError::Truncated(body.buf.len() + hlen));
             }
         }
     }
@@ -245,50 +174,6 @@ mod tests {
         .encode(false, &mut out);
         out.resize(out.len() + len as usize, cookie as u8);
         out
-    }
-
-    #[tokio::test]
-    async fn a_pooled_payload_survives_being_cut_and_cancelled() {
-        use std::future::Future;
-        use std::task::Poll;
-        let len = 256 << 10;
-        assert!(PageBuf::recycles(len));
-        let (mut client, server) = tokio::io::duplex(1 << 20);
-        let mut req = write_req(len as u32, 7);
-        let hlen = req.len() - len;
-        for (i, b) in req[hlen..].iter_mut().enumerate() {
-            *b = (i % 251) as u8;
-        }
-        // The header and a first part: the rest is not there yet.
-        let cut = hlen + 100_000;
-        client.write_all(&req[..cut]).await.unwrap();
-        let mut r = RequestReader::new(server, BytesMut::new(), false);
-        let h = r.header().await.unwrap().unwrap();
-        {
-            let fut = r.body(&h);
-            tokio::pin!(fut);
-            // Polled until it waits for more, then dropped (cancelled).
-            loop {
-                let p = std::future::poll_fn(|cx| Poll::Ready(fut.as_mut().poll(cx))).await;
-                match p {
-                    Poll::Pending => break,
-                    Poll::Ready(r) => panic!("finished early: {:?}", r.map(|b| b.len())),
-                }
-            }
-        }
-        client.write_all(&req[cut..]).await.unwrap();
-        let body = r.body(&h).await.unwrap();
-        assert_eq!(&body[..], &req[hlen..], "every byte, once, in order");
-        // The buffer goes back to the pool and comes out again for the
-        // next payload, whose bytes then replace the old ones entirely.
-        drop(body);
-        let mut next = write_req(len as u32, 8);
-        let fill = next.len() - len;
-        next[fill..].fill(0xEE);
-        client.write_all(&next).await.unwrap();
-        let h = r.header().await.unwrap().unwrap();
-        let body = r.body(&h).await.unwrap();
-        assert!(body.iter().all(|b| *b == 0xEE));
     }
 
     #[tokio::test]
