@@ -245,6 +245,10 @@ impl BlockBackend for DigestBackend {
         self.inner.block_status(offset, len).await
     }
 
+    async fn block_status_first(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
+        self.inner.block_status_first(offset, len).await
+    }
+
     async fn cache(&self, offset: u64, len: u64) -> Result<(), BackendError> {
         self.inner.cache(offset, len).await
     }

@@ -12,10 +12,13 @@
 //! cost too much throughput.
 //!
 //! A backend that overwrites every byte it returns asks for
-//! [`PageBuf::for_overwrite`]: heap buffers of the common read sizes then
+//! [`PageBuf::for_overwrite`]: buffers of the common read sizes then
 //! come back to a small process-wide pool when the reply is sent and are
 //! handed out again without being zeroed (no allocation, no memset, no
 //! page faults per read). The pool holds at most [`RECYCLE_LIMIT`] bytes.
+//! Maps up to [`RECYCLE_MAX`] are recycled as well: qemu's client reads
+//! 2 MiB at a time, and a fresh map per read cost 512 page faults (each
+//! zeroing a page) before the data was even copied in.
 
 use std::sync::Mutex;
 
@@ -31,12 +34,49 @@ const PAGE: usize = 4096;
 pub const RECYCLE_LIMIT: usize = 16 << 20;
 /// Smallest buffer worth recycling (below it the allocator is as quick).
 const RECYCLE_MIN: usize = 32 << 10;
+/// Largest size class recycled (qemu's 2 MiB reads; nbdcopy's are smaller).
+pub const RECYCLE_MAX: usize = 4 << 20;
+
+/// Pooled memory: heap buffers below [`MAP_THRESHOLD`] (`class + PAGE`
+/// bytes, the aligned window inside), maps of exactly `class` bytes above.
+#[derive(Debug)]
+enum Mem {
+    Heap(Vec<u8>),
+    Map(MmapMut),
+}
+
+impl Mem {
+    fn size(&self) -> usize {
+        match self {
+            Mem::Heap(v) => v.len(),
+            Mem::Map(m) => m.len(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Mem::Heap(v) => v,
+            Mem::Map(m) => m,
+        }
+    }
+
+    fn as_mut_slice(&mut self) -> &mut [u8] {
+        match self {
+            Mem::Heap(v) => v,
+            Mem::Map(m) => m,
+        }
+    }
+
+    /// Where the page-aligned window starts.
+    fn start(&self) -> usize {
+        self.as_slice().as_ptr().align_offset(PAGE).min(PAGE)
+    }
+}
 
 /// Free buffers by size class (a power of two from [`RECYCLE_MIN`] to
-/// below [`MAP_THRESHOLD`]), each `class + PAGE` bytes long, and their
-/// total size.
+/// [`RECYCLE_MAX`]) and their total size.
 struct Recycler {
-    free: Vec<(usize, Vec<Vec<u8>>)>,
+    free: Vec<(usize, Vec<Mem>)>,
     bytes: usize,
 }
 
@@ -48,30 +88,40 @@ static RECYCLER: Mutex<Recycler> = Mutex::new(Recycler {
 /// The size class of `len`, if buffers of it are recycled.
 fn class_of(len: usize) -> Option<usize> {
     let class = len.checked_next_power_of_two()?;
-    (RECYCLE_MIN..MAP_THRESHOLD)
+    (RECYCLE_MIN..=RECYCLE_MAX)
         .contains(&class)
         .then_some(class)
 }
 
-fn take_recycled(class: usize) -> Option<Vec<u8>> {
+/// New memory for `class` (zeroed: fresh).
+fn fresh(class: usize) -> Mem {
+    if class >= MAP_THRESHOLD {
+        if let Ok(m) = MmapMut::map_anon(class) {
+            return Mem::Map(m);
+        }
+    }
+    Mem::Heap(vec![0u8; class + PAGE])
+}
+
+fn take_recycled(class: usize) -> Option<Mem> {
     let mut r = RECYCLER.lock().ok()?;
     let v = r
         .free
         .iter_mut()
         .find(|(c, _)| *c == class)
         .and_then(|(_, list)| list.pop())?;
-    r.bytes -= v.len();
+    r.bytes -= v.size();
     Some(v)
 }
 
-fn give_back(class: usize, v: Vec<u8>) {
+fn give_back(class: usize, v: Mem) {
     let Ok(mut r) = RECYCLER.lock() else {
         return;
     };
-    if r.bytes + v.len() > RECYCLE_LIMIT {
+    if v.size() == 0 || r.bytes + v.size() > RECYCLE_LIMIT {
         return;
     }
-    r.bytes += v.len();
+    r.bytes += v.size();
     match r.free.iter_mut().find(|(c, _)| *c == class) {
         Some((_, list)) => list.push(v),
         None => r.free.push((class, vec![v])),
@@ -81,18 +131,21 @@ fn give_back(class: usize, v: Vec<u8>) {
 /// A recycled heap buffer owned by a reply: back to the pool on drop.
 struct Recycled {
     class: usize,
-    v: Vec<u8>,
+    v: Mem,
 }
 
 impl AsRef<[u8]> for Recycled {
     fn as_ref(&self) -> &[u8] {
-        &self.v
+        self.v.as_slice()
     }
 }
 
 impl Drop for Recycled {
     fn drop(&mut self) {
-        give_back(self.class, std::mem::take(&mut self.v));
+        give_back(
+            self.class,
+            std::mem::replace(&mut self.v, Mem::Heap(Vec::new())),
+        );
     }
 }
 
@@ -107,8 +160,8 @@ pub struct PageBuf {
 #[derive(Debug)]
 enum Storage {
     Heap(Vec<u8>),
-    /// A heap buffer of this size class that goes back to the pool.
-    Recycled(usize, Vec<u8>),
+    /// Memory of this size class that goes back to the pool.
+    Recycled(usize, Mem),
     Mapped(MmapMut),
 }
 
@@ -144,8 +197,8 @@ impl PageBuf {
         let Some(class) = class_of(len) else {
             return Self::zeroed(len);
         };
-        let storage = take_recycled(class).unwrap_or_else(|| vec![0u8; class + PAGE]);
-        let start = storage.as_ptr().align_offset(PAGE).min(PAGE);
+        let storage = take_recycled(class).unwrap_or_else(|| fresh(class));
+        let start = storage.start();
         PageBuf {
             storage: Storage::Recycled(class, storage),
             start,
@@ -165,14 +218,18 @@ impl PageBuf {
 
     /// Whether the buffer is a memory map of its own.
     pub fn is_mapped(&self) -> bool {
-        matches!(self.storage, Storage::Mapped(_))
+        matches!(
+            self.storage,
+            Storage::Mapped(_) | Storage::Recycled(_, Mem::Map(_))
+        )
     }
 
     /// The aligned window.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let (start, len) = (self.start, self.len);
         match &mut self.storage {
-            Storage::Heap(v) | Storage::Recycled(_, v) => &mut v[start..start + len],
+            Storage::Heap(v) => &mut v[start..start + len],
+            Storage::Recycled(_, m) => &mut m.as_mut_slice()[start..start + len],
             Storage::Mapped(m) => &mut m[start..start + len],
         }
     }
@@ -196,7 +253,7 @@ impl Drop for PageBuf {
     fn drop(&mut self) {
         // A recycled buffer dropped before it was frozen (a failed read).
         if let Storage::Recycled(class, v) = &mut self.storage {
-            give_back(*class, std::mem::take(v));
+            give_back(*class, std::mem::replace(v, Mem::Heap(Vec::new())));
         }
     }
 }
@@ -205,8 +262,19 @@ impl Drop for PageBuf {
 mod tests {
     use super::*;
 
+    /// The pool is process-wide: its tests take turns, each on an empty pool.
+    fn empty_pool() -> std::sync::MutexGuard<'static, ()> {
+        static TURN: Mutex<()> = Mutex::new(());
+        let turn = TURN.lock().unwrap_or_else(|e| e.into_inner());
+        let mut r = RECYCLER.lock().unwrap();
+        r.free.clear();
+        r.bytes = 0;
+        turn
+    }
+
     #[test]
     fn recycled_buffers_come_back_and_the_pool_stays_bounded() {
+        let _turn = empty_pool();
         let len = 256 << 10;
         let mut b = PageBuf::for_overwrite(len);
         assert!(!b.is_mapped());
@@ -239,9 +307,37 @@ mod tests {
         // Sizes outside the recycled classes are plain zeroed buffers.
         let mut small = PageBuf::for_overwrite(4096);
         assert!(small.as_mut_slice().iter().all(|x| *x == 0));
-        let mut big = PageBuf::for_overwrite(MAP_THRESHOLD);
+        let mut big = PageBuf::for_overwrite(RECYCLE_MAX + 1);
         assert!(big.is_mapped());
         assert!(big.as_mut_slice().iter().all(|x| *x == 0));
+    }
+
+    #[test]
+    fn mapped_read_buffers_are_recycled_too() {
+        let _turn = empty_pool();
+        // qemu's 2 MiB reads: a map, page aligned, handed out again.
+        let len = (2 << 20) - 4096;
+        let mut b = PageBuf::for_overwrite(len);
+        assert!(b.is_mapped());
+        assert_eq!(b.as_mut_slice().len(), len);
+        b.as_mut_slice().fill(5);
+        let frozen = b.freeze();
+        assert_eq!(frozen.as_ptr() as usize % PAGE, 0);
+        let addr = frozen.as_ptr() as usize;
+        drop(frozen);
+        let mut again = PageBuf::for_overwrite(len);
+        assert_eq!(again.as_mut_slice().as_ptr() as usize, addr);
+        assert!(
+            again.as_mut_slice().iter().all(|x| *x == 5),
+            "not zeroed again"
+        );
+        drop(again);
+        // Bounded like the heap classes.
+        let many: Vec<Bytes> = (0..(2 * RECYCLE_LIMIT / len))
+            .map(|_| PageBuf::for_overwrite(len).freeze())
+            .collect();
+        drop(many);
+        assert!(RECYCLER.lock().unwrap().bytes <= RECYCLE_LIMIT);
     }
 
     #[test]

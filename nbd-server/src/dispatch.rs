@@ -134,7 +134,11 @@ pub(crate) async fn execute(
                 len,
                 req_one,
             } => {
-                let extents = backend.block_status(offset, len).await?;
+                let extents = if req_one {
+                    backend.block_status_first(offset, len).await?
+                } else {
+                    backend.block_status(offset, len).await?
+                };
                 let max_len = if ctx.extended {
                     u64::MAX
                 } else {

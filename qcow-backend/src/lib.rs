@@ -41,6 +41,7 @@
 #![deny(missing_docs)]
 
 mod buf;
+mod cached_read;
 pub mod chain;
 mod error;
 pub mod header;

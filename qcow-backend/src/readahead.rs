@@ -13,11 +13,12 @@
 //!
 //! Only layers nobody writes through this image get hints: the writable
 //! top of a backup has the write-behind (`writeback.rs`) managing its
-//! pages instead.
+//! pages instead. The descriptor kept per layer is also what
+//! `cached_read.rs` reads those layers' data through.
 
 use std::fs::File;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 
 use rustix::fs::{fadvise, Advice};
 
@@ -38,7 +39,7 @@ const PROOF: u32 = 8;
 #[derive(Debug)]
 struct Stream {
     path: PathBuf,
-    file: File,
+    file: Arc<File>,
     /// End of the last read.
     last_end: u64,
     /// Everything below this was hinted already.
@@ -60,7 +61,7 @@ impl ReadAhead {
         if let Ok(mut s) = self.streams.lock() {
             s.push(Stream {
                 path: path.to_owned(),
-                file,
+                file: Arc::new(file),
                 last_end: 0,
                 hinted: 0,
                 run: 0,
@@ -75,33 +76,32 @@ impl ReadAhead {
 
     /// A read of `len` bytes at `offset` of the layer file at `path` is
     /// about to happen: if it continues a sequential stream, hint the
-    /// window ahead of it. Never fails (a hint is only a hint).
-    pub fn reading(&self, path: &Path, offset: u64, len: u64) {
-        let Ok(mut streams) = self.streams.lock() else {
-            return;
-        };
-        let Some(s) = streams.iter_mut().find(|s| s.path == path) else {
-            return;
-        };
+    /// window ahead of it. Never fails (a hint is only a hint). Returns the
+    /// layer's own descriptor if `path` is tracked (a read-only layer).
+    pub fn reading(&self, path: &Path, offset: u64, len: u64) -> Option<Arc<File>> {
+        let mut streams = self.streams.lock().ok()?;
+        let s = streams.iter_mut().find(|s| s.path == path)?;
+        let file = Arc::clone(&s.file);
         let end = offset.saturating_add(len);
         if offset.abs_diff(s.last_end) > NEAR {
             // A jump: a new stream may start here.
             s.last_end = end;
             s.hinted = end;
             s.run = 0;
-            return;
+            return Some(file);
         }
         s.last_end = s.last_end.max(end);
         s.run = s.run.saturating_add(1);
         if s.run < PROOF || s.hinted >= end.saturating_add(REFILL) {
-            return;
+            return Some(file);
         }
         let from = s.hinted.max(end);
         let to = end.saturating_add(WINDOW);
         s.hinted = to;
         if let Some(n) = std::num::NonZeroU64::new(to - from) {
-            let _ = fadvise(&s.file, from, Some(n), Advice::WillNeed);
+            let _ = fadvise(&*file, from, Some(n), Advice::WillNeed);
         }
+        Some(file)
     }
 }
 
@@ -161,8 +161,14 @@ mod tests {
 
     #[test]
     fn other_files_are_ignored() {
-        let (_f, ra) = tracked();
-        ra.reading(Path::new("/nonexistent/other"), 0, 1 << 20);
+        let (f, ra) = tracked();
+        assert!(ra
+            .reading(Path::new("/nonexistent/other"), 0, 1 << 20)
+            .is_none());
         assert_eq!(hinted(&ra), 0);
+        assert!(
+            ra.reading(f.path(), 0, 1 << 20).is_some(),
+            "tracked layer's descriptor"
+        );
     }
 }

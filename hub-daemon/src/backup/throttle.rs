@@ -161,6 +161,10 @@ impl BlockBackend for Throttled {
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
         self.inner.block_status(offset, len).await
     }
+
+    async fn block_status_first(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
+        self.inner.block_status_first(offset, len).await
+    }
 }
 
 #[cfg(test)]

@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use bytes::Bytes;
 
-use super::{BlockBackend, ReadChunk, ZeroFlags};
+use super::{BlockBackend, Extent, ReadChunk, ZeroFlags};
 
 /// Size of the devices the suite asks for: a few MiB, not a multiple of
 /// 64 KiB, so tail handling gets exercised.
@@ -163,6 +163,47 @@ async fn block_status_is_consistent_with_data(b: Arc<dyn BlockBackend>) {
     assert!(
         !ext[0].zero && !ext[0].hole,
         "written data is reported allocated: {ext:?}"
+    );
+    // The REQ_ONE variant starts with the same status as the full answer,
+    // never claims more of it than the full answer does, and covers the
+    // written data whole when asked from its start.
+    for off in [
+        0,
+        (1 << 20) - 4096,
+        1 << 20,
+        (1 << 20) + 65536,
+        SUITE_SIZE - 512,
+    ] {
+        let full = b.block_status(off, SUITE_SIZE - off).await.unwrap();
+        let first = b.block_status_first(off, SUITE_SIZE - off).await.unwrap();
+        assert!(!first.is_empty(), "REQ_ONE answer at {off} is empty");
+        let run = |ext: &[Extent]| -> u64 {
+            let s = (ext[0].hole, ext[0].zero);
+            ext.iter()
+                .take_while(|e| (e.hole, e.zero) == s)
+                .map(|e| e.length)
+                .sum()
+        };
+        assert_eq!(
+            (first[0].hole, first[0].zero),
+            (full[0].hole, full[0].zero),
+            "REQ_ONE status at {off}"
+        );
+        assert!(run(&first) <= run(&full), "REQ_ONE run at {off} too long");
+    }
+    let first = b
+        .block_status_first(1 << 20, SUITE_SIZE - (1 << 20))
+        .await
+        .unwrap();
+    assert!(!first[0].hole && !first[0].zero);
+    let data: u64 = first
+        .iter()
+        .take_while(|e| !e.hole && !e.zero)
+        .map(|e| e.length)
+        .sum();
+    assert!(
+        data >= 65536,
+        "REQ_ONE answer cuts the written data: {first:?}"
     );
 }
 

@@ -176,6 +176,16 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug + 'static {
     /// after `offset + len`.
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError>;
 
+    /// [`block_status`](Self::block_status) for a client that uses only the
+    /// first extent (`NBD_CMD_FLAG_REQ_ONE`, what qemu's client always
+    /// sends, with `len` up to the end of the disk): the answer may end
+    /// where the `hole`/`zero` status first changes, so a backend can stop
+    /// walking there instead of describing the whole range once per
+    /// request. The default describes the whole range.
+    async fn block_status_first(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
+        self.block_status(offset, len).await
+    }
+
     /// Prefetch hint. The default does nothing.
     async fn cache(&self, _offset: u64, _len: u64) -> Result<(), BackendError> {
         Ok(())

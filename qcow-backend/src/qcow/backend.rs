@@ -1,5 +1,6 @@
 //! The [`BlockBackend`] operations of a qcow2 image.
 
+use std::fs::File as StdFile;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
@@ -8,10 +9,12 @@ use imago::file::File;
 use imago::{Mapping, Storage, StorageExt};
 use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, ZeroFlags};
 
-use super::status::{status_at, MAX_STATUS_EXTENTS};
+use super::status::status_walk;
+use super::status_cache::WINDOW_SPAN;
 use super::zeroes::zero_range;
 use super::*;
 use crate::buf::AlignedBuf;
+use crate::cached_read::{read_cached, read_misses, Cached, Miss};
 use crate::readahead::ReadAhead;
 
 #[async_trait]
@@ -97,24 +100,35 @@ impl BlockBackend for QcowBackend {
         let size = self.size;
         self.with_image("block_status", move |img| async move {
             let a = img.access.read().await;
-            let end = offset.saturating_add(len).min(size);
-            let mut out: Vec<Extent> = Vec::new();
-            let mut pos = offset;
-            while pos < end && out.len() < MAX_STATUS_EXTENTS {
-                let Some(e) = status_at(&a, pos, end - pos).await? else {
-                    break;
-                };
-                pos += e.length;
-                match out.last_mut() {
-                    Some(l) if l.hole == e.hole && l.zero == e.zero && l.depth == e.depth => {
-                        l.length += e.length
-                    }
-                    _ => out.push(e),
-                }
-            }
-            Ok(out)
+            status_walk(&a, offset, offset.saturating_add(len).min(size), false).await
         })
         .await
+    }
+
+    async fn block_status_first(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
+        let size = self.size;
+        let end = offset.saturating_add(len).min(size);
+        let Some(cache) = &self.status_cache else {
+            return self
+                .with_image("block_status", move |img| async move {
+                    let a = img.access.read().await;
+                    status_walk(&a, offset, end, true).await
+                })
+                .await;
+        };
+        if let Some(e) = cache.first(offset, end) {
+            return Ok(e);
+        }
+        // Walk ahead of the request (qemu's next ones follow it), remember.
+        let ahead = offset.saturating_add(WINDOW_SPAN).min(size);
+        let walked = self
+            .with_image("block_status", move |img| async move {
+                let a = img.access.read().await;
+                status_walk(&a, offset, ahead, false).await
+            })
+            .await?;
+        cache.insert(offset, &walked);
+        Ok(cache.first(offset, end).unwrap_or(walked))
     }
 
     async fn close(&self) -> Result<(), BackendError> {
@@ -151,7 +165,9 @@ enum Source<'a> {
 /// data runs share one buffer, and plain data is read straight from the
 /// layer file the mapping names (runs contiguous in one file in one
 /// `preadv`) instead of through `FormatAccess::read`, which would look
-/// every mapping up a second time.
+/// every mapping up a second time. Read-only layers are read from the page
+/// cache on this thread and from the disk on the blocking pool
+/// (`cached_read.rs`), so a cold read never holds the I/O thread.
 pub(super) async fn read_resolved(
     a: &Access,
     readahead: &ReadAhead,
@@ -184,15 +200,17 @@ pub(super) async fn read_resolved(
         }
         pos += n;
     }
-    if !readahead.is_empty() {
-        // Queue what a sequential reader needs next before waiting on this.
-        for (_, n, src) in &runs {
-            if let Source::Raw(f, host) = src {
-                if let Some(path) = f.get_filename() {
-                    readahead.reading(&path, *host, *n);
-                }
-            }
-        }
+    // Read-only layers' own descriptors, per run (None: read through
+    // imago). Looked up once with the read-ahead, which queues what a
+    // sequential reader needs next before this read waits.
+    let mut direct: Vec<Option<Arc<StdFile>>> = Vec::with_capacity(runs.len());
+    for (_, n, src) in &runs {
+        direct.push(match src {
+            Source::Raw(f, host) if !readahead.is_empty() => f
+                .get_filename()
+                .and_then(|path| readahead.reading(&path, *host, *n)),
+            _ => None,
+        });
     }
     let mut chunks = Vec::with_capacity(runs.len());
     let mut i = 0;
@@ -213,14 +231,30 @@ pub(super) async fn read_resolved(
         // Every byte is read into below (the runs tile it), so a recycled
         // buffer needs no zeroing.
         let mut buf = AlignedBuf::for_overwrite(total as usize);
+        let mut misses = Vec::new();
         let whole = buf.as_mut_slice();
-        for (at, n, src) in &runs[i..j] {
+        for ((at, n, src), file) in runs[i..j].iter().zip(&direct[i..j]) {
             let lo = (*at - start) as usize;
-            let part = &mut whole[lo..lo + *n as usize];
-            match src {
-                Source::Raw(f, host) => f.read(part, *host).await?,
+            let n = *n as usize;
+            let part = &mut whole[lo..lo + n];
+            match (src, file) {
+                (Source::Raw(f, host), Some(file)) => match read_cached(file, part, *host) {
+                    Cached::Read(done) if done == n => {}
+                    // The rest waits on the disk, off this thread.
+                    Cached::Read(done) => misses.push(Miss {
+                        at: lo + done,
+                        len: n - done,
+                        file: Arc::clone(file),
+                        offset: *host + done as u64,
+                    }),
+                    Cached::Unsupported => f.read(part, *host).await?,
+                },
+                (Source::Raw(f, host), None) => f.read(part, *host).await?,
                 _ => a.read(part, *at).await?,
             }
+        }
+        if !misses.is_empty() {
+            buf = read_misses(buf, misses).await?;
         }
         chunks.push(ReadChunk::Data(buf.freeze()));
         i = j;

@@ -18,6 +18,7 @@ mod create;
 mod open;
 mod options;
 mod status;
+mod status_cache;
 #[cfg(test)]
 mod tests;
 mod zeroes;
@@ -39,6 +40,7 @@ use crate::chain::Layer;
 use crate::pool::IoPool;
 use crate::readahead::ReadAhead;
 use crate::writeback::WriteBehind;
+use status_cache::StatusCache;
 
 /// Most imago operations in flight per image.
 pub const MAX_INFLIGHT: usize = 64;
@@ -65,6 +67,8 @@ pub struct QcowBackend {
     /// Read-ahead hints for the layers read only (restores).
     readahead: Arc<ReadAhead>,
     write_behind: Option<Arc<WriteBehind>>,
+    /// `REQ_ONE` block status of a read-only image, from earlier walks.
+    status_cache: Option<StatusCache>,
     path: PathBuf,
     size: u64,
     cluster_size: u64,

@@ -155,6 +155,8 @@ impl QcowBackend {
             inflight: Arc::new(Semaphore::new(MAX_INFLIGHT)),
             readahead: Arc::new(readahead),
             write_behind: dup.map(WriteBehind::new),
+            // Only a mapping nobody changes can be remembered.
+            status_cache: read_only.then(StatusCache::default),
             path: path.to_owned(),
             size,
             cluster_size,

@@ -199,3 +199,96 @@ async fn create_refuses_existing_file_and_bad_parameters() {
         .unwrap_err();
     assert_eq!(e.kind(), crate::ImageErrorKind::InvalidParameters);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_reads_of_evicted_pages_come_back_whole() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("ro.qcow2");
+    let size = 8u64 << 20;
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 253) as u8 | 1).collect();
+    let w = QcowBackend::create(&p, &CreateOptions::fresh(size), &OpenOptions::new())
+        .await
+        .unwrap();
+    w.write(0, Bytes::from(data.clone())).await.unwrap();
+    w.close().await.unwrap();
+    drop(w);
+    let r = QcowBackend::open(&p, &OpenOptions::new().read_only(true))
+        .await
+        .unwrap();
+    // Every other MiB out of the page cache (clean pages need no
+    // privilege): one read then spans cached and uncached data, so both
+    // the page-cache read and the blocking-pool read fill parts of it.
+    let f = std::fs::File::open(&p).unwrap();
+    let len = f.metadata().unwrap().len();
+    for at in (0..len).step_by(2 << 20) {
+        let n = std::num::NonZeroU64::new((1 << 20).min(len - at));
+        rustix::fs::fadvise(&f, at, n, rustix::fs::Advice::DontNeed).unwrap();
+    }
+    for (off, n) in [
+        (0u64, size as u32),
+        (4096, 3 << 20),
+        ((5 << 20) + 17, 65536),
+    ] {
+        let got = conformance::read_flat(&r, off, n).await;
+        let want = &data[off as usize..off as usize + n as usize];
+        assert!(got == want, "read {off}+{n} differs");
+    }
+    r.close().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn req_one_status_coalesces_up_to_the_first_change_and_stops() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("s.qcow2");
+    let mib = 1u64 << 20;
+    let b = QcowBackend::create(&p, &CreateOptions::fresh(16 * mib), &OpenOptions::new())
+        .await
+        .unwrap();
+    // Data in [0, 3 MiB) from three writes in reverse order (host clusters
+    // not contiguous), a hole to 5 MiB, data in [5, 6) MiB, holes after.
+    for at in [2 * mib, 0, mib] {
+        b.write(at, Bytes::from(vec![9u8; mib as usize]))
+            .await
+            .unwrap();
+    }
+    b.write(5 * mib, Bytes::from(vec![7u8; mib as usize]))
+        .await
+        .unwrap();
+    let e = b.block_status_first(0, 16 * mib).await.unwrap();
+    let total: u64 = e.iter().map(|e| e.length).sum();
+    assert_eq!(
+        total,
+        3 * mib,
+        "one data run, whole, nothing past it: {e:?}"
+    );
+    assert!(e.iter().all(|e| !e.hole && !e.zero));
+    let e = b.block_status_first(3 * mib, 13 * mib).await.unwrap();
+    assert_eq!(e.len(), 1);
+    assert_eq!((e[0].length, e[0].hole), (2 * mib, true));
+    // Without REQ_ONE the whole requested range is described.
+    let e = b.block_status(0, 16 * mib).await.unwrap();
+    assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), 16 * mib);
+    assert_eq!(e.len(), 4, "data, hole, data, hole: {e:?}");
+    b.close().await.unwrap();
+    drop(b);
+    // Read-only: answered from one remembered walk, same answers, in any
+    // order (and clipped to each request).
+    let r = QcowBackend::open(&p, &OpenOptions::new().read_only(true))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        let e = r.block_status_first(5 * mib, 11 * mib).await.unwrap();
+        assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), mib);
+        assert!(e.iter().all(|e| !e.hole));
+        let e = r
+            .block_status_first(mib / 2, 16 * mib - mib / 2)
+            .await
+            .unwrap();
+        assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), 5 * mib / 2);
+        let e = r.block_status_first(mib / 2, 4096).await.unwrap();
+        assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), 4096);
+        let e = r.block_status_first(6 * mib, 10 * mib).await.unwrap();
+        assert_eq!((e.len(), e[0].length, e[0].hole), (1, 10 * mib, true));
+    }
+    r.close().await.unwrap();
+}
