@@ -17,9 +17,12 @@ use super::{store_error, ObjectTier};
 use crate::error::{DaemonError, Result};
 
 /// Bytes per uploaded part (S3 wants at least 5 MiB but for the last).
-pub const PART_SIZE: usize = 16 << 20;
-/// Parts uploaded at once.
-pub const PARTS_IN_FLIGHT: usize = 4;
+pub const PART_SIZE: usize = 8 << 20;
+/// Parts uploaded at once: 8 × 8 MiB kept a local SeaweedFS busier than
+/// 4 × 16 MiB (same memory bound). Downloads stay one GET stream: eight
+/// ranged GETs of 8 MiB halved the re-hydration rate against SeaweedFS
+/// (192 vs 354 MB/s, idle, 512 MiB).
+pub const PARTS_IN_FLIGHT: usize = 8;
 /// Bytes the reader thread hands over at a time.
 const CHUNK: usize = 4 << 20;
 /// Chunks queued between the file thread and the network.
