@@ -14,6 +14,13 @@
 //!   thread, so this bounds every TLS write figure from this client.
 //! * `ceiling_ours_tls_null_c{N}`: our server over TLS into its null
 //!   backend: our TLS receive path without an image or digests.
+//! * `ceiling_client_read_c1`: `nbdcopy -C 1 -T 1` from `nbdkit pattern`
+//!   (data everywhere, made on the fly) to `null:`, the options of the
+//!   restore suite's sequential reads: what this client can pull over NBD
+//!   from a server that reads nothing from disk.
+//! * `ceiling_client_randread_4k_qd32` / `ceiling_client_randwrite_4k_qd32`:
+//!   fio's nbd engine against `nbdkit null`, the random figures' jobs: the
+//!   IOPS the protocol round trips allow here at all.
 
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
@@ -42,6 +49,10 @@ impl Drop for Nbdkit {
 }
 
 fn nbdkit_null(size: u64, tls: bool) -> anyhow::Result<Nbdkit> {
+    nbdkit_plugin("null", size, tls)
+}
+
+fn nbdkit_plugin(plugin: &str, size: u64, tls: bool) -> anyhow::Result<Nbdkit> {
     let port = servers::free_port()?;
     let mut cmd = Command::new("nbdkit");
     cmd.args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1"]);
@@ -51,7 +62,7 @@ fn nbdkit_null(size: u64, tls: bool) -> anyhow::Result<Nbdkit> {
             servers::tls_dir()?.display()
         ));
     }
-    cmd.args(["null", &size.to_string()]);
+    cmd.args([plugin, &size.to_string()]);
     let child = cmd
         .stdout(Stdio::null())
         .stderr(Stdio::null())
@@ -93,6 +104,81 @@ impl Run {
         Ok(t.elapsed().as_secs_f64())
     }
 
+    /// Seconds of one `nbdcopy -C 1 -T 1 URI null:` (the restore reads).
+    fn read_secs(&self, uri: &str) -> anyhow::Result<f64> {
+        let t = Instant::now();
+        let out = Command::new("nbdcopy")
+            .args(["-C", "1", "-T", "1", uri, "null:"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "nbdcopy from {uri}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(t.elapsed().as_secs_f64())
+    }
+
+    /// IOPS of fio's nbd engine, 4k at QD32 for the run's fio time.
+    fn fio_iops(&self, uri: &str, rw: &str) -> anyhow::Result<f64> {
+        let out = self
+            .workdir
+            .join("log")
+            .join(format!("fio-ceiling-{rw}.json"));
+        let st = Command::new("fio")
+            .args([
+                &format!("--name=ceiling-{rw}"),
+                "--ioengine=nbd",
+                &format!("--uri={uri}"),
+                &format!("--rw={rw}"),
+                "--bs=4k",
+                "--iodepth=32",
+                &format!("--size={}", self.size),
+                "--time_based",
+                &format!("--runtime={}", self.fio_runtime),
+                "--output-format=json",
+                &format!("--output={}", out.display()),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()?;
+        if !st.success() {
+            bail!("fio {rw} against {uri} failed");
+        }
+        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)?;
+        let side = if rw.contains("write") {
+            "write"
+        } else {
+            "read"
+        };
+        Ok(j["jobs"][0][side]["iops"].as_f64().unwrap_or(0.0))
+    }
+
+    /// The client-side ceilings of the restore and random figures.
+    fn read_ceilings(&mut self, rep: usize) -> anyhow::Result<()> {
+        self.progress("ceilings: nbdcopy from nbdkit pattern".into());
+        let k = nbdkit_plugin("pattern", self.size, false)?;
+        let secs = self.read_secs(&k.uri)?;
+        drop(k);
+        self.push_ceiling("nbdkit-pattern", "ceiling_client_read_c1".into(), rep, secs);
+        for rw in ["randread", "randwrite"] {
+            self.progress(format!("ceilings: fio {rw} into nbdkit null"));
+            let k = nbdkit_null(self.size, false)?;
+            let iops = self.fio_iops(&k.uri, rw)?;
+            drop(k);
+            self.samples.push(Sample {
+                server: "nbdkit-null".into(),
+                test: format!("ceiling_client_{rw}_4k_qd32"),
+                rep,
+                value: iops,
+                unit: "IOPS".into(),
+            });
+        }
+        Ok(())
+    }
+
     fn push_ceiling(&mut self, server: &str, test: String, rep: usize, secs: f64) {
         self.samples.push(Sample {
             server: server.into(),
@@ -120,6 +206,9 @@ impl Run {
             bail!("dd into {} failed", out.display());
         }
         self.push_ceiling("system", "ceiling_fs_write_fsync".into(), rep, secs);
+        if nbdkit {
+            self.read_ceilings(rep)?;
+        }
         servers::init_tls(&self.workdir)?;
         for c in self.conns.clone() {
             if nbdkit {

@@ -37,6 +37,7 @@ use http_body_util::Full;
 use super::error::ApiError;
 use super::json::BODY_LIMIT;
 use super::AppState;
+use crate::catalog::NodeInfo;
 use crate::error::DaemonError;
 use crate::http_client::Endpoint;
 use crate::names;
@@ -109,13 +110,15 @@ async fn route(st: &AppState, req: Request, next: Next) -> Response {
     }
     // A shared repository's files are here too: while the node managing
     // the chain is away, this one serves (a dead node touches nothing).
-    if owner.shared {
+    let known = if owner.shared {
         match st.catalog().node(&node, now_ms()).await {
-            Ok(Some(n)) if n.alive() => {}
+            Ok(Some(n)) if n.alive() => Some(n),
             Ok(_) => return next.run(req).await,
             Err(e) => return ApiError::from(e).into_response(),
         }
-    }
+    } else {
+        None
+    };
     if let Some(from) = req.headers().get(FORWARDED_BY) {
         let from = String::from_utf8_lossy(from.as_bytes())
             .chars()
@@ -136,16 +139,13 @@ async fn route(st: &AppState, req: Request, next: Next) -> Response {
         .uri
         .path_and_query()
         .map_or_else(|| parts.uri.path().to_owned(), |pq| pq.as_str().to_owned());
-    match to_node(
-        st,
-        &node,
-        parts.method.clone(),
-        &path,
-        &parts.headers,
-        body.clone(),
-    )
-    .await
-    {
+    let method = parts.method.clone();
+    let sent = match known {
+        // Looked up just above: no second catalog query.
+        Some(n) => send_to(st, &n, method, &path, &parts.headers, body.clone()).await,
+        None => to_node(st, &node, method, &path, &parts.headers, body.clone()).await,
+    };
+    match sent {
         Ok(answer) => answer,
         // The owner is away: what the catalog knows is still an answer.
         Err(e) if is_get => {
@@ -177,6 +177,20 @@ pub async fn to_node(
             node.heartbeat_at
         )));
     }
+    send_to(st, &node, method, path, headers, body).await
+}
+
+/// Send `method path` with `body` to `node`, known alive; its answer.
+async fn send_to(
+    st: &AppState,
+    node: &NodeInfo,
+    method: Method,
+    path: &str,
+    headers: &HeaderMap,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    let unavailable = |why: String| ApiError::from(DaemonError::Unavailable(why));
+    let node_id = node.node_id.as_str();
     let endpoint = Endpoint::parse("node API URL", &node.api_url, st.fleet_tls())
         .map_err(|e| unavailable(format!("node {node_id:?}: {e}")))?;
     let mut req = endpoint

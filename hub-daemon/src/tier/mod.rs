@@ -44,6 +44,7 @@
 //! and sent with reqwest ([`lock`]).
 
 pub mod lock;
+mod sink;
 pub mod transfer;
 
 use std::sync::Arc;

@@ -6,13 +6,14 @@
 //! few chunks, so memory stays bounded: at most
 //! `PART_SIZE × (PARTS_IN_FLIGHT + 1)` plus the channel on upload.
 
-use std::io::{Read, Write};
+use std::io::Read;
 
 use bytes::Bytes;
 use futures_util::StreamExt as _;
 use object_store::path::Path as ObjectPath;
 use object_store::{GetOptions, ObjectStore as _, ObjectStoreExt as _, WriteMultipart};
 
+use super::sink::{self, Gather};
 use super::{store_error, ObjectTier};
 use crate::error::{DaemonError, Result};
 
@@ -27,7 +28,6 @@ pub const PARTS_IN_FLIGHT: usize = 8;
 const CHUNK: usize = 4 << 20;
 /// Chunks queued between the file thread and the network.
 const QUEUE: usize = 4;
-
 /// What an upload made.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Uploaded {
@@ -39,7 +39,7 @@ pub struct Uploaded {
     pub version_id: Option<String>,
 }
 
-fn hex(d: &[u8]) -> String {
+pub(super) fn hex(d: &[u8]) -> String {
     d.iter().map(|b| format!("{b:02x}")).collect()
 }
 
@@ -137,7 +137,7 @@ impl ObjectTier {
         &self,
         key: &str,
         version: Option<String>,
-        mut file: std::fs::File,
+        file: std::fs::File,
         max_bytes: u64,
     ) -> Result<(u64, String)> {
         let path = object_path(key)?;
@@ -150,21 +150,17 @@ impl ObjectTier {
             .get_opts(&path, opts)
             .await
             .map_err(|e| store_error(&format!("downloading {key}"), e))?;
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE);
-        let writer = tokio::task::spawn_blocking(move || -> std::io::Result<(u64, String)> {
-            let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
-            let mut total = 0u64;
-            while let Some(chunk) = rx.blocking_recv() {
-                ctx.update(&chunk);
-                file.write_all(&chunk)?;
-                total += chunk.len() as u64;
-            }
-            file.sync_all()?;
-            Ok((total, hex(ctx.finish().as_ref())))
-        });
+        // Hashing and writing run on threads of their own, side by side,
+        // each behind a short queue of whole buffers (see `sink`).
+        let (hash_tx, hash_rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE);
+        let (write_tx, write_rx) = tokio::sync::mpsc::channel::<Bytes>(QUEUE);
+        let hasher = tokio::task::spawn_blocking(move || sink::hash(hash_rx));
+        let writer = tokio::task::spawn_blocking(move || sink::write(file, write_rx));
         let mut stream = got.into_stream();
         let mut total = 0u64;
         let received: Result<()> = async {
+            let mut gather = Gather::new();
+            let mut full = Vec::new();
             while let Some(chunk) = stream.next().await {
                 let chunk = chunk.map_err(|e| store_error(&format!("downloading {key}"), e))?;
                 total = total.saturating_add(chunk.len() as u64);
@@ -173,19 +169,27 @@ impl ObjectTier {
                         "object {key} is longer than the {max_bytes} bytes recorded"
                     )));
                 }
-                if tx.send(chunk).await.is_err() {
-                    // The writer failed; its error is the one reported.
-                    break;
+                gather.push(&chunk, |b| full.push(b));
+                if !sink::send_both(&mut full, &hash_tx, &write_tx).await {
+                    // A thread failed; the writer's error is the one reported.
+                    return Ok(());
                 }
             }
+            full.extend(gather.finish());
+            sink::send_both(&mut full, &hash_tx, &write_tx).await;
             Ok(())
         }
         .await;
-        drop(tx);
+        drop(hash_tx);
+        drop(write_tx);
+        let sha256 = hasher
+            .await
+            .map_err(|e| DaemonError::Internal(format!("download hasher: {e}")))?;
         let written = writer
             .await
             .map_err(|e| DaemonError::Internal(format!("download writer: {e}")))?
-            .map_err(|e| DaemonError::io(format!("writing the download of {key}"), e));
+            .map_err(|e| DaemonError::io(format!("writing the download of {key}"), e))
+            .map(|n| (n, sha256));
         received?;
         written
     }
