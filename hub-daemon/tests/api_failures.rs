@@ -9,6 +9,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use common::hub::{eventually, parse_targets, Hub};
+use common::tmpfs::Tmpfs;
 use integration_tests::http::{raw, request};
 use integration_tests::support::{require, run_ok};
 use serde_json::{json, Value};
@@ -697,55 +698,6 @@ async fn routing_query_content_type_and_path_mistakes_keep_the_shape() {
 }
 
 // ------------------------------------------------------------------ full disks
-
-/// A small tmpfs mounted on `dir`, unmounted (lazily) when dropped.
-struct Tmpfs {
-    dir: std::path::PathBuf,
-}
-
-impl Tmpfs {
-    /// Mount; `None` (and the test skips) when this process may not mount
-    /// (not root or no CAP_SYS_ADMIN).
-    fn mount(dir: &Path, size: &str) -> Option<Tmpfs> {
-        std::fs::create_dir_all(dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(dir)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            eprintln!("skipping: cannot mount a tmpfs (needs CAP_SYS_ADMIN)");
-            return None;
-        }
-        Some(Tmpfs {
-            dir: dir.to_owned(),
-        })
-    }
-
-    /// Fill the filesystem until ENOSPC.
-    fn fill(&self) -> std::path::PathBuf {
-        use std::io::Write;
-        let path = self.dir.join("filler");
-        let mut f = std::fs::File::create(&path).unwrap();
-        let chunk = vec![0xa5u8; 4096];
-        loop {
-            if let Err(e) = f.write_all(&chunk) {
-                assert_eq!(e.kind(), std::io::ErrorKind::StorageFull, "{e}");
-                return path;
-            }
-        }
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.dir)
-            .status();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn full_repository_disk_is_507_and_leaks_nothing() {

@@ -10,6 +10,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use common::hub::{eventually, parse_targets, Hub};
+use common::tmpfs::Tmpfs;
 use disk_digest::algo::digest_of_bytes;
 use integration_tests::support::{
     assert_check_clean, assert_identical, require, run, run_ok, write_file,
@@ -271,39 +272,6 @@ async fn a_wrong_sender_digest_fails_the_backup_and_removes_its_files() {
     hub.stop().await;
 }
 
-/// A tmpfs of `mib` MiB mounted on a new directory; unmounted on drop.
-struct Tmpfs(PathBuf);
-
-impl Tmpfs {
-    fn mount(dir: PathBuf, mib: u64) -> Option<Tmpfs> {
-        std::fs::create_dir_all(&dir).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mib}m"), "tmpfs"])
-            .arg(&dir)
-            .status()
-            .is_ok_and(|s| s.success());
-        if !ok {
-            assert!(
-                std::env::var("NBD_INTEROP_REQUIRED").as_deref() != Ok("1"),
-                "cannot mount a tmpfs (needs root); required in CI"
-            );
-            eprintln!("SKIP: cannot mount tmpfs");
-            return None;
-        }
-        Some(Tmpfs(dir))
-    }
-}
-
-impl Drop for Tmpfs {
-    fn drop(&mut self) {
-        // Lazy: an I/O thread may still be closing a removed image.
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0)
-            .status();
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_filesystem_never_completes() {
     if !require("nbdcopy") {
@@ -311,10 +279,10 @@ async fn a_full_filesystem_never_completes() {
     }
     let mut hub = Hub::start().await;
     // Inside the hub's repository root (beside its data directory).
-    let Some(fs) = Tmpfs::mount(hub.dir.path().join("small"), 24) else {
+    let Some(fs) = Tmpfs::mount(&hub.dir.path().join("small"), "24m") else {
         return;
     };
-    let repo = fs.0.join("repo");
+    let repo = fs.dir.join("repo");
     let r = hub
         .post(
             "/api/v1/repositories",
@@ -521,10 +489,10 @@ async fn a_backup_that_cannot_fit_is_refused_up_front() {
         return;
     }
     let mut hub = Hub::start().await;
-    let Some(fs) = Tmpfs::mount(hub.dir.path().join("space"), 40) else {
+    let Some(fs) = Tmpfs::mount(&hub.dir.path().join("space"), "40m") else {
         return;
     };
-    let repo = fs.0.join("repo");
+    let repo = fs.dir.join("repo");
     let r = hub
         .post(
             "/api/v1/repositories",
@@ -573,7 +541,7 @@ async fn a_backup_that_cannot_fit_is_refused_up_front() {
 
     // Something else fills the filesystem: another full (~12 MiB by its
     // history) no longer fits, and is refused before anything is made.
-    let junk = fs.0.join("junk");
+    let junk = fs.dir.join("junk");
     std::fs::write(&junk, vec![1u8; 20 * MIB as usize]).unwrap();
     let before = common::files_under(&repo);
     let r = start("full").await;

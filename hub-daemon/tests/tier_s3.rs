@@ -12,7 +12,9 @@ mod common;
 
 use std::path::{Path, PathBuf};
 
+use common::files_under;
 use common::hub::{parse_targets, Hub};
+use common::tmpfs::Tmpfs;
 use integration_tests::seaweed::{self, SeaweedFs};
 use integration_tests::support::{self, assert_identical, require, run_ok, write_file};
 use serde_json::{json, Value};
@@ -40,7 +42,11 @@ async fn qemu_io(fmt: &str, target: &str, cmds: &[&str]) {
 /// Register repository `id` (beside the data directory) with an S3 tier
 /// on `bucket`; credentials in the body.
 async fn tiered_repo(hub: &Hub, s3: &SeaweedFs, id: &str, bucket: &str) -> PathBuf {
-    let path = hub.dir.path().join(id);
+    tiered_repo_at(hub, s3, id, bucket, &hub.dir.path().join(id)).await
+}
+
+/// [`tiered_repo`] with its files at `path`.
+async fn tiered_repo_at(hub: &Hub, s3: &SeaweedFs, id: &str, bucket: &str, path: &Path) -> PathBuf {
     let r = hub
         .post(
             "/api/v1/repositories",
@@ -797,4 +803,49 @@ async fn a_deleted_backups_locked_object_stays_queued_until_its_retention_ends()
         .unwrap()
         .is_empty());
     assert_eq!(hub.metric(pending).await, 0);
+}
+
+/// Re-hydration onto a full file system: the restore gets 507, no partial
+/// file is left and the layer stays evicted; with space back, the same
+/// restore reads identical.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rehydrating_onto_a_full_disk_is_507_and_leaves_nothing() {
+    if !tools() {
+        return;
+    }
+    let Some(s3) = SeaweedFs::start().await else {
+        return;
+    };
+    s3.create_bucket("hub-full", false).await;
+    let hub = Hub::start().await;
+    let Some(fs) = Tmpfs::mount(&hub.dir.path().join("small"), "24m") else {
+        return;
+    };
+    let repo = tiered_repo_at(&hub, &s3, "small", "hub-full", &fs.dir.join("repo")).await;
+    hub.register("vm", &[8 * MIB]).await;
+    let r = hub
+        .put("/api/v1/policies/keep", json!({"keep_last": 10}))
+        .await;
+    assert_eq!(r.status, 201, "{}", r.text());
+    let (ids, expected) = backup_chain(&hub, "vm", "small", "keep", 8 * MIB, &[]).await;
+    offload_and_evict(&hub, &ids).await;
+    let before = files_under(&repo);
+
+    let filler = fs.fill();
+    let r = hub
+        .post(&format!("/api/v1/backups/{}/restore", ids[0]), Value::Null)
+        .await;
+    assert_eq!(r.status, 507, "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["code"],
+        "insufficient_storage",
+        "{}",
+        r.text()
+    );
+    assert_eq!(location(&hub.record(&ids[0]).await), "s3");
+    assert_eq!(files_under(&repo), before, "a partial download was left");
+
+    std::fs::remove_file(filler).unwrap();
+    restore_compares(&hub, &ids[0], &expected[0]).await;
+    assert_eq!(location(&hub.record(&ids[0]).await), "local+s3");
 }
