@@ -121,15 +121,15 @@ impl Run {
         Ok(t.elapsed().as_secs_f64())
     }
 
-    /// IOPS of fio's nbd engine, 4k at QD32 for the run's fio time.
-    fn fio_iops(&self, uri: &str, rw: &str) -> anyhow::Result<f64> {
-        let out = self
-            .workdir
-            .join("log")
-            .join(format!("fio-ceiling-{rw}.json"));
+    /// IOPS of fio's nbd engine doing `rw` 4k at QD32 over the whole disk
+    /// for the run's fio time; `name` names its JSON and log files.
+    pub(crate) fn fio_4k_qd32(&self, name: &str, uri: &str, rw: &str) -> anyhow::Result<f64> {
+        let log_dir = self.workdir.join("log");
+        let out = log_dir.join(format!("fio-{name}.json"));
+        let log = std::fs::File::create(log_dir.join(format!("fio-{name}.log")))?;
         let st = Command::new("fio")
             .args([
-                &format!("--name=ceiling-{rw}"),
+                &format!("--name={name}"),
                 "--ioengine=nbd",
                 &format!("--uri={uri}"),
                 &format!("--rw={rw}"),
@@ -142,10 +142,13 @@ impl Run {
                 &format!("--output={}", out.display()),
             ])
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
+            .stderr(log)
             .status()?;
         if !st.success() {
-            bail!("fio {rw} against {uri} failed");
+            bail!(
+                "fio {name} against {uri} failed (see {})",
+                log_dir.display()
+            );
         }
         let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)?;
         let side = if rw.contains("write") {
@@ -166,7 +169,7 @@ impl Run {
         for rw in ["randread", "randwrite"] {
             self.progress(format!("ceilings: fio {rw} into nbdkit null"));
             let k = nbdkit_null(self.size, false)?;
-            let iops = self.fio_iops(&k.uri, rw)?;
+            let iops = self.fio_4k_qd32(&format!("ceiling-{rw}"), &k.uri, rw)?;
             drop(k);
             self.samples.push(Sample {
                 server: "nbdkit-null".into(),

@@ -369,31 +369,6 @@ impl Run {
 
     /// fio 4k random reads at QD32 over the whole disk, timed; IOPS.
     fn fio_randread(&self, kind: Kind, uri: &str, cache: &str) -> anyhow::Result<f64> {
-        let out = self
-            .workdir
-            .join("log")
-            .join(format!("fio-{}-restore-{cache}.json", kind.name()));
-        let log = self
-            .workdir
-            .join("log")
-            .join(format!("{}.log", kind.name()));
-        timed(
-            Command::new("fio").args([
-                "--name=restore-randread",
-                "--ioengine=nbd",
-                &format!("--uri={uri}"),
-                "--rw=randread",
-                "--bs=4k",
-                "--iodepth=32",
-                &format!("--size={}", self.size),
-                "--time_based",
-                &format!("--runtime={}", self.fio_runtime),
-                "--output-format=json",
-                &format!("--output={}", out.display()),
-            ]),
-            &log,
-        )?;
-        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&out)?)?;
-        Ok(j["jobs"][0]["read"]["iops"].as_f64().unwrap_or(0.0))
+        self.fio_4k_qd32(&format!("{}-restore-{cache}", kind.name()), uri, "randread")
     }
 }

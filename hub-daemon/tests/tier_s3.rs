@@ -218,6 +218,63 @@ async fn object_exists(
     }
 }
 
+/// What each test here starts from: a SeaweedFS with one bucket, a hub
+/// with one repository tiered onto it, a registered one-disk VM and one
+/// policy.
+struct World {
+    /// Bind it for the whole test (`s3: _s3`): dropping it stops the
+    /// server, and `..` in a pattern drops it at once.
+    s3: SeaweedFs,
+    hub: Hub,
+    /// The repository's directory.
+    repo: PathBuf,
+    /// The answer to the policy's `PUT`.
+    policy: Value,
+}
+
+/// The names and sizes of a [`World`].
+struct Setup {
+    bucket: &'static str,
+    /// Versioning and Object Lock on the bucket.
+    locked: bool,
+    repo: &'static str,
+    vm: &'static str,
+    disk_size: u64,
+    policy: &'static str,
+    rules: Value,
+}
+
+impl World {
+    /// `None` (the test skips) without the tools or SeaweedFS.
+    async fn start(w: Setup) -> Option<World> {
+        if !tools() {
+            return None;
+        }
+        let s3 = SeaweedFs::start().await?;
+        s3.create_bucket(w.bucket, w.locked).await;
+        let hub = Hub::start().await;
+        let repo = tiered_repo(&hub, &s3, w.repo, w.bucket).await;
+        hub.register(w.vm, &[w.disk_size]).await;
+        let r = hub
+            .put(&format!("/api/v1/policies/{}", w.policy), w.rules)
+            .await;
+        assert_eq!(r.status, 201, "{}", r.text());
+        let policy = r.json();
+        Some(World {
+            s3,
+            hub,
+            repo,
+            policy,
+        })
+    }
+}
+
+/// Nothing is queued for deletion from the object store.
+async fn no_deletions_pending(hub: &Hub) {
+    let catalog = hub.daemon.as_ref().unwrap().backups().catalog();
+    assert!(catalog.object_deletions(None).await.unwrap().is_empty());
+}
+
 /// Read restore point `id`'s disk through a read-only restore export and
 /// compare it with `expected` (qemu-img), then stop the restore.
 async fn restore_compares(hub: &Hub, id: &str, expected: &Path) {
@@ -235,23 +292,19 @@ async fn restore_compares(hub: &Hub, id: &str, expected: &Path) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_chain_offloaded_and_evicted_restores_identical_and_stays_locked() {
-    if !tools() {
-        return;
-    }
-    let Some(s3) = SeaweedFs::start().await else {
+    let Some(World { s3, hub, repo, .. }) = World::start(Setup {
+        bucket: "hub-locked",
+        locked: true,
+        repo: "tiered",
+        vm: "app",
+        disk_size: 8 * MIB,
+        policy: "keep",
+        rules: json!({"keep_last": 10, "min_retention_days": 1}),
+    })
+    .await
+    else {
         return;
     };
-    s3.create_bucket("hub-locked", true).await;
-    let hub = Hub::start().await;
-    let repo = tiered_repo(&hub, &s3, "tiered", "hub-locked").await;
-    hub.register("app", &[8 * MIB]).await;
-    let r = hub
-        .put(
-            "/api/v1/policies/keep",
-            json!({"keep_last": 10, "min_retention_days": 1}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text());
 
     // Full + two incrementals; each restore point's contents mirrored.
     let dir = hub.dir.path();
@@ -420,19 +473,22 @@ async fn a_chain_offloaded_and_evicted_restores_identical_and_stays_locked() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_damaged_object_is_caught_at_rehydration_and_never_served() {
-    if !tools() {
-        return;
-    }
-    let Some(s3) = SeaweedFs::start().await else {
+    // No versioning, no lock: the object can be overwritten in place.
+    let Some(World {
+        s3: _s3, hub, repo, ..
+    }) = World::start(Setup {
+        bucket: "hub-plain",
+        locked: false,
+        repo: "plain",
+        vm: "db",
+        disk_size: 4 * MIB,
+        policy: "p",
+        rules: json!({"keep_last": 5}),
+    })
+    .await
+    else {
         return;
     };
-    // No versioning, no lock: the object can be overwritten in place.
-    s3.create_bucket("hub-plain", false).await;
-    let hub = Hub::start().await;
-    let repo = tiered_repo(&hub, &s3, "plain", "hub-plain").await;
-    hub.register("db", &[4 * MIB]).await;
-    let r = hub.put("/api/v1/policies/p", json!({"keep_last": 5})).await;
-    assert_eq!(r.status, 201, "{}", r.text());
     let src = write_file(
         hub.dir.path(),
         "src.raw",
@@ -516,24 +572,25 @@ async fn a_damaged_object_is_caught_at_rehydration_and_never_served() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn policies_offload_then_evict_on_schedule_and_skip_unverified_points() {
-    if !tools() {
-        return;
-    }
-    let Some(s3) = SeaweedFs::start().await else {
+    let Some(World {
+        s3: _s3,
+        hub,
+        repo,
+        policy,
+    }) = World::start(Setup {
+        bucket: "hub-sched",
+        locked: false,
+        repo: "sched",
+        vm: "web",
+        disk_size: 4 * MIB,
+        policy: "tiering",
+        rules: json!({"keep_last": 5, "offload_after_days": 1, "evict_local_after_days": 2, "verify_every_days": 1}),
+    })
+    .await
+    else {
         return;
     };
-    s3.create_bucket("hub-sched", false).await;
-    let hub = Hub::start().await;
-    let repo = tiered_repo(&hub, &s3, "sched", "hub-sched").await;
-    hub.register("web", &[4 * MIB]).await;
-    let r = hub
-        .put(
-            "/api/v1/policies/tiering",
-            json!({"keep_last": 5, "offload_after_days": 1, "evict_local_after_days": 2, "verify_every_days": 1}),
-        )
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text());
-    assert_eq!(r.json()["evict_local_after_days"], 2);
+    assert_eq!(policy["evict_local_after_days"], 2);
     let src = write_file(
         hub.dir.path(),
         "src.raw",
@@ -590,20 +647,21 @@ async fn policies_offload_then_evict_on_schedule_and_skip_unverified_points() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn verify_and_a_synthetic_full_bring_evicted_layers_back_and_drop_the_replaced_object() {
-    if !tools() {
-        return;
-    }
-    let Some(s3) = SeaweedFs::start().await else {
+    let Some(World {
+        s3: _s3, hub, repo, ..
+    }) = World::start(Setup {
+        bucket: "hub-flat",
+        locked: false,
+        repo: "flat",
+        vm: "app",
+        disk_size: 4 * MIB,
+        policy: "p",
+        rules: json!({"keep_last": 10}),
+    })
+    .await
+    else {
         return;
     };
-    s3.create_bucket("hub-flat", false).await;
-    let hub = Hub::start().await;
-    let repo = tiered_repo(&hub, &s3, "flat", "hub-flat").await;
-    hub.register("app", &[4 * MIB]).await;
-    let r = hub
-        .put("/api/v1/policies/p", json!({"keep_last": 10}))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text());
     let (ids, expected) = backup_chain(
         &hub,
         "app",
@@ -652,31 +710,25 @@ async fn verify_and_a_synthetic_full_bring_evicted_layers_back_and_drop_the_repl
     assert_eq!(b["disks"][0]["parent_backup_id"], Value::Null, "{b}");
     assert_eq!(location(&hub.record(&ids[0]).await), "local+s3");
     assert_eq!(listed(&tier, "flat").await, vec![keys[0].clone()]);
-    assert!(backups
-        .catalog()
-        .object_deletions(None)
-        .await
-        .unwrap()
-        .is_empty());
+    no_deletions_pending(&hub).await;
     restore_compares(&hub, &ids[1], &expected[1]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_prune_merges_evicted_layers_and_deletes_every_object_it_removed() {
-    if !tools() {
-        return;
-    }
-    let Some(s3) = SeaweedFs::start().await else {
+    let Some(World { s3: _s3, hub, .. }) = World::start(Setup {
+        bucket: "hub-prune",
+        locked: false,
+        repo: "pruned",
+        vm: "web",
+        disk_size: 4 * MIB,
+        policy: "p",
+        rules: json!({"keep_last": 10}),
+    })
+    .await
+    else {
         return;
     };
-    s3.create_bucket("hub-prune", false).await;
-    let hub = Hub::start().await;
-    tiered_repo(&hub, &s3, "pruned", "hub-prune").await;
-    hub.register("web", &[4 * MIB]).await;
-    let r = hub
-        .put("/api/v1/policies/p", json!({"keep_last": 10}))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text());
     let (ids, expected) = backup_chain(
         &hub,
         "web",
@@ -717,33 +769,28 @@ async fn a_prune_merges_evicted_layers_and_deletes_every_object_it_removed() {
     assert_eq!(location(&b), "local", "{b}");
     assert_eq!(b["disks"][0]["parent_backup_id"], Value::Null, "{b}");
     assert_eq!(listed(&tier, "pruned").await, Vec::<String>::new());
-    let backups = hub.daemon.as_ref().unwrap().backups();
-    assert!(backups
-        .catalog()
-        .object_deletions(None)
-        .await
-        .unwrap()
-        .is_empty());
+    no_deletions_pending(&hub).await;
     restore_compares(&hub, &ids[2], &expected[2]).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deleted_backups_locked_object_stays_queued_until_its_retention_ends() {
-    if !tools() {
-        return;
-    }
-    let Some(s3) = SeaweedFs::start().await else {
+    // No min_retention_days: the hub sets no retention itself.
+    let Some(World {
+        s3: _s3, hub, repo, ..
+    }) = World::start(Setup {
+        bucket: "hub-held",
+        locked: true,
+        repo: "held",
+        vm: "db",
+        disk_size: 4 * MIB,
+        policy: "p",
+        rules: json!({"keep_last": 10}),
+    })
+    .await
+    else {
         return;
     };
-    s3.create_bucket("hub-held", true).await;
-    let hub = Hub::start().await;
-    let repo = tiered_repo(&hub, &s3, "held", "hub-held").await;
-    hub.register("db", &[4 * MIB]).await;
-    // No min_retention_days: the hub sets no retention itself.
-    let r = hub
-        .put("/api/v1/policies/p", json!({"keep_last": 10}))
-        .await;
-    assert_eq!(r.status, 201, "{}", r.text());
     let (ids, _) = backup_chain(&hub, "db", "held", "p", 4 * MIB, &[]).await;
     let f = &ids[0];
     hub.verify_ok(f).await;
@@ -796,12 +843,7 @@ async fn a_deleted_backups_locked_object_stays_queued_until_its_retention_ends()
     assert_eq!(swept.deleted, vec![o.object_key.clone()]);
     assert_eq!(swept.pending, 0);
     assert!(!object_exists(&tier, &o.object_key, Some(&version)).await);
-    assert!(backups
-        .catalog()
-        .object_deletions(None)
-        .await
-        .unwrap()
-        .is_empty());
+    no_deletions_pending(&hub).await;
     assert_eq!(hub.metric(pending).await, 0);
 }
 
