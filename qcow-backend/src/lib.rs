@@ -26,9 +26,10 @@
 //! the NBD server maps FLUSH and FUA onto it. `close` does the same after
 //! waiting for in-flight I/O. A backend dropped without `close` still gets
 //! a best-effort flush. While data streams in, write-behind
-//! (`posix_fadvise(DONTNEED)` every 64 MiB written) starts the kernel's
-//! writeback early, so the final flush has little left to do. New images are synced, directory included, before
-//! `create` returns.
+//! (`posix_fadvise(DONTNEED)` every 64 MiB written, when those writes were
+//! mostly streams rather than random) starts the kernel's writeback early,
+//! so the final flush has little left to do. New images are synced,
+//! directory included, before `create` returns.
 //!
 //! # Safety against hostile images
 //! Every layer's header, refcount table and L1 table are checked by

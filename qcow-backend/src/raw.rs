@@ -197,7 +197,7 @@ impl BlockBackend for RawBackend {
             .await
             .map_err(|e| e.at(offset))?;
         if let Some(wb) = &self.write_behind {
-            if wb.add(n) {
+            if wb.add(offset, n) {
                 let wb = Arc::clone(wb);
                 tokio::task::spawn_blocking(move || wb.kick());
             }

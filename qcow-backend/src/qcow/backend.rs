@@ -52,7 +52,7 @@ impl BlockBackend for QcowBackend {
         })
         .await
         .map_err(|e| e.at(offset))?;
-        self.written(n);
+        self.written(offset, n);
         Ok(())
     }
 

@@ -103,10 +103,11 @@ impl QcowBackend {
         &self.chain
     }
 
-    /// Account written bytes; start write-behind on an I/O thread when due.
-    fn written(&self, n: u64) {
+    /// Account a write of `n` bytes at `offset`; start write-behind on an
+    /// I/O thread when due.
+    fn written(&self, offset: u64, n: u64) {
         if let Some(wb) = &self.write_behind {
-            if wb.add(n) {
+            if wb.add(offset, n) {
                 let wb = Arc::clone(wb);
                 let _ = self
                     .pool
