@@ -11,7 +11,6 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::MemoryBudget;
 use super::negotiate::{negotiate, within, Negotiation};
-use super::read_ahead::ReadAhead;
 use super::registry::ConnEntry;
 use super::registry::{ConnGuard, ConnRegistry};
 use super::transmission::{self, TransmissionLimits};
@@ -141,7 +140,7 @@ pub(crate) async fn serve_stream<S, R, W>(
                 biased;
                 _ = ctx.shutdown.cancelled() => return,
                 _ = conn.cancelled().cancelled() => return,
-                r = within(deadline, tls.acceptor().accept(ReadAhead::new(stream))) => r,
+                r = within(deadline, tls.acceptor().accept(stream)) => r,
             };
             let mut stream = match accepted {
                 Ok(Ok(s)) => s,

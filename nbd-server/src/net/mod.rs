@@ -6,7 +6,6 @@ pub(crate) mod frames;
 pub(crate) mod listener;
 pub(crate) mod negotiate;
 pub(crate) mod outbox;
-pub(crate) mod read_ahead;
 pub(crate) mod registry;
 pub(crate) mod request_reader;
 pub(crate) mod transmission;
