@@ -12,22 +12,6 @@ use serde_json::{json, Value};
 
 const MIB: u64 = 1 << 20;
 
-fn serve_args(data: &str) -> Vec<String> {
-    [
-        "--listen",
-        "127.0.0.1:0",
-        "--data-dir",
-        data,
-        "--nbd-ports",
-        "0",
-        "--nbd-shared-port",
-        "0",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
-}
-
 async fn register(api: std::net::SocketAddr, vm: &str, sizes: &[u64]) {
     let disks: Vec<Value> = sizes
         .iter()
@@ -63,9 +47,7 @@ async fn kill_9_mid_backup_then_restart_reconciles() {
     }
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = serve_args(data.to_str().unwrap());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = DaemonProcess::start(&argv, &[]);
+    let d = DaemonProcess::start_in(&data);
     let sizes = [8 * MIB, 4 * MIB];
     register(d.api, "vm", &sizes).await;
     let src: Vec<_> = sizes
@@ -114,7 +96,7 @@ async fn kill_9_mid_backup_then_restart_reconciles() {
 
     // Restart on the same data: the killed backup is failed, its files are
     // gone, nothing is reserved, and the completed backup is intact.
-    let d = DaemonProcess::start(&argv, &[]);
+    let d = DaemonProcess::start_in(&data);
     let rec = call(d.api, "GET", &format!("/api/v1/backups/{inc_id}"), None)
         .await
         .json();
@@ -157,9 +139,7 @@ async fn kill_9_mid_backup_then_restart_reconciles() {
 async fn sigterm_drains_and_exits_zero() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
-    let args = serve_args(data.to_str().unwrap());
-    let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-    let d = DaemonProcess::start(&argv, &[]);
+    let d = DaemonProcess::start_in(&data);
     register(d.api, "vm", &[MIB]).await;
     let b = start_backup(d.api, "vm", "full").await;
     let id = b["backup_id"].as_str().unwrap().to_owned();
@@ -172,7 +152,7 @@ async fn sigterm_drains_and_exits_zero() {
         !std::path::Path::new(&partial).exists(),
         "running backup cleaned on shutdown"
     );
-    let d = DaemonProcess::start(&argv, &[]);
+    let d = DaemonProcess::start_in(&data);
     let rec = call(d.api, "GET", &format!("/api/v1/backups/{id}"), None)
         .await
         .json();
@@ -249,9 +229,7 @@ async fn kill_9_during_complete_leaves_all_or_nothing() {
     for seed in 0..3u64 {
         let dir = tempfile::tempdir().unwrap();
         let data = dir.path().join("data");
-        let args = serve_args(data.to_str().unwrap());
-        let argv: Vec<&str> = args.iter().map(String::as_str).collect();
-        let d = DaemonProcess::start(&argv, &[]);
+        let d = DaemonProcess::start_in(&data);
         let size = 48 * MIB;
         register(d.api, "vm", &[size]).await;
         let src = write_file(
@@ -284,7 +262,7 @@ async fn kill_9_during_complete_leaves_all_or_nothing() {
             }
         }
         d.kill9();
-        let d = DaemonProcess::start(&argv, &[]);
+        let d = DaemonProcess::start_in(&data);
         let rec = call(d.api, "GET", &format!("/api/v1/backups/{id}"), None)
             .await
             .json();

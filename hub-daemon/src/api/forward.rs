@@ -156,6 +156,11 @@ async fn route(st: &AppState, req: Request, next: Next) -> Response {
     }
 }
 
+/// 503 with `why`.
+fn unavailable(why: String) -> ApiError {
+    ApiError::from(DaemonError::Unavailable(why))
+}
+
 /// Send `method path` with `body` to node `node_id`; its answer.
 pub async fn to_node(
     st: &AppState,
@@ -165,7 +170,6 @@ pub async fn to_node(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let unavailable = |why: String| ApiError::from(DaemonError::Unavailable(why));
     let node = st
         .catalog()
         .node(node_id, now_ms())
@@ -189,7 +193,6 @@ async fn send_to(
     headers: &HeaderMap,
     body: Bytes,
 ) -> Result<Response, ApiError> {
-    let unavailable = |why: String| ApiError::from(DaemonError::Unavailable(why));
     let node_id = node.node_id.as_str();
     let endpoint = Endpoint::parse("node API URL", &node.api_url, st.fleet_tls())
         .map_err(|e| unavailable(format!("node {node_id:?}: {e}")))?;
