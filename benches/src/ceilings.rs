@@ -18,6 +18,14 @@
 //!   (data everywhere, made on the fly) to `null:`, the options of the
 //!   restore suite's sequential reads: what this client can pull over NBD
 //!   from a server that reads nothing from disk.
+//! * `ceiling_client_read_file_c1`: the same into a raw file, as the
+//!   restore suite's `seq_file` figures write theirs (every byte data, as
+//!   with `--no-extents`): the client's rate when it must also write what
+//!   it reads.
+//!
+//! The restore figures have their own ceiling server, `nbdkit-file`
+//! (`--servers …,nbdkit-file`): every read workload against a flat raw
+//! copy of the same image served by nbdkit's file plugin.
 //! * `ceiling_client_randread_4k_qd32` / `ceiling_client_randwrite_4k_qd32`:
 //!   fio's nbd engine against `nbdkit null`, the random figures' jobs: the
 //!   IOPS the protocol round trips allow here at all.
@@ -104,11 +112,11 @@ impl Run {
         Ok(t.elapsed().as_secs_f64())
     }
 
-    /// Seconds of one `nbdcopy -C 1 -T 1 URI null:` (the restore reads).
-    fn read_secs(&self, uri: &str) -> anyhow::Result<f64> {
+    /// Seconds of one `nbdcopy -C 1 -T 1 URI DST` (the restore reads).
+    fn read_secs(&self, uri: &str, dst: &str) -> anyhow::Result<f64> {
         let t = Instant::now();
         let out = Command::new("nbdcopy")
-            .args(["-C", "1", "-T", "1", uri, "null:"])
+            .args(["-C", "1", "-T", "1", uri, dst])
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .output()?;
@@ -163,9 +171,20 @@ impl Run {
     fn read_ceilings(&mut self, rep: usize) -> anyhow::Result<()> {
         self.progress("ceilings: nbdcopy from nbdkit pattern".into());
         let k = nbdkit_plugin("pattern", self.size, false)?;
-        let secs = self.read_secs(&k.uri)?;
-        drop(k);
+        let secs = self.read_secs(&k.uri, "null:")?;
         self.push_ceiling("nbdkit-pattern", "ceiling_client_read_c1".into(), rep, secs);
+        self.progress("ceilings: nbdcopy from nbdkit pattern to a file".into());
+        let out = self.workdir.join("img").join("ceiling-read.raw");
+        let _ = std::fs::remove_file(&out);
+        let secs = self.read_secs(&k.uri, out.to_str().unwrap_or(""));
+        let _ = std::fs::remove_file(&out);
+        drop(k);
+        self.push_ceiling(
+            "nbdkit-pattern",
+            "ceiling_client_read_file_c1".into(),
+            rep,
+            secs?,
+        );
         for rw in ["randread", "randwrite"] {
             self.progress(format!("ceilings: fio {rw} into nbdkit null"));
             let k = nbdkit_null(self.size, false)?;

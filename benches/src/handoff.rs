@@ -421,7 +421,7 @@ impl Run {
                 &s.path,
                 &srcs[i],
             );
-            let _ = std::fs::remove_file(&s.path);
+            crate::workloads::remove_image(&s.path);
         }
         Ok(())
     }

@@ -48,7 +48,8 @@ struct Opts {
     /// Workloads: write,overlay,multi,random,read,null,idle,limits,digest
     /// (read: the restore figures of issue 13, see --cache);
     /// ceilings (opt-in: dd with fsync, nbdcopy into nbdkit null plain and
-    /// over TLS, and into our null backend over TLS, per repetition);
+    /// over TLS, and into our null backend over TLS, nbdcopy and fio from
+    /// nbdkit, per repetition);
     /// handoff (opt-in: a VM of --disks × --disk-size backed up through
     /// hub and agent, full then a 10 % incremental, against qemu-nbd and
     /// nbdcopy); handoff-bitmap (opt-in: the same with qcow2 sources served
@@ -88,6 +89,8 @@ struct Opts {
     fio_runtime: u64,
     /// Servers to compare (ours, ours-digest, qemu-nbd, ours-tls,
     /// qemu-nbd-tls; ours-base: the build at NBD_BENCH_BASELINE_EXE;
+    /// nbdkit-file: nbdkit serving a flat raw copy, the read figures'
+    /// ceiling;
     /// prev, prev-digest, prev-tls with --prev-exe).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
@@ -316,6 +319,8 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             "qemu-nbd" if tool("qemu-nbd") => kinds.push(Kind::QemuNbd),
             "qemu-nbd" => eprintln!("qemu-nbd not installed: skipped"),
             "ours-tls" => kinds.push(Kind::OursTls),
+            "nbdkit-file" if tool("nbdkit") => kinds.push(Kind::NbdkitFile),
+            "nbdkit-file" => eprintln!("nbdkit not installed: skipped"),
             "qemu-nbd-tls" if tool("qemu-nbd") => kinds.push(Kind::QemuNbdTls),
             "qemu-nbd-tls" => eprintln!("qemu-nbd not installed: skipped"),
             "prev" | "prev-digest" | "prev-tls" if opts.prev_exe.is_none() => {
@@ -387,12 +392,6 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         workloads::write_expected(&src, &expected, &changes, &payload)?;
     }
     let payload = Arc::new(payload);
-    // Keep sources in the page cache so the servers, not the source disk, are measured.
-    for p in std::iter::once(&src).chain(md_src.iter()) {
-        if p.exists() {
-            let _ = std::fs::read(p).map(drop);
-        }
-    }
 
     let caches = if opts.cache.is_empty() {
         if opts.no_cold {
@@ -434,20 +433,26 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     for rep in 1..=opts.reps {
         for &k in &kinds {
             run.progress = format!("[rep {rep}/{}] ", opts.reps);
-            if has("write") {
+            // A raw file behind nbdkit: a ceiling of the read figures only.
+            let writes = k != Kind::NbdkitFile;
+            if writes {
+                // The previous server's cold reads dropped them.
+                run.warm_sources()?;
+            }
+            if has("write") && writes {
                 run.write(k, rep)
                     .with_context(|| format!("{} write", k.name()))?;
             }
             // The overlay writer and fio speak plaintext NBD only.
-            if has("overlay") && !k.tls() {
+            if has("overlay") && !k.tls() && writes {
                 run.overlay(k, rep, &payload)
                     .with_context(|| format!("{} overlay", k.name()))?;
             }
-            if has("multi") {
+            if has("multi") && writes {
                 run.multi(k, rep)
                     .with_context(|| format!("{} multi", k.name()))?;
             }
-            if has("random") && fio && !k.tls() {
+            if has("random") && fio && !k.tls() && writes {
                 run.random(k, rep)
                     .with_context(|| format!("{} random", k.name()))?;
             }
@@ -486,7 +491,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         }
         if rep == 1 && has("idle") {
             for &n in &opts.idle {
-                for &k in kinds.iter().filter(|k| !k.tls()) {
+                for &k in kinds.iter().filter(|k| !k.tls() && **k != Kind::NbdkitFile) {
                     run.idle(k, n)
                         .with_context(|| format!("{} idle {n}", k.name()))?;
                 }
@@ -499,6 +504,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     }
     eprintln!("\r\x1b[Kdone in {:.0} s", started.elapsed().as_secs_f64());
     let _ = std::fs::remove_file(&base);
+    let _ = std::fs::remove_file(restore::flat_raw_of(&base));
     let _ = std::fs::remove_file(&expected);
     let _ = std::fs::remove_dir_all(&chain_dir);
 

@@ -112,6 +112,34 @@ fn timed(cmd: &mut Command, log: &Path) -> anyhow::Result<f64> {
     Ok(secs)
 }
 
+/// What `kind` serves for the qcow2 `image`: the image itself, or for
+/// [`Kind::NbdkitFile`] its flattened raw copy (sparse, made once beside
+/// it as `*.flat.raw`; [`flat_raw_of`] names it for removal).
+fn served(kind: Kind, image: &Path) -> anyhow::Result<(PathBuf, &'static str)> {
+    if kind != Kind::NbdkitFile {
+        return Ok((image.to_path_buf(), "qcow2"));
+    }
+    let raw = flat_raw_of(image);
+    if !raw.exists() {
+        servers::qemu_img(&[
+            "convert",
+            "-q",
+            "-f",
+            "qcow2",
+            "-O",
+            "raw",
+            path_str(image)?,
+            path_str(&raw)?,
+        ])?;
+    }
+    Ok((raw, "raw"))
+}
+
+/// The flattened raw copy [`served`] makes of `image`.
+pub fn flat_raw_of(image: &Path) -> PathBuf {
+    image.with_extension("flat.raw")
+}
+
 fn path_str(p: &Path) -> anyhow::Result<&str> {
     p.to_str().context("non-UTF-8 path")
 }
@@ -181,13 +209,13 @@ impl Run {
             readonly: true,
             ..Options::default()
         };
-        let base = self.base.clone();
         let src = self.src.clone();
-        let img_files = [base.clone()];
+        let (image, format) = served(kind, &self.base)?;
+        let img_files = [image.clone()];
         let spec = [Spec {
             name: "disk0".into(),
-            path: base.clone(),
-            format: "qcow2",
+            path: image,
+            format,
             size: self.size,
         }];
         let srv = servers::start(kind, &spec, opts, &log)?;
@@ -309,10 +337,16 @@ impl Run {
             readonly: true,
             ..Options::default()
         };
+        let (image, format) = served(kind, top)?;
+        let files = if format == "raw" {
+            vec![image.clone()]
+        } else {
+            chain.to_vec()
+        };
         let spec = [Spec {
             name: "disk0".into(),
-            path: top.clone(),
-            format: "qcow2",
+            path: image,
+            format,
             size: self.size,
         }];
         let srv = servers::start(kind, &spec, opts, log)?;
@@ -320,7 +354,7 @@ impl Run {
         for &cache in caches {
             let c = cache.name();
             self.progress(format!("{}: restore {c} chain of {depth}", kind.name()));
-            cache.prepare(chain)?;
+            cache.prepare(&files)?;
             let secs = timed(
                 Command::new("nbdcopy").args(["-C", "1", "-T", "1", &uri, "null:"]),
                 log,

@@ -29,6 +29,11 @@ pub enum Kind {
     QemuNbdTls,
     /// nbdkit's null plugin (protocol ceiling).
     NbdkitNull,
+    /// nbdkit's file plugin serving a raw (sparse) copy of the image: the
+    /// least a server can do to answer a read (one `pread` from the page
+    /// cache, holes from `SEEK_DATA`), so its restore figures are what the
+    /// clients reach here at all. Read workloads only.
+    NbdkitFile,
     /// [`Kind::Ours`] from an earlier build (`--prev-exe`): the state
     /// before a change, measured in the same run.
     Prev,
@@ -49,6 +54,7 @@ impl Kind {
             Kind::OursTls => "ours-tls",
             Kind::QemuNbdTls => "qemu-nbd-tls",
             Kind::NbdkitNull => "nbdkit-null",
+            Kind::NbdkitFile => "nbdkit-file",
             Kind::Prev => "prev",
             Kind::PrevDigest => "prev-digest",
             Kind::PrevTls => "prev-tls",
@@ -347,6 +353,32 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
             Ok(Running {
                 children,
                 uris,
+                ready_after: t0.elapsed(),
+                stdout: None,
+            })
+        }
+        Kind::NbdkitFile => {
+            let s = specs.first().context("one export")?;
+            if s.format != "raw" {
+                bail!("nbdkit-file serves raw images only, not {}", s.format);
+            }
+            let port = free_port()?;
+            let mut cmd = Command::new("nbdkit");
+            cmd.args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1"]);
+            if opts.readonly {
+                cmd.arg("-r");
+            }
+            let mut child = cmd
+                .arg("file")
+                .arg(&s.path)
+                .stdout(log_file(log)?)
+                .stderr(log_file(log)?)
+                .spawn()
+                .context("spawning nbdkit")?;
+            wait_ready(port, &mut child)?;
+            Ok(Running {
+                children: vec![child],
+                uris: vec![format!("nbd://127.0.0.1:{port}/{}", s.name)],
                 ready_after: t0.elapsed(),
                 stdout: None,
             })

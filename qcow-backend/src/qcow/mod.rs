@@ -116,8 +116,14 @@ impl QcowBackend {
         }
     }
 
-    /// Run `f` against the image on an I/O thread.
-    async fn with_image<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, BackendError>
+    /// Run `f` against the image on an I/O thread; `bytes` is the data it
+    /// moves (0 for metadata-only operations).
+    async fn with_image<T, F, Fut>(
+        &self,
+        op: &'static str,
+        bytes: usize,
+        f: F,
+    ) -> Result<T, BackendError>
     where
         F: FnOnce(Arc<Image>) -> Fut + Send + 'static,
         Fut: std::future::Future<Output = io::Result<T>> + 'static,
@@ -133,7 +139,7 @@ impl QcowBackend {
         }
         let image = Arc::clone(&self.image);
         self.pool
-            .run(self.home, move || f(image))
+            .run_sized(self.home, bytes, move || f(image))
             .await
             .map_err(|e| BackendError::new(BackendErrorKind::Io, op).with_source(e))?
             .map_err(|e| BackendError::from_io(op, e))
