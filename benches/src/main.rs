@@ -435,7 +435,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             run.progress = format!("[rep {rep}/{}] ", opts.reps);
             // A raw file behind nbdkit: a ceiling of the read figures only.
             let writes = k != Kind::NbdkitFile;
-            if writes {
+            if writes && (has("write") || has("overlay") || has("multi")) {
                 // The previous server's cold reads dropped them.
                 run.warm_sources()?;
             }

@@ -362,53 +362,48 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
             if s.format != "raw" {
                 bail!("nbdkit-file serves raw images only, not {}", s.format);
             }
-            let port = free_port()?;
-            let mut cmd = Command::new("nbdkit");
-            cmd.args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1"]);
+            let mut args = Vec::new();
             if opts.readonly {
-                cmd.arg("-r");
+                args.push("-r".into());
             }
-            let mut child = cmd
-                .arg("file")
-                .arg(&s.path)
-                .stdout(log_file(log)?)
-                .stderr(log_file(log)?)
-                .spawn()
-                .context("spawning nbdkit")?;
-            wait_ready(port, &mut child)?;
-            Ok(Running {
-                children: vec![child],
-                uris: vec![format!("nbd://127.0.0.1:{port}/{}", s.name)],
-                ready_after: t0.elapsed(),
-                stdout: None,
-            })
+            args.extend(["file".into(), s.path.clone().into_os_string()]);
+            nbdkit(&args, &s.name, log, t0)
         }
         Kind::NbdkitNull => {
             let s = specs.first().context("one export")?;
-            let port = free_port()?;
-            let mut child = Command::new("nbdkit")
-                .args([
-                    "-f",
-                    "-p",
-                    &port.to_string(),
-                    "-i",
-                    "127.0.0.1",
-                    "null",
-                    &s.size.to_string(),
-                ])
-                .stdout(log_file(log)?)
-                .stderr(log_file(log)?)
-                .spawn()
-                .context("spawning nbdkit")?;
-            wait_ready(port, &mut child)?;
-            Ok(Running {
-                children: vec![child],
-                uris: vec![format!("nbd://127.0.0.1:{port}/{}", s.name)],
-                ready_after: t0.elapsed(),
-                stdout: None,
-            })
+            nbdkit(
+                &["null".into(), s.size.to_string().into()],
+                &s.name,
+                log,
+                t0,
+            )
         }
     }
+}
+
+/// nbdkit in the foreground on a free local port with `args` (options,
+/// plugin and its parameters), serving export `name` once it accepts.
+fn nbdkit(
+    args: &[std::ffi::OsString],
+    name: &str,
+    log: &Path,
+    t0: Instant,
+) -> anyhow::Result<Running> {
+    let port = free_port()?;
+    let mut child = Command::new("nbdkit")
+        .args(["-f", "-p", &port.to_string(), "-i", "127.0.0.1"])
+        .args(args)
+        .stdout(log_file(log)?)
+        .stderr(log_file(log)?)
+        .spawn()
+        .context("spawning nbdkit")?;
+    wait_ready(port, &mut child)?;
+    Ok(Running {
+        children: vec![child],
+        uris: vec![format!("nbd://127.0.0.1:{port}/{name}")],
+        ready_after: t0.elapsed(),
+        stdout: None,
+    })
 }
 
 impl Running {

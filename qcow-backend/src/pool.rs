@@ -296,19 +296,7 @@ mod tests {
     #[tokio::test]
     async fn a_stalled_home_thread_spills_to_another() {
         let pool = IoPool::new(2).unwrap();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started_rx) = oneshot::channel::<()>();
-        let p = pool.clone();
-        let blocked = tokio::spawn(async move {
-            p.run(0, move || async move {
-                started_tx.send(()).unwrap();
-                // Blocks the home thread, as a cold pread or an fsync would.
-                release_rx.recv().unwrap();
-                std::thread::current().name().map(String::from)
-            })
-            .await
-        });
-        started_rx.await.unwrap();
+        let (release_tx, blocked) = block_thread_0(&pool).await;
         let mut home = None;
         for _ in 0..10_000 {
             // Queued behind the blocked job until the picker sees the stall.
@@ -339,17 +327,7 @@ mod tests {
     #[tokio::test]
     async fn a_big_job_spreads_from_a_deep_queue_without_waiting() {
         let pool = IoPool::new(2).unwrap();
-        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
-        let (started_tx, started_rx) = oneshot::channel::<()>();
-        let p = pool.clone();
-        let blocked = tokio::spawn(async move {
-            p.run(0, move || async move {
-                started_tx.send(()).unwrap();
-                release_rx.recv().unwrap();
-            })
-            .await
-        });
-        started_rx.await.unwrap();
+        let (release_tx, blocked) = block_thread_0(&pool).await;
         // Three more small jobs wait at home: its queue is SPILL_DEPTH deep.
         for _ in 1..SPILL_DEPTH {
             pool.spawn(0, || async {}).unwrap();
@@ -364,6 +342,30 @@ mod tests {
         assert_eq!(ran_on.as_deref(), Some("qcow-io-1"));
         release_tx.send(()).unwrap();
         blocked.await.unwrap().unwrap();
+    }
+
+    /// Occupy thread 0 with a job that blocks it, as a cold pread or an
+    /// fsync would, until the returned sender sends; the handle yields the
+    /// name of the thread the job ran on.
+    async fn block_thread_0(
+        pool: &IoPool,
+    ) -> (
+        std::sync::mpsc::Sender<()>,
+        tokio::task::JoinHandle<Result<Option<String>, PoolGone>>,
+    ) {
+        let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
+        let (started_tx, started_rx) = oneshot::channel::<()>();
+        let p = pool.clone();
+        let blocked = tokio::spawn(async move {
+            p.run(0, move || async move {
+                started_tx.send(()).unwrap();
+                release_rx.recv().unwrap();
+                std::thread::current().name().map(String::from)
+            })
+            .await
+        });
+        started_rx.await.unwrap();
+        (release_tx, blocked)
     }
 
     #[tokio::test]
