@@ -461,21 +461,34 @@ impl Run {
         let (secs, rss) = self.parallel_copy(kind, &srcs, &test, rep)?;
         let total = self.disk_size * self.disks as u64;
         self.record_mbps(kind, &format!("{test}_aggregate_write"), rep, total, secs);
-        self.record(kind, &format!("{test}_server_rss"), rep, rss as f64, "KiB");
+        self.record(
+            kind,
+            &format!("{test}_server_rss"),
+            rep,
+            rss.end as f64,
+            "KiB",
+        );
+        self.record(
+            kind,
+            &format!("{test}_server_peak_rss"),
+            rep,
+            rss.peak as f64,
+            "KiB",
+        );
         Ok(())
     }
 
     /// The original design's path for a VM: one export per source on fresh
     /// qcow2 images (a port each) and one `nbdcopy --flush` per disk, all in
     /// parallel. Verifies every image (as `{test}_disk{i}`) and removes it;
-    /// returns the wall time of the copies and the server RSS at their end.
+    /// returns the wall time of the copies and the server RSS during them.
     pub fn parallel_copy(
         &mut self,
         kind: Kind,
         srcs: &[PathBuf],
         test: &str,
         rep: usize,
-    ) -> anyhow::Result<(f64, u64)> {
+    ) -> anyhow::Result<(f64, Rss)> {
         let mut specs = Vec::new();
         for i in 0..srcs.len() {
             let img = self.img(kind, &format!("{test}-{i}.qcow2"));
@@ -503,13 +516,30 @@ impl Run {
                     .spawn()?,
             );
         }
-        for mut c in children {
-            if !c.wait()?.success() {
-                bail!("nbdcopy failed in {test}");
+        // The servers' summed RSS, sampled while the copies run (qemu-nbd's
+        // four processes peak at different moments: their VmHWM summed
+        // would overstate them).
+        let pids = srv.pids();
+        let mut peak = 0;
+        while !children.is_empty() {
+            peak = peak.max(servers::memory(&pids).0);
+            let mut running = Vec::with_capacity(children.len());
+            for mut c in children {
+                match c.try_wait()? {
+                    Some(status) if !status.success() => bail!("nbdcopy failed in {test}"),
+                    Some(_) => {}
+                    None => running.push(c),
+                }
             }
+            children = running;
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
         let secs = t.elapsed().as_secs_f64();
-        let (rss, _, _) = servers::memory(&srv.pids());
+        let (end, _, _) = servers::memory(&pids);
+        let rss = Rss {
+            end,
+            peak: peak.max(end),
+        };
         srv.stop()?;
         for (i, s) in specs.iter().enumerate() {
             self.verify(
@@ -746,4 +776,13 @@ pub(crate) fn remove_image(path: &Path) {
     let mut sidecar = path.as_os_str().to_owned();
     sidecar.push(".digest");
     let _ = std::fs::remove_file(&sidecar);
+}
+
+/// Server memory during a workload (KiB, all its processes summed).
+#[derive(Debug, Clone, Copy)]
+pub struct Rss {
+    /// When the workload finished.
+    pub end: u64,
+    /// The most sampled while it ran (every 10 ms).
+    pub peak: u64,
 }

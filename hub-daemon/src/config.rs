@@ -218,6 +218,9 @@ impl Default for SnaConfig {
 pub struct NbdLimits {
     /// Bytes all connections together may hold in requests and replies.
     pub max_buffer_memory: u64,
+    /// Bytes one connection may hold in requests and replies, WRITEs half
+    /// of it (one larger request is still admitted alone).
+    pub max_inflight_per_connection: u64,
     /// Most connections over all ports.
     pub max_connections: usize,
     /// Most connections on one port.
@@ -237,6 +240,7 @@ impl Default for NbdLimits {
         let s = nbd_server::ServerConfig::default();
         NbdLimits {
             max_buffer_memory: s.max_buffer_memory,
+            max_inflight_per_connection: s.max_inflight_bytes_per_connection,
             max_connections: s.max_connections,
             max_connections_per_port: s.max_connections_per_listener,
             max_connections_per_export: s.max_connections_per_export,
@@ -252,6 +256,7 @@ impl NbdLimits {
     pub fn server_config(&self) -> nbd_server::ServerConfig {
         nbd_server::ServerConfig {
             max_buffer_memory: self.max_buffer_memory,
+            max_inflight_bytes_per_connection: self.max_inflight_per_connection,
             max_connections: self.max_connections,
             max_connections_per_listener: self.max_connections_per_port,
             max_connections_per_export: self.max_connections_per_export,
@@ -392,6 +397,9 @@ pub struct FileConfig {
     pub idle_timeout_secs: Option<u64>,
     /// Bytes, or a size such as `"1G"`.
     pub max_buffer_memory: Option<SizeValue>,
+    /// Bytes, or a size such as `"4M"`; see
+    /// [`NbdLimits::max_inflight_per_connection`].
+    pub max_inflight_per_connection: Option<SizeValue>,
     /// See [`NbdLimits::max_connections`].
     pub max_connections: Option<usize>,
     /// See [`NbdLimits::max_connections_per_port`].
@@ -480,6 +488,9 @@ impl FileConfig {
         let l = &mut c.nbd_limits;
         if let Some(v) = &self.max_buffer_memory {
             l.max_buffer_memory = v.bytes()?;
+        }
+        if let Some(v) = &self.max_inflight_per_connection {
+            l.max_inflight_per_connection = v.bytes()?;
         }
         if let Some(v) = self.max_connections {
             l.max_connections = v;
@@ -650,13 +661,14 @@ mod tests {
         let f: FileConfig = toml::from_str(
             "max_buffer_memory = \"256M\"\nmax_connections = 10\nmax_connections_per_port = 5\n\
              max_connections_per_export = 3\nnbd_idle_timeout_secs = 7\nsend_timeout_secs = 8\n\
-             handshake_timeout_secs = 9",
+             handshake_timeout_secs = 9\nmax_inflight_per_connection = \"16M\"",
         )
         .unwrap();
         let mut c = Config::default();
         f.apply(&mut c).unwrap();
         let l = c.nbd_limits;
         assert_eq!(l.max_buffer_memory, 256 << 20);
+        assert_eq!(l.max_inflight_per_connection, 16 << 20);
         assert_eq!(
             (
                 l.max_connections,
@@ -670,6 +682,7 @@ mod tests {
         assert_eq!(l.handshake_timeout, Duration::from_secs(9));
         let s = l.server_config();
         assert_eq!(s.max_connections_per_listener, 5);
+        assert_eq!(s.max_inflight_bytes_per_connection, 16 << 20);
         let f: FileConfig = toml::from_str("max_buffer_memory = 1048576").unwrap();
         f.apply(&mut c).unwrap();
         assert_eq!(c.nbd_limits.max_buffer_memory, 1 << 20);

@@ -56,8 +56,8 @@
 //! * Memory: a request's budget is reserved from its header, before its
 //!   payload is read or its READ issued, and held until its reply is
 //!   written. Per connection the bytes held never exceed
-//!   [`ServerConfig::max_inflight_bytes_per_connection`] (one request larger
-//!   than that runs alone); over all connections they never exceed
+//!   [`ServerConfig::max_inflight_bytes_per_connection`], WRITEs half of it
+//!   (one request larger than that runs alone); over all connections they never exceed
 //!   [`ServerConfig::max_buffer_memory`], of which up to 1/8 (≤ 64 MiB) is
 //!   kept for connections holding under 1 MiB, so clients that never read
 //!   their replies cannot starve the others. Beyond the budgets a
@@ -100,5 +100,5 @@ pub use backend::{
 };
 pub use error::ServerError;
 pub use export::{Export, ExportRegistry, ExportStats, ExportStatsSnapshot};
-pub use server::{ListenerHandle, Server, ServerConfig};
+pub use server::{ListenerHandle, Server, ServerConfig, DEFAULT_INFLIGHT_PER_CONNECTION};
 pub use tls::{ServerTls, TlsSetupError};

@@ -63,12 +63,14 @@ pub struct ServerConfig {
 }
 
 /// Default per-connection in-flight budget: 32 of nbdcopy's 256 KiB
-/// requests, 4 of qemu-img's 2 MiB ones. A backup stream is bound by the
-/// image writes, not by how much waits for them, so a larger budget only
-/// held more memory: 64 MiB made four parallel backups use 74 MB of RSS
-/// against 43 MB for four qemu-nbd processes (which take 16 requests per
-/// client) at the same throughput. Measured in BENCHMARKS.md, "Write path
-/// round two".
+/// READs, 4 of qemu-img's 2 MiB ones; WRITEs fill half of it (16 and 2;
+/// qemu-nbd takes 16 requests per client), see `ConnBudget::admits`. With
+/// WRITEs allowed the whole 8 MiB, four parallel backups (nbdcopy opens
+/// two connections each on this machine) peaked at 80 MB of RSS against
+/// 54 MB for four qemu-nbd processes; with half, at 32-47 MB, at the same
+/// throughput. Warm restores read 5-8 % slower with 4 MiB for READs too.
+/// Measured in BENCHMARKS.md, "Read-ahead through the chain, and half the
+/// in-flight budget for writes".
 pub const DEFAULT_INFLIGHT_PER_CONNECTION: u64 = 8 << 20;
 
 impl Default for ServerConfig {

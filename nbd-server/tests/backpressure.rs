@@ -163,7 +163,7 @@ async fn read_simple_replies(rd: &mut tokio::io::ReadHalf<DuplexStream>, n: usiz
 async fn pipelined_writes_stop_at_the_budget() {
     let backend = Gated::new();
     let config = ServerConfig {
-        max_inflight_bytes_per_connection: 8 * MIB,
+        max_inflight_bytes_per_connection: 16 * MIB,
         ..ServerConfig::default()
     };
     let server = server_with(backend.clone(), config);
@@ -172,7 +172,8 @@ async fn pipelined_writes_stop_at_the_budget() {
     let (mut rd, wr) = tokio::io::split(client);
     let (sent, writer) = spawn_writer(wr, 100);
     settle().await;
-    // Each 1 MiB write costs 1 MiB + 512 bytes: 7 fit in 8 MiB, 8 do not.
+    // WRITEs fill half the budget. Each 1 MiB write costs 1 MiB + 512
+    // bytes: 7 fit in 8 MiB, 8 do not.
     assert_eq!(
         backend.writes_seen.load(Ordering::SeqCst),
         7,

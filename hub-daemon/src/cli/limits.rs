@@ -16,6 +16,11 @@ pub struct LimitArgs {
     /// (e.g. 1G) [default: 1G].
     #[arg(long, env = "HUB_MAX_BUFFER_MEMORY", value_name = "SIZE", value_parser = parse_size)]
     max_buffer_memory: Option<u64>,
+    /// Bytes one NBD connection may hold in requests and replies (WRITEs
+    /// half of it); raise it for links with a long round trip (e.g. 32M)
+    /// [default: 8M].
+    #[arg(long, env = "HUB_MAX_INFLIGHT_PER_CONNECTION", value_name = "SIZE", value_parser = parse_size)]
+    max_inflight_per_connection: Option<u64>,
     /// Most NBD connections over all ports; at the limit the longest-idle
     /// connection is closed for a new one [default: 4096].
     #[arg(long, env = "HUB_MAX_CONNECTIONS", value_name = "N")]
@@ -45,6 +50,9 @@ impl LimitArgs {
     pub fn apply(&self, l: &mut NbdLimits) {
         if let Some(v) = self.max_buffer_memory {
             l.max_buffer_memory = v;
+        }
+        if let Some(v) = self.max_inflight_per_connection {
+            l.max_inflight_per_connection = v;
         }
         if let Some(v) = self.max_connections {
             l.max_connections = v;

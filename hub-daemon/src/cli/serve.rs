@@ -298,6 +298,8 @@ mod tests {
             "256M",
             "--send-timeout",
             "5",
+            "--max-inflight-per-connection",
+            "16M",
         ])
         .unwrap();
         let c = args.serve.config();
@@ -308,6 +310,17 @@ mod tests {
         assert_eq!(l.max_buffer_memory, 256 << 20);
         assert_eq!(l.send_timeout, Duration::from_secs(5));
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
+        assert_eq!(l.max_inflight_per_connection, 16 << 20);
+        assert_eq!(
+            Wrap::try_parse_from(["x"])
+                .unwrap()
+                .serve
+                .config()
+                .unwrap()
+                .nbd_limits
+                .max_inflight_per_connection,
+            nbd_server::DEFAULT_INFLIGHT_PER_CONNECTION
+        );
     }
 
     #[test]

@@ -71,9 +71,16 @@ impl ConnBudget {
         }
     }
 
-    /// Whether a request costing `cost` may be admitted now.
-    pub fn admits(&self, cost: u64) -> bool {
-        self.used == 0 || self.used.checked_add(cost).is_some_and(|t| t <= self.limit)
+    /// Whether a request costing `cost` may be admitted now. A WRITE
+    /// (`write`) only while the connection then holds at most half its
+    /// limit: a backup stream is bound by the image writes, not by how
+    /// much waits for them, so more queued payload only holds memory
+    /// (once per connection of every disk being backed up). READs may fill
+    /// it all: replies from the page cache are copied out on several
+    /// threads, and restores read faster the more are in flight.
+    pub fn admits(&self, cost: u64, write: bool) -> bool {
+        let limit = if write { self.limit / 2 } else { self.limit };
+        self.used == 0 || self.used.checked_add(cost).is_some_and(|t| t <= limit)
     }
 
     /// Whether admitting `cost` leaves the connection a small holder.
@@ -185,24 +192,32 @@ mod tests {
     #[test]
     fn connection_budget_is_strict_but_admits_one_oversized_request_alone() {
         let mut b = ConnBudget::new(10);
-        assert!(b.admits(4));
+        assert!(b.admits(4, false));
         b.take(4);
-        assert!(b.admits(6));
+        assert!(b.admits(6, false));
         b.take(6);
-        assert!(!b.admits(1), "full budget admitted more");
+        assert!(!b.admits(1, false), "full budget admitted more");
         b.release(4);
-        assert!(!b.admits(5));
-        assert!(b.admits(4));
+        assert!(!b.admits(5, false));
+        assert!(b.admits(4, false));
         b.release(6);
         assert_eq!(b.used(), 0);
         // Larger than the whole budget: only when nothing else is held.
-        assert!(b.admits(100));
+        assert!(b.admits(100, false));
+        assert!(b.admits(100, true));
         b.take(100);
-        assert!(!b.admits(1));
+        assert!(!b.admits(1, false));
         b.release(100);
-        assert!(!b.admits(u64::MAX) || b.used() == 0);
+        assert!(!b.admits(u64::MAX, false) || b.used() == 0);
         b.take(1);
-        assert!(!b.admits(u64::MAX), "overflow admitted");
+        assert!(!b.admits(u64::MAX, false), "overflow admitted");
+        assert!(!b.admits(u64::MAX, true), "overflow admitted");
+        b.release(1);
+        // WRITEs fill half of it.
+        b.take(3);
+        assert!(b.admits(2, true));
+        assert!(!b.admits(3, true), "write past half the budget");
+        assert!(b.admits(7, false));
     }
 
     #[test]

@@ -157,7 +157,10 @@ pub(crate) async fn run<R, W>(
             Admission::Admitted(h, _) => (reading, Some(*h)),
         };
         if let Admission::Header(h, cost) = admission {
-            if reading && grant_wait.is_none() && budget.admits(cost) {
+            if reading
+                && grant_wait.is_none()
+                && budget.admits(cost, h.kind == crate::proto::consts::cmd::WRITE)
+            {
                 let small = budget.is_small_after(cost);
                 // Usually the bytes are free: no future, no allocation.
                 if let Some(g) = env.budget.try_acquire(cost, small) {

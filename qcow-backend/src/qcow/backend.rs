@@ -1,6 +1,8 @@
 //! The [`BlockBackend`] operations of a qcow2 image.
 
 use std::fs::File as StdFile;
+use std::ops::Range;
+use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
@@ -35,6 +37,7 @@ impl BlockBackend for QcowBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, BackendError> {
+        self.read_ahead(offset, len);
         let readahead = Arc::clone(&self.readahead);
         self.with_image("read", len as usize, move |img| async move {
             let a = img.access.read().await;
@@ -154,6 +157,29 @@ impl BlockBackend for QcowBackend {
     }
 }
 
+impl QcowBackend {
+    /// Hint a sequential reader's next window (`readahead.rs`) from the
+    /// next I/O thread: the walk through the mappings (in a chain, the
+    /// first touch of every layer's L2 tables reads them from the disk) and
+    /// the `fadvise` calls (each waits for room in the device queue) then
+    /// never hold up the reads queued on the image's own thread.
+    fn read_ahead(&self, offset: u64, len: u32) {
+        let Some(window) = self.readahead.due(offset, u64::from(len)) else {
+            return;
+        };
+        let (image, readahead) = (Arc::clone(&self.image), Arc::clone(&self.readahead));
+        let _ = self.pool.spawn(self.home + 1, move || async move {
+            if image.closed.load(Ordering::Acquire) {
+                return;
+            }
+            let a = image.access.read().await;
+            let runs = plan_hints(&a, window).await;
+            drop(a);
+            readahead.hint_window(&runs);
+        });
+    }
+}
+
 /// Where one run of a read comes from.
 enum Source<'a> {
     /// Reads as zeroes (unallocated, zero clusters, past the end).
@@ -205,14 +231,13 @@ pub(super) async fn read_resolved(
         pos += n;
     }
     // Read-only layers' own descriptors, per run (None: read through
-    // imago). Looked up once with the read-ahead, which queues what a
-    // sequential reader needs next before this read waits.
+    // imago).
     let mut direct: Vec<Option<Arc<StdFile>>> = Vec::with_capacity(runs.len());
-    for (_, n, src) in &runs {
+    for (_, _, src) in &runs {
         direct.push(match src {
-            Source::Raw(f, host) if !readahead.is_empty() => f
+            Source::Raw(f, _) if !readahead.is_empty() => f
                 .get_filename()
-                .and_then(|path| readahead.reading(&path, *host, *n)),
+                .and_then(|path| readahead.descriptor(&path)),
             _ => None,
         });
     }
@@ -258,10 +283,44 @@ pub(super) async fn read_resolved(
             }
         }
         if !misses.is_empty() {
+            readahead.missed();
             buf = read_misses(buf, misses).await?;
         }
         chunks.push(ReadChunk::Data(buf.freeze()));
         i = j;
     }
     Ok(chunks)
+}
+
+/// The layer-file runs that the disk range `window` reads from (path,
+/// offset in the file, length), runs contiguous in one file merged: what a
+/// read-ahead of `window` hints. Zero and compressed clusters have none.
+/// Stops early on an error (the read that needs the mapping reports it).
+pub(super) async fn plan_hints(a: &Access, window: Range<u64>) -> Vec<(PathBuf, u64, u64)> {
+    let mut runs: Vec<(&File, u64, u64)> = Vec::new();
+    let mut pos = window.start;
+    while pos < window.end {
+        let Ok((m, n)) = a.get_mapping(pos, window.end - pos).await else {
+            break;
+        };
+        let n = n.clamp(1, window.end - pos);
+        match m {
+            Mapping::Eof { .. } => break,
+            Mapping::Raw {
+                storage, offset, ..
+            } => match runs.last_mut() {
+                Some((f, host, ln))
+                    if std::ptr::eq(*f, storage) && host.checked_add(*ln) == Some(offset) =>
+                {
+                    *ln += n
+                }
+                _ => runs.push((storage, offset, n)),
+            },
+            _ => {}
+        }
+        pos += n;
+    }
+    runs.into_iter()
+        .filter_map(|(f, host, n)| Some((f.get_filename()?, host, n)))
+        .collect()
 }

@@ -65,7 +65,7 @@ pub(super) async fn open_layers(
 ) -> Result<(Access, Option<StdFile>, ReadAhead), ImageError> {
     let mut below: Option<Arc<Access>> = None;
     let n = layers.len();
-    let readahead = ReadAhead::default();
+    let mut readahead = ReadAhead::default();
     for (i, layer) in layers.into_iter().rev().enumerate() {
         let is_top = i + 1 == n;
         let writable = is_top && top_writable;

@@ -292,3 +292,61 @@ async fn req_one_status_coalesces_up_to_the_first_change_and_stops() {
     }
     r.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_ahead_of_a_chain_hints_every_layer_in_disk_order() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    let top = dir.path().join("top.qcow2");
+    let c = u64::from(DEFAULT_CLUSTER_SIZE);
+    let b = QcowBackend::create(&base, &CreateOptions::fresh(16 * c), &OpenOptions::new())
+        .await
+        .unwrap();
+    b.write(0, Bytes::from(vec![1u8; 8 * c as usize]))
+        .await
+        .unwrap();
+    b.close().await.unwrap();
+    drop(b);
+    let t = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
+        .await
+        .unwrap();
+    // Clusters 5, 3, 2 written in that order: in the top's file they lie
+    // in reverse disk order, as an incremental's changed clusters do.
+    for k in [5u64, 3, 2] {
+        t.write(k * c, Bytes::from(vec![2u8; c as usize]))
+            .await
+            .unwrap();
+    }
+    t.close().await.unwrap();
+    drop(t);
+    let r = QcowBackend::open(&top, &OpenOptions::new().read_only(true))
+        .await
+        .unwrap();
+    assert_eq!(r.chain_depth(), 2);
+    let a = r.image.access.read().await;
+    let plan = backend::plan_hints(&a, 0..16 * c).await;
+    drop(a);
+    let base = base.canonicalize().unwrap();
+    let top = top.canonicalize().unwrap();
+    let files: Vec<(&Path, u64)> = plan.iter().map(|(p, _, n)| (p.as_path(), *n)).collect();
+    // Base clusters 0-1, top 2 and 3 (not adjacent in the top's file, so
+    // two hints), base 4, top 5, base 6-7; nothing for the unallocated
+    // clusters 8-15.
+    assert_eq!(
+        files,
+        [
+            (base.as_path(), 2 * c),
+            (top.as_path(), c),
+            (top.as_path(), c),
+            (base.as_path(), c),
+            (top.as_path(), c),
+            (base.as_path(), 2 * c),
+        ]
+    );
+    // Each hint names the cluster's place in its file: top's clusters went
+    // in the order 5, 3, 2.
+    let host = |i: usize| plan[i].1;
+    assert!(host(4) < host(2) && host(2) < host(1), "{plan:?}");
+    assert_eq!(host(3), host(0) + 4 * c, "base allocated in disk order");
+    r.close().await.unwrap();
+}
