@@ -47,22 +47,32 @@ async fn conformance_overlay_on_our_base() {
     .await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overlay_zeroes_hide_parent_data() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.qcow2");
-    let top = dir.path().join("top.qcow2");
-    let b = QcowBackend::create(&base, &CreateOptions::fresh(4 << 20), &OpenOptions::new())
+/// `base.qcow2` in `dir` of `size` bytes, its first `data` bytes `byte`,
+/// closed; and `top.qcow2` over it, open for writing.
+async fn base_and_overlay(
+    dir: &Path,
+    size: u64,
+    data: usize,
+    byte: u8,
+) -> (PathBuf, PathBuf, QcowBackend) {
+    let base = dir.join("base.qcow2");
+    let top = dir.join("top.qcow2");
+    let b = QcowBackend::create(&base, &CreateOptions::fresh(size), &OpenOptions::new())
         .await
         .unwrap();
-    b.write(0, Bytes::from(vec![0x55u8; 4 << 20]))
-        .await
-        .unwrap();
+    b.write(0, Bytes::from(vec![byte; data])).await.unwrap();
     b.close().await.unwrap();
     drop(b);
     let t = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
         .await
         .unwrap();
+    (base, top, t)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_zeroes_hide_parent_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, _, t) = base_and_overlay(dir.path(), 4 << 20, 4 << 20, 0x55).await;
     assert_eq!(t.size(), 4 << 20);
     assert_eq!(t.chain_depth(), 2);
     // Partial clusters, whole clusters, and trim.
@@ -296,20 +306,8 @@ async fn req_one_status_coalesces_up_to_the_first_change_and_stops() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_ahead_of_a_chain_hints_every_layer_in_disk_order() {
     let dir = tempfile::tempdir().unwrap();
-    let base = dir.path().join("base.qcow2");
-    let top = dir.path().join("top.qcow2");
     let c = u64::from(DEFAULT_CLUSTER_SIZE);
-    let b = QcowBackend::create(&base, &CreateOptions::fresh(16 * c), &OpenOptions::new())
-        .await
-        .unwrap();
-    b.write(0, Bytes::from(vec![1u8; 8 * c as usize]))
-        .await
-        .unwrap();
-    b.close().await.unwrap();
-    drop(b);
-    let t = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
-        .await
-        .unwrap();
+    let (base, top, t) = base_and_overlay(dir.path(), 16 * c, 8 * c as usize, 1).await;
     // Clusters 5, 3, 2 written in that order: in the top's file they lie
     // in reverse disk order, as an incremental's changed clusters do.
     for k in [5u64, 3, 2] {
