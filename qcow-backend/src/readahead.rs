@@ -99,8 +99,9 @@ impl ReadAhead {
 
     /// A read of `len` bytes at disk offset `offset` is about to happen:
     /// if it continues a sequential stream and the hinted window runs
-    /// short, the disk range to hint now (the caller resolves it and calls
-    /// [`hint`](Self::hint) per run). Claimed here, so concurrent readers
+    /// short, the disk range to hint now (the caller resolves it into
+    /// layer-file runs for [`hint_window`](Self::hint_window)). Claimed
+    /// here, so concurrent readers
     /// never hint the same range twice.
     pub fn due(&self, offset: u64, len: u64) -> Option<Range<u64>> {
         if self.layers.is_empty() {

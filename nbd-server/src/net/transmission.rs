@@ -36,6 +36,7 @@ use super::registry::{check_period, ConnEntry};
 use super::request_reader::{ReadError, RequestReader};
 use crate::dispatch::{self, ExecContext, Outcome};
 use crate::export::Export;
+use crate::proto::consts::cmd;
 use crate::proto::{
     validate, Command, NbdErrno, Negotiated, ReplyEncoder, ReplyMode, ReplyTo, RequestHeader,
     Session,
@@ -157,10 +158,7 @@ pub(crate) async fn run<R, W>(
             Admission::Admitted(h, _) => (reading, Some(*h)),
         };
         if let Admission::Header(h, cost) = admission {
-            if reading
-                && grant_wait.is_none()
-                && budget.admits(cost, h.kind == crate::proto::consts::cmd::WRITE)
-            {
+            if reading && grant_wait.is_none() && budget.admits(cost, h.kind == cmd::WRITE) {
                 let small = budget.is_small_after(cost);
                 // Usually the bytes are free: no future, no allocation.
                 if let Some(g) = env.budget.try_acquire(cost, small) {
