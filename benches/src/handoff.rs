@@ -145,7 +145,12 @@ fn apply_plan(plan: &[(u64, Option<u8>)], raw: &Path, qcow2: &Path) -> anyhow::R
 /// N cores is at least its CPU time / N, whatever else loads the machine,
 /// so these say more than seconds on a shared host.
 pub(crate) fn cpu_secs() -> anyhow::Result<(f64, f64)> {
-    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    proc_cpu_secs("/proc/self/stat")
+}
+
+/// [`cpu_secs`] of the process whose `stat` file is `path`.
+pub(crate) fn proc_cpu_secs(path: &str) -> anyhow::Result<(f64, f64)> {
+    let stat = std::fs::read_to_string(path)?;
     // Fields after the command name (which may hold spaces) start at
     // `state` (field 3): utime, stime, cutime, cstime are fields 14–17.
     let rest = stat

@@ -315,6 +315,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         match s.as_str() {
             "ours" => kinds.push(Kind::Ours),
             "ours-base" => kinds.push(Kind::OursBase),
+            "ours-splice" => kinds.push(Kind::OursSplice),
             "ours-digest" => kinds.push(Kind::OursDigest),
             "qemu-nbd" if tool("qemu-nbd") => kinds.push(Kind::QemuNbd),
             "qemu-nbd" => eprintln!("qemu-nbd not installed: skipped"),

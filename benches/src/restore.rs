@@ -190,7 +190,51 @@ pub fn build_chain(dir: &Path, base: &Path, size: u64) -> anyhow::Result<Vec<Pat
     Ok(layers)
 }
 
+/// CPU seconds the server and the client (a child of this process, waited
+/// for) spend on one workload: where a zero-copy path moves the work to.
+struct CpuMeter {
+    server: f64,
+    children: f64,
+}
+
+impl CpuMeter {
+    fn start(srv: &servers::Running) -> anyhow::Result<CpuMeter> {
+        Ok(CpuMeter {
+            server: srv.cpu_secs()?,
+            children: crate::handoff::cpu_secs()?.1,
+        })
+    }
+
+    /// (server, client) CPU seconds since `start`.
+    fn stop(self, srv: &servers::Running) -> anyhow::Result<(f64, f64)> {
+        Ok((
+            srv.cpu_secs()? - self.server,
+            crate::handoff::cpu_secs()?.1 - self.children,
+        ))
+    }
+}
+
 impl Run {
+    /// `{name}_server_cpu` and `{name}_client_cpu`: CPU seconds per GiB
+    /// moved.
+    fn record_cpu(&mut self, kind: Kind, name: &str, rep: usize, (server, client): (f64, f64)) {
+        let gib = self.size as f64 / f64::from(1u32 << 30);
+        self.record(
+            kind,
+            &format!("{name}_server_cpu"),
+            rep,
+            server / gib,
+            "CPU s/GiB",
+        );
+        self.record(
+            kind,
+            &format!("{name}_client_cpu"),
+            rep,
+            client / gib,
+            "CPU s/GiB",
+        );
+    }
+
     /// The restore figures of `kind` for one repetition, every state in
     /// `caches`. `chain` is the layers of [`build_chain`], base first.
     pub fn restore(
@@ -233,17 +277,14 @@ impl Run {
                     args.push("--no-extents");
                 }
                 cache.prepare(&img_files)?;
+                let cpu = CpuMeter::start(&srv)?;
                 let secs = timed(
                     Command::new("nbdcopy").args(&args).args([&uri, "null:"]),
                     &log,
                 )?;
-                self.record_mbps(
-                    kind,
-                    &format!("restore_{c}_seq_null{suffix}"),
-                    rep,
-                    self.size,
-                    secs,
-                );
+                let name = format!("restore_{c}_seq_null{suffix}");
+                self.record_cpu(kind, &name, rep, cpu.stop(&srv)?);
+                self.record_mbps(kind, &name, rep, self.size, secs);
                 let _ = std::fs::remove_file(&out_raw);
                 cache.prepare(&img_files)?;
                 let secs = timed(
@@ -355,17 +396,14 @@ impl Run {
             let c = cache.name();
             self.progress(format!("{}: restore {c} chain of {depth}", kind.name()));
             cache.prepare(&files)?;
+            let cpu = CpuMeter::start(&srv)?;
             let secs = timed(
                 Command::new("nbdcopy").args(["-C", "1", "-T", "1", &uri, "null:"]),
                 log,
             )?;
-            self.record_mbps(
-                kind,
-                &format!("restore_{c}_chain{depth}_null"),
-                rep,
-                self.size,
-                secs,
-            );
+            let name = format!("restore_{c}_chain{depth}_null");
+            self.record_cpu(kind, &name, rep, cpu.stop(&srv)?);
+            self.record_mbps(kind, &name, rep, self.size, secs);
         }
         if rep == 1 {
             let out = self.workdir.join("img").join("chain-readback.raw");

@@ -17,6 +17,9 @@ pub enum Kind {
     /// `NBD_BENCH_BASELINE_EXE` (before/after figures of a change in one
     /// run, servers interleaved).
     OursBase,
+    /// Ours with READ replies spliced to loopback clients too
+    /// (`--splice-reads always`; the default splices only to other hosts).
+    OursSplice,
     /// Our server recording `blake3-tree-v1` digests of what it is sent
     /// (`--digest`), as the hub does for every backup.
     OursDigest,
@@ -49,6 +52,7 @@ impl Kind {
         match self {
             Kind::Ours => "ours",
             Kind::OursBase => "ours-base",
+            Kind::OursSplice => "ours-splice",
             Kind::OursDigest => "ours-digest",
             Kind::QemuNbd => "qemu-nbd",
             Kind::OursTls => "ours-tls",
@@ -238,6 +242,7 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
     match kind {
         Kind::Ours
         | Kind::OursBase
+        | Kind::OursSplice
         | Kind::OursDigest
         | Kind::OursTls
         | Kind::Prev
@@ -269,6 +274,9 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
             }
             if opts.port_per_export {
                 cmd.arg("--port-per-export");
+            }
+            if kind == Kind::OursSplice {
+                cmd.args(["--splice-reads", "always"]);
             }
             if opts.readonly {
                 cmd.arg("-r");
@@ -410,6 +418,16 @@ impl Running {
     /// Process ids.
     pub fn pids(&self) -> Vec<u32> {
         self.children.iter().map(Child::id).collect()
+    }
+
+    /// CPU seconds (user + system) the server processes have used so far.
+    pub fn cpu_secs(&self) -> anyhow::Result<f64> {
+        let mut total = 0.0;
+        for pid in self.pids() {
+            let (own, _) = crate::handoff::proc_cpu_secs(&format!("/proc/{pid}/stat"))?;
+            total += own;
+        }
+        Ok(total)
     }
 
     /// SIGTERM every process and wait (SIGKILL after 30 s); returns what

@@ -233,6 +233,22 @@ pub struct NbdLimits {
     pub send_timeout: Duration,
     /// Most time the handshake may go without progress, per option.
     pub handshake_timeout: Duration,
+    /// Which clients get READ replies spliced from the page cache into
+    /// the socket (`remote`, `always`, `never`).
+    pub splice_reads: nbd_server::SpliceReads,
+}
+
+/// `remote`, `always` or `never`: see [`nbd_server::SpliceReads`].
+pub fn parse_splice_reads(s: &str) -> Result<nbd_server::SpliceReads, String> {
+    use nbd_server::SpliceReads;
+    match s.trim().to_ascii_lowercase().as_str() {
+        "remote" => Ok(SpliceReads::Remote),
+        "always" => Ok(SpliceReads::Always),
+        "never" => Ok(SpliceReads::Never),
+        other => Err(format!(
+            "splice_reads is remote, always or never, not {other:?}"
+        )),
+    }
 }
 
 impl Default for NbdLimits {
@@ -247,6 +263,7 @@ impl Default for NbdLimits {
             idle_timeout: s.idle_timeout,
             send_timeout: s.send_timeout,
             handshake_timeout: s.handshake_timeout,
+            splice_reads: s.splice_reads,
         }
     }
 }
@@ -263,6 +280,7 @@ impl NbdLimits {
             idle_timeout: self.idle_timeout,
             send_timeout: self.send_timeout,
             handshake_timeout: self.handshake_timeout,
+            splice_reads: self.splice_reads,
             ..nbd_server::ServerConfig::default()
         }
     }
@@ -412,6 +430,8 @@ pub struct FileConfig {
     pub send_timeout_secs: Option<u64>,
     /// Seconds; see [`NbdLimits::handshake_timeout`].
     pub handshake_timeout_secs: Option<u64>,
+    /// `remote`, `always` or `never`; see [`NbdLimits::splice_reads`].
+    pub splice_reads: Option<String>,
     /// See [`Config::nbd_list_exports`].
     pub nbd_list_exports: Option<bool>,
     /// See [`Config::insecure_no_auth`].
@@ -509,6 +529,9 @@ impl FileConfig {
         }
         if let Some(v) = self.handshake_timeout_secs {
             l.handshake_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = &self.splice_reads {
+            l.splice_reads = parse_splice_reads(v)?;
         }
         if let Some(v) = self.nbd_list_exports {
             c.nbd_list_exports = v;
@@ -661,7 +684,8 @@ mod tests {
         let f: FileConfig = toml::from_str(
             "max_buffer_memory = \"256M\"\nmax_connections = 10\nmax_connections_per_port = 5\n\
              max_connections_per_export = 3\nnbd_idle_timeout_secs = 7\nsend_timeout_secs = 8\n\
-             handshake_timeout_secs = 9\nmax_inflight_per_connection = \"16M\"",
+             handshake_timeout_secs = 9\nmax_inflight_per_connection = \"16M\"\n\
+             splice_reads = \"Never\"",
         )
         .unwrap();
         let mut c = Config::default();
@@ -669,6 +693,9 @@ mod tests {
         let l = c.nbd_limits;
         assert_eq!(l.max_buffer_memory, 256 << 20);
         assert_eq!(l.max_inflight_per_connection, 16 << 20);
+        assert_eq!(l.splice_reads, nbd_server::SpliceReads::Never);
+        let bad: FileConfig = toml::from_str("splice_reads = \"sometimes\"").unwrap();
+        assert!(bad.apply(&mut Config::default()).is_err());
         assert_eq!(
             (
                 l.max_connections,

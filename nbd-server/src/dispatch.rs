@@ -7,7 +7,7 @@
 
 use bytes::Bytes;
 
-use crate::backend::{BackendError, Extent, ReadChunk, ZeroFlags};
+use crate::backend::{BackendError, Extent, SocketChunk, ZeroFlags};
 use crate::errno_map::to_errno;
 use crate::export::Export;
 use crate::proto::consts::{cmd, state, MAX_EXTENTS};
@@ -20,7 +20,7 @@ pub(crate) enum Outcome {
     /// Success without data.
     Done,
     /// READ data, covering the request exactly.
-    Read(Vec<ReadChunk>),
+    Read(Vec<SocketChunk>),
     /// BLOCK_STATUS: one descriptor list per selected context.
     Status(Vec<(MetaContext, Vec<StatusDescriptor>)>),
     /// Failure.
@@ -48,6 +48,8 @@ pub(crate) struct ExecContext {
     pub contexts: Vec<MetaContext>,
     /// Extended headers: extent lengths are 64-bit.
     pub extended: bool,
+    /// Replies go to a plain TCP socket: READs may return spliced pages.
+    pub splice: bool,
 }
 
 /// Run `cmd` (with the WRITE payload, if any) against `export`.
@@ -61,8 +63,13 @@ pub(crate) async fn execute(
     let result: Result<Outcome, BackendError> = async {
         match cmd {
             Command::Read { offset, len, .. } => {
-                let chunks = backend.read(offset, len).await?;
-                let total: u64 = chunks.iter().map(ReadChunk::len).sum();
+                let chunks = if ctx.splice {
+                    backend.read_for_socket(offset, len).await?
+                } else {
+                    let chunks = backend.read(offset, len).await?;
+                    chunks.into_iter().map(SocketChunk::Read).collect()
+                };
+                let total: u64 = chunks.iter().map(SocketChunk::len).sum();
                 if total != u64::from(len) {
                     tracing::error!(
                         export = export.name(),
@@ -179,7 +186,7 @@ pub(crate) async fn execute(
             .write_failed(format!("{name} at {}: {errno}: {message}", offset_of(&cmd)));
     }
     let (read, written) = match (&outcome, cmd) {
-        (Outcome::Read(chunks), _) => (chunks.iter().map(ReadChunk::len).sum(), 0),
+        (Outcome::Read(chunks), _) => (chunks.iter().map(SocketChunk::len).sum(), 0),
         (Outcome::Done, Command::Write { len, .. }) => (0, u64::from(len)),
         _ => (0, 0),
     };

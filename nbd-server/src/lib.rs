@@ -22,6 +22,9 @@
 //! * [`errno_map`]: the one mapping from backend errors to NBD errors.
 //! * [`buffer`]: page-aligned data buffers whose memory goes back to the OS
 //!   when they are dropped.
+//! * [`splice`]: READ data parked in kernel pipes, spliced from a file's
+//!   page cache into a TCP socket without a copy
+//!   ([`BlockBackend::read_for_socket`], [`SpliceReads`]).
 //!
 //! # Embedding
 //! ```
@@ -91,14 +94,17 @@ mod export;
 mod net;
 pub mod proto;
 mod server;
+pub mod splice;
 pub mod tls;
 mod zeroes;
 
 pub use backend::{
     BackendError, BackendErrorKind, BlockBackend, Caps, Extent, MemoryBackend, NullBackend,
-    ReadChunk, ZeroFlags,
+    ReadChunk, SocketChunk, ZeroFlags,
 };
 pub use error::ServerError;
 pub use export::{Export, ExportRegistry, ExportStats, ExportStatsSnapshot};
-pub use server::{ListenerHandle, Server, ServerConfig, DEFAULT_INFLIGHT_PER_CONNECTION};
+pub use server::{
+    ListenerHandle, Server, ServerConfig, SpliceReads, DEFAULT_INFLIGHT_PER_CONNECTION,
+};
 pub use tls::{ServerTls, TlsSetupError};

@@ -163,6 +163,13 @@ pub async fn qemu_img_to_raw(fmt: &str, src: &Path, dst: &Path) {
     run_ok("qemu-img", &["convert", "-f", fmt, "-O", "raw", s, d]).await;
 }
 
+/// `qemu-img convert` of raw data at `src` (a file or an NBD URI) into the
+/// new qcow2 file `dst`.
+pub async fn qemu_img_raw_to_qcow2(src: &str, dst: &Path) {
+    let d = dst.to_str().expect("utf-8 test path");
+    run_ok("qemu-img", &["convert", "-f", "raw", "-O", "qcow2", src, d]).await;
+}
+
 pub async fn assert_identical(fmt_a: &str, a: &str, fmt_b: &str, b: &str) {
     let out = run("qemu-img", &["compare", "-f", fmt_a, "-F", fmt_b, a, b]).await;
     assert!(

@@ -185,19 +185,7 @@ async fn qemu_img_info_convert_in_and_out_and_compare() {
     support::assert_identical("raw", src_path.to_str().unwrap(), "raw", &uri).await;
 
     let out_path = dir.path().join("out.qcow2");
-    run_ok(
-        "qemu-img",
-        &[
-            "convert",
-            "-f",
-            "raw",
-            "-O",
-            "qcow2",
-            &uri,
-            out_path.to_str().unwrap(),
-        ],
-    )
-    .await;
+    support::qemu_img_raw_to_qcow2(&uri, &out_path).await;
     support::assert_identical(
         "qcow2",
         out_path.to_str().unwrap(),

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::size::parse_size;
-use crate::config::NbdLimits;
+use crate::config::{parse_splice_reads, NbdLimits};
 
 /// NBD limits; unset ones keep the value from the config file or default.
 #[derive(Debug, Clone, Default, Args)]
@@ -43,6 +43,11 @@ pub struct LimitArgs {
     /// [default: 10].
     #[arg(long, env = "HUB_HANDSHAKE_TIMEOUT", value_name = "SECS")]
     handshake_timeout: Option<u64>,
+    /// Which NBD clients get READ data spliced from the page cache into
+    /// the socket without a copy: remote (not loopback), always or never
+    /// [default: remote].
+    #[arg(long, env = "HUB_SPLICE_READS", value_name = "WHO", value_parser = parse_splice_reads)]
+    splice_reads: Option<nbd_server::SpliceReads>,
 }
 
 impl LimitArgs {
@@ -71,6 +76,9 @@ impl LimitArgs {
         }
         if let Some(v) = self.handshake_timeout {
             l.handshake_timeout = Duration::from_secs(v);
+        }
+        if let Some(v) = self.splice_reads {
+            l.splice_reads = v;
         }
     }
 }

@@ -285,7 +285,8 @@ mod tests {
         let path = std::env::temp_dir().join(format!("hub-limits-{}.toml", std::process::id()));
         std::fs::write(
             &path,
-            "max_connections = 5\nmax_connections_per_port = 3\nmax_buffer_memory = \"2G\"\n",
+            "max_connections = 5\nmax_connections_per_port = 3\nmax_buffer_memory = \"2G\"\n\
+             splice_reads = \"never\"\n",
         )
         .unwrap();
         let args = Wrap::try_parse_from([
@@ -300,6 +301,8 @@ mod tests {
             "5",
             "--max-inflight-per-connection",
             "16M",
+            "--splice-reads",
+            "always",
         ])
         .unwrap();
         let c = args.serve.config();
@@ -312,13 +315,20 @@ mod tests {
         assert_eq!(l.handshake_timeout, Duration::from_secs(10));
         assert_eq!(l.max_inflight_per_connection, 16 << 20);
         assert_eq!(
-            Wrap::try_parse_from(["x"])
-                .unwrap()
-                .serve
-                .config()
-                .unwrap()
-                .nbd_limits
-                .max_inflight_per_connection,
+            l.splice_reads,
+            nbd_server::SpliceReads::Always,
+            "flag beats file"
+        );
+        assert!(Wrap::try_parse_from(["x", "--splice-reads", "sometimes"]).is_err());
+        let defaults = Wrap::try_parse_from(["x"])
+            .unwrap()
+            .serve
+            .config()
+            .unwrap()
+            .nbd_limits;
+        assert_eq!(defaults.splice_reads, nbd_server::SpliceReads::Remote);
+        assert_eq!(
+            defaults.max_inflight_per_connection,
             nbd_server::DEFAULT_INFLIGHT_PER_CONNECTION
         );
     }

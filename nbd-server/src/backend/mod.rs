@@ -19,6 +19,8 @@ pub use null::NullBackend;
 use async_trait::async_trait;
 use bytes::Bytes;
 
+use crate::splice::Piped;
+
 /// What a backend supports. The export's transmission flags are computed
 /// from this (nbdkit's `can_*` callbacks).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -92,6 +94,32 @@ impl ReadChunk {
     }
 }
 
+/// One piece of a READ reply on its way to a socket: read data, or pages
+/// parked in a pipe to be spliced into the socket without a copy
+/// ([`crate::splice`]).
+#[derive(Debug, PartialEq)]
+pub enum SocketChunk {
+    /// Data or zeroes, as [`BlockBackend::read`] returns them.
+    Read(ReadChunk),
+    /// File pages in a pipe.
+    Piped(Piped),
+}
+
+impl SocketChunk {
+    /// Bytes this chunk covers.
+    pub fn len(&self) -> u64 {
+        match self {
+            SocketChunk::Read(c) => c.len(),
+            SocketChunk::Piped(p) => p.len() as u64,
+        }
+    }
+
+    /// Whether the chunk covers nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// How WRITE_ZEROES may be carried out.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct ZeroFlags {
@@ -153,6 +181,23 @@ pub trait BlockBackend: Send + Sync + std::fmt::Debug + 'static {
 
     /// Read `len` bytes at `offset`. The chunks cover exactly `len` bytes.
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, BackendError>;
+
+    /// [`read`](Self::read) for a reply that goes to a plain TCP socket:
+    /// data may come as [`SocketChunk::Piped`], file pages the socket sends
+    /// without a copy. The default is `read`. The chunks cover exactly
+    /// `len` bytes.
+    async fn read_for_socket(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<SocketChunk>, BackendError> {
+        Ok(self
+            .read(offset, len)
+            .await?
+            .into_iter()
+            .map(SocketChunk::Read)
+            .collect())
+    }
 
     /// Write `data` at `offset`.
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackendError>;

@@ -1,36 +1,65 @@
 //! Turning command outcomes into reply frames (header and payload segments).
 //!
 //! Pure: no sockets. Payload bytes are referenced, never copied; runs of
-//! zeroes that must be sent as data come from one static zero page.
+//! zeroes that must be sent as data come from one static zero page; file
+//! pages parked in a pipe stay there until the socket takes them.
 
 use bytes::{Bytes, BytesMut};
 
-use crate::backend::ReadChunk;
+use crate::backend::{ReadChunk, SocketChunk};
 use crate::dispatch::Outcome;
 use crate::proto::{ReplyEncoder, ReplyMode, ReplyTo};
+use crate::splice::Piped;
+
+/// One piece of a reply on the wire.
+#[derive(Debug)]
+pub(crate) enum Segment {
+    /// Bytes in memory.
+    Bytes(Bytes),
+    /// File pages in a pipe, spliced into the socket.
+    Piped(Piped),
+}
+
+impl Segment {
+    /// Bytes left to send.
+    pub fn len(&self) -> usize {
+        match self {
+            Segment::Bytes(b) => b.len(),
+            Segment::Piped(p) => p.len(),
+        }
+    }
+}
 
 /// One reply, ready to write: segments in wire order.
 #[derive(Debug, Default)]
 pub(crate) struct Frame {
-    pub segments: Vec<Bytes>,
+    pub segments: Vec<Segment>,
 }
 
 impl Frame {
     /// Total bytes.
     pub fn len(&self) -> usize {
-        self.segments.iter().map(Bytes::len).sum()
+        self.segments.iter().map(Segment::len).sum()
     }
 }
 
-fn push_zeroes(segments: &mut Vec<Bytes>, n: u64) {
-    segments.extend(crate::zeroes::zero_segments(n));
+fn push_zeroes(segments: &mut Vec<Segment>, n: u64) {
+    segments.extend(crate::zeroes::zero_segments(n).map(Segment::Bytes));
+}
+
+/// A data chunk's payload as a segment (zero chunks are not data).
+fn data_segment(c: SocketChunk) -> Option<Segment> {
+    match c {
+        SocketChunk::Read(ReadChunk::Data(d)) => Some(Segment::Bytes(d)),
+        SocketChunk::Piped(p) => Some(Segment::Piped(p)),
+        SocketChunk::Read(ReadChunk::Zero(_)) => None,
+    }
 }
 
 /// Build the frame answering a request at `to` with `outcome`. `df` is the
 /// READ don't-fragment flag.
 pub(crate) fn encode(enc: &ReplyEncoder, to: ReplyTo, df: bool, outcome: Outcome) -> Frame {
     let mut head = BytesMut::with_capacity(64);
-    let mut segments = Vec::new();
     match outcome {
         Outcome::Done => enc.ok(&mut head, to),
         Outcome::Failed { errno, message } => enc.error(&mut head, to, errno, &message),
@@ -42,54 +71,61 @@ pub(crate) fn encode(enc: &ReplyEncoder, to: ReplyTo, df: bool, outcome: Outcome
         }
         Outcome::Read(chunks) => return encode_read(enc, to, df, chunks),
     }
-    segments.push(head.freeze());
-    Frame { segments }
+    Frame {
+        segments: vec![Segment::Bytes(head.freeze())],
+    }
 }
 
-fn encode_read(enc: &ReplyEncoder, to: ReplyTo, df: bool, chunks: Vec<ReadChunk>) -> Frame {
-    let total: u64 = chunks.iter().map(ReadChunk::len).sum();
+fn is_zero(c: &SocketChunk) -> bool {
+    matches!(c, SocketChunk::Read(ReadChunk::Zero(_)))
+}
+
+fn encode_read(enc: &ReplyEncoder, to: ReplyTo, df: bool, chunks: Vec<SocketChunk>) -> Frame {
+    let total: u64 = chunks.iter().map(SocketChunk::len).sum();
     let mut segments = Vec::with_capacity(chunks.len() * 2 + 1);
     let mut head = BytesMut::with_capacity(32);
-    let all_zero = chunks.iter().all(|c| matches!(c, ReadChunk::Zero(_)));
-    let single_data = chunks.len() == 1 && matches!(chunks[0], ReadChunk::Data(_));
+    let all_zero = chunks.iter().all(is_zero);
+    let single_data = chunks.len() == 1 && !is_zero(&chunks[0]);
     // total ≤ the 32 MiB maximum payload (validated), so it fits u32.
     let total32 = total as u32;
 
     if enc.mode() == ReplyMode::Simple || (df && !all_zero && !single_data) {
         // One contiguous data payload, holes expanded to zero bytes.
         enc.read_data(&mut head, to, to.offset, total32, true);
-        segments.push(head.split().freeze());
+        segments.push(Segment::Bytes(head.split().freeze()));
         for c in chunks {
-            match c {
-                ReadChunk::Data(d) => segments.push(d),
-                ReadChunk::Zero(n) => push_zeroes(&mut segments, u64::from(n)),
+            let n = c.len();
+            match data_segment(c) {
+                Some(d) => segments.push(d),
+                None => push_zeroes(&mut segments, n),
             }
         }
     } else if total == 0 {
         enc.done(&mut head, to);
-        segments.push(head.freeze());
+        segments.push(Segment::Bytes(head.freeze()));
     } else if all_zero {
         // One hole chunk for the whole request (also satisfies DF).
         enc.read_hole(&mut head, to, to.offset, total32, true);
-        segments.push(head.freeze());
+        segments.push(Segment::Bytes(head.freeze()));
     } else {
         let n = chunks.len();
         let mut pos = to.offset;
         for (i, c) in chunks.into_iter().enumerate() {
             let last = i + 1 == n;
-            match c {
-                ReadChunk::Data(d) => {
-                    enc.read_data(&mut head, to, pos, d.len() as u32, last);
-                    pos += d.len() as u64;
-                    segments.push(head.split().freeze());
+            // A chunk is at most the request, ≤ 32 MiB.
+            let len = c.len();
+            match data_segment(c) {
+                Some(d) => {
+                    enc.read_data(&mut head, to, pos, len as u32, last);
+                    segments.push(Segment::Bytes(head.split().freeze()));
                     segments.push(d);
                 }
-                ReadChunk::Zero(z) => {
-                    enc.read_hole(&mut head, to, pos, z, last);
-                    pos += u64::from(z);
-                    segments.push(head.split().freeze());
+                None => {
+                    enc.read_hole(&mut head, to, pos, len as u32, last);
+                    segments.push(Segment::Bytes(head.split().freeze()));
                 }
             }
+            pos += len;
         }
     }
     Frame { segments }
@@ -106,14 +142,24 @@ mod tests {
     };
 
     fn flat(f: &Frame) -> Vec<u8> {
-        f.segments.iter().flat_map(|s| s.iter().copied()).collect()
+        f.segments
+            .iter()
+            .flat_map(|s| match s {
+                Segment::Bytes(b) => b.iter().copied(),
+                Segment::Piped(_) => panic!("no pipes in these tests"),
+            })
+            .collect()
     }
 
-    fn mixed() -> Vec<ReadChunk> {
-        vec![
+    fn mixed() -> Vec<SocketChunk> {
+        reads(vec![
             ReadChunk::Data(Bytes::from_static(&[1; 512])),
             ReadChunk::Zero(1024),
-        ]
+        ])
+    }
+
+    fn reads(chunks: Vec<ReadChunk>) -> Vec<SocketChunk> {
+        chunks.into_iter().map(SocketChunk::Read).collect()
     }
 
     #[test]
@@ -167,7 +213,7 @@ mod tests {
             &ReplyEncoder::new(ReplyMode::Extended),
             TO,
             true,
-            Outcome::Read(chunks),
+            Outcome::Read(reads(chunks)),
         );
         let b = flat(&f);
         assert_eq!(b.len(), 32 + 12);
@@ -201,7 +247,7 @@ mod tests {
             &ReplyEncoder::new(ReplyMode::Simple),
             TO,
             false,
-            Outcome::Read(vec![ReadChunk::Zero(3 << 20)]),
+            Outcome::Read(reads(vec![ReadChunk::Zero(3 << 20)])),
         );
         assert_eq!(f.len(), 16 + (3 << 20));
         assert_eq!(f.segments.len(), 4);

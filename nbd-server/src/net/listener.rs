@@ -11,12 +11,14 @@ use tokio_util::task::TaskTracker;
 
 use super::budget::MemoryBudget;
 use super::negotiate::{negotiate, within, Negotiation};
+use super::outbox::ReplySink;
 use super::registry::ConnEntry;
 use super::registry::{ConnGuard, ConnRegistry};
 use super::transmission::{self, TransmissionLimits};
 use crate::export::Catalog;
 use crate::export::Export;
 use crate::proto::{Handshake, Negotiated, TlsMode};
+use crate::server::SpliceReads;
 use crate::tls::ServerTls;
 use bytes::BytesMut;
 
@@ -34,6 +36,9 @@ pub(crate) struct ConnContext {
     pub handshake_timeout: Duration,
     /// TLS offered or required.
     pub tls: Option<ServerTls>,
+    /// Which clients get spliced READ replies; per connection, `Never`
+    /// once the peer is known not to qualify.
+    pub splice_reads: SpliceReads,
     pub limits: TransmissionLimits,
 }
 
@@ -95,6 +100,10 @@ async fn handle(
 ) {
     // Replies are small and latency-bound; Nagle would delay them.
     let _ = stream.set_nodelay(true);
+    let mut ctx = ctx;
+    if !ctx.splice_reads.allows(peer.ip()) {
+        ctx.splice_reads = SpliceReads::Never;
+    }
     // TCP splits into owned halves without the lock tokio::io::split needs.
     serve_stream(
         stream,
@@ -121,7 +130,7 @@ pub(crate) async fn serve_stream<S, R, W>(
 ) where
     S: AsyncRead + AsyncWrite + Unpin,
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: ReplySink,
 {
     let conn = Arc::clone(guard.entry());
     let mode = ctx.tls.as_ref().map_or(TlsMode::Off, ServerTls::mode);
@@ -207,7 +216,7 @@ async fn enter<S, R, W>(
     guard: ConnGuard,
 ) where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: ReplySink,
 {
     let conn = Arc::clone(guard.entry());
     let export = Arc::clone(&negotiated.export);
@@ -240,6 +249,7 @@ async fn enter<S, R, W>(
             budget: &ctx.budget,
             conn: &conn,
             shutdown: &ctx.shutdown,
+            splice: ctx.splice_reads != SpliceReads::Never,
         },
     )
     .await;

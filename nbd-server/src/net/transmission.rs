@@ -25,13 +25,13 @@ use std::time::Duration;
 use bytes::BytesMut;
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use futures_util::FutureExt;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncWriteExt};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 
 use super::budget::{request_cost, ConnBudget, Grant, MemoryBudget};
 use super::frames::{self, Frame};
-use super::outbox::{Held, Outbox};
+use super::outbox::{Held, Outbox, ReplySink};
 use super::registry::{check_period, ConnEntry};
 use super::request_reader::{ReadError, RequestReader};
 use crate::dispatch::{self, ExecContext, Outcome};
@@ -62,6 +62,9 @@ pub(crate) struct Env<'a> {
     pub budget: &'a MemoryBudget,
     pub conn: &'a ConnEntry,
     pub shutdown: &'a CancellationToken,
+    /// The server allows spliced READ replies to this client (they are
+    /// used when the writer is a plain TCP socket).
+    pub splice: bool,
 }
 
 /// The request at the head of the input, between header and dispatch.
@@ -89,7 +92,7 @@ pub(crate) async fn run<R, W>(
     env: Env<'_>,
 ) where
     R: AsyncRead + Unpin,
-    W: AsyncWrite + Unpin,
+    W: ReplySink,
 {
     let export = negotiated.export;
     let session = Session {
@@ -106,6 +109,7 @@ pub(crate) async fn run<R, W>(
     let ctx = Arc::new(ExecContext {
         contexts: negotiated.contexts,
         extended: negotiated.extended,
+        splice: env.splice && wr.socket().is_some(),
     });
     let extended = negotiated.extended;
     let limits = env.limits;

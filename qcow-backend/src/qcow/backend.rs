@@ -9,8 +9,9 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use imago::file::File;
 use imago::{Mapping, Storage, StorageExt};
-use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, ZeroFlags};
+use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, SocketChunk, ZeroFlags};
 
+use super::splice_read::{splice_runs, FileRun, MIN_SPLICED};
 use super::status::status_walk;
 use super::status_cache::WINDOW_SPAN;
 use super::zeroes::zero_range;
@@ -37,14 +38,26 @@ impl BlockBackend for QcowBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, BackendError> {
-        self.read_ahead(offset, len);
-        let readahead = Arc::clone(&self.readahead);
-        self.with_image("read", len as usize, move |img| async move {
-            let a = img.access.read().await;
-            read_resolved(&a, &readahead, offset, len).await
-        })
-        .await
-        .map_err(|e| e.at(offset))
+        let chunks = self.read_chunks(offset, len, false).await?;
+        // No pipes without asking for them; were there one, its bytes.
+        chunks
+            .into_iter()
+            .map(|c| match c {
+                SocketChunk::Read(r) => Ok(r),
+                SocketChunk::Piped(p) => p.into_bytes().map(ReadChunk::Data),
+            })
+            .collect::<std::io::Result<_>>()
+            .map_err(|e| BackendError::from_io("read", e).at(offset))
+    }
+
+    async fn read_for_socket(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<SocketChunk>, BackendError> {
+        // Only read-only layers have their own descriptors to splice from.
+        let splice = !self.readahead.is_empty();
+        self.read_chunks(offset, len, splice).await
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackendError> {
@@ -158,6 +171,24 @@ impl BlockBackend for QcowBackend {
 }
 
 impl QcowBackend {
+    /// A READ on the image's I/O thread; with `splice`, data of read-only
+    /// layers may come as pipes ([`splice_runs`]).
+    async fn read_chunks(
+        &self,
+        offset: u64,
+        len: u32,
+        splice: bool,
+    ) -> Result<Vec<SocketChunk>, BackendError> {
+        self.read_ahead(offset, len);
+        let readahead = Arc::clone(&self.readahead);
+        self.with_image("read", len as usize, move |img| async move {
+            let a = img.access.read().await;
+            read_resolved(&a, &readahead, offset, len, splice).await
+        })
+        .await
+        .map_err(|e| e.at(offset))
+    }
+
     /// Hint a sequential reader's next window (`readahead.rs`) from the
     /// next I/O thread: the walk through the mappings (in a chain, the
     /// first touch of every layer's L2 tables reads them from the disk) and
@@ -197,13 +228,16 @@ enum Source<'a> {
 /// `preadv`) instead of through `FormatAccess::read`, which would look
 /// every mapping up a second time. Read-only layers are read from the page
 /// cache on this thread and from the disk on the blocking pool
-/// (`cached_read.rs`), so a cold read never holds the I/O thread.
+/// (`cached_read.rs`), so a cold read never holds the I/O thread. With
+/// `splice`, data runs that all lie in read-only layers' cached pages go
+/// into pipes instead of a buffer (`splice_read.rs`).
 pub(super) async fn read_resolved(
     a: &Access,
     readahead: &ReadAhead,
     offset: u64,
     len: u32,
-) -> std::io::Result<Vec<ReadChunk>> {
+    splice: bool,
+) -> std::io::Result<Vec<SocketChunk>> {
     let end = offset + u64::from(len);
     let mut runs: Vec<(u64, u64, Source<'_>)> = Vec::new();
     let mut pos = offset;
@@ -246,7 +280,7 @@ pub(super) async fn read_resolved(
     while i < runs.len() {
         if matches!(runs[i].2, Source::Zero) {
             // n ≤ len ≤ u32::MAX.
-            chunks.push(ReadChunk::Zero(runs[i].1 as u32));
+            chunks.push(SocketChunk::Read(ReadChunk::Zero(runs[i].1 as u32)));
             i += 1;
             continue;
         }
@@ -257,6 +291,15 @@ pub(super) async fn read_resolved(
             j += 1;
         }
         let total: u64 = runs[i..j].iter().map(|r| r.1).sum();
+        if splice && total >= MIN_SPLICED {
+            if let Some(pieces) =
+                file_runs(&runs[i..j], &direct[i..j]).and_then(|r| splice_runs(&r))
+            {
+                chunks.extend(pieces.into_iter().map(SocketChunk::Piped));
+                i = j;
+                continue;
+            }
+        }
         // Every byte is read into below (the runs tile it), so a recycled
         // buffer needs no zeroing.
         let mut buf = AlignedBuf::for_overwrite(total as usize);
@@ -286,10 +329,28 @@ pub(super) async fn read_resolved(
             readahead.missed();
             buf = read_misses(buf, misses).await?;
         }
-        chunks.push(ReadChunk::Data(buf.freeze()));
+        chunks.push(SocketChunk::Read(ReadChunk::Data(buf.freeze())));
         i = j;
     }
     Ok(chunks)
+}
+
+/// The runs as plain data in read-only layer files, if all of them are.
+fn file_runs<'a>(
+    runs: &[(u64, u64, Source<'_>)],
+    direct: &'a [Option<Arc<StdFile>>],
+) -> Option<Vec<FileRun<'a>>> {
+    runs.iter()
+        .zip(direct)
+        .map(|((_, len, src), file)| match (src, file) {
+            (Source::Raw(_, host), Some(file)) => Some(FileRun {
+                file,
+                offset: *host,
+                len: *len,
+            }),
+            _ => None,
+        })
+        .collect()
 }
 
 /// The layer-file runs that the disk range `window` reads from (path,

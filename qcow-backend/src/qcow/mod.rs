@@ -11,12 +11,14 @@
 //! The files: `options` (open/create parameters), `open` (opening an
 //! existing chain), `create` (new images and overlays), `backend` (the
 //! `BlockBackend` operations), `zeroes` (zeroing without sub-cluster
-//! `write_zeroes`), `status` (block status through the chain).
+//! `write_zeroes`), `status` (block status through the chain),
+//! `splice_read` (READ data moved into pipes for a zero-copy send).
 
 mod backend;
 mod create;
 mod open;
 mod options;
+mod splice_read;
 mod status;
 mod status_cache;
 #[cfg(test)]
