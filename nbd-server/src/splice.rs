@@ -233,13 +233,6 @@ pub struct Piped {
     left: usize,
 }
 
-impl PartialEq for Piped {
-    /// Two pipes are never the same data (nothing compares their bytes).
-    fn eq(&self, _: &Piped) -> bool {
-        false
-    }
-}
-
 impl Piped {
     /// Bytes still in the pipe.
     pub fn len(&self) -> usize {

@@ -97,7 +97,7 @@ impl ReadChunk {
 /// One piece of a READ reply on its way to a socket: read data, or pages
 /// parked in a pipe to be spliced into the socket without a copy
 /// ([`crate::splice`]).
-#[derive(Debug, PartialEq)]
+#[derive(Debug)]
 pub enum SocketChunk {
     /// Data or zeroes, as [`BlockBackend::read`] returns them.
     Read(ReadChunk),

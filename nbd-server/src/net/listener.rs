@@ -95,12 +95,11 @@ async fn handle(
     stream: TcpStream,
     peer: SocketAddr,
     catalog: Catalog,
-    ctx: ConnContext,
+    mut ctx: ConnContext,
     guard: ConnGuard,
 ) {
     // Replies are small and latency-bound; Nagle would delay them.
     let _ = stream.set_nodelay(true);
-    let mut ctx = ctx;
     if !ctx.splice_reads.allows(peer.ip()) {
         ctx.splice_reads = SpliceReads::Never;
     }

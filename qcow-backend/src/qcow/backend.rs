@@ -238,31 +238,9 @@ pub(super) async fn read_resolved(
     len: u32,
     splice: bool,
 ) -> std::io::Result<Vec<SocketChunk>> {
-    let end = offset + u64::from(len);
-    let mut runs: Vec<(u64, u64, Source<'_>)> = Vec::new();
-    let mut pos = offset;
-    while pos < end {
-        let (m, n) = a.get_mapping(pos, end - pos).await?;
-        let (n, src) = match m {
-            Mapping::Eof { .. } => (end - pos, Source::Zero),
-            Mapping::Zero { .. } => (n, Source::Zero),
-            Mapping::Raw {
-                storage, offset, ..
-            } => (n, Source::Raw(storage, offset)),
-            _ => (n, Source::Other),
-        };
-        let n = n.clamp(1, end - pos);
-        match (runs.last_mut(), &src) {
-            (Some((_, ln, Source::Zero)), Source::Zero) => *ln += n,
-            // The next cluster follows in the same file: one read.
-            (Some((_, ln, Source::Raw(f, host))), Source::Raw(g, h))
-                if std::ptr::eq(*f, *g) && host.checked_add(*ln) == Some(*h) =>
-            {
-                *ln += n
-            }
-            _ => runs.push((pos, n, src)),
-        }
-        pos += n;
+    let (runs, failed) = map_runs(a, offset..offset + u64::from(len)).await;
+    if let Some(e) = failed {
+        return Err(e);
     }
     // Read-only layers' own descriptors, per run (None: read through
     // imago).
@@ -353,33 +331,65 @@ fn file_runs<'a>(
         .collect()
 }
 
+/// One run of a disk range: where it starts, its length, its source.
+type Run<'a> = (u64, u64, Source<'a>);
+
+/// The runs the disk range `range` reads from, each cluster mapping
+/// resolved once: adjacent zero runs merged, and data runs that continue
+/// in the same file. Past the end reads as zeroes. On a mapping error, the
+/// runs before it and the error.
+async fn map_runs(a: &Access, range: Range<u64>) -> (Vec<Run<'_>>, Option<std::io::Error>) {
+    let mut runs: Vec<Run<'_>> = Vec::new();
+    let mut pos = range.start;
+    while pos < range.end {
+        let (m, n) = match a.get_mapping(pos, range.end - pos).await {
+            Ok(found) => found,
+            Err(e) => return (runs, Some(e)),
+        };
+        let (n, src) = match m {
+            Mapping::Eof { .. } => (range.end - pos, Source::Zero),
+            Mapping::Zero { .. } => (n, Source::Zero),
+            Mapping::Raw {
+                storage, offset, ..
+            } => (n, Source::Raw(storage, offset)),
+            _ => (n, Source::Other),
+        };
+        let n = n.clamp(1, range.end - pos);
+        match (runs.last_mut(), &src) {
+            (Some((_, ln, Source::Zero)), Source::Zero) => *ln += n,
+            // The next cluster follows in the same file: one read.
+            (Some((_, ln, Source::Raw(f, host))), Source::Raw(g, h))
+                if continues(f, *host, *ln, g, *h) =>
+            {
+                *ln += n
+            }
+            _ => runs.push((pos, n, src)),
+        }
+        pos += n;
+    }
+    (runs, None)
+}
+
+/// Whether `g` at `h` continues the run of `len` bytes at `host` in `f`.
+fn continues(f: &File, host: u64, len: u64, g: &File, h: u64) -> bool {
+    std::ptr::eq(f, g) && host.checked_add(len) == Some(h)
+}
+
 /// The layer-file runs that the disk range `window` reads from (path,
 /// offset in the file, length), runs contiguous in one file merged: what a
 /// read-ahead of `window` hints. Zero and compressed clusters have none.
 /// Stops early on an error (the read that needs the mapping reports it).
 pub(super) async fn plan_hints(a: &Access, window: Range<u64>) -> Vec<(PathBuf, u64, u64)> {
+    let (mapped, _) = map_runs(a, window).await;
     let mut runs: Vec<(&File, u64, u64)> = Vec::new();
-    let mut pos = window.start;
-    while pos < window.end {
-        let Ok((m, n)) = a.get_mapping(pos, window.end - pos).await else {
-            break;
+    for (_, n, src) in mapped {
+        let Source::Raw(g, h) = src else {
+            continue;
         };
-        let n = n.clamp(1, window.end - pos);
-        match m {
-            Mapping::Eof { .. } => break,
-            Mapping::Raw {
-                storage, offset, ..
-            } => match runs.last_mut() {
-                Some((f, host, ln))
-                    if std::ptr::eq(*f, storage) && host.checked_add(*ln) == Some(offset) =>
-                {
-                    *ln += n
-                }
-                _ => runs.push((storage, offset, n)),
-            },
-            _ => {}
+        match runs.last_mut() {
+            Some((f, host, ln)) if continues(f, *host, *ln, g, h) => *ln += n,
+            _ => runs.push((g, h, n)),
         }
-        pos += n;
     }
     runs.into_iter()
         .filter_map(|(f, host, n)| Some((f.get_filename()?, host, n)))
