@@ -125,11 +125,7 @@ impl TlsCluster {
             std::fs::Permissions::from_mode(0o600),
         )
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = integration_tests::ports::loopback_port();
         let opts = format!(
             "-p {port} -k {} -c listen_addresses=localhost -c ssl=on -c fsync=off",
             dir.path().display()

