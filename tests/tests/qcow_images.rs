@@ -469,6 +469,20 @@ async fn nbd_end_to_end_nbdcopy_then_concurrent_qemu_io_into_overlay() {
     .await;
 }
 
+/// `nbdinfo --map` of meta context `ctx`: (offset, length, type) each.
+async fn nbdinfo_map(uri: &str, ctx: &str) -> Vec<(u64, u64, u64)> {
+    let out = run_ok("nbdinfo", &[&format!("--map={ctx}"), "--json", uri]).await;
+    let j: serde_json::Value = serde_json::from_str(&out).unwrap();
+    j.as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            let n = |k: &str| e[k].as_u64().unwrap();
+            (n("offset"), n("length"), n("type"))
+        })
+        .collect()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn allocation_depth_and_base_allocation_of_a_chain_over_nbd() {
     if !require("nbdinfo") || !require("qemu-io") {
@@ -505,24 +519,7 @@ async fn allocation_depth_and_base_allocation_of_a_chain_over_nbd() {
         .unwrap();
     let srv = support::TestServer::start(vec![support::export("c", Arc::new(t))]).await;
     let uri = srv.uri("c");
-    let map = |ctx: &'static str| {
-        let uri = uri.clone();
-        async move {
-            let out = run_ok("nbdinfo", &[&format!("--map={ctx}"), "--json", &uri]).await;
-            let j: serde_json::Value = serde_json::from_str(&out).unwrap();
-            j.as_array()
-                .unwrap()
-                .iter()
-                .map(|e| {
-                    (
-                        e["offset"].as_u64().unwrap(),
-                        e["length"].as_u64().unwrap(),
-                        e["type"].as_u64().unwrap(),
-                    )
-                })
-                .collect::<Vec<_>>()
-        }
-    };
+    let map = |ctx: &'static str| nbdinfo_map(&uri, ctx);
     // Depth: 0-0.5M from the base (2), 0.5-2M on top (1: zeroes, then
     // data), the rest unallocated everywhere (0).
     assert_eq!(
@@ -543,5 +540,81 @@ async fn allocation_depth_and_base_allocation_of_a_chain_over_nbd() {
             (2 * MIB, 6 * MIB, 3)
         ]
     );
+    srv.server.shutdown().await.unwrap();
+}
+
+/// An incremental of a disk that grew is an overlay larger than its backing
+/// file. Block status past the backing file's end was `EIO` ("backend
+/// returned no extents"): restores through nbdinfo, nbdcopy or qemu-img of
+/// such a disk failed there. Now that tail is unallocated zeroes, and the
+/// whole disk copies identical to what qemu reads.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grown_disks_overlay_reports_and_reads_past_its_backing_files_end() {
+    if !require("nbdinfo") || !require("nbdcopy") || !require("qemu-io") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let base = dir.path().join("base.qcow2");
+    qemu_img_create(&base, Some("4M"), None, &[]).await;
+    run_ok(
+        "qemu-io",
+        &[
+            "-f",
+            "qcow2",
+            "-c",
+            "write -P 1 0 4M",
+            base.to_str().unwrap(),
+        ],
+    )
+    .await;
+    let top = dir.path().join("top.qcow2");
+    let grown = CreateOptions {
+        size: Some(8 * MIB),
+        ..CreateOptions::overlay(&base)
+    };
+    let t = QcowBackend::create(&top, &grown, &OpenOptions::new())
+        .await
+        .unwrap();
+    t.write(6 * MIB, Bytes::from(vec![2u8; MIB as usize]))
+        .await
+        .unwrap();
+    t.close().await.unwrap();
+    drop(t);
+    let r = QcowBackend::open(&top, &OpenOptions::new().read_only(true))
+        .await
+        .unwrap();
+    let srv = support::TestServer::start(vec![support::export("g", Arc::new(r))]).await;
+    let uri = srv.uri("g");
+    for ctx in ["base:allocation", "qemu:allocation-depth"] {
+        let map = nbdinfo_map(&uri, ctx).await;
+        let want = if ctx == "base:allocation" {
+            // Data, hole+zero (4-6M: past the base's end, not on top),
+            // data on top, hole+zero.
+            vec![
+                (0, 4 * MIB, 0),
+                (4 * MIB, 2 * MIB, 3),
+                (6 * MIB, MIB, 0),
+                (7 * MIB, MIB, 3),
+            ]
+        } else {
+            vec![
+                (0, 4 * MIB, 2),
+                (4 * MIB, 2 * MIB, 0),
+                (6 * MIB, MIB, 1),
+                (7 * MIB, MIB, 0),
+            ]
+        };
+        assert_eq!(map, want, "{ctx}");
+    }
+    // nbdcopy uses block status; qemu-img reads the same chain itself.
+    let copied = dir.path().join("copied.raw");
+    run_ok("nbdcopy", &[&uri, copied.to_str().unwrap()]).await;
+    assert_identical(
+        "raw",
+        copied.to_str().unwrap(),
+        "qcow2",
+        top.to_str().unwrap(),
+    )
+    .await;
     srv.server.shutdown().await.unwrap();
 }

@@ -1,16 +1,14 @@
 //! The [`BlockBackend`] operations of a qcow2 image.
 
 use std::fs::File as StdFile;
-use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use imago::file::File;
-use imago::{Mapping, Storage, StorageExt};
+use imago::{Storage, StorageExt};
 use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, SocketChunk, ZeroFlags};
 
+use super::mapping::{map_runs, plan_hints, Source};
 use super::splice_read::{splice_runs, FileRun, MIN_SPLICED};
 use super::status::status_walk;
 use super::status_cache::WINDOW_SPAN;
@@ -211,16 +209,6 @@ impl QcowBackend {
     }
 }
 
-/// Where one run of a read comes from.
-enum Source<'a> {
-    /// Reads as zeroes (unallocated, zero clusters, past the end).
-    Zero,
-    /// Plain data at this offset of this layer's file.
-    Raw(&'a File, u64),
-    /// Anything else (compressed clusters): imago's own read path.
-    Other,
-}
-
 /// Read `len` bytes at `offset`, resolving each cluster mapping once: the
 /// runs are mapped first (zero runs become [`ReadChunk::Zero`]), adjacent
 /// data runs share one buffer, and plain data is read straight from the
@@ -328,70 +316,5 @@ fn file_runs<'a>(
             }),
             _ => None,
         })
-        .collect()
-}
-
-/// One run of a disk range: where it starts, its length, its source.
-type Run<'a> = (u64, u64, Source<'a>);
-
-/// The runs the disk range `range` reads from, each cluster mapping
-/// resolved once: adjacent zero runs merged, and data runs that continue
-/// in the same file. Past the end reads as zeroes. On a mapping error, the
-/// runs before it and the error.
-async fn map_runs(a: &Access, range: Range<u64>) -> (Vec<Run<'_>>, Option<std::io::Error>) {
-    let mut runs: Vec<Run<'_>> = Vec::new();
-    let mut pos = range.start;
-    while pos < range.end {
-        let (m, n) = match a.get_mapping(pos, range.end - pos).await {
-            Ok(found) => found,
-            Err(e) => return (runs, Some(e)),
-        };
-        let (n, src) = match m {
-            Mapping::Eof { .. } => (range.end - pos, Source::Zero),
-            Mapping::Zero { .. } => (n, Source::Zero),
-            Mapping::Raw {
-                storage, offset, ..
-            } => (n, Source::Raw(storage, offset)),
-            _ => (n, Source::Other),
-        };
-        let n = n.clamp(1, range.end - pos);
-        match (runs.last_mut(), &src) {
-            (Some((_, ln, Source::Zero)), Source::Zero) => *ln += n,
-            // The next cluster follows in the same file: one read.
-            (Some((_, ln, Source::Raw(f, host))), Source::Raw(g, h))
-                if continues(f, *host, *ln, g, *h) =>
-            {
-                *ln += n
-            }
-            _ => runs.push((pos, n, src)),
-        }
-        pos += n;
-    }
-    (runs, None)
-}
-
-/// Whether `g` at `h` continues the run of `len` bytes at `host` in `f`.
-fn continues(f: &File, host: u64, len: u64, g: &File, h: u64) -> bool {
-    std::ptr::eq(f, g) && host.checked_add(len) == Some(h)
-}
-
-/// The layer-file runs that the disk range `window` reads from (path,
-/// offset in the file, length), runs contiguous in one file merged: what a
-/// read-ahead of `window` hints. Zero and compressed clusters have none.
-/// Stops early on an error (the read that needs the mapping reports it).
-pub(super) async fn plan_hints(a: &Access, window: Range<u64>) -> Vec<(PathBuf, u64, u64)> {
-    let (mapped, _) = map_runs(a, window).await;
-    let mut runs: Vec<(&File, u64, u64)> = Vec::new();
-    for (_, n, src) in mapped {
-        let Source::Raw(g, h) = src else {
-            continue;
-        };
-        match runs.last_mut() {
-            Some((f, host, ln)) if continues(f, *host, *ln, g, h) => *ln += n,
-            _ => runs.push((g, h, n)),
-        }
-    }
-    runs.into_iter()
-        .filter_map(|(f, host, n)| Some((f.get_filename()?, host, n)))
         .collect()
 }

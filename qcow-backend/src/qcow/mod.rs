@@ -10,12 +10,16 @@
 //!
 //! The files: `options` (open/create parameters), `open` (opening an
 //! existing chain), `create` (new images and overlays), `backend` (the
-//! `BlockBackend` operations), `zeroes` (zeroing without sub-cluster
+//! `BlockBackend` operations), `layer_walk` (a disk range resolved through
+//! the chain layer by layer), `mapping` (a read's runs and a read-ahead's
+//! hints, from that walk), `zeroes` (zeroing without sub-cluster
 //! `write_zeroes`), `status` (block status through the chain),
 //! `splice_read` (READ data moved into pipes for a zero-copy send).
 
 mod backend;
 mod create;
+mod layer_walk;
+mod mapping;
 mod open;
 mod options;
 mod splice_read;

@@ -2,9 +2,9 @@
 
 use std::io;
 
-use imago::ShallowMapping;
 use nbd_server::Extent;
 
+use super::layer_walk::{LayerWalk, PieceKind};
 use super::*;
 
 /// Most extents one block-status call walks.
@@ -20,16 +20,35 @@ pub(super) const MAX_STATUS_EXTENTS: usize = 4096;
 /// the number of extents.
 pub(super) async fn status_walk(
     a: &Access,
-    mut pos: u64,
+    pos: u64,
     end: u64,
     first_only: bool,
 ) -> io::Result<Vec<Extent>> {
     let mut out: Vec<Extent> = Vec::new();
-    while pos < end && out.len() < MAX_STATUS_EXTENTS {
-        let Some(e) = status_at(a, pos, end - pos).await? else {
+    let mut walk = LayerWalk::new(a, pos..end);
+    while out.len() < MAX_STATUS_EXTENTS {
+        let Some(p) = walk.next().await? else {
             break;
         };
-        let n = e.length;
+        let e = match p.kind {
+            PieceKind::Raw(..) | PieceKind::Special => Extent {
+                length: p.len,
+                hole: false,
+                zero: false,
+                depth: p.depth,
+            },
+            PieceKind::Zero { explicit: true } => Extent {
+                length: p.len,
+                hole: true,
+                zero: true,
+                depth: p.depth,
+            },
+            // The disk's end: nothing more to say.
+            PieceKind::Eof if p.depth == 1 => break,
+            // Unallocated all the way down, or past the end of a shorter
+            // backing file: reads as zero.
+            PieceKind::Zero { explicit: false } | PieceKind::Eof => Extent::hole(p.len),
+        };
         match out.last_mut() {
             Some(l) if l.hole == e.hole && l.zero == e.zero && l.depth == e.depth => {
                 l.length += e.length
@@ -37,49 +56,6 @@ pub(super) async fn status_walk(
             Some(l) if first_only && (l.hole != e.hole || l.zero != e.zero) => break,
             _ => out.push(e),
         }
-        pos += n;
     }
     Ok(out)
-}
-
-/// Status of the run starting at `off`, walking the chain layer by layer so
-/// the depth is known. `None` at the end of the image.
-pub(super) async fn status_at(top: &Access, off: u64, max: u64) -> io::Result<Option<Extent>> {
-    let mut layer = top;
-    let mut lo = off;
-    let mut len = max;
-    let mut depth = 1u32;
-    loop {
-        let (m, n) = layer.get_shallow_mapping(lo, len).await?;
-        len = len.min(n);
-        let e = match m {
-            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Extent {
-                length: len,
-                hole: false,
-                zero: false,
-                depth,
-            },
-            ShallowMapping::Zero { explicit: true, .. } => Extent {
-                length: len,
-                hole: true,
-                zero: true,
-                depth,
-            },
-            ShallowMapping::Zero { .. } => Extent::hole(len),
-            ShallowMapping::Indirect {
-                layer: next,
-                offset,
-                ..
-            } => {
-                layer = next;
-                lo = offset;
-                depth += 1;
-                continue;
-            }
-            ShallowMapping::Eof { .. } if depth == 1 => return Ok(None),
-            // Past the end of a shorter backing file: reads as zero.
-            _ => Extent::hole(len),
-        };
-        return Ok((e.length > 0).then_some(e));
-    }
 }

@@ -2,8 +2,12 @@ use super::open::open_file;
 use super::*;
 use crate::{BackingPolicy, ImageError};
 use bytes::Bytes;
+use imago::ShallowMapping;
 use nbd_server::backend::conformance;
+use nbd_server::Extent;
 use nbd_server::{BlockBackend, ZeroFlags};
+use std::io;
+use std::ops::Range;
 use std::sync::atomic::AtomicUsize;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,14 +319,10 @@ async fn read_ahead_of_a_chain_hints_every_layer_in_disk_order() {
             .await
             .unwrap();
     }
-    t.close().await.unwrap();
-    drop(t);
-    let r = QcowBackend::open(&top, &OpenOptions::new().read_only(true))
-        .await
-        .unwrap();
+    let r = reopened_read_only(t, &top).await;
     assert_eq!(r.chain_depth(), 2);
     let a = r.image.access.read().await;
-    let plan = backend::plan_hints(&a, 0..16 * c).await;
+    let plan = mapping::plan_hints(&a, 0..16 * c).await;
     drop(a);
     let base = base.canonicalize().unwrap();
     let top = top.canonicalize().unwrap();
@@ -346,5 +346,240 @@ async fn read_ahead_of_a_chain_hints_every_layer_in_disk_order() {
     let host = |i: usize| plan[i].1;
     assert!(host(4) < host(2) && host(2) < host(1), "{plan:?}");
     assert_eq!(host(3), host(0) + 4 * c, "base allocated in disk order");
+    r.close().await.unwrap();
+}
+
+/// [`mapping::map_runs`] the way imago resolves a chain, cluster by cluster down to
+/// the owning layer (what reads did before): the reference it must match.
+async fn map_runs_by_cluster(
+    a: &Access,
+    range: Range<u64>,
+) -> (Vec<mapping::Run<'_>>, Option<io::Error>) {
+    use imago::Mapping;
+    let mut runs: Vec<mapping::Run<'_>> = Vec::new();
+    let mut pos = range.start;
+    while pos < range.end {
+        let (m, n) = match a.get_mapping(pos, range.end - pos).await {
+            Ok(found) => found,
+            Err(e) => return (runs, Some(e)),
+        };
+        let (n, src) = match m {
+            Mapping::Eof { .. } => (range.end - pos, mapping::Source::Zero),
+            Mapping::Zero { .. } => (n, mapping::Source::Zero),
+            Mapping::Raw {
+                storage, offset, ..
+            } => (n, mapping::Source::Raw(storage, offset)),
+            _ => (n, mapping::Source::Other),
+        };
+        let n = n.clamp(1, range.end - pos);
+        mapping::push_run(&mut runs, pos, n, src);
+        pos += n;
+    }
+    (runs, None)
+}
+
+/// [`status::status_walk`] as it was, walking down the chain again for every run
+/// (imago's way): the reference the layer walk must match, inside the
+/// backing files (past a shorter backing file's end it stopped short).
+async fn status_walk_by_run(
+    a: &Access,
+    mut pos: u64,
+    end: u64,
+    first_only: bool,
+) -> io::Result<Vec<Extent>> {
+    let mut out: Vec<Extent> = Vec::new();
+    while pos < end && out.len() < status::MAX_STATUS_EXTENTS {
+        let Some(e) = status_at(a, pos, end - pos).await? else {
+            break;
+        };
+        let n = e.length;
+        match out.last_mut() {
+            Some(l) if l.hole == e.hole && l.zero == e.zero && l.depth == e.depth => {
+                l.length += e.length
+            }
+            Some(l) if first_only && (l.hole != e.hole || l.zero != e.zero) => break,
+            _ => out.push(e),
+        }
+        pos += n;
+    }
+    Ok(out)
+}
+
+/// Status of the run starting at `off`, walking the chain layer by layer so
+/// the depth is known. `None` at the end of the image.
+async fn status_at(top: &Access, off: u64, max: u64) -> io::Result<Option<Extent>> {
+    let mut layer = top;
+    let mut lo = off;
+    let mut len = max;
+    let mut depth = 1u32;
+    loop {
+        let (m, n) = layer.get_shallow_mapping(lo, len).await?;
+        len = len.min(n);
+        let e = match m {
+            ShallowMapping::Raw { .. } | ShallowMapping::Special { .. } => Extent {
+                length: len,
+                hole: false,
+                zero: false,
+                depth,
+            },
+            ShallowMapping::Zero { explicit: true, .. } => Extent {
+                length: len,
+                hole: true,
+                zero: true,
+                depth,
+            },
+            ShallowMapping::Zero { .. } => Extent::hole(len),
+            ShallowMapping::Indirect {
+                layer: next,
+                offset,
+                ..
+            } => {
+                layer = next;
+                lo = offset;
+                depth += 1;
+                continue;
+            }
+            ShallowMapping::Eof { .. } if depth == 1 => return Ok(None),
+            // Past the end of a shorter backing file: reads as zero.
+            _ => Extent::hole(len),
+        };
+        return Ok((e.length > 0).then_some(e));
+    }
+}
+/// `t` closed, and `path` opened again read-only (as a restore serves it).
+async fn reopened_read_only(t: QcowBackend, path: &Path) -> QcowBackend {
+    t.close().await.unwrap();
+    drop(t);
+    QcowBackend::open(path, &OpenOptions::new().read_only(true))
+        .await
+        .unwrap()
+}
+
+/// A run as plain values: (disk offset, length, file or 0 for zeroes and
+/// usize::MAX for imago's reads, offset in the file).
+fn run_key(r: &mapping::Run<'_>) -> (u64, u64, usize, u64) {
+    match r.2 {
+        mapping::Source::Zero => (r.0, r.1, 0, 0),
+        mapping::Source::Raw(f, host) => (r.0, r.1, std::ptr::from_ref(f) as usize, host),
+        mapping::Source::Other => (r.0, r.1, usize::MAX, 0),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_by_layer_mapping_matches_imagos_cluster_by_cluster() {
+    // Three layers with different cluster sizes, the top larger than its
+    // backing file, each with data, zeroes and (top) discards in ragged
+    // places; every random range must map to exactly the runs imago's own
+    // resolution gives.
+    let dir = tempfile::tempdir().unwrap();
+    let c = u64::from(DEFAULT_CLUSTER_SIZE);
+    let size = 64 * c;
+    let (base, mid, m) = base_and_overlay(dir.path(), size, (40 * c) as usize, 1).await;
+    drop(m);
+    std::fs::remove_file(&mid).unwrap();
+    let small = CreateOptions {
+        cluster_size: 4096,
+        ..CreateOptions::overlay(&base)
+    };
+    let m = QcowBackend::create(&mid, &small, &OpenOptions::new())
+        .await
+        .unwrap();
+    let mut rng = 0x9e37_79b9_7f4a_7c15_u64;
+    let mut next = move |below: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % below
+    };
+    for _ in 0..60 {
+        let at = next(size / 512) * 512;
+        let n = (1 + next(32)) * 512;
+        let n = n.min(size - at);
+        if next(4) == 0 {
+            m.write_zeroes(at, n, ZeroFlags::default()).await.unwrap();
+        } else {
+            m.write(at, Bytes::from(vec![2u8; n as usize]))
+                .await
+                .unwrap();
+        }
+    }
+    m.close().await.unwrap();
+    drop(m);
+    let top = dir.path().join("top2.qcow2");
+    let big = CreateOptions {
+        size: Some(size + 16 * c),
+        ..CreateOptions::overlay(&mid)
+    };
+    let t = QcowBackend::create(&top, &big, &OpenOptions::new())
+        .await
+        .unwrap();
+    for _ in 0..40 {
+        let at = next((size + 16 * c) / 512) * 512;
+        let n = ((1 + next(3 * c / 512)) * 512).min(size + 16 * c - at);
+        match next(5) {
+            0 => t.write_zeroes(at, n, ZeroFlags::default()).await.unwrap(),
+            1 => t.trim(at, n).await.unwrap(),
+            _ => t
+                .write(at, Bytes::from(vec![3u8; n as usize]))
+                .await
+                .unwrap(),
+        }
+    }
+    let r = reopened_read_only(t, &top).await;
+    assert_eq!(r.chain_depth(), 3);
+    let a = r.image.access.read().await;
+    let end = size + 16 * c;
+    let mut layers_seen = std::collections::HashSet::new();
+    for i in 0..400 {
+        let at = if i % 2 == 0 {
+            next(end)
+        } else {
+            next(end / 512) * 512
+        };
+        let len = (1 + next(4 * c)).min(end - at);
+        let (ours, e1) = mapping::map_runs(&a, at..at + len).await;
+        let (want, e2) = map_runs_by_cluster(&a, at..at + len).await;
+        assert!(e1.is_none() && e2.is_none(), "{e1:?} {e2:?}");
+        let ours: Vec<_> = ours.iter().map(run_key).collect();
+        let want: Vec<_> = want.iter().map(run_key).collect();
+        assert_eq!(ours, want, "range {at}+{len}");
+        layers_seen.extend(ours.iter().map(|k| k.2));
+        // Block status walks the same way; inside the backing files it
+        // must say what the old walk said, whole or up to the first
+        // change.
+        if at + len <= size {
+            for first in [false, true] {
+                let ours = status::status_walk(&a, at, at + len, first).await.unwrap();
+                let want = status_walk_by_run(&a, at, at + len, first).await.unwrap();
+                assert_eq!(ours, want, "status {at}+{len} first_only={first}");
+            }
+        }
+    }
+    // Past the end of the shorter backing file: unallocated, read as
+    // zeroes, to the end (the old walk stopped at the backing file's end
+    // and said nothing about the rest).
+    let tail = status::status_walk(&a, size, end, false).await.unwrap();
+    assert_eq!(tail.iter().map(|e| e.length).sum::<u64>(), end - size);
+    assert!(
+        tail.iter()
+            .all(|e| e.depth == 1 || (e.hole && e.zero && e.depth == 0)),
+        "{tail:?}"
+    );
+    assert!(tail.iter().any(|e| e.depth == 0), "{tail:?}");
+    let old = status_walk_by_run(&a, size, end, false).await.unwrap();
+    assert!(
+        old.iter().map(|e| e.length).sum::<u64>() < end - size,
+        "{old:?}"
+    );
+    // Zeroes and all three files turned up.
+    assert!(layers_seen.len() >= 4, "{layers_seen:?}");
+    drop(a);
+    // Over NBD that was an EIO for any block status asked past the old
+    // size of a disk that grew between backups (the incremental's overlay
+    // is the new size): both request kinds now answer.
+    let e = r.block_status(size, end - size).await.unwrap();
+    assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), end - size);
+    let e = r.block_status_first(end - c, c).await.unwrap();
+    assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), c);
     r.close().await.unwrap();
 }
