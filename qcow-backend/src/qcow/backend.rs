@@ -8,14 +8,16 @@ use bytes::Bytes;
 use imago::{Storage, StorageExt};
 use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, SocketChunk, ZeroFlags};
 
+use super::direct_read::{read_direct, read_or_miss};
 use super::mapping::{map_runs, plan_hints, Source};
+use super::run_cache::{window_of, Direct, DirectRun, RunCache, WINDOW};
 use super::splice_read::{splice_runs, FileRun, MIN_SPLICED};
 use super::status::status_walk;
 use super::status_cache::WINDOW_SPAN;
 use super::zeroes::zero_range;
 use super::*;
 use crate::buf::AlignedBuf;
-use crate::cached_read::{read_cached, read_misses, Cached, Miss};
+use crate::cached_read::read_misses;
 use crate::readahead::ReadAhead;
 
 #[async_trait]
@@ -178,9 +180,32 @@ impl QcowBackend {
         splice: bool,
     ) -> Result<Vec<SocketChunk>, BackendError> {
         self.read_ahead(offset, len);
+        let fail = |e| BackendError::from_io("read", e).at(offset);
+        // Known runs: read here, no hop to the I/O thread.
+        if let Some((cache, runs)) = self
+            .run_cache
+            .as_ref()
+            .and_then(|c| Some((c, c.lookup(offset, u64::from(len))?)))
+        {
+            if self.image.closed.load(Ordering::Acquire) {
+                return Err(BackendError::new(BackendErrorKind::Shutdown, "read"));
+            }
+            cache.served_one();
+            return read_direct(&runs, splice, &self.readahead)
+                .await
+                .map_err(fail);
+        }
         let readahead = Arc::clone(&self.readahead);
+        let cache = self.run_cache.clone();
+        let size = self.size;
         self.with_image("read", len as usize, move |img| async move {
             let a = img.access.read().await;
+            if let Some(cache) = &cache {
+                let request = offset..offset + u64::from(len);
+                if let Some(runs) = remember_window(&a, cache, &readahead, request, size).await {
+                    return read_direct(&runs, splice, &readahead).await;
+                }
+            }
             read_resolved(&a, &readahead, offset, len, splice).await
         })
         .await
@@ -276,17 +301,10 @@ pub(super) async fn read_resolved(
             let n = *n as usize;
             let part = &mut whole[lo..lo + n];
             match (src, file) {
-                (Source::Raw(f, host), Some(file)) => match read_cached(file, part, *host) {
-                    Cached::Read(done) if done == n => {}
-                    // The rest waits on the disk, off this thread.
-                    Cached::Read(done) => misses.push(Miss {
-                        at: lo + done,
-                        len: n - done,
-                        file: Arc::clone(file),
-                        offset: *host + done as u64,
-                    }),
-                    Cached::Unsupported => f.read(part, *host).await?,
-                },
+                // The rest waits on the disk, off this thread.
+                (Source::Raw(_, host), Some(file)) => {
+                    read_or_miss(file, part, *host, lo, &mut misses)
+                }
                 (Source::Raw(f, host), None) => f.read(part, *host).await?,
                 _ => a.read(part, *at).await?,
             }
@@ -317,4 +335,46 @@ fn file_runs<'a>(
             _ => None,
         })
         .collect()
+}
+
+/// Resolve and remember the window `request` lies in (if it lies in one,
+/// not yet remembered, and every run of it is zeroes or plain data in a
+/// read-only layer): the request's runs from it. `None` leaves the request
+/// to [`read_resolved`].
+async fn remember_window(
+    a: &Access,
+    cache: &RunCache,
+    readahead: &ReadAhead,
+    request: std::ops::Range<u64>,
+    size: u64,
+) -> Option<Vec<DirectRun>> {
+    let index = window_of(request.start, request.end - request.start)?;
+    if !cache.contains(index) {
+        let start = index.checked_mul(WINDOW)?;
+        let window = start..start.saturating_add(WINDOW).min(size);
+        let (runs, failed) = map_runs(a, window).await;
+        if failed.is_some() {
+            // The request's own resolution reports it.
+            return None;
+        }
+        let direct = runs
+            .iter()
+            .map(|(at, len, src)| {
+                let src = match src {
+                    Source::Zero => Direct::Zero,
+                    Source::Raw(f, host) => {
+                        Direct::File(readahead.descriptor(&f.get_filename()?)?, *host)
+                    }
+                    Source::Other => return None,
+                };
+                Some(DirectRun {
+                    at: *at,
+                    len: *len,
+                    src,
+                })
+            })
+            .collect::<Option<Vec<_>>>()?;
+        cache.insert(index, direct);
+    }
+    cache.lookup(request.start, request.end - request.start)
 }

@@ -14,14 +14,18 @@
 //! the chain layer by layer), `mapping` (a read's runs and a read-ahead's
 //! hints, from that walk), `zeroes` (zeroing without sub-cluster
 //! `write_zeroes`), `status` (block status through the chain),
-//! `splice_read` (READ data moved into pipes for a zero-copy send).
+//! `splice_read` (READ data moved into pipes for a zero-copy send),
+//! `run_cache` and `direct_read` (READs of a read-only image whose runs are
+//! known, on the connection's thread).
 
 mod backend;
 mod create;
+mod direct_read;
 mod layer_walk;
 mod mapping;
 mod open;
 mod options;
+mod run_cache;
 mod splice_read;
 mod status;
 mod status_cache;
@@ -46,6 +50,7 @@ use crate::chain::Layer;
 use crate::pool::IoPool;
 use crate::readahead::ReadAhead;
 use crate::writeback::WriteBehind;
+use run_cache::RunCache;
 use status_cache::StatusCache;
 
 /// Most imago operations in flight per image.
@@ -75,6 +80,8 @@ pub struct QcowBackend {
     write_behind: Option<Arc<WriteBehind>>,
     /// `REQ_ONE` block status of a read-only image, from earlier walks.
     status_cache: Option<StatusCache>,
+    /// Where a read-only image's READs read from, per window.
+    run_cache: Option<Arc<RunCache>>,
     path: PathBuf,
     size: u64,
     cluster_size: u64,
@@ -96,6 +103,12 @@ impl QcowBackend {
     /// Cluster size of the top layer.
     pub fn cluster_size(&self) -> u64 {
         self.cluster_size
+    }
+
+    /// READs served on the caller's thread from remembered runs (read-only
+    /// images only; see `run_cache.rs`).
+    pub fn direct_reads(&self) -> u64 {
+        self.run_cache.as_ref().map_or(0, |c| c.served())
     }
 
     /// Layers in the chain, the top included.

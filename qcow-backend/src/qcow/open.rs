@@ -157,6 +157,7 @@ impl QcowBackend {
             write_behind: dup.map(WriteBehind::new),
             // Only a mapping nobody changes can be remembered.
             status_cache: read_only.then(StatusCache::default),
+            run_cache: read_only.then(Arc::default),
             path: path.to_owned(),
             size,
             cluster_size,

@@ -583,3 +583,67 @@ async fn layer_by_layer_mapping_matches_imagos_cluster_by_cluster() {
     assert_eq!(e.iter().map(|e| e.length).sum::<u64>(), c);
     r.close().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_only_reads_of_a_known_window_stay_on_the_callers_thread_and_read_the_same() {
+    use super::run_cache::WINDOW;
+    use nbd_server::backend::conformance::read_flat;
+    // A chain a little over two windows long (the last window short), the
+    // top's clusters in reverse order and some zeroed; the writable open
+    // reads everything through imago: the reference.
+    let dir = tempfile::tempdir().unwrap();
+    let c = u64::from(DEFAULT_CLUSTER_SIZE);
+    let size = 2 * WINDOW + 3 * c;
+    let (_, top, t) = base_and_overlay(dir.path(), size, (size - c) as usize, 1).await;
+    for k in (0..size / c).rev().step_by(7) {
+        t.write(k * c + 512, Bytes::from(vec![k as u8; 3000]))
+            .await
+            .unwrap();
+    }
+    t.write_zeroes(WINDOW - c, 2 * c, ZeroFlags::default())
+        .await
+        .unwrap();
+    let want = read_flat(&t, 0, size as u32).await;
+    let r = reopened_read_only(t, &top).await;
+    assert_eq!(r.direct_reads(), 0);
+    // Requests of odd sizes, some across a window boundary; twice: the
+    // second pass finds every window remembered.
+    let mut spans = Vec::new();
+    let mut at = 0u64;
+    let mut n = 1u64;
+    while at < size {
+        let len = (n * 37_119 % (700 << 10) + 1).min(size - at);
+        spans.push((at, len));
+        at += len;
+        n += 1;
+    }
+    let inside = spans
+        .iter()
+        .filter(|(at, len)| at / WINDOW == (at + len - 1) / WINDOW)
+        .count() as u64;
+    assert!(inside > 10 && (inside as usize) < spans.len());
+    for pass in 0..2 {
+        for &(at, len) in &spans {
+            let got = read_flat(&r, at, len as u32).await;
+            assert!(
+                got == want[at as usize..(at + len) as usize],
+                "pass {pass}: {at}+{len} differs"
+            );
+            let chunks = r.read_for_socket(at, len as u32).await.unwrap();
+            let n: u64 = chunks.iter().map(|c| c.len()).sum();
+            assert_eq!(n, len);
+        }
+    }
+    // Each window was resolved on the I/O thread once, by the first
+    // request inside it; every later request inside a window (four reads
+    // of each span in all) was served where it was made.
+    let windows: std::collections::HashSet<u64> = spans
+        .iter()
+        .filter(|(at, len)| at / WINDOW == (at + len - 1) / WINDOW)
+        .map(|(at, _)| at / WINDOW)
+        .collect();
+    assert_eq!(r.direct_reads(), 4 * inside - windows.len() as u64);
+    r.close().await.unwrap();
+    let e = r.read(0, 4096).await.unwrap_err();
+    assert_eq!(e.kind(), BackendErrorKind::Shutdown);
+}
