@@ -337,10 +337,10 @@ fn file_runs<'a>(
         .collect()
 }
 
-/// Resolve and remember the window `request` lies in (if it lies in one,
-/// not yet remembered, and every run of it is zeroes or plain data in a
-/// read-only layer): the request's runs from it. `None` leaves the request
-/// to [`read_resolved`].
+/// Resolve and remember the window `request` lies in (if it lies in one
+/// and is not yet remembered): the request's runs from it, if every run of
+/// the window is zeroes or plain data in a read-only layer. `None` leaves
+/// the request to [`read_resolved`].
 async fn remember_window(
     a: &Access,
     cache: &RunCache,
@@ -357,6 +357,8 @@ async fn remember_window(
             // The request's own resolution reports it.
             return None;
         }
+        // Compressed clusters, or a layer without its own descriptor: the
+        // window is remembered as one whose READs go the usual way.
         let direct = runs
             .iter()
             .map(|(at, len, src)| {
@@ -373,7 +375,8 @@ async fn remember_window(
                     src,
                 })
             })
-            .collect::<Option<Vec<_>>>()?;
+            .collect::<Option<Vec<_>>>()
+            .unwrap_or_default();
         cache.insert(index, direct);
     }
     cache.lookup(request.start, request.end - request.start)

@@ -19,8 +19,8 @@ use std::sync::{Arc, Mutex};
 /// Bytes of disk per remembered window (resolving one costs about one
 /// mapping lookup per layer and run in it).
 pub(super) const WINDOW: u64 = 4 << 20;
-/// A window cut into more runs than this is not remembered (a 512-byte
-/// cluster image written in random order): its READs go the usual way.
+/// A window cut into more runs than this (a 512-byte cluster image written
+/// in random order) is remembered as unservable: its READs go the usual way.
 const MAX_WINDOW_RUNS: usize = 1024;
 /// Runs remembered per image, about 3 MiB; the oldest windows go first.
 const MAX_RUNS: usize = 64 << 10;
@@ -106,24 +106,28 @@ impl RunCache {
         self.windows().by_index.contains_key(&index)
     }
 
-    /// Remember window `index` as `runs` (in disk order, tiling it).
-    pub fn insert(&self, index: u64, runs: Vec<DirectRun>) {
+    /// Remember window `index` as `runs` (in disk order, tiling it). No
+    /// runs, or more than [`MAX_WINDOW_RUNS`], remember that its READs go
+    /// the usual way, so they do not resolve the window again each time.
+    pub fn insert(&self, index: u64, mut runs: Vec<DirectRun>) {
         if runs.len() > MAX_WINDOW_RUNS {
-            return;
+            runs = Vec::new();
         }
+        // An unservable window counts as one run against the bound.
+        let cost = runs.len().max(1);
         let mut w = self.windows();
         if w.by_index.contains_key(&index) {
             return;
         }
-        while w.runs + runs.len() > MAX_RUNS {
+        while w.runs + cost > MAX_RUNS {
             let Some(old) = w.order.pop_front() else {
                 break;
             };
             if let Some(r) = w.by_index.remove(&old) {
-                w.runs -= r.len();
+                w.runs -= r.len().max(1);
             }
         }
-        w.runs += runs.len();
+        w.runs += cost;
         w.order.push_back(index);
         w.by_index.insert(index, runs.into());
     }
@@ -202,7 +206,7 @@ mod tests {
                 })
                 .collect()
         };
-        // Too many runs for one window: not kept.
+        // Too many runs for one window, or none: known, never served.
         let mut big = window(0);
         big.push(DirectRun {
             at: WINDOW,
@@ -210,13 +214,16 @@ mod tests {
             src: Direct::Zero,
         });
         c.insert(0, big);
-        assert!(!c.contains(0));
+        assert!(c.contains(0) && c.lookup(0, 4096).is_none());
+        c.insert(1, Vec::new());
+        assert!(c.contains(1) && c.lookup(WINDOW, 4096).is_none());
+        assert_eq!(c.windows().runs, 2);
         let fit = (MAX_RUNS / per) as u64;
-        for i in 0..fit + 2 {
+        for i in 2..fit + 4 {
             c.insert(i, window(i));
         }
-        assert!(!c.contains(0) && !c.contains(1));
-        assert!(c.contains(2) && c.contains(fit + 1));
+        assert!(!c.contains(0) && !c.contains(1) && !c.contains(2) && !c.contains(3));
+        assert!(c.contains(4) && c.contains(fit + 3));
         assert!(c.windows().runs <= MAX_RUNS);
     }
 }
