@@ -5,11 +5,11 @@ use std::sync::atomic::Ordering;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use imago::{Storage, StorageExt};
+use imago::StorageExt;
 use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, SocketChunk, ZeroFlags};
 
 use super::direct_read::{read_direct, read_or_miss};
-use super::mapping::{map_runs, plan_hints, Source};
+use super::mapping::{map_runs, own_descriptor, plan_hints, Source};
 use super::run_cache::{window_of, Direct, DirectRun, RunCache, WINDOW};
 use super::splice_read::{splice_runs, FileRun, MIN_SPLICED};
 use super::status::status_walk;
@@ -260,9 +260,7 @@ pub(super) async fn read_resolved(
     let mut direct: Vec<Option<Arc<StdFile>>> = Vec::with_capacity(runs.len());
     for (_, _, src) in &runs {
         direct.push(match src {
-            Source::Raw(f, _) if !readahead.is_empty() => f
-                .get_filename()
-                .and_then(|path| readahead.descriptor(&path)),
+            Source::Raw(f, _) if !readahead.is_empty() => own_descriptor(readahead, f),
             _ => None,
         });
     }
@@ -364,9 +362,7 @@ async fn remember_window(
             .map(|(at, len, src)| {
                 let src = match src {
                     Source::Zero => Direct::Zero,
-                    Source::Raw(f, host) => {
-                        Direct::File(readahead.descriptor(&f.get_filename()?)?, *host)
-                    }
+                    Source::Raw(f, host) => Direct::File(own_descriptor(readahead, f)?, *host),
                     Source::Other => return None,
                 };
                 Some(DirectRun {

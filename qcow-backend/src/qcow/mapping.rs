@@ -2,15 +2,18 @@
 //! through the chain once per request ([`map_runs`]), and the layer-file
 //! runs a read-ahead hints ([`plan_hints`]).
 
+use std::fs::File as StdFile;
 use std::io;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use imago::file::File;
 use imago::Storage;
 
 use super::layer_walk::{LayerWalk, PieceKind};
 use super::Access;
+use crate::readahead::ReadAhead;
 
 /// Where one run of a read comes from.
 pub(super) enum Source<'a> {
@@ -61,6 +64,12 @@ pub(super) fn push_run<'a>(runs: &mut Vec<Run<'a>>, at: u64, n: u64, src: Source
         }
         _ => runs.push((at, n, src)),
     }
+}
+
+/// The read-only layer `f`'s own descriptor (opened for read-ahead, page
+/// cache probes and reads off imago), if it is one.
+pub(super) fn own_descriptor(readahead: &ReadAhead, f: &File) -> Option<Arc<StdFile>> {
+    readahead.descriptor(&f.get_filename()?)
 }
 
 /// Whether `g` at `h` continues the run of `len` bytes at `host` in `f`.

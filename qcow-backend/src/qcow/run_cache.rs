@@ -74,7 +74,7 @@ impl RunCache {
     /// is remembered.
     pub fn lookup(&self, offset: u64, len: u64) -> Option<Vec<DirectRun>> {
         let window = Arc::clone(self.windows().by_index.get(&window_of(offset, len)?)?);
-        let end = offset + len;
+        let end = offset.checked_add(len)?;
         let first = window.partition_point(|r| r.at.saturating_add(r.len) <= offset);
         let mut out = Vec::new();
         for r in window[first..].iter().take_while(|r| r.at < end) {
@@ -82,7 +82,7 @@ impl RunCache {
             let n = r.at.saturating_add(r.len).min(end) - at;
             let src = match &r.src {
                 Direct::Zero => Direct::Zero,
-                Direct::File(f, host) => Direct::File(Arc::clone(f), host + (at - r.at)),
+                Direct::File(f, host) => Direct::File(Arc::clone(f), host.checked_add(at - r.at)?),
             };
             out.push(DirectRun { at, len: n, src });
         }
