@@ -16,6 +16,10 @@ use std::sync::atomic::{AtomicU32, Ordering};
 
 /// How many ports below the ephemeral range are used.
 const SPAN: u32 = 8192;
+/// Ports handed out are this far apart: a server that finds its port taken
+/// may try the next few itself (`weed mini` takes port + 1), which must not
+/// be the port just handed to its neighbour listener (CI saw exactly that).
+const STRIDE: u32 = 16;
 
 /// The kernel's ephemeral range start (32768 on a stock Linux).
 fn ephemeral_low() -> u32 {
@@ -27,7 +31,8 @@ fn ephemeral_low() -> u32 {
 }
 
 /// A free loopback TCP port outside the ephemeral range, not returned before
-/// by this process. Processes start at different points (their pid), so
+/// by this process, [`STRIDE`] apart. Processes start at different points
+/// (their pid), so
 /// two test binaries running at once rarely try the same ports, and the bind
 /// check skips one that is taken.
 pub fn loopback_port() -> u16 {
@@ -40,7 +45,10 @@ pub fn loopback_port() -> u16 {
         Ordering::Relaxed,
     );
     for _ in 0..SPAN {
-        let i = NEXT.fetch_add(1, Ordering::Relaxed) % SPAN;
+        // Every STRIDE-th port, then the ones next to them, and so on: all
+        // SPAN ports before one comes round again.
+        let k = u64::from(NEXT.fetch_add(1, Ordering::Relaxed)) * u64::from(STRIDE);
+        let i = ((k + k / u64::from(SPAN)) % u64::from(SPAN)) as u32;
         let Ok(port) = u16::try_from(base + i) else {
             continue;
         };
@@ -59,6 +67,10 @@ mod tests {
     fn ports_are_distinct_free_and_below_the_ephemeral_range() {
         let low = ephemeral_low();
         let ports: Vec<u16> = (0..200).map(|_| loopback_port()).collect();
+        // Apart, so a server's own "port + 1" fallback misses its neighbours.
+        for w in ports.windows(2) {
+            assert!(w[0].abs_diff(w[1]) >= STRIDE as u16, "{w:?}");
+        }
         let mut sorted = ports.clone();
         sorted.sort_unstable();
         sorted.dedup();
@@ -67,7 +79,7 @@ mod tests {
             assert!(u32::from(p) < low && u32::from(p) >= low - SPAN, "{p}");
         }
         // A port somebody holds is skipped.
-        let held = TcpListener::bind(("127.0.0.1", loopback_port() + 1)).ok();
+        let held = TcpListener::bind(("127.0.0.1", loopback_port() + STRIDE as u16)).ok();
         let next = loopback_port();
         if let Some(h) = held {
             assert_ne!(Some(next), h.local_addr().ok().map(|a| a.port()));

@@ -163,6 +163,11 @@ impl SeaweedFs {
         self.attempts
     }
 
+    /// Whether `weed` is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
     /// The server's log so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("weed.log")).unwrap_or_default()
