@@ -31,10 +31,10 @@ fn ephemeral_low() -> u32 {
 }
 
 /// A free loopback TCP port outside the ephemeral range, not returned before
-/// by this process, [`STRIDE`] apart. Processes start at different points
-/// (their pid), so
-/// two test binaries running at once rarely try the same ports, and the bind
-/// check skips one that is taken.
+/// by this process, 16 apart (a server that finds its port taken and moves
+/// to the next one does not land on another server's port). Processes start
+/// at different points (their pid), so two test binaries running at once
+/// rarely try the same ports, and the bind check skips one that is taken.
 pub fn loopback_port() -> u16 {
     static NEXT: AtomicU32 = AtomicU32::new(u32::MAX);
     let base = ephemeral_low() - SPAN;
