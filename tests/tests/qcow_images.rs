@@ -207,6 +207,16 @@ async fn qemu_io_fill(path: &Path, fmt: &str) {
     .await;
 }
 
+/// A qcow2 of `size` at `path` with one qemu-io command run on it.
+async fn qcow2_with(path: &Path, size: &str, qemu_io: &str) {
+    qemu_img_create(path, Some(size), None, &[]).await;
+    run_ok(
+        "qemu-io",
+        &["-f", "qcow2", "-c", qemu_io, path.to_str().unwrap()],
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn random_ops_on_overlay_over_qemu_made_base() {
     if !require("qemu-img") || !require("qemu-io") {
@@ -490,18 +500,7 @@ async fn allocation_depth_and_base_allocation_of_a_chain_over_nbd() {
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    qemu_img_create(&base, Some("8M"), None, &[]).await;
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 2M",
-            base.to_str().unwrap(),
-        ],
-    )
-    .await;
+    qcow2_with(&base, "8M", "write -P 1 0 2M").await;
     let top = dir.path().join("top.qcow2");
     let t = QcowBackend::create(&top, &CreateOptions::overlay(&base), &OpenOptions::new())
         .await
@@ -555,18 +554,7 @@ async fn a_grown_disks_overlay_reports_and_reads_past_its_backing_files_end() {
     }
     let dir = tempfile::tempdir().unwrap();
     let base = dir.path().join("base.qcow2");
-    qemu_img_create(&base, Some("4M"), None, &[]).await;
-    run_ok(
-        "qemu-io",
-        &[
-            "-f",
-            "qcow2",
-            "-c",
-            "write -P 1 0 4M",
-            base.to_str().unwrap(),
-        ],
-    )
-    .await;
+    qcow2_with(&base, "4M", "write -P 1 0 4M").await;
     let top = dir.path().join("top.qcow2");
     let grown = CreateOptions {
         size: Some(8 * MIB),
