@@ -90,7 +90,8 @@ struct Opts {
     /// Servers to compare (ours, ours-digest, qemu-nbd, ours-tls,
     /// qemu-nbd-tls; ours-base: the build at NBD_BENCH_BASELINE_EXE;
     /// nbdkit-file: nbdkit serving a flat raw copy, the read figures'
-    /// ceiling;
+    /// ceiling; ours-raw and qemu-nbd-raw: ours and qemu-nbd serving that
+    /// raw copy;
     /// prev, prev-digest, prev-tls with --prev-exe).
     #[arg(long, default_value = "ours,qemu-nbd", value_delimiter = ',')]
     servers: Vec<String>,
@@ -322,6 +323,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
             "ours-tls" => kinds.push(Kind::OursTls),
             "nbdkit-file" if tool("nbdkit") => kinds.push(Kind::NbdkitFile),
             "nbdkit-file" => eprintln!("nbdkit not installed: skipped"),
+            "ours-raw" => kinds.push(Kind::OursRaw),
+            "qemu-nbd-raw" if tool("qemu-nbd") => kinds.push(Kind::QemuNbdRaw),
+            "qemu-nbd-raw" => eprintln!("qemu-nbd not installed: skipped"),
             "qemu-nbd-tls" if tool("qemu-nbd") => kinds.push(Kind::QemuNbdTls),
             "qemu-nbd-tls" => eprintln!("qemu-nbd not installed: skipped"),
             "prev" | "prev-digest" | "prev-tls" if opts.prev_exe.is_none() => {
@@ -434,8 +438,9 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
     for rep in 1..=opts.reps {
         for &k in &kinds {
             run.progress = format!("[rep {rep}/{}] ", opts.reps);
-            // A raw file behind nbdkit: a ceiling of the read figures only.
-            let writes = k != Kind::NbdkitFile;
+            // A flat raw copy (nbdkit's ceiling, ours and qemu-nbd on raw):
+            // read figures only.
+            let writes = !k.flat_raw();
             if writes && (has("write") || has("overlay") || has("multi")) {
                 // The previous server's cold reads dropped them.
                 run.warm_sources()?;
@@ -492,7 +497,7 @@ fn bench(opts: Opts) -> anyhow::Result<()> {
         }
         if rep == 1 && has("idle") {
             for &n in &opts.idle {
-                for &k in kinds.iter().filter(|k| !k.tls() && **k != Kind::NbdkitFile) {
+                for &k in kinds.iter().filter(|k| !k.tls() && !k.flat_raw()) {
                     run.idle(k, n)
                         .with_context(|| format!("{} idle {n}", k.name()))?;
                 }

@@ -113,10 +113,10 @@ fn timed(cmd: &mut Command, log: &Path) -> anyhow::Result<f64> {
 }
 
 /// What `kind` serves for the qcow2 `image`: the image itself, or for
-/// [`Kind::NbdkitFile`] its flattened raw copy (sparse, made once beside
+/// the [`Kind::flat_raw`] servers its flattened raw copy (sparse, made once beside
 /// it as `*.flat.raw`; [`flat_raw_of`] names it for removal).
 fn served(kind: Kind, image: &Path) -> anyhow::Result<(PathBuf, &'static str)> {
-    if kind != Kind::NbdkitFile {
+    if !kind.flat_raw() {
         return Ok((image.to_path_buf(), "qcow2"));
     }
     let raw = flat_raw_of(image);

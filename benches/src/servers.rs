@@ -37,6 +37,13 @@ pub enum Kind {
     /// cache, holes from `SEEK_DATA`), so its restore figures are what the
     /// clients reach here at all. Read workloads only.
     NbdkitFile,
+    /// Ours serving the same flat raw copy as [`Kind::NbdkitFile`]: the
+    /// raw backend's read path (`export -r` of a raw image). Read
+    /// workloads only.
+    OursRaw,
+    /// qemu-nbd serving that flat raw copy: what [`Kind::OursRaw`] is
+    /// compared with. Read workloads only.
+    QemuNbdRaw,
     /// [`Kind::Ours`] from an earlier build (`--prev-exe`): the state
     /// before a change, measured in the same run.
     Prev,
@@ -59,6 +66,8 @@ impl Kind {
             Kind::QemuNbdTls => "qemu-nbd-tls",
             Kind::NbdkitNull => "nbdkit-null",
             Kind::NbdkitFile => "nbdkit-file",
+            Kind::OursRaw => "ours-raw",
+            Kind::QemuNbdRaw => "qemu-nbd-raw",
             Kind::Prev => "prev",
             Kind::PrevDigest => "prev-digest",
             Kind::PrevTls => "prev-tls",
@@ -78,6 +87,12 @@ impl Kind {
             self,
             Kind::OursDigest | Kind::OursTls | Kind::PrevDigest | Kind::PrevTls
         )
+    }
+
+    /// Whether it serves a flat raw copy of the image (read workloads
+    /// only).
+    pub fn flat_raw(self) -> bool {
+        matches!(self, Kind::NbdkitFile | Kind::OursRaw | Kind::QemuNbdRaw)
     }
 
     /// Whether it is our server from the earlier build.
@@ -242,6 +257,7 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
     match kind {
         Kind::Ours
         | Kind::OursBase
+        | Kind::OursRaw
         | Kind::OursSplice
         | Kind::OursDigest
         | Kind::OursTls
@@ -312,7 +328,7 @@ pub fn start(kind: Kind, specs: &[Spec], opts: Options, log: &Path) -> anyhow::R
             }
             bail!("our server exited before ready (see {})", log.display())
         }
-        Kind::QemuNbd | Kind::QemuNbdTls => {
+        Kind::QemuNbd | Kind::QemuNbdTls | Kind::QemuNbdRaw => {
             let mut children = Vec::with_capacity(specs.len());
             let mut uris = Vec::with_capacity(specs.len());
             let mut ports = Vec::with_capacity(specs.len());

@@ -13,6 +13,10 @@
 //!   removing a restore point others depend on, synthetic fulls).
 //! * [`IoPool`]: the threads imago runs on.
 //! * `lock`, `buf`: OFD image locks and page-aligned buffers.
+//! * `cached_read`, `direct_read`, `splice_read`, `readahead`: the read
+//!   path of read-only files (qcow2 layers, raw images): page cache first
+//!   on the caller's thread, misses on the blocking pool, pipes for a
+//!   zero-copy send.
 //!
 //! # Threading
 //! imago's futures are not `Send` and its file I/O blocks, so no imago call
@@ -44,6 +48,7 @@
 mod buf;
 mod cached_read;
 pub mod chain;
+mod direct_read;
 mod error;
 pub mod header;
 mod lock;
@@ -54,6 +59,7 @@ mod pool;
 mod qcow;
 mod raw;
 mod readahead;
+mod splice_read;
 mod writeback;
 
 pub use chain::{BackingPolicy, DEFAULT_MAX_DEPTH};

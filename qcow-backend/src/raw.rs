@@ -1,8 +1,16 @@
 //! Raw image files (and block devices) as a [`BlockBackend`].
 //!
-//! pread/pwrite on tokio's blocking pool, `fallocate` for zeroing and
-//! trimming, `fdatasync` for flush, `SEEK_DATA`/`SEEK_HOLE` for block status
-//! and sparse reads.
+//! pwrite on tokio's blocking pool, `fallocate` for zeroing and trimming,
+//! `fdatasync` for flush, `SEEK_DATA`/`SEEK_HOLE` for block status and
+//! sparse reads.
+//!
+//! READs of a read-only image (a restore, `export -r`) run on the
+//! connection's thread like a qcow2 chain's known runs (`direct_read`):
+//! holes found by seeking, data read with a page-cache-only `preadv2`,
+//! what is not cached on the blocking pool, and spliced to remote clients.
+//! Nothing in this process writes the file while it is open read-only, so
+//! the seeks never queue behind a writer's inode lock. A writable image
+//! reads on the blocking pool, where those seeks may wait.
 
 use std::fs::File;
 use std::io;
@@ -13,11 +21,12 @@ use std::sync::Arc;
 use async_trait::async_trait;
 use bytes::Bytes;
 use nbd_server::{
-    BackendError, BackendErrorKind, BlockBackend, Caps, Extent, ReadChunk, ZeroFlags,
+    BackendError, BackendErrorKind, BlockBackend, Caps, Extent, ReadChunk, SocketChunk, ZeroFlags,
 };
 use rustix::fs::{fallocate, seek, FallocateFlags, SeekFrom};
 
 use crate::buf::AlignedBuf;
+use crate::direct_read::{read_direct, without_pipes, Direct, DirectRun};
 use crate::error::ImageError;
 use crate::lock::{lock_file, LockMode};
 use crate::writeback::WriteBehind;
@@ -92,6 +101,83 @@ impl RawBackend {
             Err(e) => Err(BackendError::new(BackendErrorKind::Io, op).with_source(e)),
         }
     }
+
+    /// A READ: for a read-only image on the caller's thread when it has
+    /// few runs (holes as zero runs, data as runs of this file, `splice`:
+    /// in pipes where cached), else on the blocking pool.
+    async fn read_chunks(
+        &self,
+        offset: u64,
+        len: u32,
+        splice: bool,
+    ) -> Result<Vec<SocketChunk>, BackendError> {
+        let end = offset
+            .checked_add(u64::from(len))
+            .ok_or_else(|| BackendError::new(BackendErrorKind::InvalidArgument, "read"))?;
+        if self.read_only {
+            // Two seeks per run: a READ across a fragmented stretch would
+            // hold this thread for thousands of them, so past
+            // MAX_HERE_RUNS the pool reads it.
+            let segs = segments(&self.file, offset, end, MAX_HERE_RUNS + 1);
+            if segs.len() <= MAX_HERE_RUNS {
+                let runs: Vec<DirectRun> = segs
+                    .into_iter()
+                    .map(|(at, len, data)| DirectRun {
+                        at,
+                        len,
+                        src: if data {
+                            Direct::File(Arc::clone(&self.file), at)
+                        } else {
+                            Direct::Zero
+                        },
+                    })
+                    .collect();
+                return read_direct(&runs, splice, None)
+                    .await
+                    .map_err(|e| BackendError::from_io("read", e).at(offset));
+            }
+        }
+        self.blocking("read", move |f| {
+            let mut chunks = Vec::new();
+            // A READ is at most 32 MiB: its runs are bounded by its length.
+            for (start, n, is_data) in segments(f, offset, end, usize::MAX) {
+                // n ≤ len ≤ 32 MiB; every byte is read into, so no zeroing.
+                if is_data {
+                    let mut buf = AlignedBuf::for_overwrite(n as usize);
+                    f.read_exact_at(buf.as_mut_slice(), start)?;
+                    chunks.push(SocketChunk::Read(ReadChunk::Data(buf.freeze())));
+                } else {
+                    chunks.push(SocketChunk::Read(ReadChunk::Zero(n as u32)));
+                }
+            }
+            Ok(chunks)
+        })
+        .await
+        .map_err(|e| e.at(offset))
+    }
+
+    /// Block status of at most `limit` extents from `offset`.
+    async fn status(
+        &self,
+        offset: u64,
+        len: u64,
+        limit: usize,
+    ) -> Result<Vec<Extent>, BackendError> {
+        let end = offset.saturating_add(len).min(self.size);
+        self.blocking("block_status", move |f| {
+            Ok(segments(f, offset, end, limit)
+                .into_iter()
+                .map(|(_, n, data)| {
+                    if data {
+                        Extent::data(n)
+                    } else {
+                        Extent::hole(n)
+                    }
+                })
+                .collect())
+        })
+        .await
+    }
 }
 
 /// Size of a regular file or block device.
@@ -105,12 +191,24 @@ fn file_size(file: &File) -> io::Result<u64> {
     }
 }
 
+/// Most extents one block-status call walks: a client may ask about the
+/// whole disk, and each extent costs two seeks, so a fragmented file
+/// described to its end on every call (qemu's client asks once per read
+/// with `len` up to the end) costs time quadratic in its extents. The
+/// client asks again from where the answer ends.
+const MAX_STATUS_EXTENTS: usize = 4096;
+
+/// Most runs a read-only image's READ is split into on the caller's
+/// thread (about a hundred seeks, tens of microseconds).
+const MAX_HERE_RUNS: usize = 64;
+
 /// Split `[off, end)` into (start, len, is_data) runs using SEEK_DATA and
-/// SEEK_HOLE. Filesystems without them report everything as data.
-fn segments(file: &File, off: u64, end: u64) -> Vec<(u64, u64, bool)> {
+/// SEEK_HOLE, stopping after `limit` runs (which may then end before
+/// `end`). Filesystems without them report everything as data.
+fn segments(file: &File, off: u64, end: u64, limit: usize) -> Vec<(u64, u64, bool)> {
     let mut out = Vec::new();
     let mut pos = off;
-    while pos < end {
+    while pos < end && out.len() < limit {
         let data = match seek(file, SeekFrom::Data(pos)) {
             Ok(d) => d.min(end),
             // ENXIO: no data after pos.
@@ -172,23 +270,17 @@ impl BlockBackend for RawBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, BackendError> {
-        self.blocking("read", move |f| {
-            let end = offset + u64::from(len);
-            let mut chunks = Vec::new();
-            for (start, n, is_data) in segments(f, offset, end) {
-                // n ≤ len ≤ 32 MiB.
-                if is_data {
-                    let mut buf = AlignedBuf::zeroed(n as usize);
-                    f.read_exact_at(buf.as_mut_slice(), start)?;
-                    chunks.push(ReadChunk::Data(buf.freeze()));
-                } else {
-                    chunks.push(ReadChunk::Zero(n as u32));
-                }
-            }
-            Ok(chunks)
-        })
-        .await
-        .map_err(|e| e.at(offset))
+        // No pipes without asking for them.
+        let chunks = self.read_chunks(offset, len, false).await?;
+        without_pipes(chunks).map_err(|e| BackendError::from_io("read", e).at(offset))
+    }
+
+    async fn read_for_socket(
+        &self,
+        offset: u64,
+        len: u32,
+    ) -> Result<Vec<SocketChunk>, BackendError> {
+        self.read_chunks(offset, len, true).await
     }
 
     async fn write(&self, offset: u64, data: Bytes) -> Result<(), BackendError> {
@@ -256,20 +348,13 @@ impl BlockBackend for RawBackend {
     }
 
     async fn block_status(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
-        let end = offset.saturating_add(len).min(self.size);
-        self.blocking("block_status", move |f| {
-            Ok(segments(f, offset, end)
-                .into_iter()
-                .map(|(_, n, data)| {
-                    if data {
-                        Extent::data(n)
-                    } else {
-                        Extent::hole(n)
-                    }
-                })
-                .collect())
-        })
-        .await
+        self.status(offset, len, MAX_STATUS_EXTENTS).await
+    }
+
+    async fn block_status_first(&self, offset: u64, len: u64) -> Result<Vec<Extent>, BackendError> {
+        // Runs alternate data and hole: the first is where the status
+        // first changes.
+        self.status(offset, len, 1).await
     }
 }
 
@@ -307,6 +392,157 @@ mod tests {
         let st = b.block_status(0, 8 << 20).await.unwrap();
         assert!(st[0].hole && st[0].zero);
         assert!(st.iter().any(|e| !e.hole));
+    }
+
+    /// The bytes of a READ's chunks, pipes read back.
+    fn flatten(chunks: Vec<SocketChunk>) -> Vec<u8> {
+        let mut out = Vec::new();
+        for c in chunks {
+            match c {
+                SocketChunk::Read(ReadChunk::Data(b)) => out.extend_from_slice(&b),
+                SocketChunk::Read(ReadChunk::Zero(n)) => out.resize(out.len() + n as usize, 0),
+                SocketChunk::Piped(p) => out.extend_from_slice(&p.into_bytes().unwrap()),
+            }
+        }
+        out
+    }
+
+    /// `read` and `read_for_socket` of `at + len` both give `want`.
+    async fn assert_reads(b: &RawBackend, at: u64, len: u32, want: &[u8], what: &str) {
+        let plain: Vec<SocketChunk> = b
+            .read(at, len)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(SocketChunk::Read)
+            .collect();
+        assert!(flatten(plain) == want, "{what}: read at {at}+{len}");
+        let piped = b.read_for_socket(at, len).await.unwrap();
+        assert!(
+            flatten(piped) == want,
+            "{what}: read_for_socket at {at}+{len}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn read_only_reads_on_the_callers_thread_match_the_file_cached_or_cold() {
+        // Data with holes punched at page and sub-page boundaries, and a
+        // size that ends inside a page.
+        let size = (8u64 << 20) + 1536;
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("r.raw");
+        let mut data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8 + 1).collect();
+        std::fs::write(&p, &data).unwrap();
+        {
+            let f = File::options().write(true).open(&p).unwrap();
+            for (at, n) in [
+                (0u64, 8192u64),
+                (1 << 20, 3 << 20),
+                ((5 << 20) + 512, 70_000),
+            ] {
+                fallocate(
+                    &f,
+                    FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE,
+                    at,
+                    n,
+                )
+                .unwrap();
+                data[at as usize..(at + n) as usize].fill(0);
+            }
+        }
+        let b = RawBackend::open(&p, true).unwrap();
+        let ranges: Vec<(u64, u32)> = {
+            let mut x = 0x9e37_79b9_7f4a_7c15u64;
+            let mut next = move || {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x
+            };
+            let mut v = vec![
+                (0, size as u32),
+                (size - 1536, 1536),
+                ((1 << 20) - 512, 4096),
+            ];
+            for _ in 0..120 {
+                let len = 1 + next() % (1 << 20);
+                let at = next() % (size - len + 1);
+                v.push((at, len as u32));
+            }
+            v
+        };
+        for round in ["cached", "cold"] {
+            if round == "cold" {
+                rustix::fs::fadvise(&*b.file, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            }
+            for &(at, len) in &ranges {
+                let want = &data[at as usize..at as usize + len as usize];
+                assert_reads(&b, at, len, want, round).await;
+            }
+        }
+        // Holes come back as zero chunks, not as data.
+        let chunks = b.read(1 << 20, 3 << 20).await.unwrap();
+        assert!(
+            matches!(chunks[..], [ReadChunk::Zero(n)] if n == 3 << 20),
+            "{chunks:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn block_status_of_a_fragmented_file_is_bounded_per_call() {
+        // 5000 data blocks with a hole after each: 10,000 extents.
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("f.raw");
+        let blocks = 5000u64;
+        {
+            let f = File::create(&p).unwrap();
+            f.set_len(blocks * 8192).unwrap();
+            for i in 0..blocks {
+                f.write_all_at(&[0xa5; 4096], i * 8192).unwrap();
+            }
+        }
+        let b = RawBackend::open(&p, true).unwrap();
+        let size = b.size();
+        let whole = b.block_status(0, size).await.unwrap();
+        assert_eq!(
+            whole.len(),
+            MAX_STATUS_EXTENTS,
+            "one call walked past its bound"
+        );
+        // The client asks again from where an answer ends, and the whole
+        // disk is described in order, alternating data and hole.
+        let mut pos = 0;
+        let mut n = 0u64;
+        while pos < size {
+            let ext = b.block_status(pos, size - pos).await.unwrap();
+            assert!(!ext.is_empty() && ext.len() <= MAX_STATUS_EXTENTS);
+            for e in ext {
+                assert_eq!(e.hole, n % 2 == 1, "extent {n} at {pos}");
+                assert_eq!(e.length, 4096, "extent {n} at {pos}");
+                pos += e.length;
+                n += 1;
+            }
+        }
+        assert_eq!((pos, n), (size, 2 * blocks));
+        // READs across many runs go to the pool, across few stay here:
+        // the same bytes either way.
+        for (at, len) in [
+            (0u64, 8u32 << 20),
+            (4096 * 3, 64 * 4096),
+            (100_000, 3 * 4096),
+        ] {
+            let want: Vec<u8> = (at..at + u64::from(len))
+                .map(|i| if i / 4096 % 2 == 0 { 0xa5 } else { 0 })
+                .collect();
+            assert_reads(&b, at, len, &want, "fragmented").await;
+        }
+        // REQ_ONE: only the first extent, wherever the range ends.
+        for at in [0, 4096, 4096 * 77] {
+            let one = b.block_status_first(at, size - at).await.unwrap();
+            assert_eq!(one.len(), 1, "{one:?}");
+            assert_eq!(one[0].length, 4096);
+            assert_eq!(one[0].hole, at / 4096 % 2 == 1);
+        }
     }
 
     #[tokio::test]

@@ -187,3 +187,73 @@ async fn a_client_leaving_with_spliced_replies_unread_leaks_no_pipe() {
     );
     srv.server.shutdown().await.unwrap();
 }
+
+/// A read-only raw image (a restore point kept raw, `export -r`) reads on
+/// the connection's thread: holes punched at page and sub-page
+/// boundaries, a size that ends inside a page, spliced and copied, then
+/// again with its pages dropped, byte-identical through nbdcopy (with and
+/// without extents) and qemu-img.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_raw_image_reads_back_identical_spliced_or_copied_cached_or_cold() {
+    if !require("nbdcopy") || !require("qemu-img") {
+        return;
+    }
+    let _one = SERIAL.lock().await;
+    let dir = tempfile::tempdir().unwrap();
+    let size = SIZE as usize + 1536;
+    let src = support::write_file(dir.path(), "src.raw", &support::disk_like(9, size));
+    {
+        let f = std::fs::File::options().write(true).open(&src).unwrap();
+        let punch = rustix::fs::FallocateFlags::PUNCH_HOLE | rustix::fs::FallocateFlags::KEEP_SIZE;
+        for (at, n) in [
+            (0, 8192),
+            (MIB, 3 * MIB),
+            (5 * MIB + 512, 70_000),
+            (SIZE - 4096, 4096),
+        ] {
+            rustix::fs::fallocate(&f, punch, at, n).unwrap();
+        }
+    }
+    let src_s = src.to_str().unwrap();
+    for splice in [SpliceReads::Always, SpliceReads::Never] {
+        let b = qcow_backend::RawBackend::open(&src, true).unwrap();
+        let config = ServerConfig {
+            splice_reads: splice,
+            ..ServerConfig::default()
+        };
+        let srv =
+            support::TestServer::start_with(config, vec![support::export("raw", Arc::new(b))])
+                .await;
+        let uri = srv.uri("raw");
+        let before = spliced_bytes();
+        for cold in [false, true] {
+            if cold {
+                let f = std::fs::File::open(&src).unwrap();
+                rustix::fs::fadvise(&f, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+            }
+            for extents in [true, false] {
+                let out = dir.path().join("out.raw");
+                let o = out.to_str().unwrap().to_owned();
+                let mut args = vec!["-C", "2"];
+                if !extents {
+                    args.extend(["--no-extents", "--request-size=4194304"]);
+                }
+                args.extend([uri.as_str(), o.as_str()]);
+                run_ok("nbdcopy", &args).await;
+                assert_identical("raw", src_s, "raw", &o).await;
+                std::fs::remove_file(&out).unwrap();
+            }
+            assert_identical("raw", &uri, "raw", src_s).await;
+        }
+        let spliced = spliced_bytes() - before;
+        match splice {
+            SpliceReads::Always => assert!(
+                spliced >= 8 * MIB,
+                "only {spliced} bytes went through pipes: the raw image was not spliced"
+            ),
+            _ => assert_eq!(spliced, 0, "spliced with --splice-reads never"),
+        }
+        srv.server.shutdown().await.unwrap();
+        assert_eq!(pipes_open(), pipes_pooled(), "a pipe outlived its reply");
+    }
+}

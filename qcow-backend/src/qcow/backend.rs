@@ -8,17 +8,17 @@ use bytes::Bytes;
 use imago::StorageExt;
 use nbd_server::{BackendError, BlockBackend, Caps, Extent, ReadChunk, SocketChunk, ZeroFlags};
 
-use super::direct_read::{read_direct, read_or_miss};
 use super::mapping::{map_runs, own_descriptor, plan_hints, Source};
-use super::run_cache::{window_of, Direct, DirectRun, RunCache, WINDOW};
-use super::splice_read::{splice_runs, FileRun, MIN_SPLICED};
+use super::run_cache::{window_of, RunCache, WINDOW};
 use super::status::status_walk;
 use super::status_cache::WINDOW_SPAN;
 use super::zeroes::zero_range;
 use super::*;
 use crate::buf::AlignedBuf;
 use crate::cached_read::read_misses;
+use crate::direct_read::{read_direct, read_or_miss, without_pipes, Direct, DirectRun};
 use crate::readahead::ReadAhead;
+use crate::splice_read::{splice_runs, FileRun, MIN_SPLICED};
 
 #[async_trait]
 impl BlockBackend for QcowBackend {
@@ -38,16 +38,9 @@ impl BlockBackend for QcowBackend {
     }
 
     async fn read(&self, offset: u64, len: u32) -> Result<Vec<ReadChunk>, BackendError> {
+        // No pipes without asking for them.
         let chunks = self.read_chunks(offset, len, false).await?;
-        // No pipes without asking for them; were there one, its bytes.
-        chunks
-            .into_iter()
-            .map(|c| match c {
-                SocketChunk::Read(r) => Ok(r),
-                SocketChunk::Piped(p) => p.into_bytes().map(ReadChunk::Data),
-            })
-            .collect::<std::io::Result<_>>()
-            .map_err(|e| BackendError::from_io("read", e).at(offset))
+        without_pipes(chunks).map_err(|e| BackendError::from_io("read", e).at(offset))
     }
 
     async fn read_for_socket(
@@ -191,7 +184,7 @@ impl QcowBackend {
                 return Err(BackendError::new(BackendErrorKind::Shutdown, "read"));
             }
             cache.served_one();
-            return read_direct(&runs, splice, &self.readahead)
+            return read_direct(&runs, splice, Some(&self.readahead))
                 .await
                 .map_err(fail);
         }
@@ -203,7 +196,7 @@ impl QcowBackend {
             if let Some(cache) = &cache {
                 let request = offset..offset + u64::from(len);
                 if let Some(runs) = remember_window(&a, cache, &readahead, request, size).await {
-                    return read_direct(&runs, splice, &readahead).await;
+                    return read_direct(&runs, splice, Some(&readahead)).await;
                 }
             }
             read_resolved(&a, &readahead, offset, len, splice).await

@@ -13,20 +13,17 @@
 //! `BlockBackend` operations), `layer_walk` (a disk range resolved through
 //! the chain layer by layer), `mapping` (a read's runs and a read-ahead's
 //! hints, from that walk), `zeroes` (zeroing without sub-cluster
-//! `write_zeroes`), `status` (block status through the chain),
-//! `splice_read` (READ data moved into pipes for a zero-copy send),
-//! `run_cache` and `direct_read` (READs of a read-only image whose runs are
-//! known, on the connection's thread).
+//! `write_zeroes`), `status` (block status through the chain), `run_cache`
+//! (a read-only image's runs per window, so its READs run on the
+//! connection's thread through the crate's `direct_read`).
 
 mod backend;
 mod create;
-mod direct_read;
 mod layer_walk;
 mod mapping;
 mod open;
 mod options;
 mod run_cache;
-mod splice_read;
 mod status;
 mod status_cache;
 #[cfg(test)]

@@ -12,9 +12,10 @@
 //! to the blocking pool as on the I/O thread.
 
 use std::collections::{HashMap, VecDeque};
-use std::fs::File as StdFile;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+
+use crate::direct_read::{Direct, DirectRun};
 
 /// Bytes of disk per remembered window (resolving one costs about one
 /// mapping lookup per layer and run in it).
@@ -24,23 +25,6 @@ pub(super) const WINDOW: u64 = 4 << 20;
 const MAX_WINDOW_RUNS: usize = 1024;
 /// Runs remembered per image, about 3 MiB; the oldest windows go first.
 const MAX_RUNS: usize = 64 << 10;
-
-/// Where one run of a window comes from.
-#[derive(Debug, Clone)]
-pub(super) enum Direct {
-    /// Reads as zeroes.
-    Zero,
-    /// Plain data at this offset of a read-only layer file.
-    File(Arc<StdFile>, u64),
-}
-
-/// One run: its disk offset, its length, where it comes from.
-#[derive(Debug, Clone)]
-pub(super) struct DirectRun {
-    pub at: u64,
-    pub len: u64,
-    pub src: Direct,
-}
 
 /// The remembered windows of one read-only image.
 #[derive(Debug, Default)]
@@ -136,6 +120,7 @@ impl RunCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::fs::File as StdFile;
 
     fn file() -> Arc<StdFile> {
         Arc::new(tempfile::tempfile().unwrap())

@@ -1,8 +1,9 @@
-//! READs of read-only layer files without imago: zero runs and data runs
-//! in layer files, read with a page-cache-only `preadv2` (what is not
-//! cached on the blocking pool) or moved into pipes. The future is `Send`,
-//! so a READ whose runs are known ([`RunCache`](super::run_cache::RunCache))
-//! runs on the connection's own thread.
+//! READs of read-only files without imago: zero runs and data runs in
+//! files (a qcow2 chain's layer files, a raw image), read with a
+//! page-cache-only `preadv2` (what is not cached on the blocking pool) or
+//! moved into pipes. The future is `Send`, so such a READ runs on the
+//! connection's own thread: a qcow2 READ whose runs are known
+//! (the run cache of `qcow`), and every READ of a read-only raw image.
 
 use std::fs::File as StdFile;
 use std::io;
@@ -10,19 +11,36 @@ use std::sync::Arc;
 
 use nbd_server::{ReadChunk, SocketChunk};
 
-use super::run_cache::{Direct, DirectRun};
-use super::splice_read::{splice_runs, FileRun, MIN_SPLICED};
 use crate::buf::AlignedBuf;
 use crate::cached_read::{read_cached, read_misses, Cached, Miss};
 use crate::readahead::ReadAhead;
+use crate::splice_read::{splice_runs, FileRun, MIN_SPLICED};
+
+/// Where one run of a READ comes from.
+#[derive(Debug, Clone)]
+pub(crate) enum Direct {
+    /// Reads as zeroes.
+    Zero,
+    /// Plain data at this offset of a read-only file.
+    File(Arc<StdFile>, u64),
+}
+
+/// One run: its disk offset, its length, where it comes from.
+#[derive(Debug, Clone)]
+pub(crate) struct DirectRun {
+    pub at: u64,
+    pub len: u64,
+    pub src: Direct,
+}
 
 /// The READ of `runs` (in disk order, tiling the request): zero runs as
 /// zero chunks, the data runs between them in one buffer each, or with
-/// `splice` in pipes when they are cached and large enough.
-pub(super) async fn read_direct(
+/// `splice` in pipes when they are cached and large enough. A read that
+/// waited for the disk tells `readahead` (a qcow2 chain's hints).
+pub(crate) async fn read_direct(
     runs: &[DirectRun],
     splice: bool,
-    readahead: &ReadAhead,
+    readahead: Option<&ReadAhead>,
 ) -> io::Result<Vec<SocketChunk>> {
     let mut chunks = Vec::with_capacity(runs.len());
     let mut i = 0;
@@ -71,7 +89,9 @@ pub(super) async fn read_direct(
             }
         }
         if !misses.is_empty() {
-            readahead.missed();
+            if let Some(r) = readahead {
+                r.missed();
+            }
             buf = read_misses(buf, misses).await?;
         }
         chunks.push(SocketChunk::Read(ReadChunk::Data(buf.freeze())));
@@ -82,7 +102,7 @@ pub(super) async fn read_direct(
 /// Fill `part` (at `lo` in its buffer) from `file` at `host` as far as the
 /// page cache holds it; the rest becomes a [`Miss`] for the blocking pool,
 /// so this thread never waits on the disk.
-pub(super) fn read_or_miss(
+pub(crate) fn read_or_miss(
     file: &Arc<StdFile>,
     part: &mut [u8],
     host: u64,
@@ -102,4 +122,16 @@ pub(super) fn read_or_miss(
             offset: host + done as u64,
         });
     }
+}
+
+/// A READ's chunks for a caller that asked for no pipes (`read`); were
+/// there one, its bytes.
+pub(crate) fn without_pipes(chunks: Vec<SocketChunk>) -> io::Result<Vec<ReadChunk>> {
+    chunks
+        .into_iter()
+        .map(|c| match c {
+            SocketChunk::Read(r) => Ok(r),
+            SocketChunk::Piped(p) => p.into_bytes().map(ReadChunk::Data),
+        })
+        .collect()
 }
