@@ -26,6 +26,8 @@ pub struct SeaweedFs {
     pub endpoint: String,
     dir: tempfile::TempDir,
     attempts: usize,
+    /// Every port it was given (its gRPC sockets in /tmp are named by them).
+    ports: Vec<u16>,
 }
 
 /// An HTTP client (reqwest is built without a bundled TLS provider: ring
@@ -96,8 +98,20 @@ impl SeaweedFs {
             "-webdav=false".into(),
             "-master.volumeSizeLimitMB=256".into(),
             format!("-s3.port={s3}"),
+            // Its local sockets in its own directory where it takes a
+            // path (the gRPC ones it puts in /tmp whatever TMPDIR says).
+            format!(
+                "-filer.localSocket={}",
+                dir.path().join("filer.sock").display()
+            ),
+            format!(
+                "-s3.localFilerSocket={}",
+                dir.path().join("filer.sock").display()
+            ),
+            format!("-s3.localSocket={}", dir.path().join("s3.sock").display()),
         ];
         // Every other listener on a chosen port too: never a fixed one.
+        let mut given = vec![s3];
         for flag in [
             "master.port",
             "master.port.grpc",
@@ -111,7 +125,9 @@ impl SeaweedFs {
             "admin.port",
             "admin.port.grpc",
         ] {
-            args.push(format!("-{flag}={}", ports()));
+            let p = ports();
+            given.push(p);
+            args.push(format!("-{flag}={p}"));
         }
         let log = std::fs::File::create(dir.path().join("weed.log"))
             .unwrap_or_else(|e| panic!("weed.log: {e}"));
@@ -121,6 +137,8 @@ impl SeaweedFs {
             .args(&args)
             .env("AWS_ACCESS_KEY_ID", ACCESS_KEY)
             .env("AWS_SECRET_ACCESS_KEY", SECRET_KEY)
+            // Its logs go to its own directory, not /tmp.
+            .env("TMPDIR", dir.path())
             .current_dir(dir.path())
             .stdin(Stdio::null())
             .stdout(log)
@@ -132,6 +150,7 @@ impl SeaweedFs {
             endpoint: format!("http://127.0.0.1:{s3}"),
             dir,
             attempts: 1,
+            ports: given,
         }
     }
 
@@ -230,5 +249,24 @@ impl Drop for SeaweedFs {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        // Killed, weed leaves its gRPC sockets (/tmp/seaweedfs-*-PORT.sock).
+        remove_sockets(Path::new("/tmp"), &self.ports);
+    }
+}
+
+/// Remove the sockets in `dir` named `seaweedfs-*-PORT.sock` for `ports`.
+fn remove_sockets(dir: &Path, ports: &[u16]) {
+    use std::os::unix::fs::FileTypeExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with("seaweedfs-")
+            && ports.iter().any(|p| name.ends_with(&format!("-{p}.sock")));
+        if ours && e.file_type().is_ok_and(|t| t.is_socket()) {
+            let _ = std::fs::remove_file(e.path());
+        }
     }
 }
