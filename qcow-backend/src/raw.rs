@@ -102,9 +102,10 @@ impl RawBackend {
         }
     }
 
-    /// A READ: for a read-only image on the caller's thread when it has
-    /// few runs (holes as zero runs, data as runs of this file, `splice`:
-    /// in pipes where cached), else on the blocking pool.
+    /// A READ: for a read-only image on the caller's thread (holes as zero
+    /// runs, data as runs of this file, `splice`: in pipes where cached),
+    /// its holes found here when it has few runs, else on the blocking
+    /// pool; for a writable image all of it on the pool.
     async fn read_chunks(
         &self,
         offset: u64,
@@ -117,25 +118,33 @@ impl RawBackend {
         if self.read_only {
             // Two seeks per run: a READ across a fragmented stretch would
             // hold this thread for thousands of them, so past
-            // MAX_HERE_RUNS the pool reads it.
-            let segs = segments(&self.file, offset, end, MAX_HERE_RUNS + 1);
-            if segs.len() <= MAX_HERE_RUNS {
-                let runs: Vec<DirectRun> = segs
-                    .into_iter()
-                    .map(|(at, len, data)| DirectRun {
-                        at,
-                        len,
-                        src: if data {
-                            Direct::File(Arc::clone(&self.file), at)
-                        } else {
-                            Direct::Zero
-                        },
-                    })
-                    .collect();
-                return read_direct(&runs, splice, None)
+            // MAX_HERE_RUNS the pool walks the rest, from where this
+            // walk stopped.
+            let mut segs = segments(&self.file, offset, end, MAX_HERE_RUNS + 1);
+            if segs.len() > MAX_HERE_RUNS {
+                // Runs end at or before `end`.
+                let from = segs.last().map_or(offset, |&(at, n, _)| at + n);
+                let rest = self
+                    .blocking("read", move |f| Ok(segments(f, from, end, usize::MAX)))
                     .await
-                    .map_err(|e| BackendError::from_io("read", e).at(offset));
+                    .map_err(|e| e.at(offset))?;
+                segs.extend(rest);
             }
+            let runs: Vec<DirectRun> = segs
+                .into_iter()
+                .map(|(at, len, data)| DirectRun {
+                    at,
+                    len,
+                    src: if data {
+                        Direct::File(Arc::clone(&self.file), at)
+                    } else {
+                        Direct::Zero
+                    },
+                })
+                .collect();
+            return read_direct(&runs, splice, None)
+                .await
+                .map_err(|e| BackendError::from_io("read", e).at(offset));
         }
         self.blocking("read", move |f| {
             let mut chunks = Vec::new();
@@ -198,7 +207,7 @@ fn file_size(file: &File) -> io::Result<u64> {
 /// client asks again from where the answer ends.
 const MAX_STATUS_EXTENTS: usize = 4096;
 
-/// Most runs a read-only image's READ is split into on the caller's
+/// Most runs of a read-only image's READ found by seeking on the caller's
 /// thread (about a hundred seeks, tens of microseconds).
 const MAX_HERE_RUNS: usize = 64;
 
@@ -524,8 +533,8 @@ mod tests {
             }
         }
         assert_eq!((pos, n), (size, 2 * blocks));
-        // READs across many runs go to the pool, across few stay here:
-        // the same bytes either way.
+        // READs across many runs have their holes found on the pool,
+        // across few here: the same bytes either way.
         for (at, len) in [
             (0u64, 8u32 << 20),
             (4096 * 3, 64 * 4096),
